@@ -1,0 +1,306 @@
+//! The command line: clap definitions, turning arguments into library options, and mapping
+//! outcomes to output and exit codes. The only module that knows clap, anyhow or stdout.
+
+mod output;
+mod scan_report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use mdsync::replica::local::{LocalReplica, check_overlap};
+use mdsync::scan::ScanOptions;
+use mdsync::storage::maildir::layout::Layout;
+use mdsync::storage::maildir::writer::{FsyncPolicy, Ownership};
+use mdsync::sync::apply::ApplyOptions;
+use mdsync::sync::backup::{self, BackupOptions, BackupOutcome, Completion, DeleteLimit};
+use mdsync::sync::diff::DiffOptions;
+
+/// Exit code: some messages changed during the run; re-run to finish.
+pub const EXIT_PARTIAL: u8 = 2;
+/// Exit code: interrupted by a signal.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Sync Dovecot Maildir storage directly on the filesystem, keeping UIDs, UIDVALIDITY,
+/// mailbox GUIDs, flags and keywords.
+#[derive(Debug, Parser)]
+#[command(name = "mdsync", version, about, long_about = None)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make DST equal to SRC as Dovecot sees it (one-way; extra mail on DST is removed).
+    Backup(BackupArgs),
+    /// Print what the scanner sees in a Maildir tree.
+    Scan(ScanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    /// Source Maildir root.
+    src: PathBuf,
+    /// Destination Maildir root (created when missing).
+    dst: PathBuf,
+    /// Print the plan, change nothing.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Itemize every change (copy, flags, move, expunge, create, delete).
+    #[arg(short, long)]
+    verbose: bool,
+    /// Print a JSON report on stdout at the end.
+    #[arg(long)]
+    json: bool,
+    /// Leave mailboxes matching this glob (e.g. 'Junk', 'Archive/*') alone on both sides.
+    #[arg(long, value_name = "MAILBOX-GLOB")]
+    exclude: Vec<String>,
+    /// When to fsync: batch (one filesystem sync per mailbox), file (every file), none.
+    #[arg(long, value_enum, default_value_t = FsyncArg::Batch)]
+    fsync: FsyncArg,
+    /// Allow expunging more than half of DST: a count (500) or a percentage (80%).
+    #[arg(long, value_name = "N|P%")]
+    max_delete: Option<String>,
+    /// Compare every message by content hash (xxh3-128), not only by GUID.
+    #[arg(long)]
+    checksum: bool,
+    /// Owner of everything created on DST (default: the source's owner when run as root).
+    #[arg(long, value_name = "USER:GROUP")]
+    chown: Option<String>,
+    /// Folder layout of both trees.
+    #[arg(long, value_enum, default_value_t = LayoutArg::Auto)]
+    layout: LayoutArg,
+    /// No progress bar or periodic progress lines.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ScanArgs {
+    /// Maildir root.
+    path: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Folder layout.
+    #[arg(long, value_enum, default_value_t = LayoutArg::Auto)]
+    layout: LayoutArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FsyncArg {
+    Batch,
+    File,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    Auto,
+    #[value(name = "maildir++")]
+    MaildirPlusPlus,
+    Fs,
+}
+
+impl LayoutArg {
+    fn layout(self) -> Option<Layout> {
+        match self {
+            LayoutArg::Auto => None,
+            LayoutArg::MaildirPlusPlus => Some(Layout::MaildirPlusPlus),
+            LayoutArg::Fs => Some(Layout::Fs),
+        }
+    }
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, mdsync::interrupt::flag())
+            .context("installing signal handlers")?;
+    }
+    match args.command {
+        Command::Backup(a) => run_backup(a),
+        Command::Scan(a) => scan_report::run(&a.path, a.layout.layout(), a.json),
+    }
+}
+
+fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    check_overlap(&a.src, &a.dst)?;
+    if !a.src.is_dir() {
+        bail!("{}: source is not a directory", a.src.display());
+    }
+    let options = backup_options(&a)?;
+    let src = LocalReplica::new(&a.src);
+    let dst = LocalReplica::new(&a.dst);
+    let show_progress = !a.no_progress && !a.dry_run;
+    let progress = output::Renderer::new(a.verbose && !a.dry_run, a.json, show_progress);
+    let outcome = backup::backup(&src, &dst, &options, &progress);
+    progress.finish();
+    let outcome = match outcome {
+        Err(mdsync::Error::Interrupted) => {
+            eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+        other => other?,
+    };
+    report(&outcome, &a);
+    Ok(match outcome.completion() {
+        Completion::Complete => ExitCode::SUCCESS,
+        Completion::Partial => ExitCode::from(EXIT_PARTIAL),
+        Completion::Errors => ExitCode::FAILURE,
+    })
+}
+
+fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
+    let exclude = a
+        .exclude
+        .iter()
+        .map(|g| glob::Pattern::new(g).with_context(|| format!("--exclude {g}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(BackupOptions {
+        scan: ScanOptions {
+            layout: a.layout.layout(),
+            exclude,
+        },
+        diff: DiffOptions {
+            checksum: a.checksum,
+            fresh_name_prefix: fresh_name_prefix(),
+        },
+        apply: ApplyOptions {
+            fsync: match a.fsync {
+                FsyncArg::Batch => FsyncPolicy::Batch,
+                FsyncArg::File => FsyncPolicy::File,
+                FsyncArg::None => FsyncPolicy::None,
+            },
+            ownership: ownership(a.chown.as_deref())?,
+        },
+        dry_run: a.dry_run,
+        max_delete: match &a.max_delete {
+            Some(text) => parse_delete_limit(text)?,
+            None => DeleteLimit::default(),
+        },
+    })
+}
+
+/// A Dovecot-style unique base prefix: `<secs>.M<usecs>P<pid>.<host>`-like, so Dovecot sorts
+/// it sensibly.
+fn fresh_name_prefix() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}.M{}P{}",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id()
+    )
+}
+
+fn ownership(chown: Option<&str>) -> anyhow::Result<Ownership> {
+    if let Some(spec) = chown {
+        let (user, group) = spec
+            .split_once(':')
+            .with_context(|| format!("--chown {spec}: expected USER:GROUP"))?;
+        let uid = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+            .or_else(|| user.parse().ok())
+            .with_context(|| format!("--chown: no such user {user}"))?;
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+            .or_else(|| group.parse().ok())
+            .with_context(|| format!("--chown: no such group {group}"))?;
+        return Ok(Ownership::Fixed(uid, gid));
+    }
+    Ok(if nix::unistd::geteuid().is_root() {
+        Ownership::FromSource
+    } else {
+        Ownership::RunningUser
+    })
+}
+
+fn parse_delete_limit(text: &str) -> anyhow::Result<DeleteLimit> {
+    let bad = || format!("--max-delete {text}: expected a count (500) or a percentage (80%)");
+    match text.strip_suffix('%') {
+        Some(p) => {
+            let p: u64 = p.parse().with_context(bad)?;
+            if p > 100 {
+                bail!(bad());
+            }
+            Ok(DeleteLimit::Percent(p))
+        }
+        None => Ok(DeleteLimit::Count(text.parse().with_context(bad)?)),
+    }
+}
+
+fn report(outcome: &BackupOutcome, a: &BackupArgs) {
+    for s in &outcome.skipped {
+        eprintln!("mdsync: error: {}: {}", join(&a.src, &s.path), s.why);
+    }
+    for w in &outcome.warnings {
+        eprintln!("mdsync: warning: {}: {}", join(&a.src, &w.path), w.why);
+    }
+    for e in &outcome.report.errors {
+        eprintln!("mdsync: error: {e}");
+    }
+    if outcome.report.vanished > 0 {
+        eprintln!(
+            "mdsync: {} messages changed on the source during the run; re-run to finish",
+            outcome.report.vanished
+        );
+    }
+    if a.dry_run && !a.json {
+        for line in &outcome.plan_lines {
+            println!("{line}");
+        }
+    }
+    if a.json {
+        println!("{}", output::json_report(outcome, a.dry_run));
+    } else if !a.dry_run && (a.verbose || !a.no_progress) {
+        eprintln!("{}", output::summary_line(outcome));
+    }
+}
+
+fn join(root: &Path, rel: &str) -> String {
+    if rel.is_empty() {
+        root.display().to_string()
+    } else {
+        root.join(rel).display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_limits_parse() {
+        assert_eq!(parse_delete_limit("80%").unwrap(), DeleteLimit::Percent(80));
+        assert_eq!(parse_delete_limit("12").unwrap(), DeleteLimit::Count(12));
+        assert!(parse_delete_limit("101%").is_err());
+        assert!(parse_delete_limit("lots").is_err());
+    }
+
+    #[test]
+    fn args_parse() {
+        Args::try_parse_from([
+            "mdsync",
+            "backup",
+            "-n",
+            "-v",
+            "--exclude",
+            "Junk",
+            "a",
+            "b",
+        ])
+        .unwrap();
+        assert!(Args::try_parse_from(["mdsync", "backup", "a"]).is_err());
+    }
+}

@@ -1,0 +1,75 @@
+//! Replicas: the two sides of a sync behind one trait — scan into a table, hand out message
+//! bodies, apply a plan. The brain talks only to this trait, so a remote replica plugs in
+//! without touching the differ or the planner.
+
+pub mod local;
+
+use std::fs::File;
+
+use crate::error::Result;
+use crate::model::Subdir;
+use crate::progress::Progress;
+use crate::scan::ScanOptions;
+use crate::storage::maildir::layout::Layout;
+use crate::storage::maildir::writer::BodyMeta;
+use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::plan::Plan;
+use crate::table::{MailTable, MailboxTable};
+
+/// A message body ready to be copied.
+pub struct Body {
+    /// Where the bytes come from.
+    pub data: BodyData,
+    /// mtime, mode and owner of the source file.
+    pub meta: BodyMeta,
+}
+
+/// The bytes of a body.
+pub enum BodyData {
+    /// An open local file (copied with `copy_file_range`).
+    File(File),
+    /// Bytes already in memory (from a remote peer).
+    Bytes(Vec<u8>),
+}
+
+/// Why a body could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The message disappeared (expunged by Dovecot meanwhile): skip it, re-run later.
+    #[error("{0}: vanished (expunged meanwhile?)")]
+    Vanished(String),
+    /// Anything else, with the path.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Something that can hand out message bodies by mailbox, subdirectory and file name.
+pub trait BodySource: Sync {
+    /// Opens one body. A file renamed since the scan (a flag change) is found again by its
+    /// base name.
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError>;
+}
+
+/// One side of a sync.
+pub trait Replica: BodySource + Send {
+    /// Where this replica lives, for messages.
+    fn location(&self) -> String;
+
+    /// Scans the whole replica.
+    fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable>;
+
+    /// Scans one mailbox again (to confirm that a message is really gone).
+    fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable;
+
+    /// xxh3-128 of a message's bytes, to settle identity when GUIDs disagree.
+    fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError>;
+
+    /// Applies a plan, fetching bodies from `source`.
+    fn apply(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+    ) -> Result<ApplyReport>;
+}

@@ -1,0 +1,416 @@
+//! Scanner: turns a Maildir root into a [`MailTable`] — mailboxes in parallel (rayon), each
+//! from its uidlist, keywords file and one `readdir` of `new/` and `cur/`, with no per-file
+//! `stat` when names carry `,S=`. Reads only; never writes, locks or follows a symlink.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::progress::{Event, Progress};
+use crate::storage::maildir::layout::Layout;
+use crate::storage::maildir::{self, filename, keywords::KeywordMap, uidlist};
+use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, status};
+
+/// What to scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOptions {
+    /// Folder layout; detected from the root when `None`.
+    pub layout: Option<Layout>,
+    /// Mailboxes (by user-visible name) to leave out entirely.
+    pub exclude: Vec<glob::Pattern>,
+}
+
+impl ScanOptions {
+    /// True when a mailbox name matches an `--exclude` pattern.
+    pub fn excludes(&self, name: &str) -> bool {
+        self.exclude.iter().any(|p| p.matches(name))
+    }
+}
+
+/// Scans a whole replica. A missing root is an empty replica (a fresh destination); a root
+/// that is not a directory is an error.
+pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
+    let layout = match options.layout {
+        Some(layout) => layout,
+        None => Layout::detect(root).map_err(|e| Error::io(root, e))?,
+    };
+    let root_meta = match fs::symlink_metadata(root) {
+        Ok(meta) if meta.is_dir() => DirMeta {
+            mode: meta.permissions().mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+        },
+        Ok(_) => return Err(Error::NotADirectory(root.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(empty_table(layout)),
+        Err(e) => return Err(Error::io(root, e)),
+    };
+    let found = layout
+        .list_mailboxes(root)
+        .map_err(|e| Error::io(root, e))?;
+    let anomalies = found
+        .skipped
+        .iter()
+        .map(|p| Anomaly {
+            path: p.clone(),
+            what: "symlink or non-UTF-8 name; not followed".into(),
+            serious: true,
+        })
+        .collect();
+    let dirs: Vec<String> = found
+        .dirs
+        .into_iter()
+        .filter(|d| !options.excludes(&layout.display_name(d)))
+        .collect();
+    let mailboxes: Vec<MailboxTable> = dirs
+        .par_iter()
+        .map(|dir| {
+            let mailbox = scan_mailbox(root, layout, dir);
+            progress.event(Event::MailboxScanned {
+                messages: mailbox.len() as u64,
+            });
+            mailbox
+        })
+        .collect();
+    Ok(MailTable {
+        layout,
+        mailboxes,
+        subscriptions: read_optional(&root.join(maildir::SUBSCRIPTIONS))
+            .map_err(|e| Error::io(&root.join(maildir::SUBSCRIPTIONS), e))?,
+        uidvalidity_next: read_uidvalidity_next(root),
+        root_meta,
+        anomalies,
+    })
+}
+
+fn empty_table(layout: Layout) -> MailTable {
+    MailTable {
+        layout,
+        mailboxes: Vec::new(),
+        subscriptions: None,
+        uidvalidity_next: None,
+        root_meta: DirMeta {
+            mode: 0o700,
+            uid: 0,
+            gid: 0,
+        },
+        anomalies: Vec::new(),
+    }
+}
+
+/// The directory of a mailbox.
+pub fn mailbox_path(root: &Path, dir: &str) -> PathBuf {
+    if dir.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(dir)
+    }
+}
+
+/// Reads a file that may be absent.
+pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_uidvalidity_next(root: &Path) -> Option<u32> {
+    let text = fs::read_to_string(root.join(maildir::UIDVALIDITY_FILE)).ok()?;
+    u32::from_str_radix(text.trim(), 16).ok()
+}
+
+/// Scans one mailbox. Problems become `broken` (the mailbox is left alone) or anomalies
+/// (single entries); this function does not fail.
+pub fn scan_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
+    let path = mailbox_path(root, dir);
+    let mut mailbox = MailboxTable {
+        dir: dir.to_string(),
+        name: layout.display_name(dir),
+        next_uid: 1,
+        ..MailboxTable::default()
+    };
+    if let Err(why) = fill_mailbox(&path, &mut mailbox) {
+        mailbox.broken = Some(why);
+    }
+    mailbox
+}
+
+fn fill_mailbox(path: &Path, mailbox: &mut MailboxTable) -> std::result::Result<(), String> {
+    let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    mailbox.dir_meta = DirMeta {
+        mode: meta.permissions().mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+    };
+    // The uidlist is read before the directories: a file delivered in between shows up as
+    // not yet numbered (copied as such), never as a UID pointing at nothing.
+    let uidlist_path = path.join(uidlist::FILE_NAME);
+    let uidlist_text = read_text(&uidlist_path)?;
+    let keywords_path = path.join(maildir::keywords::FILE_NAME);
+    if let Some(text) = read_text(&keywords_path)? {
+        mailbox.keywords = KeywordMap::parse(&text);
+    }
+    let entries = list_messages(path, mailbox)?;
+    let parsed = match &uidlist_text {
+        Some(text) => {
+            Some(uidlist::parse(text).map_err(|e| format!("{}: {e}", uidlist_path.display()))?)
+        }
+        None => None,
+    };
+    if let Some(list) = &parsed {
+        mailbox.header = Some(list.header.clone());
+        mailbox.next_uid = list.next_uid();
+    }
+    let records = parsed.as_ref().map_or(&[][..], |l| &l.records[..]);
+    join_uids(path, mailbox, entries, records);
+    mailbox.sort_by_uid();
+    Ok(())
+}
+
+fn read_text(path: &Path) -> std::result::Result<Option<String>, String> {
+    match read_optional(path) {
+        Ok(None) => Ok(None),
+        Ok(Some(bytes)) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| format!("{}: not valid UTF-8", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// One directory entry that looks like a message.
+struct Entry {
+    name: String,
+    in_new: bool,
+    broken: bool,
+}
+
+fn list_messages(
+    path: &Path,
+    mailbox: &mut MailboxTable,
+) -> std::result::Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    for sub in ["new", "cur"] {
+        let sub_path = path.join(sub);
+        let read = match fs::read_dir(&sub_path) {
+            Ok(read) => read,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("{}: {e}", sub_path.display())),
+        };
+        for entry in read {
+            let entry = entry.map_err(|e| format!("{}: {e}", sub_path.display()))?;
+            let name = entry.file_name();
+            let rel = format!("{}/{}/{}", mailbox.dir, sub, name.to_string_lossy());
+            let Some(name) = name.to_str() else {
+                anomaly(mailbox, rel, "file name is not UTF-8; not copied");
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let file_type = entry
+                .file_type()
+                .map_err(|e| format!("{}: {e}", sub_path.display()))?;
+            let broken = !file_type.is_file();
+            if broken {
+                anomaly(mailbox, rel, "not a regular file (symlink?); not followed");
+            }
+            entries.push(Entry {
+                name: name.to_string(),
+                in_new: sub == "new",
+                broken,
+            });
+        }
+    }
+    Ok(entries)
+}
+
+fn anomaly(mailbox: &mut MailboxTable, path: String, what: &str) {
+    mailbox.anomalies.push(Anomaly {
+        path: path.trim_start_matches('/').to_string(),
+        what: what.to_string(),
+        serious: what.contains("not copied") || what.contains("not followed"),
+    });
+}
+
+/// Gives each entry its UID from the uidlist (by base name) and records uidlist lines whose
+/// file was not seen.
+fn join_uids(
+    path: &Path,
+    mailbox: &mut MailboxTable,
+    entries: Vec<Entry>,
+    records: &[uidlist::Record<'_>],
+) {
+    let by_base: HashMap<&str, usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.base, i))
+        .collect();
+    let mut seen = vec![false; records.len()];
+    for entry in entries {
+        let sub = if entry.in_new { "new" } else { "cur" };
+        let rel = format!("{}/{}/{}", mailbox.dir, sub, entry.name);
+        let parsed = match filename::parse(&entry.name) {
+            Ok(p) => p,
+            Err(e) => {
+                anomaly(mailbox, rel, &format!("{e}; not copied"));
+                continue;
+            }
+        };
+        let mut bits = if entry.in_new { status::IN_NEW } else { 0 };
+        if entry.broken {
+            bits |= status::BROKEN;
+        }
+        if parsed.odd_info {
+            bits |= status::ODD_NAME;
+            anomaly(mailbox, rel.clone(), "unusual flags part; copied verbatim");
+        }
+        let size = match parsed.size {
+            Some(s) => s.min(u64::from(u32::MAX)) as u32,
+            // Mail from other MDAs lacks `,S=`: one lstat tells the size.
+            None => match fs::symlink_metadata(path.join(sub).join(&entry.name)) {
+                Ok(meta) => meta.len().min(u64::from(u32::MAX)) as u32,
+                Err(_) => {
+                    bits |= status::SIZE_UNKNOWN;
+                    0
+                }
+            },
+        };
+        let record = by_base.get(parsed.base).copied().filter(|&i| !seen[i]);
+        let (uid, extras) = match record {
+            Some(i) => {
+                seen[i] = true;
+                let r = &records[i];
+                (r.uid, extras_for(mailbox, r))
+            }
+            None => {
+                if by_base.contains_key(parsed.base) {
+                    anomaly(
+                        mailbox,
+                        rel,
+                        "second file with the same base name; Dovecot gives it a new UID",
+                    );
+                }
+                (0, None)
+            }
+        };
+        let base_len = parsed.base.len();
+        let flags = parsed.flags;
+        mailbox.push(uid, &entry.name, base_len, flags, size, extras, bits);
+    }
+    for (i, r) in records.iter().enumerate() {
+        if !seen[i] {
+            let base = mailbox.intern(r.base);
+            mailbox.listed_missing.push((r.uid, base));
+        }
+    }
+}
+
+fn extras_for(mailbox: &mut MailboxTable, record: &uidlist::Record<'_>) -> Option<Extras> {
+    if record.guid.is_none() && record.ext.is_empty() {
+        return None;
+    }
+    let guid = record.guid.map(|g| mailbox.intern(g));
+    let ext = (!record.ext.is_empty()).then(|| mailbox.intern(record.ext));
+    Some(Extras { guid, ext })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+
+    fn write(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn scans_uids_flags_and_missing_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(
+            &root.join("dovecot-uidlist"),
+            "3 V42 N5 G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n1 :a,S=3\n2 G77 :b,S=4\n3 :gone\n",
+        );
+        write(&root.join("dovecot-keywords"), "0 $Junk\n");
+        write(&root.join("cur/a,S=3:2,Sa"), "abc");
+        write(&root.join("new/b,S=4"), "abcd");
+        write(&root.join("new/c,S=1"), "x");
+        fs::create_dir_all(root.join("tmp")).unwrap();
+        write(&root.join(".Sent/maildirfolder"), "");
+        write(&root.join(".Sent/cur/d,S=1:2,S"), "y");
+        let table = scan(root, &ScanOptions::default(), &NoProgress).unwrap();
+        assert_eq!(table.mailboxes.len(), 2);
+        let inbox = &table.mailboxes[0];
+        assert_eq!(inbox.name, "INBOX");
+        assert_eq!(inbox.msgs.uid, vec![1, 2, 0]);
+        assert_eq!(inbox.msgs.flags[0].to_letters(), "Sa");
+        assert_eq!(inbox.guid(1), "77");
+        assert_eq!(inbox.guid(0), "a,S=3");
+        assert_eq!(inbox.subdir(1), crate::model::Subdir::New);
+        assert_eq!(inbox.next_uid, 5);
+        assert_eq!(inbox.listed_missing.len(), 1);
+        assert_eq!(inbox.keywords.name(0), Some("$Junk"));
+        assert_eq!(table.mailboxes[1].name, "Sent");
+        assert_eq!(table.mailboxes[1].msgs.uid, vec![0]);
+    }
+
+    #[test]
+    fn corrupt_uidlist_marks_mailbox_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("dovecot-uidlist"), "3 V1 N2\n1 :a\n1 :b\n");
+        write(&dir.path().join("cur/a:2,S"), "x");
+        let table = scan(dir.path(), &ScanOptions::default(), &NoProgress).unwrap();
+        let why = table.mailboxes[0].broken.as_deref().unwrap();
+        assert!(
+            why.contains("dovecot-uidlist") && why.contains("duplicate uid 1"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn symlinks_and_bad_names_are_anomalies() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(&root.join("cur/ok:2,S"), "x");
+        std::os::unix::fs::symlink("/etc/passwd", root.join("cur/link:2,S")).unwrap();
+        write(&root.join("cur/:2,S"), "x");
+        let table = scan(root, &ScanOptions::default(), &NoProgress).unwrap();
+        let inbox = &table.mailboxes[0];
+        assert_eq!(inbox.len(), 2);
+        let link = (0..2).find(|&i| inbox.base(i) == "link").unwrap();
+        assert!(inbox.has(link, status::BROKEN));
+        assert_eq!(inbox.anomalies.len(), 2);
+    }
+
+    #[test]
+    fn excluded_mailboxes_are_not_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("cur/a:2,S"), "x");
+        write(&dir.path().join(".Junk/cur/b:2,S"), "x");
+        let options = ScanOptions {
+            exclude: vec![glob::Pattern::new("Ju*").unwrap()],
+            ..ScanOptions::default()
+        };
+        let table = scan(dir.path(), &options, &NoProgress).unwrap();
+        assert_eq!(table.mailboxes.len(), 1);
+    }
+
+    #[test]
+    fn missing_root_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = scan(
+            &dir.path().join("nope"),
+            &ScanOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(table.mailboxes.is_empty());
+    }
+}

@@ -1,0 +1,155 @@
+//! Maildir file names: split `base[:2,FLAGS]`, read Dovecot's `,S=`/`,W=` fields, rebuild
+//! names with other flags. Pure string work: never touches the filesystem.
+
+use crate::model::Flags;
+
+/// A parsed Maildir file name, borrowing from the name itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedName<'a> {
+    /// Everything before the first `:`: the stable identity Dovecot keys the uidlist on.
+    pub base: &'a str,
+    /// Flags from a `:2,` info part (empty when there is none).
+    pub flags: Flags,
+    /// `,S=` physical size, when the base carries it.
+    pub size: Option<u64>,
+    /// `,W=` virtual size, when the base carries it.
+    pub vsize: Option<u64>,
+    /// True when the info part exists but is not a `2,` info we understand; such a name is
+    /// copied verbatim (Dovecot shows the message without flags) and reported.
+    pub odd_info: bool,
+}
+
+/// Why a file name cannot be a message at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Empty base (`:2,S`), which Dovecot renames away.
+    #[error("empty base name")]
+    EmptyBase,
+    /// `,S=` or `,W=` without a decimal value.
+    #[error("malformed {0} size field")]
+    BadSize(&'static str),
+    /// Control characters, which Dovecot refuses in uidlist names.
+    #[error("control character in name")]
+    ControlChar,
+}
+
+/// Parses one directory entry name from `cur/` or `new/`.
+pub fn parse(name: &str) -> Result<ParsedName<'_>, NameError> {
+    if name.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(NameError::ControlChar);
+    }
+    let (base, info) = match name.find(':') {
+        Some(i) => (&name[..i], Some(&name[name.rfind(':').unwrap_or(i) + 1..])),
+        None => (name, None),
+    };
+    if base.is_empty() {
+        return Err(NameError::EmptyBase);
+    }
+    let size = size_field(base, ",S=").map_err(|_| NameError::BadSize("S="))?;
+    let vsize = size_field(base, ",W=").map_err(|_| NameError::BadSize("W="))?;
+    let (flags, odd_info) = match info {
+        None => (Flags::default(), false),
+        Some(info) => match info.strip_prefix("2,") {
+            Some(letters) => parse_flag_letters(letters),
+            None => (Flags::default(), true),
+        },
+    };
+    Ok(ParsedName {
+        base,
+        flags,
+        size,
+        vsize,
+        odd_info,
+    })
+}
+
+/// Reads the flag letters; a `,` tail or a letter outside A–Z/a–z makes the info odd, and
+/// odd names are carried verbatim rather than rebuilt.
+fn parse_flag_letters(letters: &str) -> (Flags, bool) {
+    let mut flags = Flags::default();
+    let mut odd = false;
+    for b in letters.bytes() {
+        if !flags.insert_letter(b) {
+            odd = true;
+        }
+    }
+    (flags, odd)
+}
+
+/// Finds `key` followed by decimal digits ending at `,` or the end of the base.
+fn size_field(base: &str, key: &str) -> Result<Option<u64>, ()> {
+    let Some(pos) = base.find(key) else {
+        return Ok(None);
+    };
+    let rest = &base[pos + key.len()..];
+    let digits = rest.split(',').next().unwrap_or("");
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    digits.parse().map(Some).map_err(|_| ())
+}
+
+/// Builds the name a message gets in `cur/` (always with an info part) or `new/` (with one
+/// only when it has flags, as Dovecot does).
+pub fn compose(base: &str, flags: Flags, in_new: bool) -> String {
+    if in_new && flags.is_empty() {
+        return base.to_string();
+    }
+    let mut name = String::with_capacity(base.len() + 12);
+    name.push_str(base);
+    name.push_str(":2,");
+    flags.push_letters(&mut name);
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_dovecot_name() {
+        let p = parse("1700000100.M123456P4711.mx1,S=2048,W=2090:2,FRSb").unwrap();
+        assert_eq!(p.base, "1700000100.M123456P4711.mx1,S=2048,W=2090");
+        assert_eq!(p.size, Some(2048));
+        assert_eq!(p.vsize, Some(2090));
+        assert_eq!(p.flags.to_letters(), "FRSb");
+        assert!(!p.odd_info);
+    }
+
+    #[test]
+    fn name_without_info_has_no_flags() {
+        let p = parse("1700000100.M1P2.host").unwrap();
+        assert_eq!(p.base, "1700000100.M1P2.host");
+        assert!(p.flags.is_empty());
+        assert_eq!(p.size, None);
+    }
+
+    #[test]
+    fn keeps_passed_and_unknown_uppercase() {
+        let p = parse("x:2,PSX").unwrap();
+        assert_eq!(p.flags.to_letters(), "PSX");
+    }
+
+    #[test]
+    fn odd_infos_are_flagged_not_rejected() {
+        assert!(parse("x:1,foo").unwrap().odd_info);
+        assert!(parse("x:2,S!").unwrap().odd_info);
+        assert!(parse("x:3").unwrap().odd_info);
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        assert_eq!(parse(":2,S"), Err(NameError::EmptyBase));
+        assert_eq!(parse("x,S=12a:2,S"), Err(NameError::BadSize("S=")));
+        assert_eq!(parse("x,W=:2,S"), Err(NameError::BadSize("W=")));
+        assert_eq!(parse("x\ny"), Err(NameError::ControlChar));
+    }
+
+    #[test]
+    fn composes_sorted_letters() {
+        let p = parse("b:2,baSR").unwrap();
+        assert_eq!(compose("b", p.flags, false), "b:2,RSab");
+        assert_eq!(compose("b", Flags::default(), true), "b");
+        assert_eq!(compose("b", Flags::default(), false), "b:2,");
+    }
+}

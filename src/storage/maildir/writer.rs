@@ -1,0 +1,342 @@
+//! Safe Maildir writes, as a live Dovecot expects them: bodies go through `tmp/` with
+//! `O_EXCL|O_NOFOLLOW`, get their mtime, owner and mode, and are renamed into place without
+//! ever replacing an existing name; control files are replaced by write-temp-then-rename.
+//! Decides nothing: the applier says what to write.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+
+use super::TEMP_PREFIX;
+use super::dotlock::with_path;
+
+/// When data is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// One `syncfs` per mailbox before its uidlist is written (default).
+    #[default]
+    Batch,
+    /// `fsync` every file and directory written.
+    File,
+    /// Never; the OS writes back when it likes.
+    None,
+}
+
+/// Who owns what mdsync creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// Leave ownership to the running user (not root).
+    RunningUser,
+    /// Copy owner and group from the source (root's default, like `rsync -a`).
+    FromSource,
+    /// Everything belongs to this uid and gid (`--chown`).
+    Fixed(u32, u32),
+}
+
+impl Ownership {
+    /// Changes the owner of an open file according to the policy.
+    pub fn apply_fd(self, file: &File, src_uid: u32, src_gid: u32) -> io::Result<()> {
+        let (uid, gid) = match self {
+            Ownership::RunningUser => return Ok(()),
+            Ownership::FromSource => (src_uid, src_gid),
+            Ownership::Fixed(u, g) => (u, g),
+        };
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+    }
+
+    /// Changes the owner of a path (never following a symlink).
+    pub fn apply_path(self, path: &Path, src_uid: u32, src_gid: u32) -> io::Result<()> {
+        let (uid, gid) = match self {
+            Ownership::RunningUser => return Ok(()),
+            Ownership::FromSource => (src_uid, src_gid),
+            Ownership::Fixed(u, g) => (u, g),
+        };
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| with_path(e, path))
+    }
+}
+
+/// Metadata a copied message keeps: mtime is Dovecot's received date (INTERNALDATE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyMeta {
+    /// Modification time, seconds and nanoseconds since the epoch.
+    pub mtime: (i64, u32),
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl BodyMeta {
+    /// Reads the metadata of an open file.
+    pub fn of(meta: &fs::Metadata) -> BodyMeta {
+        BodyMeta {
+            mtime: (meta.mtime(), meta.mtime_nsec() as u32),
+            mode: meta.permissions().mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            len: meta.len(),
+        }
+    }
+
+    fn mtime_system(&self) -> SystemTime {
+        let (secs, nanos) = self.mtime;
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nanos)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+        }
+    }
+}
+
+/// A unique temp name in `tmp/`: `mdsync-tmp.<pid>.<counter>`.
+pub fn temp_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{TEMP_PREFIX}{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes a message into `tmp_dir` from `reader` and returns the temp file's path. The file
+/// gets the source's mtime, mode and (per policy) owner; with [`FsyncPolicy::File`] it is
+/// fsynced. Nothing outside `tmp/` is touched, so a crash leaves nothing Dovecot reads.
+/// Generic so that a `File` source gets the kernel's `copy_file_range`.
+pub fn write_to_tmp<R: io::Read>(
+    tmp_dir: &Path,
+    reader: &mut R,
+    meta: &BodyMeta,
+    ownership: Ownership,
+    fsync: FsyncPolicy,
+) -> io::Result<PathBuf> {
+    let path = tmp_dir.join(temp_name());
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| with_path(e, &path))?;
+    let result = fill_tmp(&mut file, reader, meta, ownership, fsync);
+    if let Err(e) = result {
+        let _ = fs::remove_file(&path);
+        return Err(with_path(e, &path));
+    }
+    Ok(path)
+}
+
+fn fill_tmp<R: io::Read>(
+    file: &mut File,
+    reader: &mut R,
+    meta: &BodyMeta,
+    ownership: Ownership,
+    fsync: FsyncPolicy,
+) -> io::Result<()> {
+    io::copy(reader, file)?;
+    ownership.apply_fd(file, meta.uid, meta.gid)?;
+    file.set_permissions(fs::Permissions::from_mode(meta.mode))?;
+    file.set_modified(meta.mtime_system())?;
+    if fsync == FsyncPolicy::File {
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing a file.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOSYS) => {
+            // Filesystems without RENAME_NOREPLACE: link() also refuses existing names.
+            fs::hard_link(from, to).map_err(|e| with_path(e, to))?;
+            fs::remove_file(from).map_err(|e| with_path(e, from))
+        }
+        Err(e) => Err(with_path(io::Error::from(e), to)),
+    }
+}
+
+/// Replaces a control file atomically: write `<path>.<tmp>` beside it (or in `tmp_dir`),
+/// fsync unless told not to, rename over. Readers see the old or the new file, never half.
+pub fn replace_file(
+    path: &Path,
+    tmp_dir: &Path,
+    content: &[u8],
+    owner: (u32, u32),
+    mode: u32,
+    ownership: Ownership,
+    fsync: FsyncPolicy,
+) -> io::Result<()> {
+    let tmp = tmp_dir.join(temp_name());
+    let write = || -> io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        file.write_all(content)?;
+        ownership.apply_fd(&file, owner.0, owner.1)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        if fsync != FsyncPolicy::None {
+            file.sync_data()?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(with_path(e, &tmp));
+    }
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        with_path(e, path)
+    })
+}
+
+/// Creates a directory (and missing parents) with the given mode and owner; an existing
+/// directory is left as it is.
+pub fn create_dir(
+    path: &Path,
+    mode: u32,
+    owner: (u32, u32),
+    ownership: Ownership,
+) -> io::Result<()> {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        create_dir(parent, mode, owner, ownership)?;
+    }
+    match fs::create_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(with_path(e, path)),
+    }
+    ownership.apply_path(path, owner.0, owner.1)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| with_path(e, path))
+}
+
+/// Flushes the whole filesystem holding `path` (the `batch` fsync policy).
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let dir = File::open(path).map_err(|e| with_path(e, path))?;
+    nix::unistd::syncfs(&dir).map_err(|e| with_path(io::Error::from(e), path))
+}
+
+/// fsyncs a directory so renames in it are durable.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| with_path(e, path))
+}
+
+/// Removes files a killed mdsync run left in a `tmp/` directory: our prefix, and a PID
+/// that is no longer running (a concurrent run's files are left alone).
+pub fn clean_stale_temps(tmp_dir: &Path) -> io::Result<usize> {
+    let Ok(entries) = fs::read_dir(tmp_dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
+            continue;
+        };
+        let pid_text = rest
+            .trim_start_matches("lock.")
+            .trim_start_matches("trash.");
+        let pid = pid_text
+            .split('.')
+            .next()
+            .and_then(|p| p.parse::<i32>().ok());
+        let alive = pid.is_some_and(|p| {
+            p as u32 == std::process::id()
+                || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+        });
+        if alive {
+            continue;
+        }
+        let path = entry.path();
+        let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        result.map_err(|e| with_path(e, &path))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, "a").unwrap();
+        fs::write(&b, "b").unwrap();
+        let err = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read_to_string(&b).unwrap(), "b");
+        rename_noreplace(&a, &dir.path().join("c")).unwrap();
+        assert!(!a.exists());
+    }
+
+    #[test]
+    fn tmp_copy_keeps_mtime_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = BodyMeta {
+            mtime: (1_600_000_000, 5),
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            len: 5,
+        };
+        let path = write_to_tmp(
+            dir.path(),
+            &mut &b"hello"[..],
+            &meta,
+            Ownership::RunningUser,
+            FsyncPolicy::File,
+        )
+        .unwrap();
+        let written = fs::metadata(&path).unwrap();
+        assert_eq!(written.mtime(), 1_600_000_000);
+        assert_eq!(written.permissions().mode() & 0o7777, 0o640);
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(TEMP_PREFIX)
+        );
+    }
+
+    #[test]
+    fn cleans_only_dead_runs_temps() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}2147483646.1")), "x").unwrap();
+        fs::write(
+            dir.path()
+                .join(format!("{TEMP_PREFIX}{}.1", std::process::id())),
+            "x",
+        )
+        .unwrap();
+        fs::write(dir.path().join("1700.M1P2.host"), "x").unwrap();
+        assert_eq!(clean_stale_temps(dir.path()).unwrap(), 1);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+}

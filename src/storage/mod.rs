@@ -1,0 +1,4 @@
+//! On-disk mail formats. Knows nothing about tables, sync or the wire.
+
+pub mod maildir;
+pub mod mmap;

@@ -1,0 +1,676 @@
+//! The applier: the only code that writes a mail tree. Carries out a [`Plan`] on a local
+//! Maildir root the way a live Dovecot needs it — bodies staged in `tmp/` without a lock,
+//! then, under `dovecot-uidlist.lock`, keywords, renames into place, expunges and the
+//! uidlist. Never decides what to do; never replaces an existing message name.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::interrupt;
+use crate::progress::{Event, Progress};
+use crate::replica::{BodyData, BodyError, BodySource};
+use crate::scan::mailbox_path;
+use crate::storage::maildir::dotlock::{DotLock, UIDLIST_TIMING, with_path};
+use crate::storage::maildir::uidlist::{self, OwnedRecord};
+use crate::storage::maildir::writer::{self, FsyncPolicy, Ownership};
+use crate::storage::maildir::{self as md, keywords};
+use crate::sync::plan::{self, CopyOp, MailboxPlan, Plan, UidlistChange, UidlistEdit};
+use crate::table::DirMeta;
+
+/// How to write.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyOptions {
+    /// Durability policy.
+    pub fsync: FsyncPolicy,
+    /// Who owns created files.
+    pub ownership: Ownership,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyReport {
+    /// Mailboxes created.
+    pub mailboxes_created: u64,
+    /// Mailboxes deleted.
+    pub mailboxes_deleted: u64,
+    /// Messages copied.
+    pub messages_copied: u64,
+    /// Bytes of message data written.
+    pub bytes_copied: u64,
+    /// Renames that changed flags.
+    pub flag_changes: u64,
+    /// Renames between `new/` and `cur/` only.
+    pub moves: u64,
+    /// Messages removed.
+    pub expunged: u64,
+    /// Messages that vanished on the source meanwhile (re-run picks up the rest).
+    pub vanished: u64,
+    /// Errors with single items, each naming its path.
+    pub errors: Vec<String>,
+}
+
+impl ApplyReport {
+    fn absorb(&mut self, other: ApplyReport) {
+        self.mailboxes_created += other.mailboxes_created;
+        self.mailboxes_deleted += other.mailboxes_deleted;
+        self.messages_copied += other.messages_copied;
+        self.bytes_copied += other.bytes_copied;
+        self.flag_changes += other.flag_changes;
+        self.moves += other.moves;
+        self.expunged += other.expunged;
+        self.vanished += other.vanished;
+        self.errors.extend(other.errors);
+    }
+}
+
+/// Applies `plan` to the Maildir at `root`.
+pub fn apply(
+    root: &Path,
+    plan: &Plan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<ApplyReport> {
+    let root_meta = plan.root_meta;
+    writer::create_dir(
+        root,
+        root_meta.mode,
+        (root_meta.uid, root_meta.gid),
+        options.ownership,
+    )
+    .map_err(|e| Error::io(root, e))?;
+    let results: Vec<Result<ApplyReport>> = plan
+        .mailboxes
+        .par_iter()
+        .map(|m| apply_mailbox(root, m, source, options, progress))
+        .collect();
+    let mut report = ApplyReport::default();
+    for result in results {
+        report.absorb(result?);
+    }
+    check_interrupt()?;
+    let mut deletes: Vec<_> = plan.delete_mailboxes.iter().collect();
+    deletes.sort_by(|a, b| b.dir.cmp(&a.dir));
+    for d in deletes {
+        delete_mailbox(root, &d.dir, options)
+            .map_err(|e| Error::io(&mailbox_path(root, &d.dir), e))?;
+        report.mailboxes_deleted += 1;
+        report.expunged += d.messages;
+        progress.event(Event::Applied {
+            line: format!("delete   {} ({} messages)", d.name, d.messages),
+            bytes: 0,
+        });
+    }
+    apply_root_files(root, plan, options, progress)?;
+    if options.fsync == FsyncPolicy::Batch && !plan.is_empty() {
+        writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
+    }
+    Ok(report)
+}
+
+fn check_interrupt() -> Result<()> {
+    if interrupt::requested() {
+        Err(Error::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// A body staged in `tmp/`, waiting to be renamed into place.
+struct Staged<'a> {
+    op: &'a CopyOp,
+    tmp: PathBuf,
+    bytes: u64,
+}
+
+fn apply_mailbox(
+    root: &Path,
+    m: &MailboxPlan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<ApplyReport> {
+    check_interrupt()?;
+    let path = mailbox_path(root, &m.dir);
+    let mut report = ApplyReport::default();
+    prepare_dirs(&path, m, options).map_err(|e| Error::io(&path, e))?;
+    if m.create.is_some() {
+        report.mailboxes_created = 1;
+        progress.event(Event::Applied {
+            line: format!("create   {}", m.name),
+            bytes: 0,
+        });
+    }
+    let tmp_dir = path.join("tmp");
+    writer::clean_stale_temps(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    let staged = stage_copies(&path, m, source, options, &mut report)?;
+    if let Err(e) = check_interrupt() {
+        discard(&staged);
+        return Err(e);
+    }
+    if options.fsync == FsyncPolicy::Batch && !staged.is_empty() {
+        writer::sync_filesystem(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    let lock = DotLock::acquire(&path.join(uidlist::FILE_NAME), &tmp_dir, UIDLIST_TIMING);
+    let mut lock = match lock {
+        Ok(lock) => lock,
+        Err(e) => {
+            discard(&staged);
+            return Err(Error::io(&path, e));
+        }
+    };
+    let locked = apply_locked(&path, m, staged, options, progress, &mut report, &mut lock);
+    drop(lock);
+    locked?;
+    Ok(report)
+}
+
+/// Creates the mailbox directory and its `cur/ new/ tmp/` when needed.
+fn prepare_dirs(path: &Path, m: &MailboxPlan, options: &ApplyOptions) -> io::Result<()> {
+    let meta = m.create.unwrap_or(DirMeta {
+        mode: 0o700,
+        uid: 0,
+        gid: 0,
+    });
+    let owner = (meta.uid, meta.gid);
+    if m.create.is_some() {
+        writer::create_dir(path, meta.mode, owner, options.ownership)?;
+    }
+    for sub in ["cur", "new", "tmp"] {
+        let sub_path = path.join(sub);
+        if !sub_path.is_dir() {
+            let (mode, owner) = existing_meta(path).unwrap_or((meta.mode, owner));
+            writer::create_dir(&sub_path, mode, owner, options.ownership)?;
+        }
+    }
+    if m.maildirfolder {
+        let marker = path.join(md::MAILDIRFOLDER);
+        if !marker.exists() {
+            let file = fs::File::create(&marker).map_err(|e| with_path(e, &marker))?;
+            options.ownership.apply_fd(&file, owner.0, owner.1)?;
+        }
+    }
+    Ok(())
+}
+
+fn existing_meta(path: &Path) -> Option<(u32, (u32, u32))> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.permissions().mode() & 0o7777, (meta.uid(), meta.gid())))
+}
+
+/// Copies bodies into `tmp/` in parallel. Vanished sources are counted and skipped; other
+/// failures are reported per message.
+fn stage_copies<'a>(
+    path: &Path,
+    m: &'a MailboxPlan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    report: &mut ApplyReport,
+) -> Result<Vec<Staged<'a>>> {
+    let tmp_dir = path.join("tmp");
+    let vanished = AtomicU64::new(0);
+    let errors = Mutex::new(Vec::new());
+    let staged: Vec<Staged<'a>> = m
+        .copies
+        .par_iter()
+        .filter_map(|op| {
+            if interrupt::requested() {
+                return None;
+            }
+            match stage_one(&tmp_dir, &m.dir, op, source, options) {
+                Ok(staged) => Some(staged),
+                Err(BodyError::Vanished(_)) => {
+                    vanished.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Err(BodyError::Failed(why)) => {
+                    errors.lock().map(|mut e| e.push(why)).ok();
+                    None
+                }
+            }
+        })
+        .collect();
+    report.vanished += vanished.into_inner();
+    report
+        .errors
+        .extend(errors.into_inner().unwrap_or_default());
+    Ok(staged)
+}
+
+fn stage_one<'a>(
+    tmp_dir: &Path,
+    dir: &str,
+    op: &'a CopyOp,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+) -> Result<Staged<'a>, BodyError> {
+    let body = source.open_body(dir, op.src_sub, &op.src_name)?;
+    let meta = body.meta;
+    let tmp = match body.data {
+        BodyData::File(mut file) => {
+            writer::write_to_tmp(tmp_dir, &mut file, &meta, options.ownership, options.fsync)
+        }
+        BodyData::Bytes(bytes) => writer::write_to_tmp(
+            tmp_dir,
+            &mut bytes.as_slice(),
+            &meta,
+            options.ownership,
+            options.fsync,
+        ),
+    }
+    .map_err(|e| BodyError::Failed(e.to_string()))?;
+    Ok(Staged {
+        op,
+        tmp,
+        bytes: meta.len,
+    })
+}
+
+fn discard(staged: &[Staged<'_>]) {
+    for s in staged {
+        let _ = fs::remove_file(&s.tmp);
+    }
+}
+
+/// The part done under the uidlist lock, kept short: keywords, renames, expunges, uidlist.
+fn apply_locked(
+    path: &Path,
+    m: &MailboxPlan,
+    staged: Vec<Staged<'_>>,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    report: &mut ApplyReport,
+    lock: &mut DotLock,
+) -> Result<()> {
+    let tmp_dir = path.join("tmp");
+    let owner = existing_meta(path).map_or((0, 0), |(_, o)| o);
+    if let Some(map) = &m.keywords {
+        write_keywords(path, &map.render(), owner, options).map_err(|e| Error::io(path, e))?;
+    }
+    for (n, s) in staged.iter().enumerate() {
+        if n % 1024 == 0 {
+            lock.touch_if_due();
+        }
+        let target = path.join(s.op.dst_sub.as_str()).join(&s.op.dst_name);
+        match writer::rename_noreplace(&s.tmp, &target) {
+            Ok(()) => {
+                report.messages_copied += 1;
+                report.bytes_copied += s.bytes;
+                progress.event(Event::Applied {
+                    line: format!(
+                        "copy     {} uid {} {}/{}",
+                        m.name, s.op.uid, s.op.dst_sub, s.op.dst_name
+                    ),
+                    bytes: s.bytes,
+                });
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&s.tmp);
+                report.errors.push(e.to_string());
+            }
+        }
+    }
+    for r in &m.renames {
+        let from = path.join(r.from_sub.as_str()).join(&r.from_name);
+        let to = path.join(r.to_sub.as_str()).join(&r.to_name);
+        match writer::rename_noreplace(&from, &to) {
+            Ok(()) => {
+                let line = plan::rename_line(&m.name, r);
+                if r.is_move_only() {
+                    report.moves += 1;
+                } else {
+                    report.flag_changes += 1;
+                }
+                progress.event(Event::Applied { line, bytes: 0 });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => report.vanished += 1,
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    for e in &m.expunges {
+        let file = path.join(e.sub.as_str()).join(&e.name);
+        match fs::remove_file(&file) {
+            Ok(()) => {
+                report.expunged += 1;
+                progress.event(Event::Applied {
+                    line: format!("expunge  {} uid {} {}/{}", m.name, e.uid, e.sub, e.name),
+                    bytes: 0,
+                });
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => report.expunged += 1,
+            Err(err) => report.errors.push(with_path(err, &file).to_string()),
+        }
+    }
+    let _ = tmp_dir;
+    match &m.uidlist {
+        Some(UidlistChange::Write(edit)) => write_uidlist(path, edit, owner, options)?,
+        Some(UidlistChange::Remove) => remove_if_exists(&path.join(uidlist::FILE_NAME))?,
+        None => {}
+    }
+    if m.reset_index {
+        for name in md::INDEX_FILES {
+            remove_if_exists(&path.join(name))?;
+        }
+    }
+    if options.fsync == FsyncPolicy::File {
+        for sub in ["cur", "new"] {
+            writer::sync_dir(&path.join(sub)).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Writes `dovecot-keywords` with an mtime newer than the old file's, so a Dovecot that
+/// checks mtimes with one-second granularity reloads it.
+fn write_keywords(
+    path: &Path,
+    content: &str,
+    owner: (u32, u32),
+    options: &ApplyOptions,
+) -> io::Result<()> {
+    let file = path.join(keywords::FILE_NAME);
+    let old_mtime = fs::metadata(&file).and_then(|m| m.modified()).ok();
+    writer::replace_file(
+        &file,
+        &path.join("tmp"),
+        content.as_bytes(),
+        owner,
+        0o600,
+        options.ownership,
+        options.fsync,
+    )?;
+    if let Some(old) = old_mtime {
+        let now = SystemTime::now();
+        let floor = old + Duration::from_secs(1);
+        if now < floor {
+            fs::File::options()
+                .write(true)
+                .open(&file)?
+                .set_modified(floor)?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies an edit to the uidlist as it is now (under the lock), never lowering `N`.
+fn write_uidlist(
+    path: &Path,
+    edit: &UidlistEdit,
+    owner: (u32, u32),
+    options: &ApplyOptions,
+) -> Result<()> {
+    let file = path.join(uidlist::FILE_NAME);
+    let current_text = match fs::read_to_string(&file) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(&file, e)),
+    };
+    let current = match &current_text {
+        Some(text) => Some(uidlist::parse(text).map_err(|e| {
+            Error::io(
+                &file,
+                io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+            )
+        })?),
+        None => None,
+    };
+    let text = render_edit(current.as_ref(), edit);
+    if current_text.as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    writer::replace_file(
+        &file,
+        &path.join("tmp"),
+        text.as_bytes(),
+        owner,
+        0o600,
+        options.ownership,
+        options.fsync,
+    )
+    .map_err(|e| Error::io(&file, e))
+}
+
+/// The new uidlist text: current records minus removals and replaced ones, plus upserts.
+pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -> String {
+    let mut header = edit.header.clone();
+    let mut records: Vec<OwnedRecord> = Vec::new();
+    if let Some(cur) = current {
+        if cur.header.uid_validity == header.uid_validity {
+            header.next_uid = header.next_uid.max(cur.next_uid());
+        }
+        let upsert_uids: std::collections::HashSet<u32> =
+            edit.upsert.iter().map(|r| r.uid).collect();
+        let upsert_bases: std::collections::HashSet<&str> =
+            edit.upsert.iter().map(|r| r.base.as_str()).collect();
+        records.extend(
+            cur.records
+                .iter()
+                .filter(|r| {
+                    edit.remove.binary_search(&r.uid).is_err()
+                        && !upsert_uids.contains(&r.uid)
+                        && !upsert_bases.contains(r.base)
+                })
+                .map(OwnedRecord::from_record),
+        );
+    }
+    records.extend(edit.upsert.iter().cloned());
+    records.sort_by_key(|r| r.uid);
+    if let Some(last) = records.last() {
+        header.next_uid = header.next_uid.max(last.uid.saturating_add(1));
+    }
+    uidlist::render(&header, &records)
+}
+
+/// Removes a destination mailbox. Maildir++: the directory is first renamed into the root's
+/// `tmp/` (Dovecot never lists it there), then removed. fs layout: only the mailbox's own
+/// files go; child mailboxes stay.
+fn delete_mailbox(root: &Path, dir: &str, options: &ApplyOptions) -> io::Result<()> {
+    let path = mailbox_path(root, dir);
+    if dir.starts_with('.') {
+        let trash_dir = root.join("tmp");
+        writer::create_dir(&trash_dir, 0o700, (0, 0), Ownership::RunningUser)?;
+        let trash = trash_dir.join(format!("{}trash.{}", md::TEMP_PREFIX, writer::temp_name()));
+        fs::rename(&path, &trash).map_err(|e| with_path(e, &path))?;
+        return fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash));
+    }
+    let _ = options;
+    for entry in fs::read_dir(&path).map_err(|e| with_path(e, &path))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let is_mail_dir = matches!(name.to_str(), Some("cur" | "new" | "tmp"));
+        if entry.file_type()?.is_dir() {
+            if is_mail_dir {
+                fs::remove_dir_all(entry.path()).map_err(|e| with_path(e, &entry.path()))?;
+            }
+        } else {
+            fs::remove_file(entry.path()).map_err(|e| with_path(e, &entry.path()))?;
+        }
+    }
+    match fs::remove_dir(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(()),
+        Err(e) => Err(with_path(e, &path)),
+    }
+}
+
+/// `subscriptions` (through its dotlock) and `dovecot-uidvalidity`.
+fn apply_root_files(
+    root: &Path,
+    plan: &Plan,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let owner = (plan.root_meta.uid, plan.root_meta.gid);
+    let tmp_dir = root.join("tmp");
+    if plan.subscriptions.is_some() || plan.uidvalidity_next.is_some() {
+        writer::create_dir(&tmp_dir, 0o700, owner, options.ownership)
+            .map_err(|e| Error::io(&tmp_dir, e))?;
+    }
+    if let Some(subscriptions) = &plan.subscriptions {
+        let file = root.join(md::SUBSCRIPTIONS);
+        match subscriptions {
+            Some(content) => write_subscriptions(root, content, owner, options)
+                .map_err(|e| Error::io(&file, e))?,
+            None => remove_if_exists(&file)?,
+        }
+        progress.event(Event::Applied {
+            line: "subscriptions".into(),
+            bytes: 0,
+        });
+    }
+    if let Some(next) = plan.uidvalidity_next {
+        write_uidvalidity(root, next, owner, options).map_err(|e| Error::io(root, e))?;
+    }
+    Ok(())
+}
+
+/// Dovecot's subscriptions dance: the lock file is the new file, renamed over the old one.
+fn write_subscriptions(
+    root: &Path,
+    content: &[u8],
+    owner: (u32, u32),
+    options: &ApplyOptions,
+) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = root.join(md::SUBSCRIPTIONS);
+    let lock = md::dotlock::lock_path_for(&target);
+    let mut waited = Duration::ZERO;
+    let mut file = loop {
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&lock)
+        {
+            Ok(file) => break file,
+            Err(e)
+                if e.kind() == io::ErrorKind::AlreadyExists && waited < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                waited += Duration::from_millis(100);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Dovecot calls a subscriptions lock stale after 30 s without change.
+                fs::remove_file(&lock).map_err(|e| with_path(e, &lock))?;
+            }
+            Err(e) => return Err(with_path(e, &lock)),
+        }
+    };
+    let written = (|| {
+        file.write_all(content)?;
+        options.ownership.apply_fd(&file, owner.0, owner.1)?;
+        if options.fsync != FsyncPolicy::None {
+            file.sync_data()?;
+        }
+        fs::rename(&lock, &target)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&lock);
+    }
+    written.map_err(|e| with_path(e, &target))
+}
+
+/// Raises `dovecot-uidvalidity` (and its `.<hex>` marker) to `next`.
+fn write_uidvalidity(
+    root: &Path,
+    next: u32,
+    owner: (u32, u32),
+    options: &ApplyOptions,
+) -> io::Result<()> {
+    let hex = format!("{next:08x}");
+    let file = root.join(md::UIDVALIDITY_FILE);
+    writer::replace_file(
+        &file,
+        &root.join("tmp"),
+        hex.as_bytes(),
+        owner,
+        0o600,
+        options.ownership,
+        options.fsync,
+    )?;
+    let marker_prefix = format!("{}.", md::UIDVALIDITY_FILE);
+    for entry in fs::read_dir(root)?.flatten() {
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with(&marker_prefix) && n.len() == marker_prefix.len() + 8)
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let marker = root.join(format!("{marker_prefix}{hex}"));
+    let f = fs::File::create(&marker)?;
+    options.ownership.apply_fd(&f, owner.0, owner.1)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::maildir::uidlist::Header;
+
+    fn rec(uid: u32, base: &str) -> OwnedRecord {
+        OwnedRecord {
+            uid,
+            guid: None,
+            ext: String::new(),
+            base: base.into(),
+        }
+    }
+
+    #[test]
+    fn edit_keeps_foreign_records_and_never_lowers_n() {
+        let current =
+            uidlist::parse("3 V7 N20 G00000000000000000000000000000001\n1 :a\n2 :b\n15 :late\n")
+                .unwrap();
+        let edit = UidlistEdit {
+            header: Header {
+                uid_validity: 7,
+                next_uid: 5,
+                guid: current.header.guid,
+                extra: String::new(),
+            },
+            remove: vec![2],
+            upsert: vec![rec(3, "c")],
+        };
+        let text = render_edit(Some(&current), &edit);
+        assert_eq!(
+            text,
+            "3 V7 N20 G00000000000000000000000000000001\n1 :a\n3 :c\n15 :late\n"
+        );
+    }
+
+    #[test]
+    fn edit_replaces_same_base_and_new_generation_resets_n() {
+        let current = uidlist::parse("3 V1 N9\n4 :a\n").unwrap();
+        let edit = UidlistEdit {
+            header: Header {
+                uid_validity: 2,
+                next_uid: 3,
+                guid: None,
+                extra: String::new(),
+            },
+            remove: vec![],
+            upsert: vec![rec(2, "a")],
+        };
+        assert_eq!(render_edit(Some(&current), &edit), "3 V2 N3\n2 :a\n");
+    }
+}

@@ -1,0 +1,209 @@
+//! One-way backup: scan both replicas, confirm apparent expunges, settle GUID disagreements
+//! by content hash, diff, check the delete guard, then apply (or only describe, for a dry
+//! run). Orchestrates; writes nothing itself.
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::progress::{Event, Progress};
+use crate::replica::Replica;
+use crate::scan::ScanOptions;
+use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::diff::{self, DiffOptions, HashAnswers, HashQuestion};
+use crate::sync::plan::{Plan, PlanCounts, Skipped};
+use crate::table::MailTable;
+
+/// How many destination messages a run may expunge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteLimit {
+    /// At most this many.
+    Count(u64),
+    /// At most this percentage of the destination's messages.
+    Percent(u64),
+}
+
+impl Default for DeleteLimit {
+    /// Half of the destination: a source that failed to mount must not empty the backup.
+    fn default() -> Self {
+        DeleteLimit::Percent(50)
+    }
+}
+
+impl DeleteLimit {
+    /// The largest number of expunges allowed out of `total`.
+    pub fn allowed(self, total: u64) -> u64 {
+        match self {
+            DeleteLimit::Count(n) => n,
+            DeleteLimit::Percent(p) => total.saturating_mul(p) / 100,
+        }
+    }
+}
+
+/// Everything a backup run needs to know.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// What to scan.
+    pub scan: ScanOptions,
+    /// Differ knobs.
+    pub diff: DiffOptions,
+    /// How to write.
+    pub apply: ApplyOptions,
+    /// Plan only.
+    pub dry_run: bool,
+    /// Delete guard.
+    pub max_delete: DeleteLimit,
+}
+
+/// What a backup run did.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOutcome {
+    /// Counts of the plan.
+    pub planned: PlanCounts,
+    /// The plan's itemized lines (filled for dry runs).
+    pub plan_lines: Vec<String>,
+    /// What the applier did (empty for dry runs).
+    pub report: ApplyReport,
+    /// Source items not copied.
+    pub skipped: Vec<Skipped>,
+    /// Oddities copied anyway.
+    pub warnings: Vec<Skipped>,
+    /// Messages on the source.
+    pub source_messages: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// How a run ended, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Everything done.
+    Complete,
+    /// Done, but some messages changed under us: a re-run finishes the job.
+    Partial,
+    /// Done as far as possible; some items could not be copied (bad input, I/O errors).
+    Errors,
+}
+
+impl BackupOutcome {
+    /// Classifies the run.
+    pub fn completion(&self) -> Completion {
+        if !self.report.errors.is_empty() || !self.skipped.is_empty() {
+            Completion::Errors
+        } else if self.report.vanished > 0 {
+            Completion::Partial
+        } else {
+            Completion::Complete
+        }
+    }
+}
+
+/// Runs a one-way backup from `src` to `dst`.
+pub fn backup(
+    src: &dyn Replica,
+    dst: &dyn Replica,
+    options: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    progress.event(Event::ScanStarted { side: "source" });
+    let (src_table, dst_table) = rayon::join(
+        || src.scan(&options.scan, progress),
+        || dst.scan(&options.scan, progress),
+    );
+    let (mut src_table, dst_table) = (src_table?, dst_table?);
+    confirm_missing(src, &mut src_table, &dst_table);
+    let questions = diff::hash_questions(&src_table, &dst_table, &options.diff);
+    let answers = answer(src, dst, questions);
+    let plan = diff::diff_backup(&src_table, &dst_table, &answers, &options.diff);
+    let planned = plan.counts();
+    check_delete_guard(&planned, &dst_table, options.max_delete)?;
+    let mut outcome = BackupOutcome {
+        planned,
+        skipped: plan.skipped.clone(),
+        warnings: plan.warnings.clone(),
+        source_messages: src_table.message_count() as u64,
+        ..BackupOutcome::default()
+    };
+    if options.dry_run {
+        outcome.plan_lines = plan.lines();
+    } else if !plan.is_empty() {
+        progress.event(Event::PlanReady {
+            operations: planned.copies + planned.flag_changes + planned.moves + planned.expunges,
+            bytes: planned.bytes,
+        });
+        outcome.report = apply(dst, &plan, src, options, progress)?;
+    }
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+fn apply(
+    dst: &dyn Replica,
+    plan: &Plan,
+    src: &dyn Replica,
+    options: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<ApplyReport> {
+    dst.apply(plan, src, &options.apply, progress)
+}
+
+/// A uidlist record whose file the scan did not see may be a message Dovecot was renaming
+/// during `readdir`. Before the destination's copy of it is expunged, the source mailbox is
+/// listed again; whatever that second look finds is what counts.
+fn confirm_missing(src: &dyn Replica, src_table: &mut MailTable, dst_table: &MailTable) {
+    let layout = src_table.layout;
+    src_table.mailboxes.par_iter_mut().for_each(|mailbox| {
+        let Some(dst_mailbox) = dst_table.mailbox(&mailbox.dir) else {
+            return;
+        };
+        let at_stake = mailbox
+            .listed_missing
+            .iter()
+            .any(|&(uid, _)| dst_mailbox.find_uid(uid).is_some());
+        if at_stake {
+            *mailbox = src.rescan_mailbox(layout, &mailbox.dir);
+        }
+    });
+}
+
+/// Compares contents for the pairs the differ asked about, in parallel. A pair that cannot
+/// be read counts as different (the copy is redone, never dropped).
+fn answer(src: &dyn Replica, dst: &dyn Replica, questions: Vec<HashQuestion>) -> HashAnswers {
+    questions
+        .into_par_iter()
+        .map(|q| {
+            let a = src.content_hash(&q.dir, q.src.0, &q.src.1);
+            let b = dst.content_hash(&q.dir, q.dst.0, &q.dst.1);
+            let same = matches!((a, b), (Ok(a), Ok(b)) if a == b);
+            (q, same)
+        })
+        .collect()
+}
+
+fn check_delete_guard(planned: &PlanCounts, dst: &MailTable, limit: DeleteLimit) -> Result<()> {
+    let total = dst.message_count() as u64;
+    let allowed = limit.allowed(total);
+    if planned.expunges > allowed {
+        return Err(Error::TooManyDeletes {
+            would: planned.expunges,
+            total,
+            limit: allowed,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delete_limit_defaults_to_half() {
+        assert_eq!(DeleteLimit::default().allowed(10), 5);
+        assert_eq!(DeleteLimit::Percent(100).allowed(7), 7);
+        assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
+        assert_eq!(DeleteLimit::default().allowed(0), 0);
+    }
+}

@@ -1,0 +1,532 @@
+//! The differ: a pure function from two replica tables (and content-hash answers) to the
+//! [`Plan`] that makes the destination equal to the source as Dovecot sees it. Parallel across
+//! mailboxes with rayon. No filesystem, no clock.
+
+use std::collections::{HashMap, HashSet};
+
+use rayon::prelude::*;
+
+use crate::model::{Flags, Subdir};
+use crate::storage::maildir::filename;
+use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
+use crate::storage::maildir::layout::Layout;
+use crate::storage::maildir::uidlist::{Header, OwnedRecord};
+use crate::sync::plan::{
+    CopyOp, DeleteMailbox, ExpungeOp, MailboxPlan, Plan, RenameOp, Skipped, UidlistChange,
+    UidlistEdit,
+};
+use crate::table::{MailTable, MailboxTable, status};
+
+/// Knobs of the differ.
+#[derive(Debug, Clone, Default)]
+pub struct DiffOptions {
+    /// Compare every matched pair by content, not only by GUID.
+    pub checksum: bool,
+    /// A prefix for fresh base names when a copy must not reuse the source's (a clash on
+    /// the destination); the differ appends a counter. Must be unique per run.
+    pub fresh_name_prefix: String,
+}
+
+/// A pair of files whose contents must be compared before the differ can decide.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HashQuestion {
+    /// Mailbox directory (same on both sides).
+    pub dir: String,
+    /// Source subdirectory and name.
+    pub src: (Subdir, String),
+    /// Destination subdirectory and name.
+    pub dst: (Subdir, String),
+}
+
+/// Answers to [`HashQuestion`]s: the pairs whose contents are equal. A question without an
+/// answer counts as "different" when GUIDs disagree and "equal" when they agree.
+pub type HashAnswers = HashMap<HashQuestion, bool>;
+
+/// Lists the content comparisons the differ needs: same UID but different GUIDs, and with
+/// `--checksum` every pair it would otherwise trust by GUID.
+pub fn hash_questions(
+    src: &MailTable,
+    dst: &MailTable,
+    options: &DiffOptions,
+) -> Vec<HashQuestion> {
+    src.mailboxes
+        .par_iter()
+        .filter(|s| s.broken.is_none())
+        .filter_map(|s| dst.mailbox(&s.dir).map(|d| (s, d)))
+        .flat_map_iter(|(s, d)| mailbox_questions(s, d, options))
+        .collect()
+}
+
+fn mailbox_questions(
+    s: &MailboxTable,
+    d: &MailboxTable,
+    options: &DiffOptions,
+) -> Vec<HashQuestion> {
+    let mut out = Vec::new();
+    for i in s.listed_range() {
+        let Some(j) = d.find_uid(s.msgs.uid[i]) else {
+            continue;
+        };
+        if s.has(i, status::BROKEN) || d.has(j, status::BROKEN) {
+            continue;
+        }
+        if options.checksum || s.guid(i) != d.guid(j) {
+            out.push(HashQuestion {
+                dir: s.dir.clone(),
+                src: (s.subdir(i), s.name(i).to_string()),
+                dst: (d.subdir(j), d.name(j).to_string()),
+            });
+        }
+    }
+    out
+}
+
+/// Computes the plan for a one-way mirror of `src` onto `dst`.
+pub fn diff_backup(
+    src: &MailTable,
+    dst: &MailTable,
+    answers: &HashAnswers,
+    options: &DiffOptions,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut skipped: Vec<Skipped> = Vec::new();
+    let mut warnings: Vec<Skipped> = Vec::new();
+    let all_anomalies = src
+        .anomalies
+        .iter()
+        .chain(src.mailboxes.iter().flat_map(|m| &m.anomalies));
+    for a in all_anomalies {
+        let item = Skipped {
+            path: a.path.clone(),
+            why: a.what.clone(),
+        };
+        if a.serious {
+            skipped.push(item)
+        } else {
+            warnings.push(item)
+        }
+    }
+    let results: Vec<(Option<MailboxPlan>, Vec<Skipped>)> = src
+        .mailboxes
+        .par_iter()
+        .enumerate()
+        .map(|(n, s)| {
+            let mut ctx = MailboxDiff::new(s, dst.mailbox(&s.dir), src.layout, answers, options, n);
+            let plan = ctx.run();
+            (plan, ctx.skipped)
+        })
+        .collect();
+    for (mailbox_plan, mut mailbox_skipped) in results {
+        skipped.append(&mut mailbox_skipped);
+        if let Some(p) = mailbox_plan.filter(|p| !p.is_empty()) {
+            plan.mailboxes.push(p);
+        }
+    }
+    for d in &dst.mailboxes {
+        if src.mailbox(&d.dir).is_none() {
+            plan.delete_mailboxes.push(DeleteMailbox {
+                dir: d.dir.clone(),
+                name: d.name.clone(),
+                messages: d.len() as u64,
+            });
+        }
+    }
+    if src.subscriptions != dst.subscriptions {
+        plan.subscriptions = Some(src.subscriptions.clone());
+    }
+    plan.uidvalidity_next = uidvalidity_floor(src, dst);
+    plan.skipped = skipped;
+    plan.warnings = warnings;
+    plan.root_meta = src.root_meta;
+    plan
+}
+
+/// The destination's `dovecot-uidvalidity` must not fall below the source's, or below any
+/// UIDVALIDITY the mirror now uses, so Dovecot never hands one out twice.
+fn uidvalidity_floor(src: &MailTable, dst: &MailTable) -> Option<u32> {
+    let highest_used = src
+        .mailboxes
+        .iter()
+        .filter_map(|m| m.header.as_ref().map(|h| h.uid_validity))
+        .max()
+        .unwrap_or(0);
+    let wanted = src.uidvalidity_next.unwrap_or(0).max(highest_used);
+    (wanted > 0 && dst.uidvalidity_next.is_none_or(|d| d < wanted)).then_some(wanted)
+}
+
+/// Working state of one mailbox's diff.
+struct MailboxDiff<'a> {
+    s: &'a MailboxTable,
+    d: Option<&'a MailboxTable>,
+    layout: Layout,
+    answers: &'a HashAnswers,
+    options: &'a DiffOptions,
+    mailbox_index: usize,
+    /// Destination keyword map after this run.
+    keywords: KeywordMap,
+    /// Source letter index → destination letter index.
+    letter_map: [Option<u8>; LETTERS],
+    used: Vec<bool>,
+    /// Destination base name → message index, built on first need (a no-change run that
+    /// matches everything by UID never pays for it).
+    by_base: Option<HashMap<&'a str, usize>>,
+    plan: MailboxPlan,
+    skipped: Vec<Skipped>,
+    fresh_names: u32,
+}
+
+impl<'a> MailboxDiff<'a> {
+    fn new(
+        s: &'a MailboxTable,
+        d: Option<&'a MailboxTable>,
+        layout: Layout,
+        answers: &'a HashAnswers,
+        options: &'a DiffOptions,
+        mailbox_index: usize,
+    ) -> Self {
+        MailboxDiff {
+            s,
+            d,
+            layout,
+            answers,
+            options,
+            mailbox_index,
+            keywords: KeywordMap::default(),
+            letter_map: [None; LETTERS],
+            used: vec![false; d.map_or(0, MailboxTable::len)],
+            by_base: None,
+            plan: MailboxPlan {
+                dir: s.dir.clone(),
+                name: s.name.clone(),
+                ..MailboxPlan::default()
+            },
+            skipped: Vec::new(),
+            fresh_names: 0,
+        }
+    }
+
+    fn run(&mut self) -> Option<MailboxPlan> {
+        if let Some(why) = &self.s.broken {
+            self.skip(
+                &self.s.name.clone(),
+                &format!("source mailbox left alone: {why}"),
+            );
+            return None;
+        }
+        if let Some(why) = self.d.and_then(|d| d.broken.as_ref()) {
+            let why = format!("destination mailbox left alone: {why}");
+            self.skip(&self.s.name.clone(), &why);
+            return None;
+        }
+        if self.d.is_none() {
+            self.plan.create = Some(self.s.dir_meta);
+            self.plan.maildirfolder =
+                self.layout == Layout::MaildirPlusPlus && !self.s.dir.is_empty();
+        }
+        self.plan_keywords();
+        let mut upserts = Vec::new();
+        let mut removes = Vec::new();
+        for i in 0..self.s.len() {
+            self.plan_message(i, &mut upserts, &mut removes);
+        }
+        self.plan_expunges(&mut removes);
+        self.plan_uidlist(upserts, removes);
+        Some(std::mem::take(&mut self.plan))
+    }
+
+    fn skip(&mut self, path: &str, why: &str) {
+        self.skipped.push(Skipped {
+            path: path.to_string(),
+            why: why.to_string(),
+        });
+    }
+
+    /// Builds the destination keyword map: the source's exactly for a new mailbox, else the
+    /// destination's extended with the source's names (letters differ between replicas).
+    fn plan_keywords(&mut self) {
+        let Some(d) = self.d else {
+            self.keywords = self.s.keywords.clone();
+            self.letter_map = std::array::from_fn(|i| Some(i as u8));
+            if !self.keywords.is_empty() {
+                self.plan.keywords = Some(self.keywords.clone());
+            }
+            return;
+        };
+        self.keywords = d.keywords.clone();
+        for (i, name) in self.s.keywords.names.iter().enumerate() {
+            match name {
+                Some(name) => match self.keywords.assign(name) {
+                    Some(letter) => self.letter_map[i] = Some(letter as u8),
+                    None => {
+                        let why = format!("keyword {name} does not fit in 26 letters; dropped");
+                        self.skip(&self.s.name.clone(), &why);
+                    }
+                },
+                // A letter with no name: Dovecot shows it as `unknown-N`; keep the letter
+                // when it is free on the destination too.
+                None if self.keywords.name(i).is_none() => self.letter_map[i] = Some(i as u8),
+                None => {}
+            }
+        }
+        if self.keywords != d.keywords {
+            self.plan.keywords = Some(self.keywords.clone());
+        }
+    }
+
+    fn translate(&self, flags: Flags) -> Flags {
+        let mut out = Flags {
+            system: flags.system,
+            keywords: 0,
+        };
+        for i in 0..LETTERS {
+            if flags.keywords & (1 << i) != 0
+                && let Some(to) = self.letter_map[i]
+            {
+                out.keywords |= 1 << to;
+            }
+        }
+        out
+    }
+
+    /// The name a source message should have on the destination, given the base it has
+    /// there. Verbatim when nothing needs translating, so odd names survive.
+    fn target_name(&self, i: usize, base: &str) -> String {
+        let s = self.s;
+        let flags = s.msgs.flags[i];
+        let translated = self.translate(flags);
+        if base == s.base(i) && (translated == flags || s.has(i, status::ODD_NAME)) {
+            return s.name(i).to_string();
+        }
+        filename::compose(base, translated, s.subdir(i) == Subdir::New)
+    }
+
+    fn plan_message(&mut self, i: usize, upserts: &mut Vec<OwnedRecord>, removes: &mut Vec<u32>) {
+        let s = self.s;
+        let matched = self.find_match(i);
+        if let Some(j) = matched {
+            self.used[j] = true;
+        }
+        if s.has(i, status::BROKEN) {
+            let path = format!("{}/{}/{}", s.dir, s.subdir(i), s.name(i));
+            self.skip(
+                path.trim_start_matches('/'),
+                "cannot be copied; destination copy kept",
+            );
+            return;
+        }
+        match matched {
+            Some(j) => self.plan_matched(i, j, upserts, removes),
+            None => self.plan_copy(i, upserts),
+        }
+    }
+
+    /// Finds the destination message that is this source message: same UID and GUID (or
+    /// equal content), else an unclaimed file with the same base name and GUID.
+    fn find_match(&mut self, i: usize) -> Option<usize> {
+        let (s, d) = (self.s, self.d?);
+        let uid = s.msgs.uid[i];
+        if uid != 0
+            && let Some(j) = d.find_uid(uid)
+            && !self.used[j]
+            && self.same_message(i, j)
+        {
+            return Some(j);
+        }
+        let j = *self.dst_by_base().get(s.base(i))?;
+        (!self.used[j] && d.guid(j) == s.guid(i)).then_some(j)
+    }
+
+    fn dst_by_base(&mut self) -> &HashMap<&'a str, usize> {
+        let d = self.d;
+        self.by_base.get_or_insert_with(|| {
+            d.map(|d| (0..d.len()).map(|j| (d.base(j), j)).collect())
+                .unwrap_or_default()
+        })
+    }
+
+    fn same_message(&self, i: usize, j: usize) -> bool {
+        let (s, d) = (self.s, self.d.expect("destination exists"));
+        if s.has(i, status::BROKEN) || d.has(j, status::BROKEN) {
+            return s.guid(i) == d.guid(j);
+        }
+        let question = HashQuestion {
+            dir: s.dir.clone(),
+            src: (s.subdir(i), s.name(i).to_string()),
+            dst: (d.subdir(j), d.name(j).to_string()),
+        };
+        let guids_agree = s.guid(i) == d.guid(j);
+        if !guids_agree || self.options.checksum {
+            return self.answers.get(&question).copied().unwrap_or(guids_agree);
+        }
+        true
+    }
+
+    fn plan_matched(
+        &mut self,
+        i: usize,
+        j: usize,
+        upserts: &mut Vec<OwnedRecord>,
+        removes: &mut Vec<u32>,
+    ) {
+        let (s, d) = (self.s, self.d.expect("matched implies destination"));
+        let to_name = self.target_name(i, d.base(j));
+        let to_sub = s.subdir(i);
+        if to_name != d.name(j) || to_sub != d.subdir(j) {
+            self.plan.renames.push(RenameOp {
+                uid: s.msgs.uid[i],
+                from_sub: d.subdir(j),
+                from_name: d.name(j).to_string(),
+                to_sub,
+                to_name,
+            });
+        }
+        let (src_uid, dst_uid) = (s.msgs.uid[i], d.msgs.uid[j]);
+        if src_uid == 0 {
+            if dst_uid != 0 {
+                removes.push(dst_uid);
+            }
+            return;
+        }
+        let wanted = self.record_for(i, d.base(j));
+        let dst_guid_field = (d.guid(j) != d.base(j)).then(|| d.guid(j).to_string());
+        if dst_uid != src_uid || wanted.guid != dst_guid_field || wanted.ext != d.ext(j) {
+            if dst_uid != 0 && dst_uid != src_uid {
+                removes.push(dst_uid);
+            }
+            upserts.push(wanted);
+        }
+    }
+
+    /// The uidlist record a source message needs when its file is called `base` here.
+    fn record_for(&self, i: usize, base: &str) -> OwnedRecord {
+        let guid = self.s.guid(i);
+        OwnedRecord {
+            uid: self.s.msgs.uid[i],
+            guid: (guid != base).then(|| guid.to_string()),
+            ext: self.s.ext(i).to_string(),
+            base: base.to_string(),
+        }
+    }
+
+    fn plan_copy(&mut self, i: usize, upserts: &mut Vec<OwnedRecord>) {
+        let s = self.s;
+        let base = if self.base_taken(s.base(i)) {
+            self.fresh_base(s.base(i))
+        } else {
+            s.base(i).to_string()
+        };
+        let dst_name = self.target_name(i, &base);
+        if s.msgs.uid[i] != 0 {
+            upserts.push(self.record_for(i, &base));
+        }
+        self.plan.copies.push(CopyOp {
+            uid: s.msgs.uid[i],
+            src_sub: s.subdir(i),
+            src_name: s.name(i).to_string(),
+            dst_sub: s.subdir(i),
+            dst_name,
+            size: u64::from(s.msgs.size[i]),
+        });
+    }
+
+    /// True when the destination already has a file with this base that is kept (matched)
+    /// or about to be expunged: a copy must not reuse the name while the old file exists.
+    fn base_taken(&mut self, base: &str) -> bool {
+        self.d.is_some() && self.dst_by_base().contains_key(base)
+    }
+
+    /// A new unique base, keeping the source's `,S=`/`,W=` fields (they describe the body).
+    fn fresh_base(&mut self, src_base: &str) -> String {
+        self.fresh_names += 1;
+        let size_fields = src_base.find(",S=").map_or("", |p| &src_base[p..]);
+        format!(
+            "{}Q{}x{}{}",
+            self.options.fresh_name_prefix, self.mailbox_index, self.fresh_names, size_fields
+        )
+    }
+
+    fn plan_expunges(&mut self, removes: &mut Vec<u32>) {
+        let Some(d) = self.d else { return };
+        for j in 0..d.len() {
+            if self.used[j] {
+                continue;
+            }
+            if d.has(j, status::BROKEN) {
+                let path = format!("{}/{}/{}", d.dir, d.subdir(j), d.name(j));
+                self.skip(
+                    path.trim_start_matches('/'),
+                    "destination entry is not a regular file; left alone",
+                );
+                continue;
+            }
+            self.plan.expunges.push(ExpungeOp {
+                uid: d.msgs.uid[j],
+                sub: d.subdir(j),
+                name: d.name(j).to_string(),
+            });
+            if d.msgs.uid[j] != 0 {
+                removes.push(d.msgs.uid[j]);
+            }
+        }
+    }
+
+    /// Decides the uidlist edit and whether Dovecot's index must be reset.
+    fn plan_uidlist(&mut self, upserts: Vec<OwnedRecord>, mut removes: Vec<u32>) {
+        let s = self.s;
+        let Some(src_header) = &s.header else {
+            if self.d.is_some_and(|d| d.header.is_some()) {
+                self.plan.uidlist = Some(UidlistChange::Remove);
+                self.plan.reset_index = true;
+            }
+            return;
+        };
+        let d_header = self.d.and_then(|d| d.header.as_ref());
+        let same_generation = d_header.is_some_and(|h| h.uid_validity == src_header.uid_validity);
+        let d_next = self.d.filter(|_| same_generation).map_or(0, |d| d.next_uid);
+        let header = Header {
+            next_uid: s.next_uid.max(d_next),
+            ..src_header.clone()
+        };
+        let header_changed = d_header.is_none_or(|h| {
+            h.uid_validity != header.uid_validity
+                || h.guid != header.guid
+                || h.extra != header.extra
+                || self.d.is_some_and(|d| d.next_uid < header.next_uid)
+        });
+        if upserts.is_empty() && removes.is_empty() && !header_changed {
+            return;
+        }
+        if let Some(d) = self.d {
+            removes.extend(d.listed_missing.iter().map(|&(uid, _)| uid));
+            self.plan.reset_index = !same_generation || self.rebinds_below_next(d, &upserts);
+        }
+        removes.sort_unstable();
+        removes.dedup();
+        let mut upserts = upserts;
+        upserts.sort_by_key(|r| r.uid);
+        self.plan.uidlist = Some(UidlistChange::Write(UidlistEdit {
+            header,
+            remove: removes,
+            upsert: upserts,
+        }));
+    }
+
+    /// True when a record binds a UID below the destination's next UID to a file that UID
+    /// did not name before: Dovecot's index would call it an expunged message reappearing.
+    fn rebinds_below_next(&self, d: &MailboxTable, upserts: &[OwnedRecord]) -> bool {
+        let known: HashSet<(u32, &str)> = d
+            .listed_range()
+            .map(|j| (d.msgs.uid[j], d.base(j)))
+            .chain(d.listed_missing.iter().map(|&(u, b)| (u, d.str(b))))
+            .collect();
+        upserts.iter().any(|r| {
+            r.uid < d.next_uid && !known.contains(&(r.uid, r.base.as_str()))
+                || d.find_uid(r.uid).is_some_and(|j| {
+                    d.base(j) == r.base && (d.guid(j) != d.base(j)) != r.guid.is_some()
+                })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
