@@ -76,6 +76,12 @@ struct BackupArgs {
     /// No progress bar or periodic progress lines.
     #[arg(long)]
     no_progress: bool,
+    /// Do not use or write the scan cache (list every mailbox).
+    #[arg(long)]
+    no_cache: bool,
+    /// Where scan caches live (default: $XDG_CACHE_HOME/mdsync or ~/.cache/mdsync).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,6 +171,13 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
         scan: ScanOptions {
             layout: a.layout.layout(),
             exclude,
+            cache_dir: if a.no_cache {
+                None
+            } else {
+                a.cache_dir
+                    .clone()
+                    .or_else(mdsync::scan::cache::default_cache_dir)
+            },
         },
         diff: DiffOptions {
             checksum: a.checksum,

@@ -1,6 +1,10 @@
 //! Scanner: turns a Maildir root into a [`MailTable`] — mailboxes in parallel (rayon), each
 //! from its uidlist, keywords file and one `readdir` of `new/` and `cur/`, with no per-file
-//! `stat` when names carry `,S=`. Reads only; never writes, locks or follows a symlink.
+//! `stat` when names carry `,S=`; mailboxes whose stamps did not change since the last run
+//! come from the [`cache`]. Reads mail only; never writes into, locks or follows a symlink
+//! in a mail tree.
+
+pub mod cache;
 
 use std::collections::HashMap;
 use std::fs;
@@ -23,6 +27,8 @@ pub struct ScanOptions {
     pub layout: Option<Layout>,
     /// Mailboxes (by user-visible name) to leave out entirely.
     pub exclude: Vec<glob::Pattern>,
+    /// Where scan caches live; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl ScanOptions {
@@ -66,16 +72,7 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
         .into_iter()
         .filter(|d| !options.excludes(&layout.display_name(d)))
         .collect();
-    let mailboxes: Vec<MailboxTable> = dirs
-        .par_iter()
-        .map(|dir| {
-            let mailbox = scan_mailbox(root, layout, dir);
-            progress.event(Event::MailboxScanned {
-                messages: mailbox.len() as u64,
-            });
-            mailbox
-        })
-        .collect();
+    let mailboxes = scan_mailboxes(root, layout, &dirs, options.cache_dir.as_deref(), progress);
     Ok(MailTable {
         layout,
         mailboxes,
@@ -85,6 +82,55 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
         root_meta,
         anomalies,
     })
+}
+
+/// Scans the listed mailboxes in parallel, reusing cached tables whose stamps match, and
+/// refreshes the cache when anything was read afresh.
+fn scan_mailboxes(
+    root: &Path,
+    layout: Layout,
+    dirs: &[String],
+    cache_dir: Option<&Path>,
+    progress: &dyn Progress,
+) -> Vec<MailboxTable> {
+    let started_ns = cache::now_ns();
+    let cache_path = cache_dir.map(|d| cache::cache_file(d, root));
+    let mut cache = cache_path
+        .as_deref()
+        .map(cache::ScanCache::load)
+        .unwrap_or_default();
+    let stamps: Vec<cache::MailboxStamps> = dirs
+        .par_iter()
+        .map(|d| cache::MailboxStamps::take(&mailbox_path(root, d)))
+        .collect();
+    let cached: Vec<Option<MailboxTable>> = dirs
+        .iter()
+        .zip(&stamps)
+        .map(|(d, s)| cache_path.as_ref().and_then(|_| cache.take(d, s)))
+        .collect();
+    let fresh_scans = cached.iter().filter(|c| c.is_none()).count();
+    let mailboxes: Vec<MailboxTable> = dirs
+        .par_iter()
+        .zip(cached)
+        .map(|(dir, cached)| {
+            let mailbox = cached.unwrap_or_else(|| scan_mailbox(root, layout, dir));
+            progress.event(Event::MailboxScanned {
+                messages: mailbox.len() as u64,
+            });
+            mailbox
+        })
+        .collect();
+    if let Some(path) = cache_path
+        && (fresh_scans > 0 || !cache.is_empty())
+    {
+        let entries: Vec<_> = stamps.into_iter().zip(&mailboxes).collect();
+        if let Err(e) = cache::ScanCache::save(&path, &entries, started_ns) {
+            progress.event(Event::Warning {
+                message: format!("scan cache {}: {e}", path.display()),
+            });
+        }
+    }
+    mailboxes
 }
 
 fn empty_table(layout: Layout) -> MailTable {

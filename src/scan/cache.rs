@@ -1,0 +1,530 @@
+//! The scan cache: per mailbox, the stamps (mtime, ctime, inode, size) of `cur/`, `new/`,
+//! `dovecot-uidlist` and `dovecot-keywords` together with the scanned table, so that a
+//! mailbox whose stamps did not change is not listed again — the check Dovecot itself makes
+//! before trusting its index. A stamp within [`RACY_SECS`] of the scan is not trusted next
+//! time (a change in the same clock tick would not move it). Reads and writes only its own
+//! cache file; a missing, foreign or damaged cache is an empty one.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::model::{Flags, MailboxGuid};
+use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
+use crate::storage::maildir::uidlist::Header;
+use crate::storage::maildir::{keywords, uidlist, writer};
+use crate::table::{DirMeta, Extras, MailboxTable, Messages, StrRef};
+
+/// Stamps closer than this to the scan time are "racy" and force a rescan next time.
+pub const RACY_SECS: i64 = 2;
+
+const MAGIC: &[u8; 8] = b"MDSYNCC\x01";
+
+/// Identity of one file or directory at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stamp {
+    /// mtime in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// ctime in nanoseconds since the epoch.
+    pub ctime_ns: i64,
+    /// Inode number (a replaced file has a new one).
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Stamp {
+        match fs::symlink_metadata(path) {
+            Ok(m) => Stamp {
+                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+                ino: m.ino(),
+                size: m.len(),
+            },
+            Err(_) => Stamp::default(),
+        }
+    }
+}
+
+/// The stamps that decide whether a mailbox changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MailboxStamps {
+    /// `cur/`, `new/`, `dovecot-uidlist`, `dovecot-keywords`.
+    pub parts: [Stamp; 4],
+}
+
+impl MailboxStamps {
+    /// Stats the four parts of the mailbox in `path`.
+    pub fn take(path: &Path) -> MailboxStamps {
+        MailboxStamps {
+            parts: [
+                Stamp::of(&path.join("cur")),
+                Stamp::of(&path.join("new")),
+                Stamp::of(&path.join(uidlist::FILE_NAME)),
+                Stamp::of(&path.join(keywords::FILE_NAME)),
+            ],
+        }
+    }
+
+    /// True when a part changed so recently that a change in the same tick could hide.
+    pub fn is_racy(&self, scan_started_ns: i64) -> bool {
+        let margin = RACY_SECS * 1_000_000_000;
+        self.parts.iter().any(|s| {
+            s.mtime_ns >= scan_started_ns - margin || s.ctime_ns >= scan_started_ns - margin
+        })
+    }
+}
+
+/// Nanoseconds since the epoch, now.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A loaded cache: mailbox directory → (stamps, table).
+#[derive(Debug, Default)]
+pub struct ScanCache {
+    entries: HashMap<String, (MailboxStamps, MailboxTable)>,
+}
+
+impl ScanCache {
+    /// Loads a cache file; anything unreadable yields an empty cache.
+    pub fn load(path: &Path) -> ScanCache {
+        let Ok(bytes) = fs::read(path) else {
+            return ScanCache::default();
+        };
+        decode(&bytes).unwrap_or_default()
+    }
+
+    /// True when no entry is left (all were taken or none loaded).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The cached table of `dir` when its stamps are exactly `stamps`.
+    pub fn take(&mut self, dir: &str, stamps: &MailboxStamps) -> Option<MailboxTable> {
+        match self.entries.remove(dir) {
+            Some((cached, table)) if cached == *stamps => Some(table),
+            _ => None,
+        }
+    }
+
+    /// Writes a cache of `mailboxes` (with the stamps taken before each was read), leaving
+    /// out racy and broken ones. Atomic: temp file, then rename.
+    pub fn save(
+        path: &Path,
+        mailboxes: &[(MailboxStamps, &MailboxTable)],
+        scan_started_ns: i64,
+    ) -> io::Result<()> {
+        let mut out = Vec::with_capacity(1 << 20);
+        out.extend_from_slice(MAGIC);
+        let keep: Vec<_> = mailboxes
+            .iter()
+            .filter(|(s, m)| !s.is_racy(scan_started_ns) && m.broken.is_none())
+            .collect();
+        put_u32(&mut out, keep.len() as u32);
+        for (stamps, mailbox) in keep {
+            encode_mailbox(&mut out, stamps, mailbox);
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(writer::temp_name());
+        fs::write(&tmp, &out)?;
+        fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
+    }
+}
+
+/// Where the cache of a root lives: `<cache dir>/<xxh3 of the canonical root>.scan`.
+pub fn cache_file(cache_dir: &Path, root: &Path) -> PathBuf {
+    let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let hash = xxhash_rust::xxh3::xxh3_64(canonical.as_os_str().as_encoded_bytes());
+    cache_dir.join(format!("{hash:016x}.scan"))
+}
+
+/// The default cache directory: `$XDG_CACHE_HOME/mdsync` or `$HOME/.cache/mdsync`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("mdsync"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".cache").join("mdsync"))
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, s.len() as u32);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_column<T: Copy, const N: usize>(
+    out: &mut Vec<u8>,
+    column: &[T],
+    bytes: impl Fn(T) -> [u8; N],
+) {
+    put_u32(out, column.len() as u32);
+    for &v in column {
+        out.extend_from_slice(&bytes(v));
+    }
+}
+
+fn encode_mailbox(out: &mut Vec<u8>, stamps: &MailboxStamps, m: &MailboxTable) {
+    for s in &stamps.parts {
+        put_u64(out, s.mtime_ns as u64);
+        put_u64(out, s.ctime_ns as u64);
+        put_u64(out, s.ino);
+        put_u64(out, s.size);
+    }
+    put_str(out, &m.dir);
+    put_str(out, &m.name);
+    match &m.header {
+        Some(h) => {
+            out.push(1);
+            put_u32(out, h.uid_validity);
+            put_u32(out, h.next_uid);
+            out.push(u8::from(h.guid.is_some()));
+            out.extend_from_slice(&h.guid.unwrap_or_default().0);
+            put_str(out, &h.extra);
+        }
+        None => out.push(0),
+    }
+    put_u32(out, m.next_uid);
+    for name in &m.keywords.names {
+        put_str(out, name.as_deref().unwrap_or(""));
+    }
+    put_u32(out, m.dir_meta.mode);
+    put_u32(out, m.dir_meta.uid);
+    put_u32(out, m.dir_meta.gid);
+    put_str(out, &m.arena);
+    let msgs = &m.msgs;
+    put_column(out, &msgs.uid, u32::to_le_bytes);
+    put_column(out, &msgs.name_offset, u32::to_le_bytes);
+    put_column(out, &msgs.name_len, u16::to_le_bytes);
+    put_column(out, &msgs.base_len, u16::to_le_bytes);
+    put_column(out, &msgs.flags, |f: Flags| {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&f.system.to_le_bytes());
+        b[4..].copy_from_slice(&f.keywords.to_le_bytes());
+        b
+    });
+    put_column(out, &msgs.size, u32::to_le_bytes);
+    put_column(out, &msgs.extras, u32::to_le_bytes);
+    put_column(out, &msgs.status, |s: u8| [s]);
+    put_column(out, &m.listed_missing, |(uid, r): (u32, StrRef)| {
+        let mut b = [0u8; 12];
+        b[..4].copy_from_slice(&uid.to_le_bytes());
+        b[4..8].copy_from_slice(&r.offset.to_le_bytes());
+        b[8..].copy_from_slice(&r.len.to_le_bytes());
+        b
+    });
+    put_column(out, &m.extras, |e: Extras| {
+        let mut b = [0u8; 18];
+        let parts = [e.guid, e.ext];
+        for (k, p) in parts.iter().enumerate() {
+            b[k * 9] = u8::from(p.is_some());
+            let r = p.unwrap_or_default();
+            b[k * 9 + 1..k * 9 + 5].copy_from_slice(&r.offset.to_le_bytes());
+            b[k * 9 + 5..k * 9 + 9].copy_from_slice(&r.len.to_le_bytes());
+        }
+        b
+    });
+    put_u32(out, m.anomalies.len() as u32);
+    for a in &m.anomalies {
+        put_str(out, &a.path);
+        put_str(out, &a.what);
+        out.push(u8::from(a.serious));
+    }
+}
+
+/// A bounds-checked reader over the cache bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.bytes.len() {
+            return None;
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = self.u32()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+
+    fn column<T, const N: usize>(&mut self, from: impl Fn([u8; N]) -> T) -> Option<Vec<T>> {
+        let len = self.u32()? as usize;
+        let bytes = self.take(len.checked_mul(N)?)?;
+        Some(
+            bytes
+                .chunks_exact(N)
+                .map(|c| from(c.try_into().expect("chunk of N bytes")))
+                .collect(),
+        )
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<ScanCache> {
+    let mut r = Reader { bytes };
+    if r.take(MAGIC.len())? != MAGIC {
+        return None;
+    }
+    let count = r.u32()?;
+    let mut entries = HashMap::new();
+    for _ in 0..count {
+        let (stamps, mailbox) = decode_mailbox(&mut r)?;
+        entries.insert(mailbox.dir.clone(), (stamps, mailbox));
+    }
+    Some(ScanCache { entries })
+}
+
+fn decode_mailbox(r: &mut Reader<'_>) -> Option<(MailboxStamps, MailboxTable)> {
+    let mut stamps = MailboxStamps::default();
+    for s in &mut stamps.parts {
+        *s = Stamp {
+            mtime_ns: r.u64()? as i64,
+            ctime_ns: r.u64()? as i64,
+            ino: r.u64()?,
+            size: r.u64()?,
+        };
+    }
+    let dir = r.string()?;
+    let name = r.string()?;
+    let header = match r.u8()? {
+        1 => {
+            let uid_validity = r.u32()?;
+            let next_uid = r.u32()?;
+            let has_guid = r.u8()? == 1;
+            let guid = MailboxGuid(r.take(16)?.try_into().ok()?);
+            let extra = r.string()?;
+            Some(Header {
+                uid_validity,
+                next_uid,
+                guid: has_guid.then_some(guid),
+                extra,
+            })
+        }
+        _ => None,
+    };
+    let next_uid = r.u32()?;
+    let mut keywords = KeywordMap::default();
+    for i in 0..LETTERS {
+        let name = r.string()?;
+        keywords.names[i] = (!name.is_empty()).then_some(name);
+    }
+    let dir_meta = DirMeta {
+        mode: r.u32()?,
+        uid: r.u32()?,
+        gid: r.u32()?,
+    };
+    let arena = r.string()?;
+    let msgs = Messages {
+        uid: r.column(u32::from_le_bytes)?,
+        name_offset: r.column(u32::from_le_bytes)?,
+        name_len: r.column(u16::from_le_bytes)?,
+        base_len: r.column(u16::from_le_bytes)?,
+        flags: r.column(|b: [u8; 8]| Flags {
+            system: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
+            keywords: u32::from_le_bytes(b[4..].try_into().expect("4 bytes")),
+        })?,
+        size: r.column(u32::from_le_bytes)?,
+        extras: r.column(u32::from_le_bytes)?,
+        status: r.column(|b: [u8; 1]| b[0])?,
+    };
+    let listed_missing = r.column(|b: [u8; 12]| {
+        let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        (
+            word(0),
+            StrRef {
+                offset: word(4),
+                len: word(8),
+            },
+        )
+    })?;
+    let extras = r.column(|b: [u8; 18]| {
+        let part = |k: usize| {
+            let word = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+            (b[k * 9] == 1).then(|| StrRef {
+                offset: word(k * 9 + 1),
+                len: word(k * 9 + 5),
+            })
+        };
+        Extras {
+            guid: part(0),
+            ext: part(1),
+        }
+    })?;
+    let anomaly_count = r.u32()?;
+    let mut anomalies = Vec::new();
+    for _ in 0..anomaly_count {
+        anomalies.push(crate::table::Anomaly {
+            path: r.string()?,
+            what: r.string()?,
+            serious: r.u8()? == 1,
+        });
+    }
+    let mailbox = MailboxTable {
+        dir,
+        name,
+        header,
+        next_uid,
+        keywords,
+        dir_meta,
+        msgs,
+        listed_missing,
+        extras,
+        arena,
+        broken: None,
+        anomalies,
+    };
+    is_consistent(&mailbox).then_some((stamps, mailbox))
+}
+
+/// Every string reference stays inside the arena and every column has one row a message,
+/// so a damaged cache can never make the table panic.
+fn is_consistent(m: &MailboxTable) -> bool {
+    let n = m.msgs.uid.len();
+    let msgs = &m.msgs;
+    let columns_match = [
+        msgs.name_offset.len(),
+        msgs.name_len.len(),
+        msgs.base_len.len(),
+        msgs.flags.len(),
+        msgs.size.len(),
+        msgs.extras.len(),
+        msgs.status.len(),
+    ]
+    .iter()
+    .all(|&len| len == n);
+    let fits = |offset: u32, len: u32| {
+        let end = offset as usize + len as usize;
+        end <= m.arena.len()
+            && m.arena.is_char_boundary(offset as usize)
+            && m.arena.is_char_boundary(end)
+    };
+    columns_match
+        && (0..n).all(|i| {
+            msgs.base_len[i] <= msgs.name_len[i]
+                && fits(msgs.name_offset[i], u32::from(msgs.name_len[i]))
+                && fits(msgs.name_offset[i], u32::from(msgs.base_len[i]))
+                && (msgs.extras[i] == crate::table::NO_EXTRAS
+                    || (msgs.extras[i] as usize) < m.extras.len())
+        })
+        && m.listed_missing.iter().all(|&(_, r)| fits(r.offset, r.len))
+        && m.extras.iter().all(|e| {
+            [e.guid, e.ext]
+                .iter()
+                .flatten()
+                .all(|r| fits(r.offset, r.len))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::scan_mailbox;
+    use crate::storage::maildir::layout::Layout;
+
+    fn sample_mailbox(root: &Path) -> MailboxTable {
+        fs::create_dir_all(root.join("cur")).unwrap();
+        fs::write(
+            root.join("dovecot-uidlist"),
+            "3 V9 N4 G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n1 :a,S=1\n2 G77 P9 :b,S=1\n3 :gone\n",
+        )
+        .unwrap();
+        fs::write(root.join("dovecot-keywords"), "2 $Junk\n").unwrap();
+        fs::write(root.join("cur/a,S=1:2,Sc"), "x").unwrap();
+        fs::write(root.join("cur/b,S=1:2,"), "y").unwrap();
+        scan_mailbox(root, Layout::MaildirPlusPlus, "")
+    }
+
+    #[test]
+    fn round_trips_a_mailbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailbox = sample_mailbox(dir.path());
+        let stamps = MailboxStamps::take(dir.path());
+        let file = dir.path().join("cache/x.scan");
+        let long_after = now_ns() + 10 * 1_000_000_000;
+        ScanCache::save(&file, &[(stamps, &mailbox)], long_after).unwrap();
+        let mut cache = ScanCache::load(&file);
+        let back = cache.take("", &stamps).expect("cached entry");
+        assert_eq!(back.msgs.uid, mailbox.msgs.uid);
+        assert_eq!(back.name(0), mailbox.name(0));
+        assert_eq!(back.guid(1), "77");
+        assert_eq!(back.ext(1), "P9");
+        assert_eq!(back.header, mailbox.header);
+        assert_eq!(back.keywords, mailbox.keywords);
+        assert_eq!(back.listed_missing.len(), 1);
+        assert_eq!(back.str(back.listed_missing[0].1), "gone");
+    }
+
+    #[test]
+    fn racy_and_changed_entries_are_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailbox = sample_mailbox(dir.path());
+        let stamps = MailboxStamps::take(dir.path());
+        let file = dir.path().join("c.scan");
+        ScanCache::save(&file, &[(stamps, &mailbox)], now_ns()).unwrap();
+        assert!(
+            ScanCache::load(&file).take("", &stamps).is_none(),
+            "just written: racy"
+        );
+        let later = now_ns() + 10 * 1_000_000_000;
+        ScanCache::save(&file, &[(stamps, &mailbox)], later).unwrap();
+        let mut changed = stamps;
+        changed.parts[0].mtime_ns += 1;
+        assert!(ScanCache::load(&file).take("", &changed).is_none());
+    }
+
+    #[test]
+    fn damaged_cache_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailbox = sample_mailbox(dir.path());
+        let stamps = MailboxStamps::take(dir.path());
+        let file = dir.path().join("c.scan");
+        ScanCache::save(&file, &[(stamps, &mailbox)], now_ns() + 10_000_000_000).unwrap();
+        let mut bytes = fs::read(&file).unwrap();
+        for cut in [0, 8, 20, bytes.len() / 2, bytes.len() - 1] {
+            fs::write(&file, &bytes[..cut]).unwrap();
+            assert!(
+                ScanCache::load(&file).take("", &stamps).is_none(),
+                "cut at {cut}"
+            );
+        }
+        let last = bytes.len() - 40;
+        bytes[last] ^= 0xff;
+        fs::write(&file, &bytes).unwrap();
+        let _ = ScanCache::load(&file); // must not panic
+    }
+}
