@@ -1,0 +1,206 @@
+//! Races with a live Dovecot, staged deterministically through a wrapper replica: a message
+//! renamed while the source was listed must not be expunged on the destination, and a
+//! message expunged between scan and copy is skipped with a "re-run" completion.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Mutex;
+
+use mdsync::model::Subdir;
+use mdsync::progress::{NoProgress, Progress};
+use mdsync::replica::local::LocalReplica;
+use mdsync::replica::{Body, BodyError, BodySource, Replica};
+use mdsync::scan::ScanOptions;
+use mdsync::storage::maildir::layout::Layout;
+use mdsync::storage::maildir::writer::{FsyncPolicy, Ownership};
+use mdsync::sync::apply::{ApplyOptions, ApplyReport};
+use mdsync::sync::backup::{BackupOptions, Completion, DeleteLimit, backup};
+use mdsync::sync::diff::DiffOptions;
+use mdsync::sync::plan::Plan;
+use mdsync::table::{MailTable, MailboxTable};
+
+/// What the wrapper does to the source right after its first full scan.
+enum Trick {
+    /// Pretend `readdir` missed this file (Dovecot renamed it meanwhile).
+    HideFromFirstScan(&'static str),
+    /// Delete this file after the scan (Dovecot expunged it before we copied it).
+    DeleteAfterScan(&'static str),
+}
+
+struct Tricky {
+    inner: LocalReplica,
+    trick: Trick,
+    rescans: Mutex<u32>,
+}
+
+impl BodySource for Tricky {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+        self.inner.open_body(dir, sub, name)
+    }
+}
+
+impl Replica for Tricky {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> mdsync::Result<MailTable> {
+        match self.trick {
+            Trick::HideFromFirstScan(name) => {
+                let path = self.inner.root().join("cur").join(name);
+                let aside = self.inner.root().join("aside");
+                fs::rename(&path, &aside).unwrap();
+                let table = self.inner.scan(options, progress);
+                fs::rename(&aside, &path).unwrap();
+                table
+            }
+            Trick::DeleteAfterScan(name) => {
+                let table = self.inner.scan(options, progress);
+                fs::remove_file(self.inner.root().join("cur").join(name)).unwrap();
+                table
+            }
+        }
+    }
+
+    fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+        *self.rescans.lock().unwrap() += 1;
+        self.inner.rescan_mailbox(layout, dir)
+    }
+
+    fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError> {
+        self.inner.content_hash(dir, sub, name)
+    }
+
+    fn apply(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+    ) -> mdsync::Result<ApplyReport> {
+        self.inner.apply(plan, source, options, progress)
+    }
+}
+
+fn options() -> BackupOptions {
+    BackupOptions {
+        scan: ScanOptions::default(),
+        diff: DiffOptions::default(),
+        apply: ApplyOptions {
+            fsync: FsyncPolicy::None,
+            ownership: Ownership::RunningUser,
+        },
+        dry_run: false,
+        max_delete: DeleteLimit::Percent(100),
+    }
+}
+
+fn make_source(root: &Path) {
+    for sub in ["cur", "new", "tmp"] {
+        fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    fs::write(
+        root.join("dovecot-uidlist"),
+        "3 V5 N3 G0000000000000000000000000000000a\n1 :a,S=1\n2 :b,S=1\n",
+    )
+    .unwrap();
+    fs::write(root.join("cur/a,S=1:2,S"), "a").unwrap();
+    fs::write(root.join("cur/b,S=1:2,S"), "b").unwrap();
+}
+
+#[test]
+fn message_missed_by_readdir_is_confirmed_not_expunged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    let plain = LocalReplica::new(&src);
+    let target = LocalReplica::new(&dst);
+    backup(&plain, &target, &options(), &NoProgress).unwrap();
+    assert!(dst.join("cur/b,S=1:2,S").exists());
+
+    let tricky = Tricky {
+        inner: LocalReplica::new(&src),
+        trick: Trick::HideFromFirstScan("b,S=1:2,S"),
+        rescans: Mutex::new(0),
+    };
+    let outcome = backup(&tricky, &target, &options(), &NoProgress).unwrap();
+    assert_eq!(
+        *tricky.rescans.lock().unwrap(),
+        1,
+        "the mailbox is listed again"
+    );
+    assert_eq!(
+        outcome.planned.expunges, 0,
+        "a phantom expunge reached the plan"
+    );
+    assert!(dst.join("cur/b,S=1:2,S").exists());
+}
+
+#[test]
+fn really_expunged_message_is_expunged_after_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    let (s, d) = (LocalReplica::new(&src), LocalReplica::new(&dst));
+    backup(&s, &d, &options(), &NoProgress).unwrap();
+    fs::remove_file(src.join("cur/b,S=1:2,S")).unwrap();
+    let outcome = backup(&s, &d, &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.report.expunged, 1);
+    assert!(!dst.join("cur/b,S=1:2,S").exists());
+}
+
+#[test]
+fn message_expunged_before_copy_is_skipped_and_rerun_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    let tricky = Tricky {
+        inner: LocalReplica::new(&src),
+        trick: Trick::DeleteAfterScan("b,S=1:2,S"),
+        rescans: Mutex::new(0),
+    };
+    let outcome = backup(&tricky, &LocalReplica::new(&dst), &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.report.vanished, 1);
+    assert_eq!(outcome.completion(), Completion::Partial);
+    assert!(dst.join("cur/a,S=1:2,S").exists());
+    let leftovers: Vec<_> = fs::read_dir(dst.join("tmp")).unwrap().collect();
+    assert!(
+        leftovers.is_empty(),
+        "nothing staged may linger: {leftovers:?}"
+    );
+}
+
+#[test]
+fn message_renamed_before_copy_is_found_under_its_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    struct Renamer(LocalReplica);
+    impl BodySource for Renamer {
+        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+            let old = self.0.root().join("cur").join(name);
+            if old.exists() && name.starts_with('b') {
+                fs::rename(&old, self.0.root().join("cur/b,S=1:2,RS")).unwrap();
+            }
+            self.0.open_body(dir, sub, name)
+        }
+    }
+    let renamer = Renamer(LocalReplica::new(&src));
+    let plan = {
+        let s = LocalReplica::new(&src);
+        let d = LocalReplica::new(&dst);
+        let opts = BackupOptions {
+            dry_run: true,
+            ..options()
+        };
+        backup(&s, &d, &opts, &NoProgress).unwrap();
+        let st = s.scan(&ScanOptions::default(), &NoProgress).unwrap();
+        let dt = d.scan(&ScanOptions::default(), &NoProgress).unwrap();
+        mdsync::sync::diff::diff_backup(&st, &dt, &Default::default(), &DiffOptions::default())
+    };
+    let report = LocalReplica::new(&dst)
+        .apply(&plan, &renamer, &options().apply, &NoProgress)
+        .unwrap();
+    assert_eq!(report.messages_copied, 2);
+    assert_eq!(fs::read_to_string(dst.join("cur/b,S=1:2,S")).unwrap(), "b");
+}
