@@ -106,6 +106,40 @@ impl fmt::Display for MailboxGuid {
     }
 }
 
+/// Stamps closer than this to a scan are "racy": a change in the same clock tick would not
+/// move them, so they are not trusted next time.
+pub const RACY_SECS: i64 = 2;
+
+/// Identity of one file or directory at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// mtime in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// ctime in nanoseconds since the epoch.
+    pub ctime_ns: i64,
+    /// Inode number (a replaced file has a new one).
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The stamps that decide whether a mailbox changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct MailboxStamps {
+    /// `cur/`, `new/`, `dovecot-uidlist`, `dovecot-keywords`.
+    pub parts: [Stamp; 4],
+}
+
+impl MailboxStamps {
+    /// True when a part changed so recently that a change in the same tick could hide.
+    pub fn is_racy(&self, scan_started_ns: i64) -> bool {
+        let margin = RACY_SECS * 1_000_000_000;
+        self.parts.iter().any(|s| {
+            s.mtime_ns >= scan_started_ns - margin || s.ctime_ns >= scan_started_ns - margin
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::model::{Flags, MailboxGuid, Subdir};
+use crate::model::{Flags, MailboxGuid, MailboxStamps, Subdir};
 use crate::storage::maildir::keywords::KeywordMap;
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::uidlist::Header;
@@ -118,10 +118,20 @@ pub struct MailboxTable {
     pub broken: Option<String>,
     /// Problems with single entries.
     pub anomalies: Vec<Anomaly>,
+    /// Stamps of `cur/`, `new/`, uidlist and keywords, taken before the mailbox was read.
+    pub stamps: MailboxStamps,
+    /// `Some(message count)` when the mailbox was not read at all: its stamps equal those of
+    /// the last run that left this pair in sync. Such a table holds no messages.
+    pub unchanged: Option<u64>,
 }
 
 impl MailboxTable {
-    /// Number of messages.
+    /// Messages on disk, also for a mailbox that was not read ([`MailboxTable::unchanged`]).
+    pub fn message_count(&self) -> u64 {
+        self.unchanged.unwrap_or(self.len() as u64)
+    }
+
+    /// Number of messages in the table.
     pub fn len(&self) -> usize {
         self.msgs.uid.len()
     }
@@ -304,6 +314,8 @@ pub struct MailTable {
     pub uidvalidity_next: Option<u32>,
     /// Mode and owner of the root directory.
     pub root_meta: DirMeta,
+    /// When the scan started (ns since the epoch), to tell racy stamps.
+    pub scanned_at_ns: i64,
     /// Root-level anomalies (symlinked folders, odd names).
     pub anomalies: Vec<Anomaly>,
 }
@@ -317,9 +329,9 @@ impl MailTable {
             .map(|i| &self.mailboxes[i])
     }
 
-    /// Total number of messages.
-    pub fn message_count(&self) -> usize {
-        self.mailboxes.iter().map(MailboxTable::len).sum()
+    /// Total number of messages, including mailboxes that were not read.
+    pub fn message_count(&self) -> u64 {
+        self.mailboxes.iter().map(MailboxTable::message_count).sum()
     }
 
     /// Heap bytes of all message tables.

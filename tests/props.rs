@@ -223,11 +223,15 @@ fn options() -> BackupOptions {
         },
         dry_run: false,
         max_delete: DeleteLimit::Percent(100),
+        state_dir: None,
     }
 }
 
 fn snapshot(root: &Path) -> Vec<(String, u64, i64)> {
     use std::os::unix::fs::MetadataExt;
+    if !root.exists() {
+        return Vec::new();
+    }
     let mut out: Vec<_> = walkdir::WalkDir::new(root)
         .into_iter()
         .map(|e| e.unwrap())

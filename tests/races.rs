@@ -92,6 +92,7 @@ fn options() -> BackupOptions {
         },
         dry_run: false,
         max_delete: DeleteLimit::Percent(100),
+        state_dir: None,
     }
 }
 

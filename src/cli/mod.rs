@@ -178,6 +178,7 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
                     .clone()
                     .or_else(mdsync::scan::cache::default_cache_dir)
             },
+            unchanged_if: Default::default(),
         },
         diff: DiffOptions {
             checksum: a.checksum,
@@ -192,6 +193,13 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
             ownership: ownership(a.chown.as_deref())?,
         },
         dry_run: a.dry_run,
+        state_dir: if a.no_cache {
+            None
+        } else {
+            a.cache_dir
+                .clone()
+                .or_else(mdsync::scan::cache::default_cache_dir)
+        },
         max_delete: match &a.max_delete {
             Some(text) => parse_delete_limit(text)?,
             None => DeleteLimit::default(),

@@ -195,6 +195,7 @@ pub fn json_report(o: &BackupOutcome, dry_run: bool) -> String {
         "vanished": r.vanished,
         "errors": r.errors.iter().chain(o.skipped.iter().map(|s| &s.path)).collect::<Vec<_>>(),
         "source_messages": o.source_messages,
+        "unchanged_mailboxes": o.unchanged_mailboxes,
         "seconds": o.seconds,
         "dry_run": dry_run,
         "plan": if dry_run { o.plan_lines.clone() } else { Vec::new() },

@@ -64,7 +64,7 @@ fn to_json(path: &Path, table: &MailTable) -> serde_json::Value {
         "mailboxes": table.mailboxes.iter().map(mailbox_json).collect::<Vec<_>>(),
         "messages": table.message_count(),
         "bytes": table.mailboxes.iter().map(MailboxTable::bytes).sum::<u64>(),
-        "table_bytes_per_message": table.heap_bytes().checked_div(table.message_count()).unwrap_or(0),
+        "table_bytes_per_message": (table.heap_bytes() as u64).checked_div(table.message_count()).unwrap_or(0),
         "anomalies": table.anomalies.iter().map(|a| format!("{}: {}", a.path, a.what)).collect::<Vec<_>>(),
     })
 }

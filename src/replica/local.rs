@@ -103,7 +103,7 @@ impl BodySource for LocalReplica {
 
 impl Replica for LocalReplica {
     fn location(&self) -> String {
-        self.root.display().to_string()
+        resolve(&self.root).display().to_string()
     }
 
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {

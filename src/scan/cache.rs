@@ -1,7 +1,7 @@
 //! The scan cache: per mailbox, the stamps (mtime, ctime, inode, size) of `cur/`, `new/`,
 //! `dovecot-uidlist` and `dovecot-keywords` together with the scanned table, so that a
 //! mailbox whose stamps did not change is not listed again — the check Dovecot itself makes
-//! before trusting its index. A stamp within [`RACY_SECS`] of the scan is not trusted next
+//! before trusting its index. A stamp within [`crate::model::RACY_SECS`] of the scan is not trusted next
 //! time (a change in the same clock tick would not move it). Reads and writes only its own
 //! cache file; a missing, foreign or damaged cache is an empty one.
 
@@ -12,70 +12,36 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::model::{Flags, MailboxGuid};
+use crate::model::{Flags, MailboxGuid, MailboxStamps, Stamp};
 use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::uidlist::Header;
 use crate::storage::maildir::{keywords, uidlist, writer};
 use crate::table::{DirMeta, Extras, MailboxTable, Messages, StrRef};
 
-/// Stamps closer than this to the scan time are "racy" and force a rescan next time.
-pub const RACY_SECS: i64 = 2;
-
 const MAGIC: &[u8; 8] = b"MDSYNCC\x01";
 
-/// Identity of one file or directory at one moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Stamp {
-    /// mtime in nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    /// ctime in nanoseconds since the epoch.
-    pub ctime_ns: i64,
-    /// Inode number (a replaced file has a new one).
-    pub ino: u64,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-impl Stamp {
-    fn of(path: &Path) -> Stamp {
-        match fs::symlink_metadata(path) {
-            Ok(m) => Stamp {
-                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-                ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
-                ino: m.ino(),
-                size: m.len(),
-            },
-            Err(_) => Stamp::default(),
-        }
+fn stamp_of(path: &Path) -> Stamp {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Stamp {
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ino: m.ino(),
+            size: m.len(),
+        },
+        Err(_) => Stamp::default(),
     }
 }
 
-/// The stamps that decide whether a mailbox changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MailboxStamps {
-    /// `cur/`, `new/`, `dovecot-uidlist`, `dovecot-keywords`.
-    pub parts: [Stamp; 4],
-}
-
-impl MailboxStamps {
-    /// Stats the four parts of the mailbox in `path`.
-    pub fn take(path: &Path) -> MailboxStamps {
-        MailboxStamps {
-            parts: [
-                Stamp::of(&path.join("cur")),
-                Stamp::of(&path.join("new")),
-                Stamp::of(&path.join(uidlist::FILE_NAME)),
-                Stamp::of(&path.join(keywords::FILE_NAME)),
-            ],
-        }
-    }
-
-    /// True when a part changed so recently that a change in the same tick could hide.
-    pub fn is_racy(&self, scan_started_ns: i64) -> bool {
-        let margin = RACY_SECS * 1_000_000_000;
-        self.parts.iter().any(|s| {
-            s.mtime_ns >= scan_started_ns - margin || s.ctime_ns >= scan_started_ns - margin
-        })
+/// Stats the four parts of the mailbox in `path`: `cur/`, `new/`, `dovecot-uidlist`,
+/// `dovecot-keywords`.
+pub fn take_stamps(path: &Path) -> MailboxStamps {
+    MailboxStamps {
+        parts: [
+            stamp_of(&path.join("cur")),
+            stamp_of(&path.join("new")),
+            stamp_of(&path.join(uidlist::FILE_NAME)),
+            stamp_of(&path.join(keywords::FILE_NAME)),
+        ],
     }
 }
 
@@ -87,10 +53,13 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// A loaded cache: mailbox directory → (stamps, table).
+/// A loaded cache: the file's bytes and, per mailbox directory, its stamps and where its
+/// table is encoded. Tables are decoded only when taken, so mailboxes a run skips cost
+/// nothing but their index entry.
 #[derive(Debug, Default)]
 pub struct ScanCache {
-    entries: HashMap<String, (MailboxStamps, MailboxTable)>,
+    bytes: Vec<u8>,
+    entries: HashMap<String, (MailboxStamps, std::ops::Range<usize>)>,
 }
 
 impl ScanCache {
@@ -99,7 +68,8 @@ impl ScanCache {
         let Ok(bytes) = fs::read(path) else {
             return ScanCache::default();
         };
-        decode(&bytes).unwrap_or_default()
+        let entries = index(&bytes).unwrap_or_default();
+        ScanCache { bytes, entries }
     }
 
     /// True when no entry is left (all were taken or none loaded).
@@ -110,7 +80,12 @@ impl ScanCache {
     /// The cached table of `dir` when its stamps are exactly `stamps`.
     pub fn take(&mut self, dir: &str, stamps: &MailboxStamps) -> Option<MailboxTable> {
         match self.entries.remove(dir) {
-            Some((cached, table)) if cached == *stamps => Some(table),
+            Some((cached, range)) if cached == *stamps => {
+                let mut reader = Reader {
+                    bytes: self.bytes.get(range)?,
+                };
+                decode_mailbox(&mut reader, dir)
+            }
             _ => None,
         }
     }
@@ -129,8 +104,14 @@ impl ScanCache {
             .filter(|(s, m)| !s.is_racy(scan_started_ns) && m.broken.is_none())
             .collect();
         put_u32(&mut out, keep.len() as u32);
+        let mut payload = Vec::new();
         for (stamps, mailbox) in keep {
-            encode_mailbox(&mut out, stamps, mailbox);
+            put_stamps(&mut out, stamps);
+            put_str(&mut out, &mailbox.dir);
+            payload.clear();
+            encode_mailbox(&mut payload, mailbox);
+            put_u32(&mut out, payload.len() as u32);
+            out.extend_from_slice(&payload);
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir)?;
@@ -183,14 +164,16 @@ fn put_column<T: Copy, const N: usize>(
     }
 }
 
-fn encode_mailbox(out: &mut Vec<u8>, stamps: &MailboxStamps, m: &MailboxTable) {
+fn put_stamps(out: &mut Vec<u8>, stamps: &MailboxStamps) {
     for s in &stamps.parts {
         put_u64(out, s.mtime_ns as u64);
         put_u64(out, s.ctime_ns as u64);
         put_u64(out, s.ino);
         put_u64(out, s.size);
     }
-    put_str(out, &m.dir);
+}
+
+fn encode_mailbox(out: &mut Vec<u8>, m: &MailboxTable) {
     put_str(out, &m.name);
     match &m.header {
         Some(h) => {
@@ -295,7 +278,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode(bytes: &[u8]) -> Option<ScanCache> {
+/// Reads the entry index: stamps, directory and payload range of every cached mailbox.
+fn index(bytes: &[u8]) -> Option<HashMap<String, (MailboxStamps, std::ops::Range<usize>)>> {
     let mut r = Reader { bytes };
     if r.take(MAGIC.len())? != MAGIC {
         return None;
@@ -303,13 +287,17 @@ fn decode(bytes: &[u8]) -> Option<ScanCache> {
     let count = r.u32()?;
     let mut entries = HashMap::new();
     for _ in 0..count {
-        let (stamps, mailbox) = decode_mailbox(&mut r)?;
-        entries.insert(mailbox.dir.clone(), (stamps, mailbox));
+        let stamps = get_stamps(&mut r)?;
+        let dir = r.string()?;
+        let len = r.u32()? as usize;
+        let start = bytes.len() - r.bytes.len();
+        r.take(len)?;
+        entries.insert(dir, (stamps, start..start + len));
     }
-    Some(ScanCache { entries })
+    Some(entries)
 }
 
-fn decode_mailbox(r: &mut Reader<'_>) -> Option<(MailboxStamps, MailboxTable)> {
+fn get_stamps(r: &mut Reader<'_>) -> Option<MailboxStamps> {
     let mut stamps = MailboxStamps::default();
     for s in &mut stamps.parts {
         *s = Stamp {
@@ -319,7 +307,11 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<(MailboxStamps, MailboxTable)> {
             size: r.u64()?,
         };
     }
-    let dir = r.string()?;
+    Some(stamps)
+}
+
+fn decode_mailbox(r: &mut Reader<'_>, dir: &str) -> Option<MailboxTable> {
+    let dir = dir.to_string();
     let name = r.string()?;
     let header = match r.u8()? {
         1 => {
@@ -407,8 +399,9 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<(MailboxStamps, MailboxTable)> {
         arena,
         broken: None,
         anomalies,
+        ..MailboxTable::default()
     };
-    is_consistent(&mailbox).then_some((stamps, mailbox))
+    is_consistent(&mailbox).then_some(mailbox)
 }
 
 /// Every string reference stays inside the arena and every column has one row a message,
@@ -473,7 +466,7 @@ mod tests {
     fn round_trips_a_mailbox() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
-        let stamps = MailboxStamps::take(dir.path());
+        let stamps = take_stamps(dir.path());
         let file = dir.path().join("cache/x.scan");
         let long_after = now_ns() + 10 * 1_000_000_000;
         ScanCache::save(&file, &[(stamps, &mailbox)], long_after).unwrap();
@@ -493,7 +486,7 @@ mod tests {
     fn racy_and_changed_entries_are_not_reused() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
-        let stamps = MailboxStamps::take(dir.path());
+        let stamps = take_stamps(dir.path());
         let file = dir.path().join("c.scan");
         ScanCache::save(&file, &[(stamps, &mailbox)], now_ns()).unwrap();
         assert!(
@@ -511,7 +504,7 @@ mod tests {
     fn damaged_cache_is_empty() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
-        let stamps = MailboxStamps::take(dir.path());
+        let stamps = take_stamps(dir.path());
         let file = dir.path().join("c.scan");
         ScanCache::save(&file, &[(stamps, &mailbox)], now_ns() + 10_000_000_000).unwrap();
         let mut bytes = fs::read(&file).unwrap();

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::MailboxStamps;
 use crate::progress::{Event, Progress};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::{self, filename, keywords::KeywordMap, uidlist};
@@ -29,6 +30,9 @@ pub struct ScanOptions {
     pub exclude: Vec<glob::Pattern>,
     /// Where scan caches live; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Mailboxes not to read when their stamps are still these (with their message count):
+    /// the last run left them in sync with the other side.
+    pub unchanged_if: HashMap<String, (MailboxStamps, u64)>,
 }
 
 impl ScanOptions {
@@ -72,7 +76,8 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
         .into_iter()
         .filter(|d| !options.excludes(&layout.display_name(d)))
         .collect();
-    let mailboxes = scan_mailboxes(root, layout, &dirs, options.cache_dir.as_deref(), progress);
+    let scanned_at_ns = cache::now_ns();
+    let mailboxes = scan_mailboxes(root, layout, &dirs, options, progress);
     Ok(MailTable {
         layout,
         mailboxes,
@@ -80,57 +85,100 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
             .map_err(|e| Error::io(&root.join(maildir::SUBSCRIPTIONS), e))?,
         uidvalidity_next: read_uidvalidity_next(root),
         root_meta,
+        scanned_at_ns,
         anomalies,
     })
 }
 
-/// Scans the listed mailboxes in parallel, reusing cached tables whose stamps match, and
-/// refreshes the cache when anything was read afresh.
+/// Scans the listed mailboxes in parallel. A mailbox whose stamps match
+/// `options.unchanged_if` is not read at all; one whose stamps match the scan cache comes
+/// from the cache; the rest are listed. The cache is refreshed when anything was listed.
 fn scan_mailboxes(
     root: &Path,
     layout: Layout,
     dirs: &[String],
-    cache_dir: Option<&Path>,
+    options: &ScanOptions,
     progress: &dyn Progress,
 ) -> Vec<MailboxTable> {
     let started_ns = cache::now_ns();
-    let cache_path = cache_dir.map(|d| cache::cache_file(d, root));
+    let cache_path = options
+        .cache_dir
+        .as_deref()
+        .map(|d| cache::cache_file(d, root));
     let mut cache = cache_path
         .as_deref()
         .map(cache::ScanCache::load)
         .unwrap_or_default();
-    let stamps: Vec<cache::MailboxStamps> = dirs
+    let stamps: Vec<MailboxStamps> = dirs
         .par_iter()
-        .map(|d| cache::MailboxStamps::take(&mailbox_path(root, d)))
+        .map(|d| cache::take_stamps(&mailbox_path(root, d)))
         .collect();
-    let cached: Vec<Option<MailboxTable>> = dirs
+    let known: Vec<Option<MailboxTable>> = dirs
         .iter()
         .zip(&stamps)
-        .map(|(d, s)| cache_path.as_ref().and_then(|_| cache.take(d, s)))
+        .map(|(d, s)| {
+            if let Some((_, count)) = options.unchanged_if.get(d).filter(|(known, _)| known == s) {
+                return Some(MailboxTable {
+                    dir: d.clone(),
+                    name: layout.display_name(d),
+                    unchanged: Some(*count),
+                    ..MailboxTable::default()
+                });
+            }
+            cache_path.as_ref().and_then(|_| cache.take(d, s))
+        })
         .collect();
-    let fresh_scans = cached.iter().filter(|c| c.is_none()).count();
+    let fresh_scans = known.iter().filter(|c| c.is_none()).count();
     let mailboxes: Vec<MailboxTable> = dirs
         .par_iter()
-        .zip(cached)
-        .map(|(dir, cached)| {
-            let mailbox = cached.unwrap_or_else(|| scan_mailbox(root, layout, dir));
+        .zip(known)
+        .zip(&stamps)
+        .map(|((dir, known), stamps)| {
+            let mut mailbox = known.unwrap_or_else(|| scan_mailbox(root, layout, dir));
+            mailbox.stamps = *stamps;
             progress.event(Event::MailboxScanned {
-                messages: mailbox.len() as u64,
+                messages: mailbox.message_count(),
             });
             mailbox
         })
         .collect();
     if let Some(path) = cache_path
-        && (fresh_scans > 0 || !cache.is_empty())
+        && fresh_scans > 0
     {
-        let entries: Vec<_> = stamps.into_iter().zip(&mailboxes).collect();
-        if let Err(e) = cache::ScanCache::save(&path, &entries, started_ns) {
-            progress.event(Event::Warning {
-                message: format!("scan cache {}: {e}", path.display()),
-            });
-        }
+        save_cache(&path, &mut cache, &mailboxes, started_ns, progress);
     }
     mailboxes
+}
+
+/// Rewrites the cache with what was read now plus the entries of mailboxes not read.
+fn save_cache(
+    path: &Path,
+    cache: &mut cache::ScanCache,
+    mailboxes: &[MailboxTable],
+    started_ns: i64,
+    progress: &dyn Progress,
+) {
+    let carried: Vec<MailboxTable> = mailboxes
+        .iter()
+        .filter(|m| m.unchanged.is_some())
+        .filter_map(|m| {
+            cache.take(&m.dir, &m.stamps).map(|t| MailboxTable {
+                stamps: m.stamps,
+                ..t
+            })
+        })
+        .collect();
+    let entries: Vec<_> = mailboxes
+        .iter()
+        .filter(|m| m.unchanged.is_none())
+        .chain(&carried)
+        .map(|m| (m.stamps, m))
+        .collect();
+    if let Err(e) = cache::ScanCache::save(path, &entries, started_ns) {
+        progress.event(Event::Warning {
+            message: format!("scan cache {}: {e}", path.display()),
+        });
+    }
 }
 
 fn empty_table(layout: Layout) -> MailTable {
@@ -144,6 +192,7 @@ fn empty_table(layout: Layout) -> MailTable {
             uid: 0,
             gid: 0,
         },
+        scanned_at_ns: cache::now_ns(),
         anomalies: Vec::new(),
     }
 }
@@ -179,6 +228,7 @@ pub fn scan_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
         dir: dir.to_string(),
         name: layout.display_name(dir),
         next_uid: 1,
+        stamps: cache::take_stamps(&path),
         ..MailboxTable::default()
     };
     if let Err(why) = fill_mailbox(&path, &mut mailbox) {

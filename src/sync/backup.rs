@@ -2,6 +2,7 @@
 //! by content hash, diff, check the delete guard, then apply (or only describe, for a dry
 //! run). Orchestrates; writes nothing itself.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -13,6 +14,7 @@ use crate::scan::ScanOptions;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
 use crate::sync::diff::{self, DiffOptions, HashAnswers, HashQuestion};
 use crate::sync::plan::{Plan, PlanCounts, Skipped};
+use crate::sync::state::{self, PairState};
 use crate::table::MailTable;
 
 /// How many destination messages a run may expunge.
@@ -54,6 +56,8 @@ pub struct BackupOptions {
     pub dry_run: bool,
     /// Delete guard.
     pub max_delete: DeleteLimit,
+    /// Where pair states live (see [`crate::sync::state`]); `None` reads every mailbox.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What a backup run did.
@@ -71,6 +75,8 @@ pub struct BackupOutcome {
     pub warnings: Vec<Skipped>,
     /// Messages on the source.
     pub source_messages: u64,
+    /// Mailboxes not read on either side: unchanged since the last in-sync run.
+    pub unchanged_mailboxes: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -107,12 +113,30 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
     let started = Instant::now();
+    let state_path = options
+        .state_dir
+        .as_deref()
+        .filter(|_| !options.diff.checksum)
+        .map(|dir| state::state_file(dir, &src.location(), &dst.location()));
+    let state = state_path
+        .as_deref()
+        .map(PairState::load)
+        .unwrap_or_default();
+    let src_scan = ScanOptions {
+        unchanged_if: state.source_hints(),
+        ..options.scan.clone()
+    };
+    let dst_scan = ScanOptions {
+        unchanged_if: state.destination_hints(),
+        ..options.scan.clone()
+    };
     progress.event(Event::ScanStarted { side: "source" });
     let (src_table, dst_table) = rayon::join(
-        || src.scan(&options.scan, progress),
-        || dst.scan(&options.scan, progress),
+        || src.scan(&src_scan, progress),
+        || dst.scan(&dst_scan, progress),
     );
-    let (mut src_table, dst_table) = (src_table?, dst_table?);
+    let (mut src_table, mut dst_table) = (src_table?, dst_table?);
+    read_one_sided(src, dst, &mut src_table, &mut dst_table);
     confirm_missing(src, &mut src_table, &dst_table);
     let questions = diff::hash_questions(&src_table, &dst_table, &options.diff);
     let answers = answer(src, dst, questions);
@@ -123,17 +147,37 @@ pub fn backup(
         planned,
         skipped: plan.skipped.clone(),
         warnings: plan.warnings.clone(),
-        source_messages: src_table.message_count() as u64,
+        source_messages: src_table.message_count(),
+        unchanged_mailboxes: src_table
+            .mailboxes
+            .iter()
+            .filter(|m| m.unchanged.is_some())
+            .count() as u64,
         ..BackupOutcome::default()
     };
     if options.dry_run {
         outcome.plan_lines = plan.lines();
-    } else if !plan.is_empty() {
+        outcome.seconds = started.elapsed().as_secs_f64();
+        return Ok(outcome);
+    }
+    if !plan.is_empty() {
         progress.event(Event::PlanReady {
             operations: planned.copies + planned.flag_changes + planned.moves + planned.expunges,
             bytes: planned.bytes,
         });
         outcome.report = apply(dst, &plan, src, options, progress)?;
+    }
+    if let Some(path) = state_path
+        && outcome.completion() == Completion::Complete
+    {
+        let next = state.after_run(&src_table, &dst_table, &plan);
+        if next != state
+            && let Err(e) = next.save(&path)
+        {
+            progress.event(Event::Warning {
+                message: format!("pair state {}: {e}", path.display()),
+            });
+        }
     }
     outcome.seconds = started.elapsed().as_secs_f64();
     Ok(outcome)
@@ -147,6 +191,34 @@ fn apply(
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
     dst.apply(plan, src, &options.apply, progress)
+}
+
+/// A mailbox skipped as unchanged on one side but changed (or missing) on the other must be
+/// read after all: the pair is no longer known to be in sync.
+fn read_one_sided(
+    src: &dyn Replica,
+    dst: &dyn Replica,
+    src_table: &mut MailTable,
+    dst_table: &mut MailTable,
+) {
+    let layout = src_table.layout;
+    src_table.mailboxes.par_iter_mut().for_each(|s| {
+        let dst_unchanged = dst_table
+            .mailbox(&s.dir)
+            .is_some_and(|d| d.unchanged.is_some());
+        if s.unchanged.is_some() && !dst_unchanged {
+            *s = src.rescan_mailbox(layout, &s.dir);
+        }
+    });
+    let dst_layout = dst_table.layout;
+    dst_table.mailboxes.par_iter_mut().for_each(|d| {
+        let src_read = src_table
+            .mailbox(&d.dir)
+            .is_some_and(|s| s.unchanged.is_none());
+        if d.unchanged.is_some() && src_read {
+            *d = dst.rescan_mailbox(dst_layout, &d.dir);
+        }
+    });
 }
 
 /// A uidlist record whose file the scan did not see may be a message Dovecot was renaming
@@ -183,7 +255,7 @@ fn answer(src: &dyn Replica, dst: &dyn Replica, questions: Vec<HashQuestion>) ->
 }
 
 fn check_delete_guard(planned: &PlanCounts, dst: &MailTable, limit: DeleteLimit) -> Result<()> {
-    let total = dst.message_count() as u64;
+    let total = dst.message_count();
     let allowed = limit.allowed(total);
     if planned.expunges > allowed {
         return Err(Error::TooManyDeletes {

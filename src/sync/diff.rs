@@ -127,7 +127,7 @@ pub fn diff_backup(
             plan.delete_mailboxes.push(DeleteMailbox {
                 dir: d.dir.clone(),
                 name: d.name.clone(),
-                messages: d.len() as u64,
+                messages: d.message_count(),
             });
         }
     }
@@ -206,6 +206,11 @@ impl<'a> MailboxDiff<'a> {
     }
 
     fn run(&mut self) -> Option<MailboxPlan> {
+        if self.s.unchanged.is_some() {
+            // Both sides still have the stamps of the last in-sync run (the brain reads any
+            // mailbox that is unchanged on one side only).
+            return None;
+        }
         if let Some(why) = &self.s.broken {
             self.skip(
                 &self.s.name.clone(),

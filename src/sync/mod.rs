@@ -6,3 +6,4 @@ pub mod apply;
 pub mod backup;
 pub mod diff;
 pub mod plan;
+pub mod state;

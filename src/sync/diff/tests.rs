@@ -44,6 +44,7 @@ fn table(mailboxes: Vec<MailboxTable>) -> MailTable {
         subscriptions: None,
         uidvalidity_next: Some(1000),
         root_meta: DirMeta::default(),
+        scanned_at_ns: 0,
         anomalies: Vec::new(),
     }
 }
