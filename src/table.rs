@@ -187,6 +187,12 @@ impl MailboxTable {
         (id != NO_EXTRAS).then(|| &self.extras[id as usize])
     }
 
+    /// Path of message `i` relative to the replica root, for messages to the user.
+    pub fn rel_path(&self, i: usize) -> String {
+        let path = format!("{}/{}/{}", self.dir, self.subdir(i), self.name(i));
+        path.trim_start_matches('/').to_string()
+    }
+
     /// Which subdirectory holds message `i`.
     pub fn subdir(&self, i: usize) -> Subdir {
         if self.msgs.status[i] & status::IN_NEW != 0 {

@@ -145,6 +145,12 @@ pub fn human_bytes(bytes: u64) -> String {
 /// One line for the end of a run.
 pub fn summary_line(o: &BackupOutcome) -> String {
     let r = &o.report;
+    if o.planned == Default::default() {
+        return format!(
+            "mdsync: in sync, nothing to do ({} messages, {} mailboxes unchanged since the last run) in {:.2} s",
+            o.source_messages, o.unchanged_mailboxes, o.seconds
+        );
+    }
     format!(
         "mdsync: {} copied ({}), {} flag changes, {} moves, {} expunged, {} mailboxes created, {} deleted in {:.2} s",
         r.messages_copied,

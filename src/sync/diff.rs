@@ -312,11 +312,7 @@ impl<'a> MailboxDiff<'a> {
             self.used[j] = true;
         }
         if s.has(i, status::BROKEN) {
-            let path = format!("{}/{}/{}", s.dir, s.subdir(i), s.name(i));
-            self.skip(
-                path.trim_start_matches('/'),
-                "cannot be copied; destination copy kept",
-            );
+            self.skip(&s.rel_path(i), "cannot be copied; destination copy kept");
             return;
         }
         match matched {
@@ -457,11 +453,8 @@ impl<'a> MailboxDiff<'a> {
                 continue;
             }
             if d.has(j, status::BROKEN) {
-                let path = format!("{}/{}/{}", d.dir, d.subdir(j), d.name(j));
-                self.skip(
-                    path.trim_start_matches('/'),
-                    "destination entry is not a regular file; left alone",
-                );
+                let why = "destination entry is not a regular file; left alone";
+                self.skip(&d.rel_path(j), why);
                 continue;
             }
             self.plan.expunges.push(ExpungeOp {

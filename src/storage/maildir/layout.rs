@@ -107,40 +107,41 @@ fn has_mail_dirs(dir: &Path) -> bool {
     dir.join("cur").is_dir() || dir.join("new").is_dir()
 }
 
-fn list_maildirpp(root: &Path, found: &mut MailboxDirs) -> io::Result<()> {
-    for entry in fs::read_dir(root)? {
+/// The entries of `dir` with UTF-8 names, with their types (from `readdir`, no `stat`);
+/// other names go to `found.skipped`.
+fn utf8_entries(dir: &Path, found: &mut MailboxDirs) -> io::Result<Vec<(String, fs::FileType)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let file_type = entry.file_type()?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            found.skipped.push(name.to_string_lossy().into_owned());
-            continue;
-        };
-        if !is_maildirpp_folder(name) {
+        match entry.file_name().into_string() {
+            Ok(name) => out.push((name, file_type)),
+            Err(name) => found.skipped.push(name.to_string_lossy().into_owned()),
+        }
+    }
+    Ok(out)
+}
+
+fn list_maildirpp(root: &Path, found: &mut MailboxDirs) -> io::Result<()> {
+    for (name, file_type) in utf8_entries(root, found)? {
+        if !is_maildirpp_folder(&name) {
             continue;
         }
         if file_type.is_symlink() {
-            found.skipped.push(name.to_string());
+            found.skipped.push(name);
         } else if file_type.is_dir() {
-            found.dirs.push(name.to_string());
+            found.dirs.push(name);
         }
     }
     Ok(())
 }
 
 fn list_fs(root: &Path, dir: &Path, found: &mut MailboxDirs) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_type = entry.file_type()?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            found.skipped.push(name.to_string_lossy().into_owned());
-            continue;
-        };
-        if is_reserved_dir(name) {
+    for (name, file_type) in utf8_entries(dir, found)? {
+        if is_reserved_dir(&name) {
             continue;
         }
-        let path = entry.path();
+        let path = dir.join(&name);
         let rel = path
             .strip_prefix(root)
             .map(|p| p.to_string_lossy().into_owned())
