@@ -99,8 +99,7 @@ pub fn apply(
     let mut deletes: Vec<_> = plan.delete_mailboxes.iter().collect();
     deletes.sort_by(|a, b| b.dir.cmp(&a.dir));
     for d in deletes {
-        delete_mailbox(root, &d.dir, options)
-            .map_err(|e| Error::io(&mailbox_path(root, &d.dir), e))?;
+        delete_mailbox(root, &d.dir).map_err(|e| Error::io(&mailbox_path(root, &d.dir), e))?;
         report.mailboxes_deleted += 1;
         report.expunged += d.messages;
         progress.event(Event::Applied {
@@ -369,11 +368,7 @@ fn apply_locked(
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path, e)),
-    }
+    writer::remove_file_if_exists(path).map_err(|e| Error::io(path, e))
 }
 
 /// Writes `dovecot-keywords` with an mtime newer than the old file's, so a Dovecot that
@@ -478,9 +473,10 @@ pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -
 }
 
 /// Removes a destination mailbox. Maildir++: the directory is first renamed into the root's
-/// `tmp/` (Dovecot never lists it there), then removed. fs layout: only the mailbox's own
-/// files go; child mailboxes stay.
-fn delete_mailbox(root: &Path, dir: &str, options: &ApplyOptions) -> io::Result<()> {
+/// `tmp/` (Dovecot never lists it there), then removed. fs layout and INBOX: only the
+/// mailbox's own mail directories and control files go; child mailboxes and root files
+/// (`subscriptions`, `dovecot-uidvalidity`) stay.
+fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
     let path = mailbox_path(root, dir);
     if dir.starts_with('.') {
         let trash_dir = root.join("tmp");
@@ -489,18 +485,25 @@ fn delete_mailbox(root: &Path, dir: &str, options: &ApplyOptions) -> io::Result<
         fs::rename(&path, &trash).map_err(|e| with_path(e, &path))?;
         return fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash));
     }
-    let _ = options;
-    for entry in fs::read_dir(&path).map_err(|e| with_path(e, &path))? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let is_mail_dir = matches!(name.to_str(), Some("cur" | "new" | "tmp"));
-        if entry.file_type()?.is_dir() {
-            if is_mail_dir {
-                fs::remove_dir_all(entry.path()).map_err(|e| with_path(e, &entry.path()))?;
-            }
-        } else {
-            fs::remove_file(entry.path()).map_err(|e| with_path(e, &entry.path()))?;
+    let mail_dirs: &[&str] = if dir.is_empty() {
+        &["cur", "new"]
+    } else {
+        &["cur", "new", "tmp"]
+    };
+    for sub in mail_dirs {
+        let sub_path = path.join(sub);
+        match fs::remove_dir_all(&sub_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, &sub_path)),
         }
+    }
+    let control = [uidlist::FILE_NAME, keywords::FILE_NAME, md::MAILDIRFOLDER];
+    for name in control.iter().chain(md::INDEX_FILES.iter()) {
+        writer::remove_file_if_exists(&path.join(name))?;
+    }
+    if dir.is_empty() {
+        return Ok(());
     }
     match fs::remove_dir(&path) {
         Ok(()) => Ok(()),
@@ -672,5 +675,34 @@ mod tests {
             upsert: vec![rec(2, "a")],
         };
         assert_eq!(render_edit(Some(&current), &edit), "3 V2 N3\n2 :a\n");
+    }
+
+    #[test]
+    fn deleting_inbox_keeps_root_files_and_child_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["cur", "new", "tmp", ".Sent/cur"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "subscriptions",
+            "dovecot-uidvalidity",
+            "dovecot-uidlist",
+            "cur/x:2,S",
+        ] {
+            fs::write(root.join(f), "x").unwrap();
+        }
+        delete_mailbox(root, "").unwrap();
+        assert!(!root.join("cur").exists() && !root.join("dovecot-uidlist").exists());
+        for kept in ["subscriptions", "dovecot-uidvalidity", "tmp", ".Sent/cur"] {
+            assert!(root.join(kept).exists(), "{kept} must survive");
+        }
+        delete_mailbox(root, ".Sent").unwrap();
+        assert!(!root.join(".Sent").exists());
+        assert_eq!(
+            fs::read_dir(root.join("tmp")).unwrap().count(),
+            0,
+            "trash removed"
+        );
     }
 }

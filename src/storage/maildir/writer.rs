@@ -227,6 +227,14 @@ pub fn create_dir(
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| with_path(e, path))
 }
 
+/// Removes a file; one that is already gone is fine.
+pub fn remove_file_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(with_path(e, path)),
+        _ => Ok(()),
+    }
+}
+
 /// Flushes the whole filesystem holding `path` (the `batch` fsync policy).
 pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     let dir = File::open(path).map_err(|e| with_path(e, path))?;
