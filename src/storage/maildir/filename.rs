@@ -152,4 +152,11 @@ mod tests {
         assert_eq!(compose("b", Flags::default(), true), "b");
         assert_eq!(compose("b", Flags::default(), false), "b:2,");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_text(text in "(?s).{0,200}") {
+            let _ = parse(&text);
+        }
+    }
 }

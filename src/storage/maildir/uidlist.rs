@@ -417,4 +417,29 @@ mod tests {
         let owned: Vec<_> = u.records.iter().map(OwnedRecord::from_record).collect();
         assert_eq!(render(&u.header, &owned), SAMPLE);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn rendered_records_parse_back(uids in proptest::collection::btree_set(1u32..1_000_000, 0..20)) {
+            let records: Vec<OwnedRecord> = uids
+                .iter()
+                .map(|&uid| OwnedRecord {
+                    uid,
+                    guid: (uid % 3 == 0).then(|| format!("g{uid}")),
+                    ext: if uid % 5 == 0 { format!("P{uid}") } else { String::new() },
+                    base: format!("{uid}.M1P1.host,S=1"),
+                })
+                .collect();
+            let header = Header { uid_validity: 9, next_uid: 1, guid: None, extra: String::new() };
+            let text = render(&header, &records);
+            let parsed = parse(&text).unwrap();
+            let back: Vec<OwnedRecord> = parsed.records.iter().map(OwnedRecord::from_record).collect();
+            proptest::prop_assert_eq!(back, records);
+        }
+
+        #[test]
+        fn never_panics_on_arbitrary_text(text in "(?s).{0,200}") {
+            let _ = parse(&text);
+        }
+    }
 }
