@@ -86,6 +86,9 @@ pub fn apply(
         options.ownership,
     )
     .map_err(|e| Error::io(root, e))?;
+    // The root's tmp/ also holds mailboxes a killed run was deleting.
+    let root_tmp = root.join("tmp");
+    writer::clean_stale_temps(&root_tmp).map_err(|e| Error::io(&root_tmp, e))?;
     let results: Vec<Result<ApplyReport>> = plan
         .mailboxes
         .par_iter()
