@@ -217,7 +217,8 @@ impl MailboxTable {
         self.header.as_ref().and_then(|h| h.guid)
     }
 
-    /// Appends one message; the caller sorts afterwards with [`MailboxTable::sort_by_uid`].
+    /// Appends one message, interning its name; the caller keeps the rows sorted (or calls
+    /// [`MailboxTable::sort_by_uid`]).
     #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
@@ -230,11 +231,27 @@ impl MailboxTable {
         status_bits: u8,
     ) {
         let r = self.intern(name);
+        self.push_interned(uid, r, base_len, flags, size, extras, status_bits);
+    }
+
+    /// Appends one message whose name is already in the arena.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_interned(
+        &mut self,
+        uid: u32,
+        r: StrRef,
+        base_len: usize,
+        flags: Flags,
+        size: u32,
+        extras: Option<Extras>,
+        status_bits: u8,
+    ) {
+        let name_len = r.len as usize;
         self.msgs.uid.push(uid);
         self.msgs.name_offset.push(r.offset);
         self.msgs
             .name_len
-            .push(name.len().min(u16::MAX as usize) as u16);
+            .push(name_len.min(u16::MAX as usize) as u16);
         self.msgs
             .base_len
             .push(base_len.min(u16::MAX as usize) as u16);

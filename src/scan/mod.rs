@@ -19,7 +19,8 @@ use crate::model::MailboxStamps;
 use crate::progress::{Event, Progress};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::{self, filename, keywords::KeywordMap, uidlist};
-use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, status};
+use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, StrRef, status};
+use xxhash_rust::xxh3::Xxh3Builder;
 
 /// What to scan.
 #[derive(Debug, Clone, Default)]
@@ -265,7 +266,6 @@ fn fill_mailbox(path: &Path, mailbox: &mut MailboxTable) -> std::result::Result<
     }
     let records = parsed.as_ref().map_or(&[][..], |l| &l.records[..]);
     join_uids(path, mailbox, entries, records);
-    mailbox.sort_by_uid();
     Ok(())
 }
 
@@ -279,13 +279,15 @@ fn read_text(path: &Path) -> std::result::Result<Option<String>, String> {
     }
 }
 
-/// One directory entry that looks like a message.
+/// One directory entry that looks like a message; its name is already in the arena.
 struct Entry {
-    name: String,
+    name: StrRef,
     in_new: bool,
     broken: bool,
 }
 
+/// Lists `new/` and `cur/` with `readdir` only (the type comes from `d_type`), appending
+/// each name to the mailbox's arena.
 fn list_messages(
     path: &Path,
     mailbox: &mut MailboxTable,
@@ -301,8 +303,8 @@ fn list_messages(
         for entry in read {
             let entry = entry.map_err(|e| format!("{}: {e}", sub_path.display()))?;
             let name = entry.file_name();
-            let rel = format!("{}/{}/{}", mailbox.dir, sub, name.to_string_lossy());
             let Some(name) = name.to_str() else {
+                let rel = format!("{}/{}/{}", mailbox.dir, sub, name.to_string_lossy());
                 anomaly(mailbox, rel, "file name is not UTF-8; not copied");
                 continue;
             };
@@ -314,10 +316,12 @@ fn list_messages(
                 .map_err(|e| format!("{}: {e}", sub_path.display()))?;
             let broken = !file_type.is_file();
             if broken {
+                let rel = format!("{}/{}/{}", mailbox.dir, sub, name);
                 anomaly(mailbox, rel, "not a regular file (symlink?); not followed");
             }
+            let name = mailbox.intern(name);
             entries.push(Entry {
-                name: name.to_string(),
+                name,
                 in_new: sub == "new",
                 broken,
             });
@@ -334,76 +338,139 @@ fn anomaly(mailbox: &mut MailboxTable, path: String, what: &str) {
     });
 }
 
-/// Gives each entry its UID from the uidlist (by base name) and records uidlist lines whose
-/// file was not seen.
+/// What the name of one entry says.
+struct Named {
+    entry: usize,
+    base_len: usize,
+    flags: crate::model::Flags,
+    size: u32,
+    bits: u8,
+}
+
+/// Parses an entry's name; a name that cannot be a message becomes an anomaly.
+fn name_entry(
+    path: &Path,
+    mailbox: &mut MailboxTable,
+    index: usize,
+    entry: &Entry,
+) -> Option<Named> {
+    let name = mailbox.str(entry.name);
+    let sub = if entry.in_new { "new" } else { "cur" };
+    let rel = || format!("{}/{}/{}", mailbox.dir, sub, mailbox.str(entry.name));
+    let parsed = match filename::parse(name) {
+        Ok(p) => p,
+        Err(e) => {
+            let rel = rel();
+            anomaly(mailbox, rel, &format!("{e}; not copied"));
+            return None;
+        }
+    };
+    let mut bits = if entry.in_new { status::IN_NEW } else { 0 };
+    if entry.broken {
+        bits |= status::BROKEN;
+    }
+    let size = match parsed.size {
+        Some(s) => s.min(u64::from(u32::MAX)) as u32,
+        // Mail from other MDAs lacks `,S=`: one lstat tells the size.
+        None => match fs::symlink_metadata(path.join(sub).join(name)) {
+            Ok(meta) => meta.len().min(u64::from(u32::MAX)) as u32,
+            Err(_) => {
+                bits |= status::SIZE_UNKNOWN;
+                0
+            }
+        },
+    };
+    let named = Named {
+        entry: index,
+        base_len: parsed.base.len(),
+        flags: parsed.flags,
+        size,
+        bits: bits | if parsed.odd_info { status::ODD_NAME } else { 0 },
+    };
+    if parsed.odd_info {
+        let rel = rel();
+        anomaly(mailbox, rel, "unusual flags part; copied verbatim");
+    }
+    Some(named)
+}
+
+/// Gives each entry its UID from the uidlist (by base name), walking the records in UID
+/// order so the table comes out sorted, then appends the files Dovecot has not numbered yet
+/// (by name). Records whose file was not seen are kept as `listed_missing`.
 fn join_uids(
     path: &Path,
     mailbox: &mut MailboxTable,
     entries: Vec<Entry>,
     records: &[uidlist::Record<'_>],
 ) {
-    let by_base: HashMap<&str, usize> = records
+    let named: Vec<Named> = entries
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.base, i))
+        .filter_map(|(i, e)| name_entry(path, mailbox, i, e))
         .collect();
-    let mut seen = vec![false; records.len()];
-    for entry in entries {
-        let sub = if entry.in_new { "new" } else { "cur" };
-        let rel = format!("{}/{}/{}", mailbox.dir, sub, entry.name);
-        let parsed = match filename::parse(&entry.name) {
-            Ok(p) => p,
-            Err(e) => {
-                anomaly(mailbox, rel, &format!("{e}; not copied"));
-                continue;
-            }
-        };
-        let mut bits = if entry.in_new { status::IN_NEW } else { 0 };
-        if entry.broken {
-            bits |= status::BROKEN;
+    let mut by_base: HashMap<&str, usize, Xxh3Builder> =
+        HashMap::with_capacity_and_hasher(named.len(), Xxh3Builder::new());
+    let base_of = |n: &Named| {
+        let r = entries[n.entry].name;
+        StrRef {
+            offset: r.offset,
+            len: n.base_len as u32,
         }
-        if parsed.odd_info {
-            bits |= status::ODD_NAME;
-            anomaly(mailbox, rel.clone(), "unusual flags part; copied verbatim");
-        }
-        let size = match parsed.size {
-            Some(s) => s.min(u64::from(u32::MAX)) as u32,
-            // Mail from other MDAs lacks `,S=`: one lstat tells the size.
-            None => match fs::symlink_metadata(path.join(sub).join(&entry.name)) {
-                Ok(meta) => meta.len().min(u64::from(u32::MAX)) as u32,
-                Err(_) => {
-                    bits |= status::SIZE_UNKNOWN;
-                    0
-                }
-            },
-        };
-        let record = by_base.get(parsed.base).copied().filter(|&i| !seen[i]);
-        let (uid, extras) = match record {
-            Some(i) => {
-                seen[i] = true;
-                let r = &records[i];
-                (r.uid, extras_for(mailbox, r))
-            }
-            None => {
-                if by_base.contains_key(parsed.base) {
-                    anomaly(
-                        mailbox,
-                        rel,
-                        "second file with the same base name; Dovecot gives it a new UID",
-                    );
-                }
-                (0, None)
-            }
-        };
-        let base_len = parsed.base.len();
-        let flags = parsed.flags;
-        mailbox.push(uid, &entry.name, base_len, flags, size, extras, bits);
+    };
+    // Borrow the arena through a copy of its text: the joined rows go into the same table.
+    let arena = std::mem::take(&mut mailbox.arena);
+    for (k, n) in named.iter().enumerate() {
+        let b = base_of(n);
+        by_base
+            .entry(&arena[b.offset as usize..(b.offset + b.len) as usize])
+            .or_insert(k);
     }
-    for (i, r) in records.iter().enumerate() {
-        if !seen[i] {
-            let base = mailbox.intern(r.base);
-            mailbox.listed_missing.push((r.uid, base));
+    let mut consumed = vec![false; named.len()];
+    let mut rows = Vec::with_capacity(named.len());
+    let mut missing = Vec::new();
+    for r in records {
+        match by_base.get(r.base) {
+            Some(&k) if !consumed[k] => {
+                consumed[k] = true;
+                rows.push((r.uid, k, Some(r)));
+            }
+            _ => missing.push(r),
         }
+    }
+    let mut unlisted: Vec<usize> = (0..named.len()).filter(|&k| !consumed[k]).collect();
+    let name_of = |k: usize| {
+        let r = entries[named[k].entry].name;
+        &arena[r.offset as usize..(r.offset + r.len) as usize]
+    };
+    unlisted.sort_by(|&a, &b| name_of(a).cmp(name_of(b)));
+    let listed_bases: std::collections::HashSet<&str> = records.iter().map(|r| r.base).collect();
+    let duplicates: Vec<String> = unlisted
+        .iter()
+        .filter(|&&k| {
+            let b = base_of(&named[k]);
+            listed_bases.contains(&arena[b.offset as usize..(b.offset + b.len) as usize])
+        })
+        .map(|&k| name_of(k).to_string())
+        .collect();
+    rows.extend(unlisted.into_iter().map(|k| (0, k, None)));
+    mailbox.arena = arena;
+    for name in duplicates {
+        let rel = format!("{}/{}", mailbox.dir, name);
+        anomaly(
+            mailbox,
+            rel,
+            "second file with the same base name; Dovecot gives it a new UID",
+        );
+    }
+    for (uid, k, record) in rows {
+        let n = &named[k];
+        let extras = record.and_then(|r| extras_for(mailbox, r));
+        let name = entries[n.entry].name;
+        mailbox.push_interned(uid, name, n.base_len, n.flags, n.size, extras, n.bits);
+    }
+    for r in missing {
+        let base = mailbox.intern(r.base);
+        mailbox.listed_missing.push((r.uid, base));
     }
 }
 

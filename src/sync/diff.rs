@@ -326,15 +326,19 @@ impl<'a> MailboxDiff<'a> {
     fn find_match(&mut self, i: usize) -> Option<usize> {
         let (s, d) = (self.s, self.d?);
         let uid = s.msgs.uid[i];
+        let mut rejected = None;
         if uid != 0
             && let Some(j) = d.find_uid(uid)
             && !self.used[j]
-            && self.same_message(i, j)
         {
-            return Some(j);
+            if self.same_message(i, j) {
+                return Some(j);
+            }
+            // Its content differs (or its GUID does): it must not come back by name.
+            rejected = Some(j);
         }
         let j = *self.dst_by_base().get(s.base(i))?;
-        (!self.used[j] && d.guid(j) == s.guid(i)).then_some(j)
+        (!self.used[j] && rejected != Some(j) && d.guid(j) == s.guid(i)).then_some(j)
     }
 
     fn dst_by_base(&mut self) -> &HashMap<&'a str, usize> {

@@ -263,3 +263,31 @@ fn broken_source_mailbox_is_left_alone() {
     assert!(plan.mailboxes.is_empty() && plan.delete_mailboxes.is_empty());
     assert_eq!(plan.skipped.len(), 1);
 }
+
+#[test]
+fn checksum_mismatch_replaces_the_file_under_a_fresh_name() {
+    let src = table(vec![mailbox("", 7, 3, &[(2, "same", "S", false)])]);
+    let dst = table(vec![mailbox("", 7, 3, &[(2, "same", "S", false)])]);
+    let options = DiffOptions {
+        checksum: true,
+        fresh_name_prefix: "123.M1P1".into(),
+    };
+    let questions = hash_questions(&src, &dst, &options);
+    assert_eq!(questions.len(), 1, "--checksum asks about every pair");
+    let answers: HashAnswers = questions.into_iter().map(|q| (q, false)).collect();
+    let plan = diff_backup(&src, &dst, &answers, &options);
+    let m = &plan.mailboxes[0];
+    assert_eq!((m.copies.len(), m.expunges.len()), (1, 1));
+    assert_ne!(
+        m.copies[0].dst_name, "same:2,S",
+        "never reuse a name still on disk"
+    );
+    let Some(UidlistChange::Write(edit)) = &m.uidlist else {
+        panic!("uidlist edit expected")
+    };
+    assert_eq!(
+        edit.upsert[0].guid.as_deref(),
+        Some("same"),
+        "GUID kept via G"
+    );
+}
