@@ -5,7 +5,6 @@
 //! time (a change in the same clock tick would not move it). Reads and writes only its own
 //! cache file; a missing, foreign or damaged cache is an empty one.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -53,81 +52,76 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// A loaded cache: the file's bytes and, per mailbox directory, its stamps and where its
-/// table is encoded. Tables are decoded only when taken, so mailboxes a run skips cost
-/// nothing but their index entry.
-#[derive(Debug, Default)]
+/// The cache of one root: a directory holding one file per mailbox, so a run reads and
+/// rewrites only the mailboxes it needs.
+#[derive(Debug, Clone)]
 pub struct ScanCache {
-    bytes: Vec<u8>,
-    entries: HashMap<String, (MailboxStamps, std::ops::Range<usize>)>,
+    dir: PathBuf,
 }
 
 impl ScanCache {
-    /// Loads a cache file; anything unreadable yields an empty cache.
-    pub fn load(path: &Path) -> ScanCache {
-        let Ok(bytes) = fs::read(path) else {
-            return ScanCache::default();
-        };
-        let entries = index(&bytes).unwrap_or_default();
-        ScanCache { bytes, entries }
-    }
-
-    /// True when no entry is left (all were taken or none loaded).
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The cached table of `dir` when its stamps are exactly `stamps`.
-    pub fn take(&mut self, dir: &str, stamps: &MailboxStamps) -> Option<MailboxTable> {
-        match self.entries.remove(dir) {
-            Some((cached, range)) if cached == *stamps => {
-                let mut reader = Reader {
-                    bytes: self.bytes.get(range)?,
-                };
-                decode_mailbox(&mut reader, dir)
-            }
-            _ => None,
+    /// The cache of `root` under `cache_dir`: `<cache_dir>/<xxh3 of the canonical root>/`.
+    pub fn for_root(cache_dir: &Path, root: &Path) -> ScanCache {
+        let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        let hash = xxhash_rust::xxh3::xxh3_64(canonical.as_os_str().as_encoded_bytes());
+        ScanCache {
+            dir: cache_dir.join(format!("{hash:016x}")),
         }
     }
 
-    /// Writes a cache of `mailboxes` (with the stamps taken before each was read), leaving
-    /// out racy and broken ones. Atomic: temp file, then rename.
-    pub fn save(
-        path: &Path,
-        mailboxes: &[(MailboxStamps, &MailboxTable)],
-        scan_started_ns: i64,
-    ) -> io::Result<()> {
-        let mut out = Vec::with_capacity(1 << 20);
+    fn file_for(&self, mailbox_dir: &str) -> PathBuf {
+        let hash = xxhash_rust::xxh3::xxh3_64(mailbox_dir.as_bytes());
+        self.dir.join(format!("{hash:016x}.mbox"))
+    }
+
+    /// The cached table of `mailbox_dir` when its stamps are exactly `stamps`. A missing,
+    /// foreign or damaged file is a miss.
+    pub fn take(&self, mailbox_dir: &str, stamps: &MailboxStamps) -> Option<MailboxTable> {
+        let bytes = fs::read(self.file_for(mailbox_dir)).ok()?;
+        let mut r = Reader { bytes: &bytes };
+        if r.take(MAGIC.len())? != MAGIC
+            || get_stamps(&mut r)? != *stamps
+            || r.string()? != mailbox_dir
+        {
+            return None;
+        }
+        decode_mailbox(&mut r, mailbox_dir)
+    }
+
+    /// Stores a freshly read mailbox with the stamps taken before it was read; a racy or
+    /// broken one is removed instead, so it is read again next time. Atomic per file.
+    pub fn store(&self, mailbox: &MailboxTable, scan_started_ns: i64) -> io::Result<()> {
+        let file = self.file_for(&mailbox.dir);
+        if mailbox.stamps.is_racy(scan_started_ns) || mailbox.broken.is_some() {
+            return writer::remove_file_if_exists(&file);
+        }
+        let mut out = Vec::with_capacity(mailbox.arena.len() + mailbox.len() * 32 + 1024);
         out.extend_from_slice(MAGIC);
-        let keep: Vec<_> = mailboxes
-            .iter()
-            .filter(|(s, m)| !s.is_racy(scan_started_ns) && m.broken.is_none())
-            .collect();
-        put_u32(&mut out, keep.len() as u32);
-        let mut payload = Vec::new();
-        for (stamps, mailbox) in keep {
-            put_stamps(&mut out, stamps);
-            put_str(&mut out, &mailbox.dir);
-            payload.clear();
-            encode_mailbox(&mut payload, mailbox);
-            put_u32(&mut out, payload.len() as u32);
-            out.extend_from_slice(&payload);
-        }
-        let dir = path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir)?;
-        let tmp = dir.join(writer::temp_name());
+        put_stamps(&mut out, &mailbox.stamps);
+        put_str(&mut out, &mailbox.dir);
+        encode_mailbox(&mut out, mailbox);
+        fs::create_dir_all(&self.dir)?;
+        let tmp = self.dir.join(writer::temp_name());
         fs::write(&tmp, &out)?;
-        fs::rename(&tmp, path).inspect_err(|_| {
+        fs::rename(&tmp, &file).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })
     }
-}
 
-/// Where the cache of a root lives: `<cache dir>/<xxh3 of the canonical root>.scan`.
-pub fn cache_file(cache_dir: &Path, root: &Path) -> PathBuf {
-    let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    let hash = xxhash_rust::xxh3::xxh3_64(canonical.as_os_str().as_encoded_bytes());
-    cache_dir.join(format!("{hash:016x}.scan"))
+    /// Removes the files of mailboxes that no longer exist.
+    pub fn prune(&self, mailbox_dirs: &[String]) -> io::Result<()> {
+        let keep: std::collections::HashSet<PathBuf> =
+            mailbox_dirs.iter().map(|d| self.file_for(d)).collect();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            if !keep.contains(&entry.path()) {
+                writer::remove_file_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The default cache directory: `$XDG_CACHE_HOME/mdsync` or `$HOME/.cache/mdsync`.
@@ -276,25 +270,6 @@ impl<'a> Reader<'a> {
                 .collect(),
         )
     }
-}
-
-/// Reads the entry index: stamps, directory and payload range of every cached mailbox.
-fn index(bytes: &[u8]) -> Option<HashMap<String, (MailboxStamps, std::ops::Range<usize>)>> {
-    let mut r = Reader { bytes };
-    if r.take(MAGIC.len())? != MAGIC {
-        return None;
-    }
-    let count = r.u32()?;
-    let mut entries = HashMap::new();
-    for _ in 0..count {
-        let stamps = get_stamps(&mut r)?;
-        let dir = r.string()?;
-        let len = r.u32()? as usize;
-        let start = bytes.len() - r.bytes.len();
-        r.take(len)?;
-        entries.insert(dir, (stamps, start..start + len));
-    }
-    Some(entries)
 }
 
 fn get_stamps(r: &mut Reader<'_>) -> Option<MailboxStamps> {
@@ -462,16 +437,21 @@ mod tests {
         scan_mailbox(root, Layout::MaildirPlusPlus, "")
     }
 
+    fn cache_in(dir: &Path) -> (ScanCache, PathBuf) {
+        let cache = ScanCache::for_root(&dir.join("cache"), dir);
+        let file = cache.file_for("");
+        (cache, file)
+    }
+
     #[test]
     fn round_trips_a_mailbox() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
-        let stamps = take_stamps(dir.path());
-        let file = dir.path().join("cache/x.scan");
-        let long_after = now_ns() + 10 * 1_000_000_000;
-        ScanCache::save(&file, &[(stamps, &mailbox)], long_after).unwrap();
-        let mut cache = ScanCache::load(&file);
-        let back = cache.take("", &stamps).expect("cached entry");
+        let (cache, _) = cache_in(dir.path());
+        cache
+            .store(&mailbox, now_ns() + 10 * 1_000_000_000)
+            .unwrap();
+        let back = cache.take("", &mailbox.stamps).expect("cached entry");
         assert_eq!(back.msgs.uid, mailbox.msgs.uid);
         assert_eq!(back.name(0), mailbox.name(0));
         assert_eq!(back.guid(1), "77");
@@ -480,44 +460,46 @@ mod tests {
         assert_eq!(back.keywords, mailbox.keywords);
         assert_eq!(back.listed_missing.len(), 1);
         assert_eq!(back.str(back.listed_missing[0].1), "gone");
+        assert!(cache.take(".Other", &mailbox.stamps).is_none());
     }
 
     #[test]
     fn racy_and_changed_entries_are_not_reused() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
-        let stamps = take_stamps(dir.path());
-        let file = dir.path().join("c.scan");
-        ScanCache::save(&file, &[(stamps, &mailbox)], now_ns()).unwrap();
-        assert!(
-            ScanCache::load(&file).take("", &stamps).is_none(),
-            "just written: racy"
-        );
-        let later = now_ns() + 10 * 1_000_000_000;
-        ScanCache::save(&file, &[(stamps, &mailbox)], later).unwrap();
-        let mut changed = stamps;
+        let (cache, file) = cache_in(dir.path());
+        cache
+            .store(&mailbox, now_ns() + 10 * 1_000_000_000)
+            .unwrap();
+        assert!(file.exists());
+        cache.store(&mailbox, now_ns()).unwrap();
+        assert!(!file.exists(), "a racy mailbox is not cached");
+        cache
+            .store(&mailbox, now_ns() + 10 * 1_000_000_000)
+            .unwrap();
+        let mut changed = mailbox.stamps;
         changed.parts[0].mtime_ns += 1;
-        assert!(ScanCache::load(&file).take("", &changed).is_none());
+        assert!(cache.take("", &changed).is_none());
+        cache.prune(&[".Sent".to_string()]).unwrap();
+        assert!(!file.exists(), "pruned: INBOX is gone");
     }
 
     #[test]
-    fn damaged_cache_is_empty() {
+    fn damaged_cache_is_a_miss() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
-        let stamps = take_stamps(dir.path());
-        let file = dir.path().join("c.scan");
-        ScanCache::save(&file, &[(stamps, &mailbox)], now_ns() + 10_000_000_000).unwrap();
+        let (cache, file) = cache_in(dir.path());
+        cache.store(&mailbox, now_ns() + 10_000_000_000).unwrap();
         let mut bytes = fs::read(&file).unwrap();
         for cut in [0, 8, 20, bytes.len() / 2, bytes.len() - 1] {
             fs::write(&file, &bytes[..cut]).unwrap();
-            assert!(
-                ScanCache::load(&file).take("", &stamps).is_none(),
-                "cut at {cut}"
-            );
+            assert!(cache.take("", &mailbox.stamps).is_none(), "cut at {cut}");
         }
-        let last = bytes.len() - 40;
-        bytes[last] ^= 0xff;
-        fs::write(&file, &bytes).unwrap();
-        let _ = ScanCache::load(&file); // must not panic
+        for at in (8..bytes.len()).step_by(7) {
+            bytes[at] ^= 0xff;
+            fs::write(&file, &bytes).unwrap();
+            let _ = cache.take("", &mailbox.stamps); // must not panic
+            bytes[at] ^= 0xff;
+        }
     }
 }

@@ -102,84 +102,85 @@ fn scan_mailboxes(
     progress: &dyn Progress,
 ) -> Vec<MailboxTable> {
     let started_ns = cache::now_ns();
-    let cache_path = options
+    let cache = options
         .cache_dir
         .as_deref()
-        .map(|d| cache::cache_file(d, root));
-    let mut cache = cache_path
-        .as_deref()
-        .map(cache::ScanCache::load)
-        .unwrap_or_default();
+        .map(|d| cache::ScanCache::for_root(d, root));
     let stamps: Vec<MailboxStamps> = dirs
         .par_iter()
         .map(|d| cache::take_stamps(&mailbox_path(root, d)))
         .collect();
-    let known: Vec<Option<MailboxTable>> = dirs
-        .iter()
-        .zip(&stamps)
-        .map(|(d, s)| {
-            if let Some((_, count)) = options.unchanged_if.get(d).filter(|(known, _)| known == s) {
-                return Some(MailboxTable {
-                    dir: d.clone(),
-                    name: layout.display_name(d),
-                    unchanged: Some(*count),
-                    ..MailboxTable::default()
-                });
-            }
-            cache_path.as_ref().and_then(|_| cache.take(d, s))
-        })
-        .collect();
-    let fresh_scans = known.iter().filter(|c| c.is_none()).count();
+    let fresh = std::sync::atomic::AtomicUsize::new(0);
     let mailboxes: Vec<MailboxTable> = dirs
         .par_iter()
-        .zip(known)
         .zip(&stamps)
-        .map(|((dir, known), stamps)| {
-            let mut mailbox = known.unwrap_or_else(|| scan_mailbox(root, layout, dir));
-            mailbox.stamps = *stamps;
+        .map(|(dir, stamps)| {
+            let mailbox = read_or_reuse(
+                root,
+                layout,
+                dir,
+                stamps,
+                options,
+                cache.as_ref(),
+                started_ns,
+                &fresh,
+            );
             progress.event(Event::MailboxScanned {
                 messages: mailbox.message_count(),
             });
             mailbox
         })
         .collect();
-    if let Some(path) = cache_path
-        && fresh_scans > 0
+    if let Some(cache) = &cache
+        && fresh.into_inner() > 0
+        && let Err(e) = cache.prune(dirs)
     {
-        save_cache(&path, &mut cache, &mailboxes, started_ns, progress);
+        progress.event(Event::Warning {
+            message: format!("scan cache: {e}"),
+        });
     }
     mailboxes
 }
 
-/// Rewrites the cache with what was read now plus the entries of mailboxes not read.
-fn save_cache(
-    path: &Path,
-    cache: &mut cache::ScanCache,
-    mailboxes: &[MailboxTable],
+/// One mailbox: a placeholder when the pair state says it is unchanged, the cached table
+/// when the cache's stamps match, else a fresh read (stored in the cache).
+#[allow(clippy::too_many_arguments)]
+fn read_or_reuse(
+    root: &Path,
+    layout: Layout,
+    dir: &str,
+    stamps: &MailboxStamps,
+    options: &ScanOptions,
+    cache: Option<&cache::ScanCache>,
     started_ns: i64,
-    progress: &dyn Progress,
-) {
-    let carried: Vec<MailboxTable> = mailboxes
-        .iter()
-        .filter(|m| m.unchanged.is_some())
-        .filter_map(|m| {
-            cache.take(&m.dir, &m.stamps).map(|t| MailboxTable {
-                stamps: m.stamps,
-                ..t
-            })
-        })
-        .collect();
-    let entries: Vec<_> = mailboxes
-        .iter()
-        .filter(|m| m.unchanged.is_none())
-        .chain(&carried)
-        .map(|m| (m.stamps, m))
-        .collect();
-    if let Err(e) = cache::ScanCache::save(path, &entries, started_ns) {
-        progress.event(Event::Warning {
-            message: format!("scan cache {}: {e}", path.display()),
-        });
+    fresh: &std::sync::atomic::AtomicUsize,
+) -> MailboxTable {
+    if let Some((_, count)) = options
+        .unchanged_if
+        .get(dir)
+        .filter(|(known, _)| known == stamps)
+    {
+        return MailboxTable {
+            dir: dir.to_string(),
+            name: layout.display_name(dir),
+            unchanged: Some(*count),
+            stamps: *stamps,
+            ..MailboxTable::default()
+        };
     }
+    if let Some(table) = cache.and_then(|c| c.take(dir, stamps)) {
+        return MailboxTable {
+            stamps: *stamps,
+            ..table
+        };
+    }
+    fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mailbox = scan_mailbox(root, layout, dir);
+    if let Some(cache) = cache {
+        // A cache that cannot be written only costs speed; the scan itself is complete.
+        let _ = cache.store(&mailbox, started_ns);
+    }
+    mailbox
 }
 
 fn empty_table(layout: Layout) -> MailTable {

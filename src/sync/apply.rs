@@ -89,10 +89,34 @@ pub fn apply(
     // The root's tmp/ also holds mailboxes a killed run was deleting.
     let root_tmp = root.join("tmp");
     writer::clean_stale_temps(&root_tmp).map_err(|e| Error::io(&root_tmp, e))?;
+    // Phase 1, no lock: create directories and stage every body in its mailbox's tmp/.
+    let staged: Vec<Result<(ApplyReport, Vec<Staged<'_>>)>> = plan
+        .mailboxes
+        .par_iter()
+        .map(|m| stage_mailbox(root, m, source, options, progress))
+        .collect();
+    let mut prepared = Vec::with_capacity(staged.len());
+    let mut failure = check_interrupt().err();
+    for result in staged {
+        match result {
+            Ok(ok) => prepared.push(ok),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        prepared.iter().for_each(|(_, staged)| discard(staged));
+        return Err(e);
+    }
+    // Phase 2: bodies durable before any uidlist names them — one sync for the whole run.
+    if options.fsync == FsyncPolicy::Batch && prepared.iter().any(|(_, s)| !s.is_empty()) {
+        writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
+    }
+    // Phase 3, per mailbox under its uidlist lock: renames, expunges, uidlist.
     let results: Vec<Result<ApplyReport>> = plan
         .mailboxes
         .par_iter()
-        .map(|m| apply_mailbox(root, m, source, options, progress))
+        .zip(prepared)
+        .map(|(m, (report, staged))| commit_mailbox(root, m, report, staged, options, progress))
         .collect();
     let mut report = ApplyReport::default();
     for result in results {
@@ -132,13 +156,14 @@ struct Staged<'a> {
     bytes: u64,
 }
 
-fn apply_mailbox(
+/// Prepares one mailbox's directories and stages its bodies in `tmp/`.
+fn stage_mailbox<'a>(
     root: &Path,
-    m: &MailboxPlan,
+    m: &'a MailboxPlan,
     source: &dyn BodySource,
     options: &ApplyOptions,
     progress: &dyn Progress,
-) -> Result<ApplyReport> {
+) -> Result<(ApplyReport, Vec<Staged<'a>>)> {
     check_interrupt()?;
     let path = mailbox_path(root, &m.dir);
     let mut report = ApplyReport::default();
@@ -153,13 +178,20 @@ fn apply_mailbox(
     let tmp_dir = path.join("tmp");
     writer::clean_stale_temps(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
     let staged = stage_copies(&path, m, source, options, &mut report)?;
-    if let Err(e) = check_interrupt() {
-        discard(&staged);
-        return Err(e);
-    }
-    if options.fsync == FsyncPolicy::Batch && !staged.is_empty() {
-        writer::sync_filesystem(&path).map_err(|e| Error::io(&path, e))?;
-    }
+    Ok((report, staged))
+}
+
+/// Takes the mailbox's uidlist lock and carries out the rest of its plan.
+fn commit_mailbox(
+    root: &Path,
+    m: &MailboxPlan,
+    mut report: ApplyReport,
+    staged: Vec<Staged<'_>>,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<ApplyReport> {
+    let path = mailbox_path(root, &m.dir);
+    let tmp_dir = path.join("tmp");
     let lock = DotLock::acquire(&path.join(uidlist::FILE_NAME), &tmp_dir, UIDLIST_TIMING);
     let mut lock = match lock {
         Ok(lock) => lock,

@@ -231,8 +231,9 @@ impl<'a> MailboxDiff<'a> {
         self.plan_keywords();
         let mut upserts = Vec::new();
         let mut removes = Vec::new();
-        for i in 0..self.s.len() {
-            self.plan_message(i, &mut upserts, &mut removes);
+        let matches = self.match_all();
+        for (i, matched) in matches.into_iter().enumerate() {
+            self.plan_message(i, matched, &mut upserts, &mut removes);
         }
         self.plan_expunges(&mut removes);
         self.plan_uidlist(upserts, removes);
@@ -305,12 +306,14 @@ impl<'a> MailboxDiff<'a> {
         filename::compose(base, translated, s.subdir(i) == Subdir::New)
     }
 
-    fn plan_message(&mut self, i: usize, upserts: &mut Vec<OwnedRecord>, removes: &mut Vec<u32>) {
+    fn plan_message(
+        &mut self,
+        i: usize,
+        matched: Option<usize>,
+        upserts: &mut Vec<OwnedRecord>,
+        removes: &mut Vec<u32>,
+    ) {
         let s = self.s;
-        let matched = self.find_match(i);
-        if let Some(j) = matched {
-            self.used[j] = true;
-        }
         if s.has(i, status::BROKEN) {
             self.skip(&s.rel_path(i), "cannot be copied; destination copy kept");
             return;
@@ -321,24 +324,67 @@ impl<'a> MailboxDiff<'a> {
         }
     }
 
-    /// Finds the destination message that is this source message: same UID and GUID (or
-    /// equal content), else an unclaimed file with the same base name and GUID.
-    fn find_match(&mut self, i: usize) -> Option<usize> {
-        let (s, d) = (self.s, self.d?);
+    /// Pairs every source message with the destination message that is the same message.
+    /// First by identity for all messages — same UID and GUID, else the same base name and
+    /// GUID under another UID — and only then, for what is left, by equal content under the
+    /// same UID, so a content match never takes a file that is another message's exact match.
+    fn match_all(&mut self) -> Vec<Option<usize>> {
+        let n = self.s.len();
+        let mut matches = vec![None; n];
+        if self.d.is_none() {
+            return matches;
+        }
+        let mut rotten = vec![false; n];
+        for i in 0..n {
+            let (found, is_rotten) = self.identity_match(i);
+            matches[i] = found;
+            rotten[i] = is_rotten;
+            if let Some(j) = found {
+                self.used[j] = true;
+            }
+        }
+        for i in 0..n {
+            if matches[i].is_none() && !rotten[i] {
+                matches[i] = self.content_match(i);
+                if let Some(j) = matches[i] {
+                    self.used[j] = true;
+                }
+            }
+        }
+        matches
+    }
+
+    /// Same UID and GUID (with `--checksum`, and equal content), else an unclaimed file with
+    /// the same base name and GUID. The flag is true when the same-UID, same-GUID file has
+    /// other content (`--checksum`): it must not come back by name or content.
+    fn identity_match(&mut self, i: usize) -> (Option<usize>, bool) {
+        let (s, d) = (self.s, self.d.expect("destination exists"));
         let uid = s.msgs.uid[i];
-        let mut rejected = None;
         if uid != 0
             && let Some(j) = d.find_uid(uid)
             && !self.used[j]
+            && s.guid(i) == d.guid(j)
         {
-            if self.same_message(i, j) {
-                return Some(j);
-            }
-            // Its content differs (or its GUID does): it must not come back by name.
-            rejected = Some(j);
+            return if self.same_message(i, j) {
+                (Some(j), false)
+            } else {
+                (None, true)
+            };
         }
-        let j = *self.dst_by_base().get(s.base(i))?;
-        (!self.used[j] && rejected != Some(j) && d.guid(j) == s.guid(i)).then_some(j)
+        let Some(&j) = self.dst_by_base().get(s.base(i)) else {
+            return (None, false);
+        };
+        let same = !self.used[j] && d.guid(j) == s.guid(i) && d.find_uid(uid) != Some(j);
+        (same.then_some(j), false)
+    }
+
+    /// Same UID, different GUID, equal content (a file renamed by hand or written by
+    /// another MDA).
+    fn content_match(&self, i: usize) -> Option<usize> {
+        let (s, d) = (self.s, self.d?);
+        let uid = s.msgs.uid[i];
+        let j = d.find_uid(uid).filter(|_| uid != 0)?;
+        (!self.used[j] && s.guid(i) != d.guid(j) && self.same_message(i, j)).then_some(j)
     }
 
     fn dst_by_base(&mut self) -> &HashMap<&'a str, usize> {
@@ -374,9 +420,18 @@ impl<'a> MailboxDiff<'a> {
         removes: &mut Vec<u32>,
     ) {
         let (s, d) = (self.s, self.d.expect("matched implies destination"));
-        let to_name = self.target_name(i, d.base(j));
         let to_sub = s.subdir(i);
-        if to_name != d.name(j) || to_sub != d.subdir(j) {
+        // The common case — same name, same folder, keyword letters that mean the same —
+        // is settled without building a name.
+        let unchanged = to_sub == d.subdir(j)
+            && s.name(i) == d.name(j)
+            && self.translate(s.msgs.flags[i]) == s.msgs.flags[i];
+        let to_name = if unchanged {
+            None
+        } else {
+            Some(self.target_name(i, d.base(j)))
+        };
+        if let Some(to_name) = to_name.filter(|n| n != d.name(j) || to_sub != d.subdir(j)) {
             self.plan.renames.push(RenameOp {
                 uid: s.msgs.uid[i],
                 from_sub: d.subdir(j),

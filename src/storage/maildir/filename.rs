@@ -45,8 +45,8 @@ pub fn parse(name: &str) -> Result<ParsedName<'_>, NameError> {
     if base.is_empty() {
         return Err(NameError::EmptyBase);
     }
-    let size = size_field(base, ",S=").map_err(|_| NameError::BadSize("S="))?;
-    let vsize = size_field(base, ",W=").map_err(|_| NameError::BadSize("W="))?;
+    let size = size_field(base, b'S').map_err(|_| NameError::BadSize("S="))?;
+    let vsize = size_field(base, b'W').map_err(|_| NameError::BadSize("W="))?;
     let (flags, odd_info) = match info {
         None => (Flags::default(), false),
         Some(info) => match info.strip_prefix("2,") {
@@ -76,17 +76,32 @@ fn parse_flag_letters(letters: &str) -> (Flags, bool) {
     (flags, odd)
 }
 
-/// Finds `key` followed by decimal digits ending at `,` or the end of the base.
-fn size_field(base: &str, key: &str) -> Result<Option<u64>, ()> {
-    let Some(pos) = base.find(key) else {
-        return Ok(None);
-    };
-    let rest = &base[pos + key.len()..];
-    let digits = rest.split(',').next().unwrap_or("");
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(());
+/// Finds `,K=` (`key` is `b'S'` or `b'W'`) followed by decimal digits ending at `,` or the
+/// end of the base. A byte scan: this runs for every message of every scan.
+fn size_field(base: &str, key: u8) -> Result<Option<u64>, ()> {
+    let bytes = base.as_bytes();
+    let mut at = 0;
+    while let Some(comma) = bytes[at..].iter().position(|&b| b == b',') {
+        let start = at + comma;
+        if bytes.get(start + 1) == Some(&key) && bytes.get(start + 2) == Some(&b'=') {
+            let digits = &bytes[start + 3..];
+            let end = digits
+                .iter()
+                .position(|&b| b == b',')
+                .unwrap_or(digits.len());
+            let digits = &digits[..end];
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            return std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .map(Some)
+                .ok_or(());
+        }
+        at = start + 1;
     }
-    digits.parse().map(Some).map_err(|_| ())
+    Ok(None)
 }
 
 /// Builds the name a message gets in `cur/` (always with an info part) or `new/` (with one
