@@ -331,6 +331,8 @@ pub struct MailTable {
     pub layout: Layout,
     /// Mailboxes sorted by directory, INBOX (`""`) first.
     pub mailboxes: Vec<MailboxTable>,
+    /// fs layout: directories that are only parents of folders (`\NoSelect`), sorted.
+    pub parents: Vec<String>,
     /// The root `subscriptions` file, byte for byte.
     pub subscriptions: Option<Vec<u8>>,
     /// The root `dovecot-uidvalidity` value.

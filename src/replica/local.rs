@@ -97,6 +97,7 @@ impl BodySource for LocalReplica {
         Ok(Body {
             data: BodyData::File(file),
             meta: BodyMeta::of(&meta),
+            origin: path.display().to_string(),
         })
     }
 }

@@ -22,6 +22,8 @@ pub struct Body {
     pub data: BodyData,
     /// mtime, mode and owner of the source file.
     pub meta: BodyMeta,
+    /// Where it was read from, for messages to the user (a path, or `host:path`).
+    pub origin: String,
 }
 
 /// The bytes of a body.

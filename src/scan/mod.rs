@@ -82,6 +82,7 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
     Ok(MailTable {
         layout,
         mailboxes,
+        parents: found.parents,
         subscriptions: read_optional(&root.join(maildir::SUBSCRIPTIONS))
             .map_err(|e| Error::io(&root.join(maildir::SUBSCRIPTIONS), e))?,
         uidvalidity_next: read_uidvalidity_next(root),
@@ -187,6 +188,7 @@ fn empty_table(layout: Layout) -> MailTable {
     MailTable {
         layout,
         mailboxes: Vec::new(),
+        parents: Vec::new(),
         subscriptions: None,
         uidvalidity_next: None,
         root_meta: DirMeta {
@@ -296,6 +298,12 @@ fn list_messages(
     let mut entries = Vec::new();
     for sub in ["new", "cur"] {
         let sub_path = path.join(sub);
+        if fs::symlink_metadata(&sub_path).is_ok_and(|m| !m.is_dir()) {
+            return Err(format!(
+                "{}: not a directory (symlink?); not followed",
+                sub_path.display()
+            ));
+        }
         let read = match fs::read_dir(&sub_path) {
             Ok(read) => read,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

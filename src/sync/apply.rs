@@ -17,12 +17,11 @@ use crate::interrupt;
 use crate::progress::{Event, Progress};
 use crate::replica::{BodyData, BodyError, BodySource};
 use crate::scan::mailbox_path;
-use crate::storage::maildir::dotlock::{DotLock, UIDLIST_TIMING, with_path};
+use crate::storage::maildir::dotlock::{self, DotLock, UIDLIST_TIMING, with_path};
 use crate::storage::maildir::uidlist::{self, OwnedRecord};
 use crate::storage::maildir::writer::{self, FsyncPolicy, Ownership};
 use crate::storage::maildir::{self as md, keywords};
 use crate::sync::plan::{self, CopyOp, MailboxPlan, Plan, UidlistChange, UidlistEdit};
-use crate::table::DirMeta;
 
 /// How to write.
 #[derive(Debug, Clone, Copy)]
@@ -78,17 +77,22 @@ pub fn apply(
     options: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
-    let root_meta = plan.root_meta;
-    writer::create_dir(
-        root,
-        root_meta.mode,
-        (root_meta.uid, root_meta.gid),
-        options.ownership,
-    )
-    .map_err(|e| Error::io(root, e))?;
-    // The root's tmp/ also holds mailboxes a killed run was deleting.
-    let root_tmp = root.join("tmp");
-    writer::clean_stale_temps(&root_tmp).map_err(|e| Error::io(&root_tmp, e))?;
+    prepare_root(root, plan, options)?;
+    sweep(root, plan);
+    for parent in &plan.create_parents {
+        let path = root.join(parent);
+        let meta = plan.root_meta;
+        writer::create_dir_staged(
+            &path,
+            &root.join("tmp"),
+            meta.mode,
+            (meta.uid, meta.gid),
+            options.ownership,
+            &[],
+            None,
+        )
+        .map_err(|e| Error::io(&path, e))?;
+    }
     // Phase 1, no lock: create directories and stage every body in its mailbox's tmp/.
     let staged: Vec<Result<(ApplyReport, Vec<Staged<'_>>)>> = plan
         .mailboxes
@@ -134,11 +138,78 @@ pub fn apply(
             bytes: 0,
         });
     }
+    // fs layout: emptied mailbox directories and dropped parents go deepest first, so a
+    // parent is removed after its children.
+    let emptied = plan
+        .delete_mailboxes
+        .iter()
+        .map(|d| &d.dir)
+        .filter(|d| !d.starts_with('.') && !d.is_empty());
+    let dirs: Vec<String> = emptied.chain(&plan.remove_parents).cloned().collect();
+    remove_empty_dirs(root, &dirs)?;
     apply_root_files(root, plan, options, progress)?;
     if options.fsync == FsyncPolicy::Batch && !plan.is_empty() {
         writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
     }
     Ok(report)
+}
+
+/// Creates the root (and its `tmp/`, the staging area for new directories) when missing.
+/// While the root holds no mailbox yet, its owner and mode are set again, so a run killed
+/// between `mkdir` and `chown` cannot leave a root Dovecot may not write to.
+fn prepare_root(root: &Path, plan: &Plan, options: &ApplyOptions) -> Result<()> {
+    let meta = plan.root_meta;
+    let owner = (meta.uid, meta.gid);
+    writer::create_dir(root, meta.mode, owner, options.ownership)
+        .map_err(|e| Error::io(root, e))?;
+    let holds_mail = fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .flatten()
+        .any(|e| e.file_name() != "tmp");
+    if !holds_mail {
+        writer::repair_dir(root, meta.mode, owner, options.ownership)
+            .map_err(|e| Error::io(root, e))?;
+    }
+    let tmp = root.join("tmp");
+    writer::create_dir(&tmp, meta.mode, owner, options.ownership)
+        .map_err(|e| Error::io(&tmp, e))?;
+    let (mode, owner) = existing_meta(root).unwrap_or((meta.mode, owner));
+    writer::repair_dir(&tmp, mode, owner, options.ownership).map_err(|e| Error::io(&tmp, e))
+}
+
+/// Removes what killed runs left behind in every destination mailbox, even one with
+/// nothing else to do: staged files and directories of dead mdsync processes in `tmp/`,
+/// and `dovecot-uidlist.lock` files whose owner process is dead on this host (Dovecot would
+/// override those too; until then it shows the mailbox as empty). Never fails a run.
+fn sweep(root: &Path, plan: &Plan) {
+    let _ = writer::clean_stale_temps(&root.join("tmp"));
+    for dir in &plan.sweep {
+        let path = mailbox_path(root, dir);
+        let _ = writer::clean_stale_temps(&path.join("tmp"));
+        let _ = dotlock::remove_if_owner_dead(&path.join(uidlist::FILE_NAME));
+    }
+}
+
+/// fs layout: removes directories deepest first when they are empty (a folder excluded from
+/// the run may still live below one).
+fn remove_empty_dirs(root: &Path, dirs: &[String]) -> Result<()> {
+    let mut dirs: Vec<&String> = dirs.iter().collect();
+    dirs.sort_by(|a, b| b.cmp(a));
+    for parent in dirs {
+        let path = root.join(parent);
+        match fs::remove_dir(&path) {
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) =>
+            {
+                return Err(Error::io(&path, e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn check_interrupt() -> Result<()> {
@@ -154,6 +225,9 @@ struct Staged<'a> {
     op: &'a CopyOp,
     tmp: PathBuf,
     bytes: u64,
+    /// The source name's `,S=` disagrees with the file: copied verbatim (the mirror shows
+    /// what Dovecot shows) but reported, since Dovecot will misread this message.
+    size_error: Option<String>,
 }
 
 /// Prepares one mailbox's directories and stages its bodies in `tmp/`.
@@ -167,7 +241,7 @@ fn stage_mailbox<'a>(
     check_interrupt()?;
     let path = mailbox_path(root, &m.dir);
     let mut report = ApplyReport::default();
-    prepare_dirs(&path, m, options).map_err(|e| Error::io(&path, e))?;
+    prepare_dirs(root, &path, m, options).map_err(|e| Error::io(&path, e))?;
     if m.create.is_some() {
         report.mailboxes_created = 1;
         progress.event(Event::Applied {
@@ -201,27 +275,56 @@ fn commit_mailbox(
         }
     };
     let locked = apply_locked(&path, m, staged, options, progress, &mut report, &mut lock);
+    // Released as soon as the uidlist is in place: a killed run leaves no lock behind
+    // while it only waits for the disk.
     drop(lock);
     locked?;
+    if options.fsync == FsyncPolicy::File {
+        for sub in ["cur", "new"] {
+            writer::sync_dir(&path.join(sub)).map_err(|e| Error::io(&path, e))?;
+        }
+    }
     Ok(report)
 }
 
-/// Creates the mailbox directory and its `cur/ new/ tmp/` when needed.
-fn prepare_dirs(path: &Path, m: &MailboxPlan, options: &ApplyOptions) -> io::Result<()> {
-    let meta = m.create.unwrap_or(DirMeta {
-        mode: 0o700,
-        uid: 0,
-        gid: 0,
-    });
-    let owner = (meta.uid, meta.gid);
-    if m.create.is_some() {
-        writer::create_dir(path, meta.mode, owner, options.ownership)?;
+/// Creates the mailbox directory with its `cur/ new/ tmp/` (whole, through the root's
+/// `tmp/`), or the subdirectories an existing mailbox lacks.
+fn prepare_dirs(
+    root: &Path,
+    path: &Path,
+    m: &MailboxPlan,
+    options: &ApplyOptions,
+) -> io::Result<()> {
+    let staging = root.join("tmp");
+    if let Some(meta) = m.create {
+        let marker = m.maildirfolder.then_some(md::MAILDIRFOLDER);
+        let owner = (meta.uid, meta.gid);
+        let subdirs = ["cur", "new", "tmp"];
+        writer::create_dir_staged(
+            path,
+            &staging,
+            meta.mode,
+            owner,
+            options.ownership,
+            &subdirs,
+            marker,
+        )?;
+        // An existing shell gets the owner and mode it should have had.
+        writer::repair_dir(path, meta.mode, owner, options.ownership)?;
     }
+    let (mode, owner) = existing_meta(path).unwrap_or((0o700, (0, 0)));
     for sub in ["cur", "new", "tmp"] {
         let sub_path = path.join(sub);
-        if !sub_path.is_dir() {
-            let (mode, owner) = existing_meta(path).unwrap_or((meta.mode, owner));
-            writer::create_dir(&sub_path, mode, owner, options.ownership)?;
+        if path != root || sub != "tmp" {
+            writer::create_dir_staged(
+                &sub_path,
+                &staging,
+                mode,
+                owner,
+                options.ownership,
+                &[],
+                None,
+            )?;
         }
     }
     if m.maildirfolder {
@@ -288,6 +391,7 @@ fn stage_one<'a>(
 ) -> Result<Staged<'a>, BodyError> {
     let body = source.open_body(dir, op.src_sub, &op.src_name)?;
     let meta = body.meta;
+    let size_error = size_disagreement(&body.origin, op, meta.len);
     let tmp = match body.data {
         BodyData::File(mut file) => {
             writer::write_to_tmp(tmp_dir, &mut file, &meta, options.ownership, options.fsync)
@@ -305,6 +409,20 @@ fn stage_one<'a>(
         op,
         tmp,
         bytes: meta.len,
+        size_error,
+    })
+}
+
+/// An error text when the `,S=` of the source name is not the file's real size.
+fn size_disagreement(origin: &str, op: &CopyOp, real: u64) -> Option<String> {
+    let claimed = crate::storage::maildir::filename::parse(&op.src_name)
+        .ok()?
+        .size?;
+    (claimed != real).then(|| {
+        format!(
+            "{origin}: ,S={claimed} but the file has {real} bytes; \
+             copied as it is, Dovecot will misread it"
+        )
     })
 }
 
@@ -338,11 +456,9 @@ fn apply_locked(
             Ok(()) => {
                 report.messages_copied += 1;
                 report.bytes_copied += s.bytes;
+                report.errors.extend(s.size_error.clone());
                 progress.event(Event::Applied {
-                    line: format!(
-                        "copy     {} uid {} {}/{}",
-                        m.name, s.op.uid, s.op.dst_sub, s.op.dst_name
-                    ),
+                    line: plan::copy_line(&m.name, s.op),
                     bytes: s.bytes,
                 });
             }
@@ -375,7 +491,7 @@ fn apply_locked(
             Ok(()) => {
                 report.expunged += 1;
                 progress.event(Event::Applied {
-                    line: format!("expunge  {} uid {} {}/{}", m.name, e.uid, e.sub, e.name),
+                    line: plan::expunge_line(&m.name, e),
                     bytes: 0,
                 });
             }
@@ -392,11 +508,6 @@ fn apply_locked(
     if m.reset_index {
         for name in md::INDEX_FILES {
             remove_if_exists(&path.join(name))?;
-        }
-    }
-    if options.fsync == FsyncPolicy::File {
-        for sub in ["cur", "new"] {
-            writer::sync_dir(&path.join(sub)).map_err(|e| Error::io(path, e))?;
         }
     }
     Ok(())
@@ -510,7 +621,8 @@ pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -
 /// Removes a destination mailbox. Maildir++: the directory is first renamed into the root's
 /// `tmp/` (Dovecot never lists it there), then removed. fs layout and INBOX: only the
 /// mailbox's own mail directories and control files go; child mailboxes and root files
-/// (`subscriptions`, `dovecot-uidvalidity`) stay.
+/// (`subscriptions`, `dovecot-uidvalidity`) stay, and the emptied directory is removed
+/// later, after its children.
 fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
     let path = mailbox_path(root, dir);
     if dir.starts_with('.') {
@@ -537,14 +649,7 @@ fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
     for name in control.iter().chain(md::INDEX_FILES.iter()) {
         writer::remove_file_if_exists(&path.join(name))?;
     }
-    if dir.is_empty() {
-        return Ok(());
-    }
-    match fs::remove_dir(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(()),
-        Err(e) => Err(with_path(e, &path)),
-    }
+    Ok(())
 }
 
 /// `subscriptions` (through its dotlock) and `dovecot-uidvalidity`.

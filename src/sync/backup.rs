@@ -165,8 +165,9 @@ pub fn backup(
             operations: planned.copies + planned.flag_changes + planned.moves + planned.expunges,
             bytes: planned.bytes,
         });
-        outcome.report = apply(dst, &plan, src, options, progress)?;
     }
+    // Also with nothing to do: the applier clears what killed runs left behind.
+    outcome.report = apply(dst, &plan, src, options, progress)?;
     if let Some(path) = state_path
         && outcome.completion() == Completion::Complete
     {

@@ -131,6 +131,7 @@ pub fn diff_backup(
             });
         }
     }
+    plan_parents(src, dst, &mut plan);
     if src.subscriptions != dst.subscriptions {
         plan.subscriptions = Some(src.subscriptions.clone());
     }
@@ -138,7 +139,37 @@ pub fn diff_backup(
     plan.skipped = skipped;
     plan.warnings = warnings;
     plan.root_meta = src.root_meta;
+    plan.sweep = dst.mailboxes.iter().map(|m| m.dir.clone()).collect();
     plan
+}
+
+/// fs layout: parent-only directories are mirrored too, so Dovecot lists the same
+/// `\NoSelect` hierarchy on both sides.
+fn plan_parents(src: &MailTable, dst: &MailTable, plan: &mut Plan) {
+    let src_dirs: HashSet<&str> = src
+        .parents
+        .iter()
+        .map(String::as_str)
+        .chain(src.mailboxes.iter().map(|m| m.dir.as_str()))
+        .collect();
+    let dst_dirs: HashSet<&str> = dst
+        .parents
+        .iter()
+        .map(String::as_str)
+        .chain(dst.mailboxes.iter().map(|m| m.dir.as_str()))
+        .collect();
+    plan.create_parents = src
+        .parents
+        .iter()
+        .filter(|p| !dst_dirs.contains(p.as_str()))
+        .cloned()
+        .collect();
+    plan.remove_parents = dst
+        .parents
+        .iter()
+        .filter(|p| !src_dirs.contains(p.as_str()))
+        .cloned()
+        .collect();
 }
 
 /// The destination's `dovecot-uidvalidity` must not fall below the source's, or below any
@@ -213,17 +244,22 @@ impl<'a> MailboxDiff<'a> {
         }
         if let Some(why) = &self.s.broken {
             self.skip(
-                &self.s.name.clone(),
+                &self.s.dir.clone(),
                 &format!("source mailbox left alone: {why}"),
             );
             return None;
         }
         if let Some(why) = self.d.and_then(|d| d.broken.as_ref()) {
             let why = format!("destination mailbox left alone: {why}");
-            self.skip(&self.s.name.clone(), &why);
+            self.skip(&self.s.dir.clone(), &why);
             return None;
         }
-        if self.d.is_none() {
+        // An empty shell (no uidlist, no mail) is what a run killed while creating the
+        // mailbox could leave: it is created again, owner and mode included.
+        let shell = self
+            .d
+            .is_some_and(|d| d.header.is_none() && d.is_empty() && d.listed_missing.is_empty());
+        if self.d.is_none() || shell {
             self.plan.create = Some(self.s.dir_meta);
             self.plan.maildirfolder =
                 self.layout == Layout::MaildirPlusPlus && !self.s.dir.is_empty();
@@ -265,7 +301,7 @@ impl<'a> MailboxDiff<'a> {
                     Some(letter) => self.letter_map[i] = Some(letter as u8),
                     None => {
                         let why = format!("keyword {name} does not fit in 26 letters; dropped");
-                        self.skip(&self.s.name.clone(), &why);
+                        self.skip(&self.s.dir.clone(), &why);
                     }
                 },
                 // A letter with no name: Dovecot shows it as `unknown-N`; keep the letter

@@ -147,6 +147,10 @@ pub struct Skipped {
 pub struct Plan {
     /// Mailboxes to remove (done last).
     pub delete_mailboxes: Vec<DeleteMailbox>,
+    /// fs layout: parent-only directories to create (the source lists them as `\NoSelect`).
+    pub create_parents: Vec<String>,
+    /// fs layout: parent-only directories the source no longer has; removed when empty.
+    pub remove_parents: Vec<String>,
     /// Per-mailbox work, sorted by directory (parents before children).
     pub mailboxes: Vec<MailboxPlan>,
     /// New `subscriptions` content; `Some(None)` removes the file.
@@ -159,6 +163,9 @@ pub struct Plan {
     pub warnings: Vec<Skipped>,
     /// Mode and owner for the root and root-level files (from the source root).
     pub root_meta: DirMeta,
+    /// Every destination mailbox, to clear what killed runs left there (not work: a plan
+    /// with only this is empty).
+    pub sweep: Vec<String>,
 }
 
 /// Counts of a plan, for the guard, the progress bar and the report.
@@ -184,6 +191,8 @@ impl Plan {
     /// True when the destination already matches.
     pub fn is_empty(&self) -> bool {
         self.delete_mailboxes.is_empty()
+            && self.create_parents.is_empty()
+            && self.remove_parents.is_empty()
             && self.mailboxes.iter().all(MailboxPlan::is_empty)
             && self.subscriptions.is_none()
             && self.uidvalidity_next.is_none()
@@ -221,6 +230,12 @@ impl Plan {
         for d in &self.delete_mailboxes {
             out.push(format!("delete   {} ({} messages)", d.name, d.messages));
         }
+        for p in &self.create_parents {
+            out.push(format!("mkdir    {p}"));
+        }
+        for p in &self.remove_parents {
+            out.push(format!("rmdir    {p}"));
+        }
         if self.subscriptions.is_some() {
             out.push("subscriptions".to_string());
         }
@@ -238,30 +253,38 @@ pub fn mailbox_lines(m: &MailboxPlan) -> Vec<String> {
         out.push(format!("keywords {}", m.name));
     }
     for c in &m.copies {
-        out.push(format!(
-            "copy     {} {} {}/{}",
-            m.name,
-            uid_text(c.uid),
-            c.dst_sub,
-            c.dst_name
-        ));
+        out.push(copy_line(&m.name, c));
     }
     for r in &m.renames {
         out.push(rename_line(&m.name, r));
     }
     for e in &m.expunges {
-        out.push(format!(
-            "expunge  {} {} {}/{}",
-            m.name,
-            uid_text(e.uid),
-            e.sub,
-            e.name
-        ));
+        out.push(expunge_line(&m.name, e));
     }
     if m.uidlist.is_some() {
         out.push(format!("uidlist  {}", m.name));
     }
     out
+}
+
+/// The itemized line of one copy.
+pub fn copy_line(mailbox: &str, c: &CopyOp) -> String {
+    format!(
+        "copy     {mailbox} {} {}/{}",
+        uid_text(c.uid),
+        c.dst_sub,
+        c.dst_name
+    )
+}
+
+/// The itemized line of one expunge.
+pub fn expunge_line(mailbox: &str, e: &ExpungeOp) -> String {
+    format!(
+        "expunge  {mailbox} {} {}/{}",
+        uid_text(e.uid),
+        e.sub,
+        e.name
+    )
 }
 
 /// The itemized line of one rename.

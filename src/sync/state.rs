@@ -145,6 +145,7 @@ mod tests {
         MailTable {
             layout: crate::storage::maildir::layout::Layout::MaildirPlusPlus,
             mailboxes: boxes,
+            parents: Vec::new(),
             subscriptions: None,
             uidvalidity_next: None,
             root_meta: Default::default(),

@@ -13,6 +13,10 @@ use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, lchown, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub mod corpus;
+pub mod tree;
 
 /// The system user (and group) that owns every mail tree doveadm touches.
 pub const MAIL_USER: &str = "vmail";
@@ -273,6 +277,30 @@ impl Dovecot {
         self.doveadm(root, &["mailbox", "subscribe", name]);
     }
 
+    /// `doveadm mailbox unsubscribe NAME`.
+    pub fn unsubscribe(&self, root: &Path, name: &str) {
+        self.doveadm(root, &["mailbox", "unsubscribe", name]);
+    }
+
+    /// `doveadm mailbox delete NAME` (the mailbox must have no children).
+    pub fn delete_mailbox(&self, root: &Path, name: &str) {
+        self.doveadm(root, &["mailbox", "delete", name]);
+    }
+
+    /// `doveadm mailbox rename OLD NEW` (children move along).
+    pub fn rename_mailbox(&self, root: &Path, old: &str, new: &str) {
+        self.doveadm(root, &["mailbox", "rename", old, new]);
+    }
+
+    /// `doveadm -f tab fetch FIELDS mailbox MAILBOX all`: one map per message, keyed by the
+    /// field names doveadm prints (e.g. `uid`, `date.received`).
+    pub fn fetch(&self, root: &Path, mailbox: &str, fields: &str) -> Vec<BTreeMap<String, String>> {
+        parse_tab(&self.doveadm(
+            root,
+            &["-f", "tab", "fetch", fields, "mailbox", mailbox, "all"],
+        ))
+    }
+
     /// Canonical text of what Dovecot sees in a Maildir++ tree; see [`Dovecot::oracle_in`].
     pub fn oracle(&self, root: &Path) -> String {
         self.oracle_in(root, Layout::MaildirPlusPlus)
@@ -421,9 +449,53 @@ fn message_line(row: &BTreeMap<String, String>) -> ((String, u64), String) {
     ((mailbox, uid), line)
 }
 
-/// The mdsync binary built by cargo for this test run.
+/// The mdsync binary built by cargo for this test run, with `XDG_CACHE_HOME` and `HOME`
+/// pointing at a per-process temp dir ([`cache_home`]) so its scan cache never lands in the
+/// real home directory.
 pub fn mdsync() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mdsync"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mdsync"));
+    let home = cache_home();
+    cmd.env("XDG_CACHE_HOME", home).env("HOME", home);
+    cmd
+}
+
+/// Name prefix of the per-process cache homes in the temp dir; the suffix is the test
+/// process's PID.
+const CACHE_HOME_PREFIX: &str = "mdsync-e2e-cache.";
+
+/// The cache home of this test process: `$TMPDIR/mdsync-e2e-cache.<pid>`, created on first
+/// use. Homes left by test processes that no longer run are removed at that moment, so the
+/// temp dir does not fill up (statics are never dropped, so a process cannot clean its own).
+pub fn cache_home() -> &'static Path {
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let base = std::env::temp_dir();
+        sweep_dead_cache_homes(&base);
+        let dir = base.join(format!("{CACHE_HOME_PREFIX}{}", std::process::id()));
+        fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create cache home {}: {e}", dir.display()));
+        dir
+    })
+}
+
+/// Removes `mdsync-e2e-cache.<pid>` dirs in `base` whose process is gone.
+fn sweep_dead_cache_homes(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(CACHE_HOME_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The committed sample fixture, `testdata/sample/Maildir` in the repository.

@@ -91,6 +91,20 @@ impl Drop for DotLock {
     }
 }
 
+/// Removes `<target>.lock` when it names a process on this host that no longer exists
+/// (a killed run's lock). Returns true when it removed one.
+pub fn remove_if_owner_dead(target: &Path) -> io::Result<bool> {
+    let lock_path = lock_path_for(target);
+    if fs::symlink_metadata(&lock_path).is_err() || !owner_is_dead(&lock_path) {
+        return Ok(false);
+    }
+    match fs::remove_file(&lock_path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(with_path(e, &lock_path)),
+    }
+}
+
 /// `<target>.lock`.
 pub fn lock_path_for(target: &Path) -> PathBuf {
     let mut name = target.as_os_str().to_os_string();

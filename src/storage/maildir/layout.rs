@@ -41,7 +41,7 @@ impl Layout {
             if is_maildirpp_folder(&name) {
                 return Ok(Layout::MaildirPlusPlus);
             }
-            if !is_reserved_dir(&name) && has_mail_dirs(&entry.path()) {
+            if !is_reserved_dir(&name) && holds_mailbox(&entry.path(), 0) {
                 saw_fs = true;
             }
         }
@@ -82,6 +82,7 @@ impl Layout {
         }
         let first_folder = usize::from(found.dirs.first().is_some_and(|d| d.is_empty()));
         found.dirs[first_folder..].sort();
+        found.parents.sort();
         Ok(found)
     }
 }
@@ -93,6 +94,9 @@ pub struct MailboxDirs {
     pub dirs: Vec<String>,
     /// Entries that look like mailboxes but were not followed (symlinks, non-UTF-8 names).
     pub skipped: Vec<String>,
+    /// fs layout: directories that hold no mail of their own, only folders below them
+    /// (Dovecot lists them as `\NoSelect`); relative to the root.
+    pub parents: Vec<String>,
 }
 
 fn is_maildirpp_folder(name: &str) -> bool {
@@ -103,8 +107,30 @@ fn is_reserved_dir(name: &str) -> bool {
     matches!(name, "cur" | "new" | "tmp") || name.starts_with('.')
 }
 
+/// True when `dir` has a real (not symlinked) `cur/` or `new/` directory.
 fn has_mail_dirs(dir: &Path) -> bool {
-    dir.join("cur").is_dir() || dir.join("new").is_dir()
+    let real_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    real_dir(&dir.join("cur")) || real_dir(&dir.join("new"))
+}
+
+/// True when `dir` or a plain subdirectory of it (a few levels deep) is a mailbox: an fs
+/// layout may have folders only below parents that hold no mail (`Archive/2023`).
+fn holds_mailbox(dir: &Path, depth: usize) -> bool {
+    if has_mail_dirs(dir) {
+        return true;
+    }
+    if depth >= 8 {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        e.file_type().is_ok_and(|t| t.is_dir())
+            && !is_reserved_dir(&name.to_string_lossy())
+            && holds_mailbox(&e.path(), depth + 1)
+    })
 }
 
 /// The entries of `dir` with UTF-8 names, with their types (from `readdir`, no `stat`);
@@ -149,10 +175,11 @@ fn list_fs(root: &Path, dir: &Path, found: &mut MailboxDirs) -> io::Result<()> {
         if file_type.is_symlink() {
             found.skipped.push(rel);
         } else if file_type.is_dir() {
-            // A directory without cur/ or new/ is only a parent (\NoSelect); the mirror
-            // recreates it implicitly with its children.
+            // A directory without cur/ or new/ is only a parent (\NoSelect).
             if has_mail_dirs(&path) {
                 found.dirs.push(rel);
+            } else {
+                found.parents.push(rel);
             }
             list_fs(root, &path, found)?;
         }

@@ -235,6 +235,86 @@ pub fn remove_file_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Creates directory `target` so that it appears complete or not at all: it is built in
+/// `staging` (same filesystem) with its mode, owner, `subdirs` and an optional empty
+/// `marker` file, then renamed into place. A kill can leave only a temp directory in
+/// `staging`, never a half-owned directory where Dovecot looks. An existing target is left
+/// as it is; missing parents are created the same way.
+#[allow(clippy::too_many_arguments)]
+pub fn create_dir_staged(
+    target: &Path,
+    staging: &Path,
+    mode: u32,
+    owner: (u32, u32),
+    ownership: Ownership,
+    subdirs: &[&str],
+    marker: Option<&str>,
+) -> io::Result<()> {
+    if fs::symlink_metadata(target).is_ok() {
+        return Ok(());
+    }
+    if let Some(parent) = target.parent()
+        && fs::symlink_metadata(parent).is_err()
+    {
+        create_dir_staged(parent, staging, mode, owner, ownership, &[], None)?;
+    }
+    let temp = staging.join(temp_name());
+    let build = || -> io::Result<()> {
+        make_dir(&temp, mode, owner, ownership)?;
+        for sub in subdirs {
+            make_dir(&temp.join(sub), mode, owner, ownership)?;
+        }
+        if let Some(marker) = marker {
+            let file = fs::File::create(temp.join(marker))?;
+            ownership.apply_fd(&file, owner.0, owner.1)?;
+        }
+        fs::rename(&temp, target)
+    };
+    match build() {
+        Ok(()) => Ok(()),
+        Err(_) if fs::symlink_metadata(target).is_ok() => {
+            // Someone else created it meanwhile: theirs stands.
+            let _ = fs::remove_dir_all(&temp);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&temp);
+            Err(with_path(e, target))
+        }
+    }
+}
+
+/// `mkdir`, then owner and mode.
+fn make_dir(path: &Path, mode: u32, owner: (u32, u32), ownership: Ownership) -> io::Result<()> {
+    fs::create_dir(path).map_err(|e| with_path(e, path))?;
+    ownership.apply_path(path, owner.0, owner.1)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| with_path(e, path))
+}
+
+/// Gives `path` this owner and mode when they differ (used for the directories mdsync
+/// owns the creation of: the root while it holds no mail, and the root's `tmp/`).
+pub fn repair_dir(
+    path: &Path,
+    mode: u32,
+    owner: (u32, u32),
+    ownership: Ownership,
+) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path).map_err(|e| with_path(e, path))?;
+    let wanted_owner = match ownership {
+        Ownership::RunningUser => None,
+        Ownership::FromSource => Some(owner),
+        Ownership::Fixed(u, g) => Some((u, g)),
+    };
+    if wanted_owner.is_some_and(|(u, g)| (meta.uid(), meta.gid()) != (u, g)) {
+        ownership.apply_path(path, owner.0, owner.1)?;
+    }
+    if meta.permissions().mode() & 0o7777 != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| with_path(e, path))?;
+    }
+    Ok(())
+}
+
 /// Flushes the whole filesystem holding `path` (the `batch` fsync policy).
 pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     let dir = File::open(path).map_err(|e| with_path(e, path))?;
@@ -289,6 +369,49 @@ pub fn clean_stale_temps(tmp_dir: &Path) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_dir_appears_whole_with_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("tmp");
+        fs::create_dir(&staging).unwrap();
+        let target = dir.path().join("A/B");
+        create_dir_staged(
+            &target,
+            &staging,
+            0o750,
+            (0, 0),
+            Ownership::RunningUser,
+            &["cur", "new"],
+            Some("maildirfolder"),
+        )
+        .unwrap();
+        assert!(target.join("cur").is_dir() && target.join("maildirfolder").is_file());
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+            0o750
+        );
+        assert_eq!(
+            fs::read_dir(&staging).unwrap().count(),
+            0,
+            "no staging leftovers"
+        );
+        create_dir_staged(
+            &target,
+            &staging,
+            0o700,
+            (0, 0),
+            Ownership::RunningUser,
+            &[],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+            0o750,
+            "existing kept"
+        );
+    }
 
     #[test]
     fn rename_never_replaces() {

@@ -41,6 +41,7 @@ fn table(mailboxes: Vec<MailboxTable>) -> MailTable {
     MailTable {
         layout: Layout::MaildirPlusPlus,
         mailboxes,
+        parents: Vec::new(),
         subscriptions: None,
         uidvalidity_next: Some(1000),
         root_meta: DirMeta::default(),
