@@ -22,5 +22,6 @@ pub mod scan;
 pub mod storage;
 pub mod sync;
 pub mod table;
+pub mod wire;
 
 pub use error::{Error, Result};

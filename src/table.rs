@@ -333,6 +333,9 @@ pub struct MailTable {
     pub mailboxes: Vec<MailboxTable>,
     /// fs layout: directories that are only parents of folders (`\NoSelect`), sorted.
     pub parents: Vec<String>,
+    /// Folder directories that exist but were not followed (symlinks, non-UTF-8 names):
+    /// neither side's copy of them is ever created, changed or deleted.
+    pub unfollowed: Vec<String>,
     /// The root `subscriptions` file, byte for byte.
     pub subscriptions: Option<Vec<u8>>,
     /// The root `dovecot-uidvalidity` value.
@@ -357,6 +360,16 @@ impl MailTable {
     /// Total number of messages, including mailboxes that were not read.
     pub fn message_count(&self) -> u64 {
         self.mailboxes.iter().map(MailboxTable::message_count).sum()
+    }
+
+    /// True when `dir` is, or lies below, a folder that was not followed.
+    pub fn is_unfollowed(&self, dir: &str) -> bool {
+        self.unfollowed.iter().any(|u| {
+            dir == u
+                || dir
+                    .strip_prefix(u.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
     }
 
     /// Heap bytes of all message tables.

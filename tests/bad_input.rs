@@ -288,3 +288,78 @@ fn missing_or_non_directory_roots_are_errors() {
     );
     assert_eq!(fs::read_to_string(&file).unwrap(), "not a maildir");
 }
+
+#[test]
+fn symlinked_control_file_on_the_source_is_refused_not_copied() {
+    let dc = Dovecot::new();
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    backup_ok(&src, &dst, &[]);
+    let secret = dc.path().join("secret");
+    fs::write(&secret, "TOP-SECRET root-only bytes\n").unwrap();
+    fs::remove_file(src.join("subscriptions")).unwrap();
+    symlink(&secret, src.join("subscriptions")).unwrap();
+    let before = snapshot(&dst);
+
+    let run = backup(&src, &dst, &[]);
+    run.assert_no_panic();
+    assert_ne!(run.code, Some(0), "{}", run.describe());
+    assert!(run.stderr.contains("subscriptions"), "{}", run.describe());
+    let copied = fs::read_to_string(dst.join("subscriptions")).unwrap();
+    assert!(
+        !copied.contains("TOP-SECRET"),
+        "the link target leaked into DST"
+    );
+    assert_same_snapshot(&before, &snapshot(&dst), "DST after a refused run");
+}
+
+#[test]
+fn source_folder_replaced_by_a_symlink_keeps_its_backup() {
+    let dc = Dovecot::new();
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    backup_ok(&src, &dst, &[]);
+    let moved = dc.path().join("archive-elsewhere");
+    fs::rename(src.join(".Archive"), &moved).unwrap();
+    symlink(&moved, src.join(".Archive")).unwrap();
+    let archive_before = snapshot(&dst.join(".Archive"));
+
+    let run = backup(&src, &dst, &["--max-delete", "100%"]);
+    run.assert_no_panic();
+    assert_ne!(
+        run.code,
+        Some(0),
+        "the symlink is reported: {}",
+        run.describe()
+    );
+    assert!(run.stderr.contains(".Archive"), "{}", run.describe());
+    assert_same_snapshot(
+        &archive_before,
+        &snapshot(&dst.join(".Archive")),
+        "DST's Archive",
+    );
+}
+
+#[test]
+fn symlinked_folder_on_the_destination_is_never_written_through() {
+    let dc = Dovecot::new();
+    let src = dc.sample("src");
+    let dst = dc.maildir("dst");
+    let outside = dc.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let (uid, gid) = vmail_ids();
+    chown(&outside, Some(uid), Some(gid)).unwrap(); // so the oracle (Dovecot) can follow it
+    symlink(&outside, dst.join(".Sent")).unwrap();
+
+    let run = backup(&src, &dst, &[]);
+    run.assert_no_panic();
+    assert_ne!(run.code, Some(0), "{}", run.describe());
+    assert!(run.stderr.contains(".Sent"), "{}", run.describe());
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "wrote through the link"
+    );
+    let want = dc.oracle(&src);
+    assert_mailboxes_mirrored(&dc.oracle(&dst), &want, "Sent", false);
+}

@@ -205,3 +205,58 @@ fn message_renamed_before_copy_is_found_under_its_new_name() {
     assert_eq!(report.messages_copied, 2);
     assert_eq!(fs::read_to_string(dst.join("cur/b,S=1:2,S")).unwrap(), "b");
 }
+
+#[test]
+fn a_copy_that_fails_keeps_the_file_it_was_to_replace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    backup(
+        &LocalReplica::new(&src),
+        &LocalReplica::new(&dst),
+        &options(),
+        &NoProgress,
+    )
+    .unwrap();
+    // UID 2 now names another message on the source: the destination's must be replaced.
+    fs::remove_file(src.join("cur/b,S=1:2,S")).unwrap();
+    fs::write(src.join("cur/c,S=1:2,S"), "c").unwrap();
+    fs::write(
+        src.join("dovecot-uidlist"),
+        "3 V5 N3 G0000000000000000000000000000000a\n1 :a,S=1\n2 :c,S=1\n",
+    )
+    .unwrap();
+    struct Failing(LocalReplica);
+    impl BodySource for Failing {
+        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+            if name.starts_with('c') {
+                return Err(BodyError::Failed(format!("{name}: simulated I/O error")));
+            }
+            self.0.open_body(dir, sub, name)
+        }
+    }
+    let st = LocalReplica::new(&src)
+        .scan(&ScanOptions::default(), &NoProgress)
+        .unwrap();
+    let dt = LocalReplica::new(&dst)
+        .scan(&ScanOptions::default(), &NoProgress)
+        .unwrap();
+    let plan =
+        mdsync::sync::diff::diff_backup(&st, &dt, &Default::default(), &DiffOptions::default());
+    assert_eq!(plan.counts().expunges, 1, "the plan replaces uid 2");
+    let report = LocalReplica::new(&dst)
+        .apply(
+            &plan,
+            &Failing(LocalReplica::new(&src)),
+            &options().apply,
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(report.errors.len(), 1);
+    assert!(
+        dst.join("cur/b,S=1:2,S").exists(),
+        "the old copy was dropped"
+    );
+    let uidlist = fs::read_to_string(dst.join("dovecot-uidlist")).unwrap();
+    assert!(uidlist.contains("2 :b,S=1"), "{uidlist}");
+}

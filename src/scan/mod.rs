@@ -63,7 +63,7 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
     let found = layout
         .list_mailboxes(root)
         .map_err(|e| Error::io(root, e))?;
-    let anomalies = found
+    let anomalies: Vec<Anomaly> = found
         .skipped
         .iter()
         .map(|p| Anomaly {
@@ -83,6 +83,7 @@ pub fn scan(root: &Path, options: &ScanOptions, progress: &dyn Progress) -> Resu
         layout,
         mailboxes,
         parents: found.parents,
+        unfollowed: found.skipped,
         subscriptions: read_optional(&root.join(maildir::SUBSCRIPTIONS))
             .map_err(|e| Error::io(&root.join(maildir::SUBSCRIPTIONS), e))?,
         uidvalidity_next: read_uidvalidity_next(root),
@@ -189,6 +190,7 @@ fn empty_table(layout: Layout) -> MailTable {
         layout,
         mailboxes: Vec::new(),
         parents: Vec::new(),
+        unfollowed: Vec::new(),
         subscriptions: None,
         uidvalidity_next: None,
         root_meta: DirMeta {
@@ -210,23 +212,58 @@ pub fn mailbox_path(root: &Path, dir: &str) -> PathBuf {
     }
 }
 
-/// Reads a file that may be absent.
+/// Reads a control file that may be absent, never through a symlink: a link where Dovecot
+/// keeps a control file is refused, so a tree cannot make mdsync copy a file from outside.
 pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a symlink; not followed",
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
     }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
 }
 
 fn read_uidvalidity_next(root: &Path) -> Option<u32> {
-    let text = fs::read_to_string(root.join(maildir::UIDVALIDITY_FILE)).ok()?;
-    u32::from_str_radix(text.trim(), 16).ok()
+    let bytes = read_optional(&root.join(maildir::UIDVALIDITY_FILE)).ok()??;
+    u32::from_str_radix(std::str::from_utf8(&bytes).ok()?.trim(), 16).ok()
 }
 
 /// Scans one mailbox. Problems become `broken` (the mailbox is left alone) or anomalies
 /// (single entries); this function does not fail.
 pub fn scan_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
+    let first = read_mailbox(root, layout, dir);
+    // `readdir` can return a file twice when Dovecot renames it meanwhile; a second look
+    // tells such a ghost from a real second file with the same base name.
+    if first.anomalies.iter().any(|a| a.what == DUPLICATE_BASE) {
+        return read_mailbox(root, layout, dir);
+    }
+    first
+}
+
+/// The anomaly text of a second file with an already-listed base name.
+const DUPLICATE_BASE: &str = "second file with the same base name; Dovecot gives it a new UID";
+
+fn read_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
     let path = mailbox_path(root, dir);
     let mut mailbox = MailboxTable {
         dir: dir.to_string(),
@@ -252,11 +289,12 @@ fn fill_mailbox(path: &Path, mailbox: &mut MailboxTable) -> std::result::Result<
     // not yet numbered (copied as such), never as a UID pointing at nothing.
     let uidlist_path = path.join(uidlist::FILE_NAME);
     let uidlist_text = read_text(&uidlist_path)?;
+    let entries = list_messages(path, mailbox)?;
+    // Keywords after the listing: a letter Dovecot assigned meanwhile has its name here.
     let keywords_path = path.join(maildir::keywords::FILE_NAME);
     if let Some(text) = read_text(&keywords_path)? {
         mailbox.keywords = KeywordMap::parse(&text);
     }
-    let entries = list_messages(path, mailbox)?;
     let parsed = match &uidlist_text {
         Some(text) => {
             Some(uidlist::parse(text).map_err(|e| format!("{}: {e}", uidlist_path.display()))?)
@@ -296,7 +334,9 @@ fn list_messages(
     mailbox: &mut MailboxTable,
 ) -> std::result::Result<Vec<Entry>, String> {
     let mut entries = Vec::new();
-    for sub in ["new", "cur"] {
+    // cur/ first: a file Dovecot moves from new/ to cur/ meanwhile is then missed at worst
+    // (and confirmed by a second look), never seen twice.
+    for sub in ["cur", "new"] {
         let sub_path = path.join(sub);
         if fs::symlink_metadata(&sub_path).is_ok_and(|m| !m.is_dir()) {
             return Err(format!(
@@ -465,11 +505,7 @@ fn join_uids(
     mailbox.arena = arena;
     for name in duplicates {
         let rel = format!("{}/{}", mailbox.dir, name);
-        anomaly(
-            mailbox,
-            rel,
-            "second file with the same base name; Dovecot gives it a new UID",
-        );
+        anomaly(mailbox, rel, DUPLICATE_BASE);
     }
     for (uid, k, record) in rows {
         let n = &named[k];
@@ -488,7 +524,7 @@ fn extras_for(mailbox: &mut MailboxTable, record: &uidlist::Record<'_>) -> Optio
         return None;
     }
     let guid = record.guid.map(|g| mailbox.intern(g));
-    let ext = (!record.ext.is_empty()).then(|| mailbox.intern(record.ext));
+    let ext = (!record.ext.is_empty()).then(|| mailbox.intern(&record.ext));
     Some(Extras { guid, ext })
 }
 

@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -329,9 +330,16 @@ fn prepare_dirs(
     }
     if m.maildirfolder {
         let marker = path.join(md::MAILDIRFOLDER);
-        if !marker.exists() {
-            let file = fs::File::create(&marker).map_err(|e| with_path(e, &marker))?;
-            options.ownership.apply_fd(&file, owner.0, owner.1)?;
+        let created = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&marker);
+        match created {
+            Ok(file) => options.ownership.apply_fd(&file, owner.0, owner.1)?,
+            // Already there (or a link in its place, which is never followed).
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(with_path(e, &marker)),
         }
     }
     Ok(())
@@ -447,6 +455,7 @@ fn apply_locked(
     if let Some(map) = &m.keywords {
         write_keywords(path, &map.render(), owner, options).map_err(|e| Error::io(path, e))?;
     }
+    let mut landed: std::collections::HashSet<u32> = std::collections::HashSet::new();
     for (n, s) in staged.iter().enumerate() {
         if n % 1024 == 0 {
             lock.touch_if_due();
@@ -454,6 +463,7 @@ fn apply_locked(
         let target = path.join(s.op.dst_sub.as_str()).join(&s.op.dst_name);
         match writer::rename_noreplace(&s.tmp, &target) {
             Ok(()) => {
+                landed.insert(s.op.uid);
                 report.messages_copied += 1;
                 report.bytes_copied += s.bytes;
                 report.errors.extend(s.size_error.clone());
@@ -485,7 +495,19 @@ fn apply_locked(
             Err(e) => report.errors.push(e.to_string()),
         }
     }
-    for e in &m.expunges {
+    // A copy that did not land (vanished source, I/O error) leaves its UID as it was: the
+    // file it was to replace stays, and its uidlist record is not rewritten.
+    let failed: std::collections::HashSet<u32> = m
+        .copies
+        .iter()
+        .map(|c| c.uid)
+        .filter(|&uid| uid != 0 && !landed.contains(&uid))
+        .collect();
+    for e in m
+        .expunges
+        .iter()
+        .filter(|e| e.uid == 0 || !failed.contains(&e.uid))
+    {
         let file = path.join(e.sub.as_str()).join(&e.name);
         match fs::remove_file(&file) {
             Ok(()) => {
@@ -501,7 +523,27 @@ fn apply_locked(
     }
     let _ = tmp_dir;
     match &m.uidlist {
-        Some(UidlistChange::Write(edit)) => write_uidlist(path, edit, owner, options)?,
+        Some(UidlistChange::Write(edit)) if failed.is_empty() => {
+            write_uidlist(path, edit, owner, options)?
+        }
+        Some(UidlistChange::Write(edit)) => {
+            let kept = UidlistEdit {
+                header: edit.header.clone(),
+                remove: edit
+                    .remove
+                    .iter()
+                    .copied()
+                    .filter(|u| !failed.contains(u))
+                    .collect(),
+                upsert: edit
+                    .upsert
+                    .iter()
+                    .filter(|r| !failed.contains(&r.uid))
+                    .cloned()
+                    .collect(),
+            };
+            write_uidlist(path, &kept, owner, options)?
+        }
         Some(UidlistChange::Remove) => remove_if_exists(&path.join(uidlist::FILE_NAME))?,
         None => {}
     }

@@ -231,10 +231,17 @@ fn confirm_missing(src: &dyn Replica, src_table: &mut MailTable, dst_table: &Mai
         let Some(dst_mailbox) = dst_table.mailbox(&mailbox.dir) else {
             return;
         };
-        let at_stake = mailbox
-            .listed_missing
-            .iter()
-            .any(|&(uid, _)| dst_mailbox.find_uid(uid).is_some());
+        if mailbox.listed_missing.is_empty() {
+            return;
+        }
+        // At stake: a destination copy with that UID, or with that base name (copied while
+        // the source had not numbered it yet).
+        let dst_bases: std::collections::HashSet<&str> = (0..dst_mailbox.len())
+            .map(|j| dst_mailbox.base(j))
+            .collect();
+        let at_stake = mailbox.listed_missing.iter().any(|&(uid, base)| {
+            dst_mailbox.find_uid(uid).is_some() || dst_bases.contains(mailbox.str(base))
+        });
         if at_stake {
             *mailbox = src.rescan_mailbox(layout, &mailbox.dir);
         }

@@ -111,6 +111,16 @@ pub fn diff_backup(
         .par_iter()
         .enumerate()
         .map(|(n, s)| {
+            if dst.is_unfollowed(&s.dir) {
+                let why = "the destination folder is a symlink (or has an odd name); left alone";
+                return (
+                    None,
+                    vec![Skipped {
+                        path: s.dir.clone(),
+                        why: why.into(),
+                    }],
+                );
+            }
             let mut ctx = MailboxDiff::new(s, dst.mailbox(&s.dir), src.layout, answers, options, n);
             let plan = ctx.run();
             (plan, ctx.skipped)
@@ -123,7 +133,8 @@ pub fn diff_backup(
         }
     }
     for d in &dst.mailboxes {
-        if src.mailbox(&d.dir).is_none() {
+        // A source folder that was not followed is not a deleted one: its copy stays.
+        if src.mailbox(&d.dir).is_none() && !src.is_unfollowed(&d.dir) {
             plan.delete_mailboxes.push(DeleteMailbox {
                 dir: d.dir.clone(),
                 name: d.name.clone(),
@@ -161,13 +172,13 @@ fn plan_parents(src: &MailTable, dst: &MailTable, plan: &mut Plan) {
     plan.create_parents = src
         .parents
         .iter()
-        .filter(|p| !dst_dirs.contains(p.as_str()))
+        .filter(|p| !dst_dirs.contains(p.as_str()) && !dst.is_unfollowed(p))
         .cloned()
         .collect();
     plan.remove_parents = dst
         .parents
         .iter()
-        .filter(|p| !src_dirs.contains(p.as_str()))
+        .filter(|p| !src_dirs.contains(p.as_str()) && !src.is_unfollowed(p))
         .cloned()
         .collect();
 }
@@ -295,19 +306,32 @@ impl<'a> MailboxDiff<'a> {
             return;
         };
         self.keywords = d.keywords.clone();
+        // Letters in use on the source without a name (Dovecot shows `unknown-N`) keep their
+        // letter when it is free here, and no name may take it from them.
+        let in_use = self
+            .s
+            .msgs
+            .flags
+            .iter()
+            .fold(0u32, |acc, f| acc | f.keywords);
+        let mut reserved = 0u32;
+        for i in 0..LETTERS {
+            if self.s.keywords.name(i).is_none() && self.keywords.name(i).is_none() {
+                self.letter_map[i] = Some(i as u8);
+                if in_use & (1 << i) != 0 {
+                    reserved |= 1 << i;
+                }
+            }
+        }
         for (i, name) in self.s.keywords.names.iter().enumerate() {
-            match name {
-                Some(name) => match self.keywords.assign(name) {
-                    Some(letter) => self.letter_map[i] = Some(letter as u8),
-                    None => {
-                        let why = format!("keyword {name} does not fit in 26 letters; dropped");
-                        self.skip(&self.s.dir.clone(), &why);
-                    }
-                },
-                // A letter with no name: Dovecot shows it as `unknown-N`; keep the letter
-                // when it is free on the destination too.
-                None if self.keywords.name(i).is_none() => self.letter_map[i] = Some(i as u8),
-                None => {}
+            let Some(name) = name else { continue };
+            match self.keywords.assign_avoiding(name, reserved) {
+                Some(letter) => self.letter_map[i] = Some(letter as u8),
+                None => {
+                    self.letter_map[i] = None;
+                    let why = format!("keyword {name} does not fit in 26 letters; dropped");
+                    self.skip(&self.s.dir.clone(), &why);
+                }
             }
         }
         if self.keywords != d.keywords {
@@ -336,10 +360,15 @@ impl<'a> MailboxDiff<'a> {
         let s = self.s;
         let flags = s.msgs.flags[i];
         let translated = self.translate(flags);
-        if base == s.base(i) && (translated == flags || s.has(i, status::ODD_NAME)) {
+        if base == s.base(i) && translated == flags {
             return s.name(i).to_string();
         }
-        filename::compose(base, translated, s.subdir(i) == Subdir::New)
+        let mut name = filename::compose(base, translated, s.subdir(i) == Subdir::New);
+        if s.has(i, status::ODD_NAME) {
+            // Keep an opaque tail after the flag letters (`:2,Sa,tail`) as it was.
+            name.push_str(filename::info_tail(s.name(i)));
+        }
+        name
     }
 
     fn plan_message(
@@ -607,10 +636,11 @@ impl<'a> MailboxDiff<'a> {
     /// True when a record binds a UID below the destination's next UID to a file that UID
     /// did not name before: Dovecot's index would call it an expunged message reappearing.
     fn rebinds_below_next(&self, d: &MailboxTable, upserts: &[OwnedRecord]) -> bool {
+        // Only files that exist count: a record whose file is gone may already be marked
+        // expunged in Dovecot's index, which would renumber the message brought back.
         let known: HashSet<(u32, &str)> = d
             .listed_range()
             .map(|j| (d.msgs.uid[j], d.base(j)))
-            .chain(d.listed_missing.iter().map(|&(u, b)| (u, d.str(b))))
             .collect();
         upserts.iter().any(|r| {
             r.uid < d.next_uid && !known.contains(&(r.uid, r.base.as_str()))

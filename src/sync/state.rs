@@ -146,6 +146,7 @@ mod tests {
             layout: crate::storage::maildir::layout::Layout::MaildirPlusPlus,
             mailboxes: boxes,
             parents: Vec::new(),
+            unfollowed: Vec::new(),
             subscriptions: None,
             uidvalidity_next: None,
             root_meta: Default::default(),

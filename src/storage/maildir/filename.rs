@@ -63,17 +63,29 @@ pub fn parse(name: &str) -> Result<ParsedName<'_>, NameError> {
     })
 }
 
-/// Reads the flag letters; a `,` tail or a letter outside A–Z/a–z makes the info odd, and
-/// odd names are carried verbatim rather than rebuilt.
-fn parse_flag_letters(letters: &str) -> (Flags, bool) {
+/// Reads the flag letters up to an optional `,` tail; a tail or a byte outside A–Z/a–z makes
+/// the info odd (such names are carried verbatim, or rebuilt keeping the tail).
+fn parse_flag_letters(info: &str) -> (Flags, bool) {
+    let (letters, tail) = info.split_once(',').unwrap_or((info, ""));
     let mut flags = Flags::default();
-    let mut odd = false;
+    let mut odd = !tail.is_empty() || info.contains(',');
     for b in letters.bytes() {
         if !flags.insert_letter(b) {
             odd = true;
         }
     }
     (flags, odd)
+}
+
+/// The part of a `:2,` info after the flag letters, from its `,` on (empty when none).
+pub fn info_tail(name: &str) -> &str {
+    let Some(colon) = name.rfind(':') else {
+        return "";
+    };
+    let Some(letters) = name[colon + 1..].strip_prefix("2,") else {
+        return "";
+    };
+    letters.find(',').map_or("", |i| &letters[i..])
 }
 
 /// Finds `,K=` (`key` is `b'S'` or `b'W'`) followed by decimal digits ending at `,` or the
@@ -150,6 +162,15 @@ mod tests {
         assert!(parse("x:1,foo").unwrap().odd_info);
         assert!(parse("x:2,S!").unwrap().odd_info);
         assert!(parse("x:3").unwrap().odd_info);
+    }
+
+    #[test]
+    fn flag_letters_stop_at_a_tail() {
+        let p = parse("x:2,Sa,xyz").unwrap();
+        assert_eq!(p.flags.to_letters(), "Sa");
+        assert!(p.odd_info);
+        assert_eq!(info_tail("x:2,Sa,xyz"), ",xyz");
+        assert_eq!(info_tail("x:2,Sa"), "");
     }
 
     #[test]

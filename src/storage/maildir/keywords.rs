@@ -49,10 +49,16 @@ impl KeywordMap {
     /// Gives `name` a letter: its existing one, else the first free one. `None` when all 26
     /// letters are taken.
     pub fn assign(&mut self, name: &str) -> Option<usize> {
+        self.assign_avoiding(name, 0)
+    }
+
+    /// Like [`KeywordMap::assign`], but never hands out a free letter whose bit is set in
+    /// `reserved` (letters in use without a name).
+    pub fn assign_avoiding(&mut self, name: &str, reserved: u32) -> Option<usize> {
         if let Some(i) = self.index_of(name) {
             return Some(i);
         }
-        let free = self.names.iter().position(Option::is_none)?;
+        let free = (0..LETTERS).find(|&i| self.names[i].is_none() && reserved & (1 << i) == 0)?;
         self.names[free] = Some(name.to_string());
         Some(free)
     }

@@ -21,14 +21,15 @@ pub struct Header {
 }
 
 /// One record, borrowing from the file text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<'a> {
     /// The UID, never 0.
     pub uid: u32,
     /// `G` field: the message GUID when it differs from the base name.
     pub guid: Option<&'a str>,
-    /// Other extension fields (`S W P O …`) verbatim, space-separated; empty when none.
-    pub ext: &'a str,
+    /// Other extension fields (`S W P O …`) in their order, space-separated; empty when
+    /// none. Borrowed unless a `G` field sat between them.
+    pub ext: std::borrow::Cow<'a, str>,
     /// Base file name (anything after a `:` in old files is cut off).
     pub base: &'a str,
 }
@@ -138,6 +139,9 @@ fn parse_header(line: &str) -> Result<(u8, Header), UidlistError> {
     let mut header = Header::default();
     let mut extra = Vec::new();
     for field in fields.filter(|f| !f.is_empty()) {
+        if !field.as_bytes()[0].is_ascii() {
+            return Err(bad("non-ASCII field"));
+        }
         let (key, value) = field.split_at(1);
         match key {
             "V" => header.uid_validity = value.parse().map_err(|_| bad("bad V"))?,
@@ -219,7 +223,7 @@ fn parse_v1_record(line: &str, line_no: usize) -> Result<Record<'_>, UidlistErro
     Ok(Record {
         uid,
         guid: None,
-        ext: "",
+        ext: "".into(),
         base,
     })
 }
@@ -230,43 +234,30 @@ fn checked_base(name: &str) -> Option<&str> {
     (!base.is_empty() && !base.contains('/')).then_some(base)
 }
 
-/// Extracts a `G` field from the extension fields; returns the rest verbatim. `None` when a
-/// field does not start with an uppercase letter or `G` is empty (Dovecot calls that
-/// corruption).
-fn split_guid_field(fields: &str) -> Option<(Option<&str>, &str)> {
+/// Extracts a `G` field from the extension fields and keeps every other field, in order.
+/// `None` when a field does not start with an uppercase letter or `G` is empty (Dovecot
+/// calls that corruption).
+fn split_guid_field(fields: &str) -> Option<(Option<&str>, std::borrow::Cow<'_, str>)> {
     let fields = fields.trim_matches(' ');
-    if fields.is_empty() {
-        return Some((None, ""));
-    }
     let mut guid = None;
+    let mut others: Vec<&str> = Vec::new();
     for field in fields.split(' ').filter(|f| !f.is_empty()) {
         if !field.as_bytes()[0].is_ascii_uppercase() {
             return None;
         }
-        if let Some(value) = field.strip_prefix('G') {
-            if value.is_empty() {
-                return None;
-            }
-            guid = Some(value);
+        match field.strip_prefix('G') {
+            Some("") => return None,
+            Some(value) => guid = Some(value),
+            None => others.push(field),
         }
     }
-    let Some(g) = guid else {
-        return Some((None, fields));
+    let ext = match (guid, others.as_slice()) {
+        (None, _) => std::borrow::Cow::Borrowed(fields),
+        (Some(_), []) => std::borrow::Cow::Borrowed(""),
+        (Some(_), [one]) => std::borrow::Cow::Borrowed(*one),
+        (Some(_), many) => std::borrow::Cow::Owned(many.join(" ")),
     };
-    // The G field is usually alone; otherwise keep the others verbatim around it.
-    let whole = format!("G{g}");
-    if fields == whole {
-        return Some((Some(g), ""));
-    }
-    let start = fields.find(&whole)?;
-    let rest = if start == 0 {
-        fields[whole.len()..].trim_start_matches(' ')
-    } else {
-        // G in the middle or end: keep what precedes it (a rare layout; tail fields after G
-        // are dropped only if they exist, which Dovecot never writes).
-        fields[..start].trim_end_matches(' ')
-    };
-    Some((Some(g), rest))
+    Some((guid, ext))
 }
 
 /// An owned record for rendering.
@@ -398,6 +389,17 @@ mod tests {
         assert!(matches!(
             parse("3 V1 N1\n1 :a\n2 :b"),
             Err(UidlistError::Truncated(3))
+        ));
+    }
+
+    #[test]
+    fn keeps_every_field_around_g_and_refuses_non_ascii_keys() {
+        let u = parse("3 V1 N2\n1 W1 Gsomeguid P7 O3 :a\n").unwrap();
+        assert_eq!(u.records[0].guid, Some("someguid"));
+        assert_eq!(u.records[0].ext, "W1 P7 O3");
+        assert!(matches!(
+            parse("3 V1 N2 \u{e9}x\n"),
+            Err(UidlistError::BadHeader(_))
         ));
     }
 

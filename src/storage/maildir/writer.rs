@@ -209,8 +209,8 @@ pub fn create_dir(
     owner: (u32, u32),
     ownership: Ownership,
 ) -> io::Result<()> {
-    if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Ok(());
+    if let Some(existing) = existing_entry(path)? {
+        return existing;
     }
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
@@ -250,8 +250,8 @@ pub fn create_dir_staged(
     subdirs: &[&str],
     marker: Option<&str>,
 ) -> io::Result<()> {
-    if fs::symlink_metadata(target).is_ok() {
-        return Ok(());
+    if let Some(existing) = existing_entry(target)? {
+        return existing;
     }
     if let Some(parent) = target.parent()
         && fs::symlink_metadata(parent).is_err()
@@ -281,6 +281,23 @@ pub fn create_dir_staged(
             let _ = fs::remove_dir_all(&temp);
             Err(with_path(e, target))
         }
+    }
+}
+
+/// `Some(Ok)` for an existing real directory, `Some(Err)` for anything else there (a
+/// symlink is never written through), `None` when nothing is there.
+fn existing_entry(path: &Path) -> io::Result<Option<io::Result<()>>> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(Some(Ok(()))),
+        Ok(_) => Ok(Some(Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{}: exists and is not a directory (symlink?); not followed",
+                path.display()
+            ),
+        )))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(with_path(e, path)),
     }
 }
 

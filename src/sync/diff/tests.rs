@@ -42,6 +42,7 @@ fn table(mailboxes: Vec<MailboxTable>) -> MailTable {
         layout: Layout::MaildirPlusPlus,
         mailboxes,
         parents: Vec::new(),
+        unfollowed: Vec::new(),
         subscriptions: None,
         uidvalidity_next: Some(1000),
         root_meta: DirMeta::default(),
@@ -291,4 +292,65 @@ fn checksum_mismatch_replaces_the_file_under_a_fresh_name() {
         Some("same"),
         "GUID kept via G"
     );
+}
+
+#[test]
+fn unnamed_letters_keep_their_letter_and_no_name_takes_it() {
+    let mut s = mailbox("", 7, 3, &[(1, "x", "Sa", false), (2, "y", "Sb", false)]);
+    s.keywords = KeywordMap::parse("1 foo\n");
+    let d = mailbox("", 7, 3, &[(1, "x", "S", false), (2, "y", "S", false)]);
+    let plan = plan_of(&table(vec![s]), &table(vec![d]));
+    let m = &plan.mailboxes[0];
+    let names: Vec<&str> = m.renames.iter().map(|r| r.to_name.as_str()).collect();
+    assert_eq!(names, ["x:2,Sa", "y:2,Sb"]);
+    assert_eq!(m.keywords.as_ref().unwrap().render(), "1 foo\n");
+}
+
+#[test]
+fn odd_names_are_translated_keeping_their_tail() {
+    let mut s = mailbox("", 7, 2, &[]);
+    s.keywords = KeywordMap::parse("0 foo\n1 bar\n");
+    let name = "x:2,Sb,tail";
+    let parsed = filename::parse(name).unwrap();
+    s.push(1, name, 1, parsed.flags, 10, None, status::ODD_NAME);
+    let mut d = mailbox("", 7, 2, &[(1, "x", "S", false)]);
+    d.keywords = KeywordMap::parse("0 bar\n");
+    let plan = plan_of(&table(vec![s]), &table(vec![d]));
+    assert_eq!(plan.mailboxes[0].renames[0].to_name, "x:2,Sa,tail");
+}
+
+#[test]
+fn bringing_back_a_file_whose_record_lingers_resets_the_index() {
+    let src = table(vec![mailbox("", 7, 11, &[(5, "back", "S", false)])]);
+    let mut d = mailbox("", 7, 11, &[]);
+    let base = d.intern("back");
+    d.listed_missing.push((5, base));
+    let plan = plan_of(&src, &table(vec![d]));
+    let m = &plan.mailboxes[0];
+    assert_eq!(m.copies.len(), 1);
+    assert!(
+        m.reset_index,
+        "Dovecot's index may already call uid 5 expunged"
+    );
+}
+
+#[test]
+fn unfollowed_folders_are_neither_written_nor_deleted() {
+    let src = table(vec![
+        mailbox("", 7, 1, &[]),
+        mailbox(".Evil", 8, 2, &[(1, "a", "", false)]),
+    ]);
+    let mut dst = table(vec![mailbox("", 7, 1, &[])]);
+    dst.unfollowed.push(".Evil".into());
+    let plan = plan_of(&src, &dst);
+    assert!(plan.mailboxes.iter().all(|m| m.dir != ".Evil"));
+    assert!(plan.skipped.iter().any(|s| s.path == ".Evil"));
+
+    let mut src = table(vec![mailbox("", 7, 1, &[])]);
+    src.unfollowed.push(".Arch".into());
+    let dst = table(vec![
+        mailbox("", 7, 1, &[]),
+        mailbox(".Arch", 8, 2, &[(1, "a", "", false)]),
+    ]);
+    assert!(plan_of(&src, &dst).delete_mailboxes.is_empty());
 }
