@@ -164,8 +164,8 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Replaces a control file atomically: write `<path>.<tmp>` beside it (or in `tmp_dir`),
-/// fsync unless told not to, rename over. Readers see the old or the new file, never half.
+/// Replaces a control file atomically: write a temp file in `tmp_dir`, fsync it with the
+/// `file` policy, rename over. Readers see the old or the new file, never half.
 pub fn replace_file(
     path: &Path,
     tmp_dir: &Path,
@@ -186,7 +186,8 @@ pub fn replace_file(
         file.write_all(content)?;
         ownership.apply_fd(&file, owner.0, owner.1)?;
         file.set_permissions(fs::Permissions::from_mode(mode))?;
-        if fsync != FsyncPolicy::None {
+        // `batch` makes control files durable with the run's closing syncfs.
+        if fsync == FsyncPolicy::File {
             file.sync_data()?;
         }
         Ok(())
