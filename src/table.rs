@@ -120,6 +120,10 @@ pub struct MailboxTable {
     pub anomalies: Vec<Anomaly>,
     /// Stamps of `cur/`, `new/`, uidlist and keywords, taken before the mailbox was read.
     pub stamps: MailboxStamps,
+    /// True when nothing in the mailbox moved while it was read: its stamps were the same
+    /// before and after, and old enough to trust. A uidlist record without a file is then
+    /// really expunged, not a file `readdir` missed during a rename.
+    pub settled: bool,
     /// `Some(message count)` when the mailbox was not read at all: its stamps equal those of
     /// the last run that left this pair in sync. Such a table holds no messages.
     pub unchanged: Option<u64>,

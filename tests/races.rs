@@ -260,3 +260,64 @@ fn a_copy_that_fails_keeps_the_file_it_was_to_replace() {
     let uidlist = fs::read_to_string(dst.join("dovecot-uidlist")).unwrap();
     assert!(uidlist.contains("2 :b,S=1"), "{uidlist}");
 }
+
+#[test]
+fn a_settled_mailbox_is_not_listed_twice_for_a_lingering_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    backup(
+        &LocalReplica::new(&src),
+        &LocalReplica::new(&dst),
+        &options(),
+        &NoProgress,
+    )
+    .unwrap();
+    // Dovecot expunged b long ago; its uidlist record lingers until the next rewrite.
+    fs::remove_file(src.join("cur/b,S=1:2,S")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    struct Counting {
+        inner: LocalReplica,
+        rescans: Mutex<u32>,
+    }
+    impl BodySource for Counting {
+        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+            self.inner.open_body(dir, sub, name)
+        }
+    }
+    impl Replica for Counting {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn scan(&self, o: &ScanOptions, p: &dyn Progress) -> mdsync::Result<MailTable> {
+            self.inner.scan(o, p)
+        }
+        fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+            *self.rescans.lock().unwrap() += 1;
+            self.inner.rescan_mailbox(layout, dir)
+        }
+        fn content_hash(&self, d: &str, s: Subdir, n: &str) -> Result<u128, BodyError> {
+            self.inner.content_hash(d, s, n)
+        }
+        fn apply(
+            &self,
+            plan: &Plan,
+            source: &dyn BodySource,
+            options: &ApplyOptions,
+            progress: &dyn Progress,
+        ) -> mdsync::Result<ApplyReport> {
+            self.inner.apply(plan, source, options, progress)
+        }
+    }
+    let counting = Counting {
+        inner: LocalReplica::new(&src),
+        rescans: Mutex::new(0),
+    };
+    let outcome = backup(&counting, &LocalReplica::new(&dst), &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.report.expunged, 1);
+    assert_eq!(
+        *counting.rescans.lock().unwrap(),
+        0,
+        "stamps did not move: no second look"
+    );
+}

@@ -171,8 +171,10 @@ fn read_or_reuse(
         };
     }
     if let Some(table) = cache.and_then(|c| c.take(dir, stamps)) {
+        // Cached only when its stamps were old; they have not moved since.
         return MailboxTable {
             stamps: *stamps,
+            settled: true,
             ..table
         };
     }
@@ -264,6 +266,14 @@ pub fn scan_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
 const DUPLICATE_BASE: &str = "second file with the same base name; Dovecot gives it a new UID";
 
 fn read_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
+    let started_ns = cache::now_ns();
+    let mut mailbox = read_mailbox_once(root, layout, dir);
+    let after = cache::take_stamps(&mailbox_path(root, dir));
+    mailbox.settled = after == mailbox.stamps && !mailbox.stamps.is_racy(started_ns);
+    mailbox
+}
+
+fn read_mailbox_once(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
     let path = mailbox_path(root, dir);
     let mut mailbox = MailboxTable {
         dir: dir.to_string(),

@@ -223,15 +223,16 @@ fn read_one_sided(
 }
 
 /// A uidlist record whose file the scan did not see may be a message Dovecot was renaming
-/// during `readdir`. Before the destination's copy of it is expunged, the source mailbox is
-/// listed again; whatever that second look finds is what counts.
+/// during `readdir`. Unless the mailbox was settled (its stamps did not move while it was
+/// read), the source mailbox is listed again before the destination's copy is expunged;
+/// whatever that second look finds is what counts.
 fn confirm_missing(src: &dyn Replica, src_table: &mut MailTable, dst_table: &MailTable) {
     let layout = src_table.layout;
     src_table.mailboxes.par_iter_mut().for_each(|mailbox| {
         let Some(dst_mailbox) = dst_table.mailbox(&mailbox.dir) else {
             return;
         };
-        if mailbox.listed_missing.is_empty() {
+        if mailbox.listed_missing.is_empty() || mailbox.settled {
             return;
         }
         // At stake: a destination copy with that UID, or with that base name (copied while
