@@ -183,7 +183,12 @@ fn prepare_root(root: &Path, plan: &Plan, options: &ApplyOptions) -> Result<()> 
 /// and `dovecot-uidlist.lock` files whose owner process is dead on this host (Dovecot would
 /// override those too; until then it shows the mailbox as empty). Never fails a run.
 fn sweep(root: &Path, plan: &Plan) {
-    let _ = writer::clean_stale_temps(&root.join("tmp"));
+    let root_tmp = root.join("tmp");
+    let subscriptions_lock = md::dotlock::lock_path_for(&root.join(md::SUBSCRIPTIONS));
+    if writer::is_twin_of_dead_temp(&root_tmp, &subscriptions_lock) {
+        let _ = writer::remove_file_if_exists(&subscriptions_lock);
+    }
+    let _ = writer::clean_stale_temps(&root_tmp);
     for dir in &plan.sweep {
         let path = mailbox_path(root, dir);
         let _ = writer::clean_stale_temps(&path.join("tmp"));
@@ -732,44 +737,45 @@ fn write_subscriptions(
     owner: (u32, u32),
     options: &ApplyOptions,
 ) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let target = root.join(md::SUBSCRIPTIONS);
     let lock = md::dotlock::lock_path_for(&target);
+    let tmp_dir = root.join("tmp");
+    // Dovecot's dotlock: the new content, complete, is linked to the lock name (which
+    // fails while someone holds it) and then renamed over the file. The temp file stays
+    // until the end, so a lock left by a killed run is recognisable as ours.
+    let temp = writer::write_temp(
+        &tmp_dir,
+        content,
+        owner,
+        0o600,
+        options.ownership,
+        options.fsync,
+    )?;
     let mut waited = Duration::ZERO;
-    let mut file = loop {
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&lock)
-        {
-            Ok(file) => break file,
-            Err(e)
-                if e.kind() == io::ErrorKind::AlreadyExists && waited < Duration::from_secs(30) =>
-            {
+    let linked = loop {
+        match fs::hard_link(&temp, &lock) {
+            Ok(()) => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if writer::is_twin_of_dead_temp(&tmp_dir, &lock)
+                    || waited >= Duration::from_secs(30)
+                {
+                    // Ours from a killed run, or stale by Dovecot's 30 s rule.
+                    writer::remove_file_if_exists(&lock)?;
+                    continue;
+                }
                 std::thread::sleep(Duration::from_millis(100));
                 waited += Duration::from_millis(100);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                // Dovecot calls a subscriptions lock stale after 30 s without change.
-                fs::remove_file(&lock).map_err(|e| with_path(e, &lock))?;
-            }
-            Err(e) => return Err(with_path(e, &lock)),
+            Err(e) => break Err(with_path(e, &lock)),
         }
     };
-    let written = (|| {
-        file.write_all(content)?;
-        options.ownership.apply_fd(&file, owner.0, owner.1)?;
-        if options.fsync != FsyncPolicy::None {
-            file.sync_data()?;
-        }
-        fs::rename(&lock, &target)
-    })();
-    if written.is_err() {
+    let result =
+        linked.and_then(|()| fs::rename(&lock, &target).map_err(|e| with_path(e, &target)));
+    if result.is_err() {
         let _ = fs::remove_file(&lock);
     }
-    written.map_err(|e| with_path(e, &target))
+    let _ = fs::remove_file(&temp);
+    result
 }
 
 /// Raises `dovecot-uidvalidity` (and its `.<hex>` marker) to `next`.
@@ -885,6 +891,55 @@ mod tests {
             fs::read_dir(root.join("tmp")).unwrap().count(),
             0,
             "trash removed"
+        );
+    }
+
+    #[test]
+    fn a_killed_runs_subscriptions_lock_is_recognised_and_replaced_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("tmp")).unwrap();
+        let dead_temp = root.join(format!("tmp/{}2147483646.7", md::TEMP_PREFIX));
+        fs::write(&dead_temp, "old\n").unwrap();
+        fs::hard_link(&dead_temp, root.join("subscriptions.lock")).unwrap();
+        let options = ApplyOptions {
+            fsync: FsyncPolicy::None,
+            ownership: Ownership::RunningUser,
+        };
+        let started = std::time::Instant::now();
+        write_subscriptions(root, b"V\t2\n\nINBOX\n", (0, 0), &options).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited for a dead run's lock"
+        );
+        assert_eq!(
+            fs::read(root.join("subscriptions")).unwrap(),
+            b"V\t2\n\nINBOX\n"
+        );
+        assert!(!root.join("subscriptions.lock").exists());
+    }
+
+    #[test]
+    fn a_live_foreign_subscriptions_lock_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("tmp")).unwrap();
+        fs::write(root.join("subscriptions.lock"), "someone else's\n").unwrap();
+        let lock = root.join("subscriptions.lock");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            fs::remove_file(lock).unwrap();
+        });
+        let options = ApplyOptions {
+            fsync: FsyncPolicy::None,
+            ownership: Ownership::RunningUser,
+        };
+        let started = std::time::Instant::now();
+        write_subscriptions(root, b"V\t2\n\n", (0, 0), &options).unwrap();
+        releaser.join().unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "did not wait for the holder"
         );
     }
 }

@@ -175,27 +175,7 @@ pub fn replace_file(
     ownership: Ownership,
     fsync: FsyncPolicy,
 ) -> io::Result<()> {
-    let tmp = tmp_dir.join(temp_name());
-    let write = || -> io::Result<()> {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        file.write_all(content)?;
-        ownership.apply_fd(&file, owner.0, owner.1)?;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        // `batch` makes control files durable with the run's closing syncfs.
-        if fsync == FsyncPolicy::File {
-            file.sync_data()?;
-        }
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(with_path(e, &tmp));
-    }
+    let tmp = write_temp(tmp_dir, content, owner, mode, ownership, fsync)?;
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         with_path(e, path)
@@ -349,29 +329,8 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 /// Removes files a killed mdsync run left in a `tmp/` directory: our prefix, and a PID
 /// that is no longer running (a concurrent run's files are left alone).
 pub fn clean_stale_temps(tmp_dir: &Path) -> io::Result<usize> {
-    let Ok(entries) = fs::read_dir(tmp_dir) else {
-        return Ok(0);
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
-            continue;
-        };
-        let pid_text = rest
-            .trim_start_matches("lock.")
-            .trim_start_matches("trash.");
-        let pid = pid_text
-            .split('.')
-            .next()
-            .and_then(|p| p.parse::<i32>().ok());
-        let alive = pid.is_some_and(|p| {
-            p as u32 == std::process::id()
-                || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
-        });
-        if alive {
-            continue;
-        }
+    let dead = dead_temps(tmp_dir);
+    for entry in &dead {
         let path = entry.path();
         let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
             fs::remove_dir_all(&path)
@@ -379,9 +338,83 @@ pub fn clean_stale_temps(tmp_dir: &Path) -> io::Result<usize> {
             fs::remove_file(&path)
         };
         result.map_err(|e| with_path(e, &path))?;
-        removed += 1;
     }
-    Ok(removed)
+    Ok(dead.len())
+}
+
+/// Entries of `tmp_dir` with mdsync's prefix whose PID is no longer running.
+fn dead_temps(tmp_dir: &Path) -> Vec<fs::DirEntry> {
+    let Ok(entries) = fs::read_dir(tmp_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(TEMP_PREFIX)) else {
+                return false;
+            };
+            let pid_text = rest
+                .trim_start_matches("lock.")
+                .trim_start_matches("trash.");
+            let pid = pid_text
+                .split('.')
+                .next()
+                .and_then(|p| p.parse::<i32>().ok());
+            !pid.is_some_and(|p| {
+                p as u32 == std::process::id()
+                    || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+            })
+        })
+        .collect()
+}
+
+/// True when `file` is a hard link of a temp file a dead mdsync run left in `tmp_dir`:
+/// a lock that run took and never released.
+pub fn is_twin_of_dead_temp(tmp_dir: &Path, file: &Path) -> bool {
+    let Ok(meta) = fs::symlink_metadata(file) else {
+        return false;
+    };
+    dead_temps(tmp_dir).iter().any(|e| {
+        e.metadata()
+            .is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
+    })
+}
+
+/// Writes `content` into a new temp file in `tmp_dir` (mode, owner, fsync per policy) and
+/// returns its path; the caller links or renames it into place.
+pub fn write_temp(
+    tmp_dir: &Path,
+    content: &[u8],
+    owner: (u32, u32),
+    mode: u32,
+    ownership: Ownership,
+    fsync: FsyncPolicy,
+) -> io::Result<PathBuf> {
+    let tmp = tmp_dir.join(temp_name());
+    let write = || -> io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        file.write_all(content)?;
+        ownership.apply_fd(&file, owner.0, owner.1)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        // `batch` makes control files durable with the run's closing syncfs.
+        if fsync == FsyncPolicy::File {
+            file.sync_data()?;
+        }
+        Ok(())
+    };
+    match write() {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(with_path(e, &tmp))
+        }
+    }
 }
 
 #[cfg(test)]
