@@ -157,30 +157,24 @@ pub fn diff_backup(
 /// fs layout: parent-only directories are mirrored too, so Dovecot lists the same
 /// `\NoSelect` hierarchy on both sides.
 fn plan_parents(src: &MailTable, dst: &MailTable, plan: &mut Plan) {
-    let src_dirs: HashSet<&str> = src
+    plan.create_parents = parents_missing_in(src, dst);
+    plan.remove_parents = parents_missing_in(dst, src);
+}
+
+/// Parent-only directories of `from` that `to` has neither as a parent nor as a mailbox,
+/// leaving out those below a folder `to` does not follow.
+fn parents_missing_in(from: &MailTable, to: &MailTable) -> Vec<String> {
+    let to_dirs: HashSet<&str> = to
         .parents
         .iter()
         .map(String::as_str)
-        .chain(src.mailboxes.iter().map(|m| m.dir.as_str()))
+        .chain(to.mailboxes.iter().map(|m| m.dir.as_str()))
         .collect();
-    let dst_dirs: HashSet<&str> = dst
-        .parents
+    from.parents
         .iter()
-        .map(String::as_str)
-        .chain(dst.mailboxes.iter().map(|m| m.dir.as_str()))
-        .collect();
-    plan.create_parents = src
-        .parents
-        .iter()
-        .filter(|p| !dst_dirs.contains(p.as_str()) && !dst.is_unfollowed(p))
+        .filter(|p| !to_dirs.contains(p.as_str()) && !to.is_unfollowed(p))
         .cloned()
-        .collect();
-    plan.remove_parents = dst
-        .parents
-        .iter()
-        .filter(|p| !src_dirs.contains(p.as_str()) && !src.is_unfollowed(p))
-        .cloned()
-        .collect();
+        .collect()
 }
 
 /// The destination's `dovecot-uidvalidity` must not fall below the source's, or below any
