@@ -46,6 +46,10 @@ impl Replica for Tricky {
         self.inner.location()
     }
 
+    fn detect_layout(&self) -> mdsync::Result<Option<Layout>> {
+        self.inner.detect_layout()
+    }
+
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> mdsync::Result<MailTable> {
         match self.trick {
             Trick::Plain => self.inner.scan(options, progress),
@@ -291,4 +295,55 @@ fn a_settled_mailbox_is_not_listed_twice_for_a_lingering_record() {
         0,
         "stamps did not move: no second look"
     );
+}
+
+#[test]
+fn unnumbered_message_missed_by_readdir_is_confirmed_not_expunged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    fs::write(src.join("cur/u,S=1:2,"), "u").unwrap(); // delivered, not yet numbered
+    backup(
+        &LocalReplica::new(&src),
+        &LocalReplica::new(&dst),
+        &options(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(dst.join("cur/u,S=1:2,").exists());
+    let tricky = Tricky {
+        inner: LocalReplica::new(&src),
+        trick: Trick::HideFromFirstScan("u,S=1:2,"),
+        rescans: Mutex::new(0),
+    };
+    let outcome = backup(&tricky, &LocalReplica::new(&dst), &options(), &NoProgress).unwrap();
+    assert_eq!(
+        *tricky.rescans.lock().unwrap(),
+        1,
+        "the mailbox is listed again"
+    );
+    assert_eq!(
+        outcome.planned.expunges, 0,
+        "a phantom expunge reached the plan"
+    );
+    assert!(dst.join("cur/u,S=1:2,").exists());
+}
+
+#[test]
+fn a_destination_laid_out_differently_is_refused_not_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    fs::create_dir_all(src.join(".Sent/cur")).unwrap();
+    fs::create_dir_all(dst.join("Work/cur")).unwrap();
+    fs::write(dst.join("Work/cur/w,S=1:2,S"), "w").unwrap();
+    let result = backup(
+        &LocalReplica::new(&src),
+        &LocalReplica::new(&dst),
+        &options(),
+        &NoProgress,
+    );
+    let err = result.expect_err("layouts disagree");
+    assert!(err.to_string().contains("--layout"), "{err}");
+    assert!(dst.join("Work/cur/w,S=1:2,S").exists());
 }

@@ -107,6 +107,10 @@ impl Replica for LocalReplica {
         resolve(&self.root).display().to_string()
     }
 
+    fn detect_layout(&self) -> Result<Option<Layout>> {
+        Layout::detect_folders(&self.root).map_err(|e| crate::Error::io(&self.root, e))
+    }
+
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
         scan::scan(&self.root, options, progress)
     }

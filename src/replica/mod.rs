@@ -57,6 +57,9 @@ pub trait Replica: BodySource + Send {
     /// Where this replica lives, for messages.
     fn location(&self) -> String;
 
+    /// The folder layout this replica's folders show, `None` when it has no folder yet.
+    fn detect_layout(&self) -> Result<Option<Layout>>;
+
     /// Scans the whole replica.
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable>;
 

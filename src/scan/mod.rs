@@ -346,6 +346,13 @@ fn list_messages(
     let mut entries = Vec::new();
     // cur/ first: a file Dovecot moves from new/ to cur/ meanwhile is then missed at worst
     // (and confirmed by a second look), never seen twice.
+    let tmp_path = path.join("tmp");
+    if fs::symlink_metadata(&tmp_path).is_ok_and(|m| !m.is_dir()) {
+        return Err(format!(
+            "{}: not a directory (symlink?); not followed",
+            tmp_path.display()
+        ));
+    }
     for sub in ["cur", "new"] {
         let sub_path = path.join(sub);
         if fs::symlink_metadata(&sub_path).is_ok_and(|m| !m.is_dir()) {
@@ -419,9 +426,20 @@ fn name_entry(
     let parsed = match filename::parse(name) {
         Ok(p) => p,
         Err(e) => {
+            // When only the part after the base is bad, the file still claims its uidlist
+            // record (as a broken entry), so the destination's copy is kept.
+            let base = name.split(':').next().unwrap_or("");
+            let base_len = filename::parse(base).is_ok().then_some(base.len());
             let rel = rel();
             anomaly(mailbox, rel, &format!("{e}; not copied"));
-            return None;
+            let in_new = if entry.in_new { status::IN_NEW } else { 0 };
+            return base_len.map(|base_len| Named {
+                entry: index,
+                base_len,
+                flags: crate::model::Flags::default(),
+                size: 0,
+                bits: in_new | status::BROKEN | status::SIZE_UNKNOWN,
+            });
         }
     };
     let mut bits = if entry.in_new { status::IN_NEW } else { 0 };
@@ -605,6 +623,37 @@ mod tests {
         let link = (0..2).find(|&i| inbox.base(i) == "link").unwrap();
         assert!(inbox.has(link, status::BROKEN));
         assert_eq!(inbox.anomalies.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_flags_part_still_claims_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("dovecot-uidlist"), "3 V1 N3\n1 :a\n2 :b\n");
+        write(&dir.path().join("cur/a:2,S"), "x");
+        write(&dir.path().join("cur/b:2,S\tX"), "y");
+        let table = scan(dir.path(), &ScanOptions::default(), &NoProgress).unwrap();
+        let inbox = &table.mailboxes[0];
+        assert_eq!(inbox.msgs.uid, vec![1, 2]);
+        assert!(
+            inbox.has(1, status::BROKEN),
+            "kept as broken, so DST's copy stays"
+        );
+        assert!(inbox.listed_missing.is_empty());
+    }
+
+    #[test]
+    fn symlinked_tmp_makes_the_mailbox_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("cur/a:2,S"), "x");
+        std::os::unix::fs::symlink("/tmp", dir.path().join("tmp")).unwrap();
+        let table = scan(dir.path(), &ScanOptions::default(), &NoProgress).unwrap();
+        assert!(
+            table.mailboxes[0]
+                .broken
+                .as_deref()
+                .unwrap()
+                .contains("tmp")
+        );
     }
 
     #[test]

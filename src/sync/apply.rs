@@ -100,20 +100,30 @@ pub fn apply(
         .par_iter()
         .map(|m| stage_mailbox(root, m, source, options, progress))
         .collect();
+    // A mailbox that cannot be prepared (a symlinked tmp/, a full disk) is reported and
+    // left out; the others go on. An interrupt stops everything, rolling staged files back.
+    let mut report = ApplyReport::default();
     let mut prepared = Vec::with_capacity(staged.len());
-    let mut failure = check_interrupt().err();
     for result in staged {
         match result {
-            Ok(ok) => prepared.push(ok),
-            Err(e) => failure = failure.or(Some(e)),
+            Ok(ok) => prepared.push(Some(ok)),
+            Err(Error::Interrupted) => prepared.push(None),
+            Err(e) => {
+                report.errors.push(e.to_string());
+                prepared.push(None);
+            }
         }
     }
-    if let Some(e) = failure {
-        prepared.iter().for_each(|(_, staged)| discard(staged));
+    if let Err(e) = check_interrupt() {
+        prepared
+            .iter()
+            .flatten()
+            .for_each(|(_, staged)| discard(staged));
         return Err(e);
     }
     // Phase 2: bodies durable before any uidlist names them — one sync for the whole run.
-    if options.fsync == FsyncPolicy::Batch && prepared.iter().any(|(_, s)| !s.is_empty()) {
+    let any_staged = prepared.iter().flatten().any(|(_, s)| !s.is_empty());
+    if options.fsync == FsyncPolicy::Batch && any_staged {
         writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
     }
     // Phase 3, per mailbox under its uidlist lock: renames, expunges, uidlist.
@@ -121,9 +131,9 @@ pub fn apply(
         .mailboxes
         .par_iter()
         .zip(prepared)
+        .filter_map(|(m, prepared)| prepared.map(|p| (m, p)))
         .map(|(m, (report, staged))| commit_mailbox(root, m, report, staged, options, progress))
         .collect();
-    let mut report = ApplyReport::default();
     for result in results {
         report.absorb(result?);
     }
@@ -761,6 +771,7 @@ fn write_subscriptions(
                 {
                     // Ours from a killed run, or stale by Dovecot's 30 s rule.
                     writer::remove_file_if_exists(&lock)?;
+                    waited = Duration::ZERO;
                     continue;
                 }
                 std::thread::sleep(Duration::from_millis(100));

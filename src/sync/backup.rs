@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::progress::{Event, Progress};
 use crate::replica::Replica;
 use crate::scan::ScanOptions;
+use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
 use crate::sync::diff::{self, DiffOptions, HashAnswers, HashQuestion};
 use crate::sync::plan::{Plan, PlanCounts, Skipped};
@@ -122,11 +123,14 @@ pub fn backup(
         .as_deref()
         .map(PairState::load)
         .unwrap_or_default();
+    let layout = agreed_layout(src, dst, options.scan.layout)?;
     let src_scan = ScanOptions {
+        layout: Some(layout),
         unchanged_if: state.source_hints(),
         ..options.scan.clone()
     };
     let dst_scan = ScanOptions {
+        layout: Some(layout),
         unchanged_if: state.destination_hints(),
         ..options.scan.clone()
     };
@@ -194,6 +198,26 @@ fn apply(
     dst.apply(plan, src, &options.apply, progress)
 }
 
+/// One layout for both sides: the one asked for, else the source's. A destination whose
+/// folders show another layout is refused, since reading it the wrong way would make its
+/// folders look deleted.
+fn agreed_layout(src: &dyn Replica, dst: &dyn Replica, asked: Option<Layout>) -> Result<Layout> {
+    if let Some(layout) = asked {
+        return Ok(layout);
+    }
+    let layout = src.detect_layout()?.unwrap_or(Layout::MaildirPlusPlus);
+    match dst.detect_layout()? {
+        Some(other) if other != layout => Err(Error::Usage(format!(
+            "{} looks like a {} tree but {} like a {} tree; pass --layout to choose",
+            src.location(),
+            layout.as_str(),
+            dst.location(),
+            other.as_str()
+        ))),
+        _ => Ok(layout),
+    }
+}
+
 /// A mailbox skipped as unchanged on one side but changed (or missing) on the other must be
 /// read after all: the pair is no longer known to be in sync.
 fn read_one_sided(
@@ -222,27 +246,24 @@ fn read_one_sided(
     });
 }
 
-/// A uidlist record whose file the scan did not see may be a message Dovecot was renaming
-/// during `readdir`. Unless the mailbox was settled (its stamps did not move while it was
-/// read), the source mailbox is listed again before the destination's copy is expunged;
-/// whatever that second look finds is what counts.
+/// A file the scan did not see may be a message Dovecot was renaming during `readdir`.
+/// Unless the mailbox was settled (its stamps did not move while it was read), the source
+/// mailbox is listed again before a destination copy it seems to lack is expunged; whatever
+/// that second look finds is what counts.
 fn confirm_missing(src: &dyn Replica, src_table: &mut MailTable, dst_table: &MailTable) {
     let layout = src_table.layout;
     src_table.mailboxes.par_iter_mut().for_each(|mailbox| {
         let Some(dst_mailbox) = dst_table.mailbox(&mailbox.dir) else {
             return;
         };
-        if mailbox.listed_missing.is_empty() || mailbox.settled {
+        if mailbox.settled || dst_mailbox.is_empty() {
             return;
         }
-        // At stake: a destination copy with that UID, or with that base name (copied while
-        // the source had not numbered it yet).
-        let dst_bases: std::collections::HashSet<&str> = (0..dst_mailbox.len())
-            .map(|j| dst_mailbox.base(j))
-            .collect();
-        let at_stake = mailbox.listed_missing.iter().any(|&(uid, base)| {
-            dst_mailbox.find_uid(uid).is_some() || dst_bases.contains(mailbox.str(base))
-        });
+        // The mailbox moved while it was read: any destination file the source seems to
+        // lack (numbered or not) may be one `readdir` missed. Look again before it goes.
+        let src_bases: std::collections::HashSet<&str> =
+            (0..mailbox.len()).map(|i| mailbox.base(i)).collect();
+        let at_stake = (0..dst_mailbox.len()).any(|j| !src_bases.contains(dst_mailbox.base(j)));
         if at_stake {
             *mailbox = src.rescan_mailbox(layout, &mailbox.dir);
         }

@@ -27,8 +27,13 @@ impl Layout {
     /// Guesses the layout of an existing root: any `.X` directory means Maildir++, any
     /// plain subdirectory holding `cur/` or `new/` means fs; an empty root is Maildir++.
     pub fn detect(root: &Path) -> io::Result<Layout> {
+        Ok(Layout::detect_folders(root)?.unwrap_or(Layout::MaildirPlusPlus))
+    }
+
+    /// The layout an existing root's folders show, or `None` when it has no folder yet.
+    pub fn detect_folders(root: &Path) -> io::Result<Option<Layout>> {
         let Ok(entries) = fs::read_dir(root) else {
-            return Ok(Layout::MaildirPlusPlus);
+            return Ok(None);
         };
         let mut saw_fs = false;
         for entry in entries {
@@ -38,18 +43,19 @@ impl Layout {
             }
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if is_maildirpp_folder(&name) {
-                return Ok(Layout::MaildirPlusPlus);
+            // A dot-directory is a Maildir++ folder only when it looks like one: roots also
+            // hold `.cache`, `.git` or `.snapshot` directories.
+            let path = entry.path();
+            if is_maildirpp_folder(&name)
+                && (has_mail_dirs(&path) || path.join(super::MAILDIRFOLDER).exists())
+            {
+                return Ok(Some(Layout::MaildirPlusPlus));
             }
-            if !is_reserved_dir(&name) && holds_mailbox(&entry.path(), 0) {
+            if !is_reserved_dir(&name) && holds_mailbox(&path, 0) {
                 saw_fs = true;
             }
         }
-        Ok(if saw_fs {
-            Layout::Fs
-        } else {
-            Layout::MaildirPlusPlus
-        })
+        Ok(saw_fs.then_some(Layout::Fs))
     }
 
     /// The user-visible mailbox name (`/`-separated, UTF-8) of a mailbox directory given
@@ -111,6 +117,11 @@ fn is_reserved_dir(name: &str) -> bool {
 fn has_mail_dirs(dir: &Path) -> bool {
     let real_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
     real_dir(&dir.join("cur")) || real_dir(&dir.join("new"))
+}
+
+/// True when `dir` has a `cur` or `new` entry of any kind.
+fn has_mail_dir_entries(dir: &Path) -> bool {
+    fs::symlink_metadata(dir.join("cur")).is_ok() || fs::symlink_metadata(dir.join("new")).is_ok()
 }
 
 /// True when `dir` or a plain subdirectory of it (a few levels deep) is a mailbox: an fs
@@ -175,8 +186,10 @@ fn list_fs(root: &Path, dir: &Path, found: &mut MailboxDirs) -> io::Result<()> {
         if file_type.is_symlink() {
             found.skipped.push(rel);
         } else if file_type.is_dir() {
-            // A directory without cur/ or new/ is only a parent (\NoSelect).
-            if has_mail_dirs(&path) {
+            // A directory without cur/ or new/ is only a parent (\NoSelect). One whose
+            // cur/ or new/ is a symlink is still a mailbox: the scanner refuses it and the
+            // destination's copy is left alone.
+            if has_mail_dirs(&path) || has_mail_dir_entries(&path) {
                 found.dirs.push(rel);
             } else {
                 found.parents.push(rel);
@@ -279,5 +292,36 @@ mod tests {
         assert_eq!(Layout::detect(fsdir.path()).unwrap(), Layout::Fs);
         let found = Layout::Fs.list_mailboxes(fsdir.path()).unwrap();
         assert_eq!(found.dirs, vec!["", "Parent/Child", "Work", "Work/Proj"]);
+    }
+
+    #[test]
+    fn fs_detection_and_listing_edge_cases() {
+        let fsdir = tempfile::tempdir().unwrap();
+        let root = fsdir.path();
+        for d in ["cur", "Work/cur", "Parent/Child/cur", "Archive/2023/new"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let found = Layout::Fs.list_mailboxes(root).unwrap();
+        assert_eq!(found.parents, vec!["Archive", "Parent"]);
+        // Folders only below parents still make an fs tree.
+        let nested = tempfile::tempdir().unwrap();
+        for d in ["cur", "Archive/2023/cur"] {
+            fs::create_dir_all(nested.path().join(d)).unwrap();
+        }
+        assert_eq!(Layout::detect(nested.path()).unwrap(), Layout::Fs);
+        // A stray dot-directory does not turn an fs tree into Maildir++.
+        fs::create_dir_all(nested.path().join(".cache/x")).unwrap();
+        assert_eq!(Layout::detect(nested.path()).unwrap(), Layout::Fs);
+        // A folder whose cur/ is a symlink is still a folder (the scanner refuses it).
+        fs::create_dir_all(nested.path().join("Linked")).unwrap();
+        std::os::unix::fs::symlink("/tmp", nested.path().join("Linked/cur")).unwrap();
+        let found = Layout::Fs.list_mailboxes(nested.path()).unwrap();
+        assert!(
+            found.dirs.contains(&"Linked".to_string()),
+            "{:?}",
+            found.dirs
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(Layout::detect_folders(empty.path()).unwrap(), None);
     }
 }

@@ -164,8 +164,8 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Replaces a control file atomically: write a temp file in `tmp_dir`, fsync it with the
-/// `file` policy, rename over. Readers see the old or the new file, never half.
+/// Replaces a control file atomically: write a temp file in `tmp_dir`, fsync it (unless the
+/// policy is `none`), rename over. Readers see the old or the new file, never half.
 pub fn replace_file(
     path: &Path,
     tmp_dir: &Path,
@@ -344,6 +344,10 @@ pub fn clean_stale_temps(tmp_dir: &Path) -> io::Result<usize> {
 
 /// Entries of `tmp_dir` with mdsync's prefix whose PID is no longer running.
 fn dead_temps(tmp_dir: &Path) -> Vec<fs::DirEntry> {
+    // Never through a symlink: a `tmp` that is a link is not ours to clean.
+    if !fs::symlink_metadata(tmp_dir).is_ok_and(|m| m.is_dir()) {
+        return Vec::new();
+    }
     let Ok(entries) = fs::read_dir(tmp_dir) else {
         return Vec::new();
     };
@@ -402,8 +406,9 @@ pub fn write_temp(
         file.write_all(content)?;
         ownership.apply_fd(&file, owner.0, owner.1)?;
         file.set_permissions(fs::Permissions::from_mode(mode))?;
-        // `batch` makes control files durable with the run's closing syncfs.
-        if fsync == FsyncPolicy::File {
+        // Control files are synced before they replace the old ones under every policy
+        // but `none`: a power cut must not leave an empty uidlist where Dovecot looks.
+        if fsync != FsyncPolicy::None {
             file.sync_data()?;
         }
         Ok(())
