@@ -30,6 +30,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/dovecot-conf.sh
+source "$repo/scripts/dovecot-conf.sh"
 messages=100000 runs=3 out="" tools="mdsync,rsync,doveadm,cp" seed=1 keep=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -87,21 +89,7 @@ fi
 # Standalone doveadm (dovecot-standalone.md). The source's index files go to $W/src-index
 # so that the source tree stays exactly what the generator and mutate-corpus.py made; the
 # destination keeps its indexes inside, as a doveadm backup target would.
-cat >"$W/dovecot.conf" <<EOF
-base_dir = $W/run
-state_dir = $W/run/state
-log_path = /dev/stderr
-info_log_path = /dev/stderr
-protocols =
-ssl = no
-mail_uid = vmail
-mail_gid = vmail
-mail_location = maildir:~/Maildir
-namespace inbox {
-  inbox = yes
-  separator = /
-}
-EOF
+write_dovecot_conf "$W"
 DA_SRC=(env USER=vmail HOME="$W/home" doveadm -c "$W/dovecot.conf"
         -o "mail_location=maildir:$SRC:INDEX=$W/src-index")
 # Bring the source's index up to date (untimed), as a live server's index would be.

@@ -23,25 +23,12 @@ set -euo pipefail
 src=$(realpath "$1")
 manifest=$(realpath "$2")
 
+# shellcheck source=scripts/dovecot-conf.sh
+source "$(cd "$(dirname "$0")" && pwd)/dovecot-conf.sh"
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 chmod 755 "$T"
-mkdir -p "$T/run"
-cat >"$T/dovecot.conf" <<EOF
-base_dir = $T/run
-state_dir = $T/run/state
-log_path = /dev/stderr
-info_log_path = /dev/stderr
-protocols =
-ssl = no
-mail_uid = vmail
-mail_gid = vmail
-mail_location = maildir:~/Maildir
-namespace inbox {
-  inbox = yes
-  separator = /
-}
-EOF
+write_dovecot_conf "$T"
 cp -a "$src" "$T/copy"
 da() { USER=vmail HOME="$T/copy" doveadm -f tab -c "$T/dovecot.conf" \
          -o "mail_location=maildir:$T/copy" "$@"; }

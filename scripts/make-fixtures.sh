@@ -17,6 +17,8 @@ readonly FIXTURE_HOSTNAME=mdsync-fixture
 readonly IMAP_BIN=/usr/lib/dovecot/imap
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/dovecot-conf.sh
+source "$repo/scripts/dovecot-conf.sh"
 out=$repo/testdata/sample/Maildir
 
 die() { echo "make-fixtures: $*" >&2; exit 1; }
@@ -42,23 +44,7 @@ enter_fixed_hostname() {
 }
 
 write_config() {
-    mkdir -p "$T/run"
-    cat >"$T/dovecot.conf" <<EOF
-# Minimal standalone config for doveadm (no dovecot service running).
-base_dir = $T/run
-state_dir = $T/run/state
-log_path = /dev/stderr
-info_log_path = /dev/stderr
-protocols =
-ssl = no
-mail_uid = vmail
-mail_gid = vmail
-mail_location = maildir:~/Maildir
-namespace inbox {
-  inbox = yes
-  separator = /
-}
-EOF
+    write_dovecot_conf "$T"
 }
 
 # DA ARGS...: doveadm on the fixture tree as the vmail user.
