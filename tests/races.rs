@@ -116,6 +116,24 @@ fn make_source(root: &Path) {
     fs::write(root.join("cur/b,S=1:2,S"), "b").unwrap();
 }
 
+/// Backs up `src` to `dst` through a replica whose first scan misses `name` in `cur/`, and
+/// asserts the mailbox was listed again and the destination copy kept.
+fn assert_missed_file_is_confirmed(src: &Path, dst: &Path, name: &'static str) {
+    let tricky = Tricky {
+        inner: LocalReplica::new(src),
+        trick: Trick::HideFromFirstScan(name),
+        rescans: Mutex::new(0),
+    };
+    let outcome = backup(&tricky, &LocalReplica::new(dst), &options(), &NoProgress).unwrap();
+    let rescans = *tricky.rescans.lock().unwrap();
+    assert_eq!(rescans, 1, "the mailbox is listed again");
+    assert_eq!(
+        outcome.planned.expunges, 0,
+        "a phantom expunge reached the plan"
+    );
+    assert!(dst.join("cur").join(name).exists());
+}
+
 #[test]
 fn message_missed_by_readdir_is_confirmed_not_expunged() {
     let dir = tempfile::tempdir().unwrap();
@@ -126,22 +144,7 @@ fn message_missed_by_readdir_is_confirmed_not_expunged() {
     backup(&plain, &target, &options(), &NoProgress).unwrap();
     assert!(dst.join("cur/b,S=1:2,S").exists());
 
-    let tricky = Tricky {
-        inner: LocalReplica::new(&src),
-        trick: Trick::HideFromFirstScan("b,S=1:2,S"),
-        rescans: Mutex::new(0),
-    };
-    let outcome = backup(&tricky, &target, &options(), &NoProgress).unwrap();
-    assert_eq!(
-        *tricky.rescans.lock().unwrap(),
-        1,
-        "the mailbox is listed again"
-    );
-    assert_eq!(
-        outcome.planned.expunges, 0,
-        "a phantom expunge reached the plan"
-    );
-    assert!(dst.join("cur/b,S=1:2,S").exists());
+    assert_missed_file_is_confirmed(&src, &dst, "b,S=1:2,S");
 }
 
 #[test]
@@ -311,22 +314,7 @@ fn unnumbered_message_missed_by_readdir_is_confirmed_not_expunged() {
     )
     .unwrap();
     assert!(dst.join("cur/u,S=1:2,").exists());
-    let tricky = Tricky {
-        inner: LocalReplica::new(&src),
-        trick: Trick::HideFromFirstScan("u,S=1:2,"),
-        rescans: Mutex::new(0),
-    };
-    let outcome = backup(&tricky, &LocalReplica::new(&dst), &options(), &NoProgress).unwrap();
-    assert_eq!(
-        *tricky.rescans.lock().unwrap(),
-        1,
-        "the mailbox is listed again"
-    );
-    assert_eq!(
-        outcome.planned.expunges, 0,
-        "a phantom expunge reached the plan"
-    );
-    assert!(dst.join("cur/u,S=1:2,").exists());
+    assert_missed_file_is_confirmed(&src, &dst, "u,S=1:2,");
 }
 
 #[test]

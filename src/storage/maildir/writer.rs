@@ -199,13 +199,11 @@ pub fn create_dir(
     {
         create_dir(parent, mode, owner, ownership)?;
     }
-    match fs::create_dir(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(with_path(e, path)),
+    match make_dir(path, mode, owner, ownership) {
+        // Created meanwhile by someone else: theirs stands, as above.
+        Err(_) if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) => Ok(()),
+        other => other,
     }
-    ownership.apply_path(path, owner.0, owner.1)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| with_path(e, path))
 }
 
 /// Removes a file; one that is already gone is fine.
