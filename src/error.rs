@@ -38,6 +38,14 @@ pub enum Error {
     /// An option has a value we cannot use.
     #[error("{0}")]
     Usage(String),
+    /// The far side of a remote replica failed, or the connection to it did.
+    #[error("{location}: {message}")]
+    Remote {
+        /// The remote location (`host:path`).
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The run was interrupted by a signal.
     #[error("interrupted")]
     Interrupted,

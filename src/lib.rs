@@ -19,9 +19,11 @@ pub mod model;
 pub mod progress;
 pub mod replica;
 pub mod scan;
+pub mod serve;
 pub mod storage;
 pub mod sync;
 pub mod table;
+pub mod transport;
 pub mod wire;
 
 pub use error::{Error, Result};

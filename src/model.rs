@@ -6,7 +6,9 @@ use std::fmt;
 /// Maildir flag letters of one message: uppercase letters (system flags `D F P R S T`, and
 /// any other uppercase letter, kept verbatim) and lowercase keyword letters `a`–`z`, whose
 /// meaning is per mailbox (`dovecot-keywords`). Two `u32` bitsets: 8 bytes, `Copy`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Flags {
     /// Bit `i` = letter `'A' + i`.
     pub system: u32,
@@ -55,7 +57,9 @@ impl Flags {
 
 /// Which Maildir subdirectory holds a message. `new/` means Dovecot still shows it as
 /// \Recent, so a backup keeps it there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Subdir {
     /// `new/`: delivered, not yet seen by a client.
     New,
@@ -80,7 +84,9 @@ impl fmt::Display for Subdir {
 }
 
 /// A 128-bit mailbox GUID as Dovecot writes it in the uidlist header (32 lowercase hex).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct MailboxGuid(pub [u8; 16]);
 
 impl MailboxGuid {

@@ -28,6 +28,13 @@ pub enum Event {
         /// Message bytes it copied.
         bytes: u64,
     },
+    /// Several operations were done on a remote replica, reported without their lines.
+    Progressed {
+        /// How many.
+        operations: u64,
+        /// Message bytes they copied.
+        bytes: u64,
+    },
     /// Something went wrong with one item; the run goes on.
     Warning {
         /// The message, naming the path.

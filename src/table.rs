@@ -69,7 +69,7 @@ pub struct Messages {
 pub const RECORD_BYTES: usize = 4 + 4 + 2 + 2 + 8 + 4 + 4 + 1;
 
 /// Where a mailbox directory came from on disk: mode and owner, recreated on the mirror.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DirMeta {
     /// Permission bits.
     pub mode: u32,
@@ -80,7 +80,7 @@ pub struct DirMeta {
 }
 
 /// Something odd the scanner saw, with the path it concerns.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Anomaly {
     /// Path relative to the replica root.
     pub path: String,

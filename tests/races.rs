@@ -36,7 +36,7 @@ struct Tricky {
 }
 
 impl BodySource for Tricky {
-    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
         self.inner.open_body(dir, sub, name)
     }
 }
@@ -188,7 +188,7 @@ fn message_renamed_before_copy_is_found_under_its_new_name() {
     make_source(&src);
     struct Renamer(LocalReplica);
     impl BodySource for Renamer {
-        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
             let old = self.0.root().join("cur").join(name);
             if old.exists() && name.starts_with('b') {
                 fs::rename(&old, self.0.root().join("cur/b,S=1:2,RS")).unwrap();
@@ -238,7 +238,7 @@ fn a_copy_that_fails_keeps_the_file_it_was_to_replace() {
     .unwrap();
     struct Failing(LocalReplica);
     impl BodySource for Failing {
-        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+        fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
             if name.starts_with('c') {
                 return Err(BodyError::Failed(format!("{name}: simulated I/O error")));
             }

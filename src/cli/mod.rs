@@ -10,13 +10,18 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use std::time::Duration;
+
+use mdsync::replica::Replica;
 use mdsync::replica::local::{LocalReplica, check_overlap};
+use mdsync::replica::remote::{RemoteOptions, RemoteReplica};
 use mdsync::scan::ScanOptions;
 use mdsync::storage::maildir::layout::Layout;
 use mdsync::storage::maildir::writer::{FsyncPolicy, Ownership};
 use mdsync::sync::apply::ApplyOptions;
 use mdsync::sync::backup::{self, BackupOptions, BackupOutcome, Completion, DeleteLimit};
 use mdsync::sync::diff::DiffOptions;
+use mdsync::transport::{self, ConnectOptions, Location, parse_location};
 
 /// Exit code: some messages changed during the run; re-run to finish.
 pub const EXIT_PARTIAL: u8 = 2;
@@ -38,14 +43,29 @@ enum Command {
     Backup(BackupArgs),
     /// Print what the scanner sees in a Maildir tree.
     Scan(ScanArgs),
+    /// Serve a replica on stdin/stdout for a remote mdsync (started by it through ssh).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Only serve paths inside this directory (for an ssh forced-command key).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Do not use or write the scan cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Where scan caches live (default: $XDG_CACHE_HOME/mdsync or ~/.cache/mdsync).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 struct BackupArgs {
-    /// Source Maildir root.
-    src: PathBuf,
-    /// Destination Maildir root (created when missing).
-    dst: PathBuf,
+    /// Source Maildir root: PATH, [USER@]HOST:PATH or ssh://[USER@]HOST[:PORT]/PATH.
+    src: String,
+    /// Destination Maildir root (created when missing), local or remote like SRC.
+    dst: String,
     /// Print the plan, change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
@@ -82,6 +102,35 @@ struct BackupArgs {
     /// Where scan caches live (default: $XDG_CACHE_HOME/mdsync or ~/.cache/mdsync).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// How to reach a remote side.
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// The ssh command for remote locations, with its options (like rsync's -e).
+    #[arg(short = 'e', long = "rsh", value_name = "CMD", default_value = "ssh")]
+    rsh: String,
+    /// The mdsync binary on the remote host.
+    #[arg(long, value_name = "PATH", default_value = "mdsync")]
+    remote_mdsync: String,
+    /// zstd level for message bodies and tables on the wire (1-19).
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
+    compress_level: i32,
+    /// Send bodies and tables uncompressed.
+    #[arg(long)]
+    no_compress: bool,
+    /// Limit the sending rate on the wire, both ways: KiB/s, or with a K, M or G suffix.
+    #[arg(long, value_name = "RATE")]
+    bwlimit: Option<String>,
+    /// Give up when the far side sends nothing for this many seconds (0: never).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    timeout: u64,
+    /// Testing: serve this local side through an in-process server (the real protocol).
+    #[arg(long, value_name = "SIDE", hide = true)]
+    via_pipe: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -131,21 +180,131 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Backup(a) => run_backup(a),
         Command::Scan(a) => scan_report::run(&a.path, a.layout.layout(), a.json),
+        Command::Serve(a) => run_serve(a),
     }
 }
 
+fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let options = mdsync::serve::ServeOptions {
+        root: a.root,
+        cache_dir: if a.no_cache {
+            None
+        } else {
+            a.cache_dir.or_else(mdsync::scan::cache::default_cache_dir)
+        },
+    };
+    // Errors went to the client as an Error frame; stderr reaches the user through ssh too.
+    mdsync::serve::serve(
+        Box::new(std::io::stdin()),
+        Box::new(std::io::stdout()),
+        &options,
+    )
+    .context("serve")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens one side of a run: a local directory, the same through an in-process server
+/// (`--via-pipe`, for tests), or a remote host through ssh.
+fn open_replica(
+    text: &str,
+    side: &str,
+    a: &BackupArgs,
+) -> anyhow::Result<(Box<dyn Replica>, Option<PathBuf>)> {
+    let location = parse_location(text).map_err(anyhow::Error::msg)?;
+    let r = &a.remote;
+    let remote_options = RemoteOptions {
+        compress_level: (!r.no_compress).then_some(r.compress_level),
+        bwlimit: match &r.bwlimit {
+            Some(text) => parse_rate(text)?,
+            None => 0,
+        },
+        timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
+        use_cache: !a.no_cache,
+        verbose: a.verbose,
+    };
+    match location {
+        Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
+            let channel = transport::spawn_in_process(mdsync::serve::ServeOptions {
+                root: None,
+                cache_dir: (!a.no_cache)
+                    .then(|| {
+                        a.cache_dir
+                            .clone()
+                            .or_else(mdsync::scan::cache::default_cache_dir)
+                    })
+                    .flatten(),
+            })?;
+            let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
+            let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options)?;
+            Ok((Box::new(replica), Some(path)))
+        }
+        Location::Local(path) => Ok((Box::new(LocalReplica::new(&path)), Some(path))),
+        Location::Remote(spec) => {
+            let options = ConnectOptions {
+                rsh: r.rsh.clone(),
+                remote_mdsync: r.remote_mdsync.clone(),
+            };
+            let channel = transport::spawn_ssh(&spec, &options)
+                .with_context(|| format!("connecting to {}", spec.display()))?;
+            let replica =
+                RemoteReplica::connect(channel, &spec.user_host, &spec.path, &remote_options)?;
+            Ok((Box::new(replica), None))
+        }
+    }
+}
+
+/// rsync-style rates: a plain number is KiB/s; K, M and G suffixes (powers of 1024).
+fn parse_rate(text: &str) -> anyhow::Result<u64> {
+    let bad = || format!("--bwlimit {text}: expected a rate like 500, 800K or 10M");
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_uppercase()),
+        _ => (text, 'K'),
+    };
+    let shift = match unit {
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => bail!(bad()),
+    };
+    let value: f64 = number.parse().with_context(bad)?;
+    if !(value >= 0.0 && value.is_finite()) {
+        bail!(bad());
+    }
+    Ok((value * (1u64 << shift) as f64) as u64)
+}
+
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    check_overlap(&a.src, &a.dst)?;
-    if !a.src.is_dir() {
-        bail!("{}: source is not a directory", a.src.display());
+    let (src_is_remote, dst_is_remote) = (
+        matches!(parse_location(&a.src), Ok(Location::Remote(_))),
+        matches!(parse_location(&a.dst), Ok(Location::Remote(_))),
+    );
+    if src_is_remote && dst_is_remote {
+        bail!("both sides are remote; run mdsync on one of the two hosts");
     }
     let options = backup_options(&a)?;
-    let src = LocalReplica::new(&a.src);
-    let dst = LocalReplica::new(&a.dst);
+    let (src, src_path) = open_replica(&a.src, "src", &a)?;
+    let (dst, dst_path) = open_replica(&a.dst, "dst", &a)?;
+    if let (Some(src_path), Some(dst_path)) = (&src_path, &dst_path) {
+        check_overlap(src_path, dst_path)?;
+    }
+    if let Some(src_path) = &src_path
+        && !src_path.is_dir()
+    {
+        bail!("{}: source is not a directory", src_path.display());
+    }
     let show_progress = !a.no_progress && !a.dry_run;
     let progress = output::Renderer::new(a.verbose && !a.dry_run, a.json, show_progress);
-    let outcome = backup::backup(&src, &dst, &options, &progress);
+    let outcome = backup::backup(src.as_ref(), dst.as_ref(), &options, &progress);
     progress.finish();
+    let outcome = outcome.and_then(|outcome| {
+        src.close()?;
+        dst.close()?;
+        Ok(outcome)
+    });
+    if mdsync::interrupt::requested() && outcome.is_err() {
+        eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    }
     let outcome = match outcome {
         Err(mdsync::Error::Interrupted) => {
             eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
@@ -289,17 +448,26 @@ fn report(outcome: &BackupOutcome, a: &BackupArgs) {
     }
 }
 
-fn join(root: &Path, rel: &str) -> String {
+fn join(root: &str, rel: &str) -> String {
     if rel.is_empty() {
-        root.display().to_string()
+        root.to_string()
     } else {
-        root.join(rel).display().to_string()
+        Path::new(root).join(rel).display().to_string()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_parse_like_rsync() {
+        assert_eq!(parse_rate("100").unwrap(), 100 << 10);
+        assert_eq!(parse_rate("2M").unwrap(), 2 << 20);
+        assert_eq!(parse_rate("1.5k").unwrap(), 1536);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("-1").is_err());
+    }
 
     #[test]
     fn delete_limits_parse() {

@@ -110,6 +110,13 @@ impl Progress for Renderer {
                     bar.set_position(0);
                 }
             }
+            Event::Progressed { operations, bytes } => {
+                self.done_ops.fetch_add(operations, Ordering::Relaxed);
+                self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if let Some(bar) = &self.bar {
+                    bar.inc(operations);
+                }
+            }
             Event::Applied { line, bytes } => {
                 self.done_ops.fetch_add(1, Ordering::Relaxed);
                 self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -203,6 +210,8 @@ pub fn json_report(o: &BackupOutcome, dry_run: bool) -> String {
         "source_messages": o.source_messages,
         "unchanged_mailboxes": o.unchanged_mailboxes,
         "seconds": o.seconds,
+        "wire_bytes_sent": o.wire.map(|w| w.0),
+        "wire_bytes_received": o.wire.map(|w| w.1),
         "dry_run": dry_run,
         "plan": if dry_run { o.plan_lines.clone() } else { Vec::new() },
     });

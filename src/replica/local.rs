@@ -83,7 +83,7 @@ impl LocalReplica {
 }
 
 impl BodySource for LocalReplica {
-    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError> {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
         let (file, path) = self.open_current(dir, sub, name)?;
         let meta = file
             .metadata()
@@ -146,7 +146,7 @@ pub fn check_overlap(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// Canonicalizes the longest existing prefix of `path` and appends the rest.
-fn resolve(path: &Path) -> PathBuf {
+pub fn resolve(path: &Path) -> PathBuf {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut existing = absolute.clone();
     let mut rest = Vec::new();

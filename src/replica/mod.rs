@@ -3,6 +3,7 @@
 //! without touching the differ or the planner.
 
 pub mod local;
+pub mod remote;
 
 use std::fs::File;
 
@@ -17,9 +18,9 @@ use crate::sync::plan::Plan;
 use crate::table::{MailTable, MailboxTable};
 
 /// A message body ready to be copied.
-pub struct Body {
+pub struct Body<'a> {
     /// Where the bytes come from.
-    pub data: BodyData,
+    pub data: BodyData<'a>,
     /// mtime, mode and owner of the source file.
     pub meta: BodyMeta,
     /// Where it was read from, for messages to the user (a path, or `host:path`).
@@ -27,11 +28,11 @@ pub struct Body {
 }
 
 /// The bytes of a body.
-pub enum BodyData {
+pub enum BodyData<'a> {
     /// An open local file (copied with `copy_file_range`).
     File(File),
-    /// Bytes already in memory (from a remote peer).
-    Bytes(Vec<u8>),
+    /// Bytes arriving from a remote peer, read straight into the temp file.
+    Stream(Box<dyn std::io::Read + 'a>),
 }
 
 /// Why a body could not be opened.
@@ -49,8 +50,22 @@ pub enum BodyError {
 pub trait BodySource: Sync {
     /// Opens one body. A file renamed since the scan (a flag change) is found again by its
     /// base name.
-    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body, BodyError>;
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError>;
+
+    /// True when bodies arrive as one stream: the applier then announces every body it will
+    /// open, in order, and opens them one at a time in that order (it may skip some).
+    fn sequential(&self) -> bool {
+        false
+    }
+
+    /// Tells a sequential source every body the applier will open, in order, so that it
+    /// can ask for all of them in one round trip.
+    fn announce(&self, _keys: &[Key]) -> Result<(), BodyError> {
+        Ok(())
+    }
 }
+
+pub use crate::wire::codec::Key;
 
 /// One side of a sync.
 pub trait Replica: BodySource + Send {
@@ -68,6 +83,24 @@ pub trait Replica: BodySource + Send {
 
     /// xxh3-128 of a message's bytes, to settle identity when GUIDs disagree.
     fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError>;
+
+    /// Content hashes of many messages, in order: one round trip for a remote replica.
+    fn content_hashes(&self, keys: &[Key]) -> Vec<Result<u128, BodyError>> {
+        use rayon::prelude::*;
+        keys.par_iter()
+            .map(|k| self.content_hash(&k.dir, k.sub, &k.name))
+            .collect()
+    }
+
+    /// Bytes sent to and received from a remote replica (`None` for a local one).
+    fn wire_bytes(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// Ends the session with a remote replica cleanly; a no-op for a local one.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Applies a plan, fetching bodies from `source`.
     fn apply(

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::progress::{Event, Progress};
-use crate::replica::{BodyData, BodyError, BodySource};
+use crate::replica::{BodyData, BodyError, BodySource, Key};
 use crate::scan::mailbox_path;
 use crate::storage::maildir::dotlock::{self, DotLock, UIDLIST_TIMING, with_path};
 use crate::storage::maildir::uidlist::{self, OwnedRecord};
@@ -25,7 +25,7 @@ use crate::storage::maildir::{self as md, keywords};
 use crate::sync::plan::{self, CopyOp, MailboxPlan, Plan, UidlistChange, UidlistEdit};
 
 /// How to write.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct ApplyOptions {
     /// Durability policy.
     pub fsync: FsyncPolicy,
@@ -34,7 +34,7 @@ pub struct ApplyOptions {
 }
 
 /// What an apply did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     /// Mailboxes created.
     pub mailboxes_created: u64,
@@ -95,11 +95,19 @@ pub fn apply(
         .map_err(|e| Error::io(&path, e))?;
     }
     // Phase 1, no lock: create directories and stage every body in its mailbox's tmp/.
-    let staged: Vec<Result<(ApplyReport, Vec<Staged<'_>>)>> = plan
-        .mailboxes
-        .par_iter()
-        .map(|m| stage_mailbox(root, m, source, options, progress))
-        .collect();
+    // A streamed source (a remote peer) hands bodies out in plan order, one at a time.
+    let staged: Vec<Result<(ApplyReport, Vec<Staged<'_>>)>> = if source.sequential() {
+        announce_copies(plan, source)?;
+        plan.mailboxes
+            .iter()
+            .map(|m| stage_mailbox(root, m, source, options, progress))
+            .collect()
+    } else {
+        plan.mailboxes
+            .par_iter()
+            .map(|m| stage_mailbox(root, m, source, options, progress))
+            .collect()
+    };
     // A mailbox that cannot be prepared (a symlinked tmp/, a full disk) is reported and
     // left out; the others go on. An interrupt stops everything, rolling staged files back.
     let mut report = ApplyReport::default();
@@ -163,6 +171,27 @@ pub fn apply(
         writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
     }
     Ok(report)
+}
+
+/// Tells a sequential source every body phase 1 will open, in the order it opens them.
+fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()> {
+    let keys: Vec<Key> = plan
+        .mailboxes
+        .iter()
+        .flat_map(|m| {
+            m.copies.iter().map(|c| Key {
+                dir: m.dir.clone(),
+                sub: c.src_sub,
+                name: c.src_name.clone(),
+            })
+        })
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    source
+        .announce(&keys)
+        .map_err(|e| Error::Usage(format!("cannot ask the source for bodies: {e}")))
 }
 
 /// Creates the root (and its `tmp/`, the staging area for new directories) when missing.
@@ -378,26 +407,27 @@ fn stage_copies<'a>(
     let tmp_dir = path.join("tmp");
     let vanished = AtomicU64::new(0);
     let errors = Mutex::new(Vec::new());
-    let staged: Vec<Staged<'a>> = m
-        .copies
-        .par_iter()
-        .filter_map(|op| {
-            if interrupt::requested() {
-                return None;
+    let stage = |op: &'a CopyOp| {
+        if interrupt::requested() {
+            return None;
+        }
+        match stage_one(&tmp_dir, &m.dir, op, source, options) {
+            Ok(staged) => Some(staged),
+            Err(BodyError::Vanished(_)) => {
+                vanished.fetch_add(1, Ordering::Relaxed);
+                None
             }
-            match stage_one(&tmp_dir, &m.dir, op, source, options) {
-                Ok(staged) => Some(staged),
-                Err(BodyError::Vanished(_)) => {
-                    vanished.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-                Err(BodyError::Failed(why)) => {
-                    errors.lock().map(|mut e| e.push(why)).ok();
-                    None
-                }
+            Err(BodyError::Failed(why)) => {
+                errors.lock().map(|mut e| e.push(why)).ok();
+                None
             }
-        })
-        .collect();
+        }
+    };
+    let staged: Vec<Staged<'a>> = if source.sequential() {
+        m.copies.iter().filter_map(stage).collect()
+    } else {
+        m.copies.par_iter().filter_map(stage).collect()
+    };
     report.vanished += vanished.into_inner();
     report
         .errors
@@ -419,9 +449,9 @@ fn stage_one<'a>(
         BodyData::File(mut file) => {
             writer::write_to_tmp(tmp_dir, &mut file, &meta, options.ownership, options.fsync)
         }
-        BodyData::Bytes(bytes) => writer::write_to_tmp(
+        BodyData::Stream(mut stream) => writer::write_to_tmp(
             tmp_dir,
-            &mut bytes.as_slice(),
+            &mut stream,
             &meta,
             options.ownership,
             options.fsync,

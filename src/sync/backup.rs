@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::progress::{Event, Progress};
-use crate::replica::Replica;
+use crate::replica::{Key, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
@@ -80,6 +80,8 @@ pub struct BackupOutcome {
     pub unchanged_mailboxes: u64,
     /// Wall time.
     pub seconds: f64,
+    /// Bytes sent to and received from remote replicas, when a side is remote.
+    pub wire: Option<(u64, u64)>,
 }
 
 /// How a run ended, for the exit code.
@@ -162,6 +164,7 @@ pub fn backup(
     if options.dry_run {
         outcome.plan_lines = plan.lines();
         outcome.seconds = started.elapsed().as_secs_f64();
+        outcome.wire = wire_bytes(src, dst);
         return Ok(outcome);
     }
     if !plan.is_empty() {
@@ -185,7 +188,19 @@ pub fn backup(
         }
     }
     outcome.seconds = started.elapsed().as_secs_f64();
+    outcome.wire = wire_bytes(src, dst);
     Ok(outcome)
+}
+
+/// Wire bytes of both sides together (sent, received), when either is remote.
+fn wire_bytes(src: &dyn Replica, dst: &dyn Replica) -> Option<(u64, u64)> {
+    match (src.wire_bytes(), dst.wire_bytes()) {
+        (None, None) => None,
+        (a, b) => {
+            let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
+            Some((a.0 + b.0, a.1 + b.1))
+        }
+    }
 }
 
 fn apply(
@@ -270,14 +285,29 @@ fn confirm_missing(src: &dyn Replica, src_table: &mut MailTable, dst_table: &Mai
     });
 }
 
-/// Compares contents for the pairs the differ asked about, in parallel. A pair that cannot
-/// be read counts as different (the copy is redone, never dropped).
+/// Compares contents for the pairs the differ asked about: one batch per side, both sides
+/// at once. A pair that cannot be read counts as different (the copy is redone, never
+/// dropped).
 fn answer(src: &dyn Replica, dst: &dyn Replica, questions: Vec<HashQuestion>) -> HashAnswers {
+    let keys = |side: fn(&HashQuestion) -> &(crate::model::Subdir, String)| -> Vec<Key> {
+        questions
+            .iter()
+            .map(|q| Key {
+                dir: q.dir.clone(),
+                sub: side(q).0,
+                name: side(q).1.clone(),
+            })
+            .collect()
+    };
+    let (src_keys, dst_keys) = (keys(|q| &q.src), keys(|q| &q.dst));
+    let (a, b) = rayon::join(
+        || src.content_hashes(&src_keys),
+        || dst.content_hashes(&dst_keys),
+    );
     questions
-        .into_par_iter()
-        .map(|q| {
-            let a = src.content_hash(&q.dir, q.src.0, &q.src.1);
-            let b = dst.content_hash(&q.dir, q.dst.0, &q.dst.1);
+        .into_iter()
+        .zip(a.into_iter().zip(b))
+        .map(|(q, (a, b))| {
             let same = matches!((a, b), (Ok(a), Ok(b)) if a == b);
             (q, same)
         })

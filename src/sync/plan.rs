@@ -8,7 +8,7 @@ use crate::storage::maildir::uidlist::{Header, OwnedRecord};
 use crate::table::DirMeta;
 
 /// Copy one message body from the source into the destination mailbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CopyOp {
     /// UID it gets (0: left for Dovecot to number, as on the source).
     pub uid: u32,
@@ -25,7 +25,7 @@ pub struct CopyOp {
 }
 
 /// Rename a destination file: a flag change, or a move from `new/` to `cur/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RenameOp {
     /// The message's UID (for reports).
     pub uid: u32,
@@ -52,7 +52,7 @@ impl RenameOp {
 }
 
 /// Remove a destination file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExpungeOp {
     /// The message's UID (0 when unlisted).
     pub uid: u32,
@@ -64,7 +64,7 @@ pub struct ExpungeOp {
 
 /// Changes to a destination uidlist, applied to the file as it is under the lock (so a
 /// record Dovecot appended meanwhile survives).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UidlistEdit {
     /// Header to write; `next_uid` is a floor (the writer never lowers `N`).
     pub header: Header,
@@ -75,7 +75,7 @@ pub struct UidlistEdit {
 }
 
 /// What happens to a destination uidlist.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum UidlistChange {
     /// Edit (or create) it.
     Write(UidlistEdit),
@@ -85,7 +85,7 @@ pub enum UidlistChange {
 
 /// Everything to do in one destination mailbox, in apply order: create, keywords, copies,
 /// renames, expunges, uidlist, index reset.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MailboxPlan {
     /// Directory relative to the root (`""` = INBOX).
     pub dir: String,
@@ -123,7 +123,7 @@ impl MailboxPlan {
 }
 
 /// Remove a whole destination mailbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeleteMailbox {
     /// Directory relative to the root.
     pub dir: String,
@@ -134,7 +134,7 @@ pub struct DeleteMailbox {
 }
 
 /// A source item the run cannot copy, reported and counted in the exit code.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     /// Path relative to the source root, or a mailbox.
     pub path: String,
@@ -143,7 +143,7 @@ pub struct Skipped {
 }
 
 /// The whole plan for one destination.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Mailboxes to remove (done last).
     pub delete_mailboxes: Vec<DeleteMailbox>,

@@ -18,54 +18,28 @@ pub enum Kind {
     Hello = 1,
     /// Fatal error; the sender closes.
     Error = 2,
-    /// A line for the user's terminal.
-    Log = 3,
-    /// Scan this replica.
-    ScanRequest = 4,
-    /// One mailbox table.
-    Mailbox = 5,
-    /// End of a scan, with root facts.
-    ScanEnd = 6,
-    /// Scan one mailbox again.
-    Rescan = 7,
-    /// Hash one message.
-    HashRequest = 8,
-    /// A content hash.
-    Hash = 9,
-    /// Send one body.
-    BodyRequest = 10,
+    /// A progress event (JSON), server to client.
+    Event = 3,
+    /// A request (JSON), client to server.
+    Request = 4,
+    /// The answer to the request in flight (JSON).
+    Answer = 5,
+    /// One segment of an object (a table, a plan, a key list).
+    Part = 6,
+    /// Header of one body: its key and metadata, or why it cannot be sent.
+    BodyStart = 7,
     /// Part of a body.
-    BodyChunk = 11,
+    BodyChunk = 8,
     /// End of a body.
-    BodyEnd = 12,
-    /// A plan to apply.
-    Plan = 13,
-    /// What applying did.
-    Report = 14,
-    /// End of session.
-    Bye = 15,
+    BodyEnd = 9,
 }
 
 impl Kind {
     /// The kind for a byte, if the protocol knows it.
     pub fn from_byte(byte: u8) -> Option<Kind> {
         use Kind::*;
-        const ALL: [Kind; 15] = [
-            Hello,
-            Error,
-            Log,
-            ScanRequest,
-            Mailbox,
-            ScanEnd,
-            Rescan,
-            HashRequest,
-            Hash,
-            BodyRequest,
-            BodyChunk,
-            BodyEnd,
-            Plan,
-            Report,
-            Bye,
+        const ALL: [Kind; 9] = [
+            Hello, Error, Event, Request, Answer, Part, BodyStart, BodyChunk, BodyEnd,
         ];
         ALL.iter().copied().find(|k| *k as u8 == byte)
     }
@@ -170,6 +144,11 @@ impl<'a> Payload<'a> {
         Some(head)
     }
 
+    /// A u8.
+    pub fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
     /// A u16.
     pub fn u16(&mut self) -> Option<u16> {
         Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
@@ -213,23 +192,23 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let mut wire = Vec::new();
-        write_frame(&mut wire, Kind::Log, b"hello").unwrap();
-        write_frame(&mut wire, Kind::Bye, b"").unwrap();
+        write_frame(&mut wire, Kind::Event, b"hello").unwrap();
+        write_frame(&mut wire, Kind::Answer, b"").unwrap();
         let mut input = &wire[..];
         assert_eq!(
             read_frame(&mut input).unwrap(),
             Frame {
-                kind: Kind::Log,
+                kind: Kind::Event,
                 payload: b"hello".to_vec()
             }
         );
-        assert_eq!(read_frame(&mut input).unwrap().kind, Kind::Bye);
+        assert_eq!(read_frame(&mut input).unwrap().kind, Kind::Answer);
         assert!(matches!(read_frame(&mut input), Err(FrameError::Closed)));
     }
 
     #[test]
     fn hostile_headers_are_refused_before_allocation() {
-        let huge = [Kind::Plan as u8, 0xff, 0xff, 0xff, 0xff];
+        let huge = [Kind::Part as u8, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame(&mut &huge[..]),
             Err(FrameError::TooLarge(u32::MAX))

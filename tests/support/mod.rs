@@ -16,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub mod corpus;
+pub mod sshd;
 pub mod tree;
 
 /// The system user (and group) that owns every mail tree doveadm touches.

@@ -8,7 +8,7 @@ pub const FILE_NAME: &str = "dovecot-keywords";
 pub const LETTERS: usize = 26;
 
 /// Letter index → keyword name for one mailbox. Gaps are allowed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeywordMap {
     /// `names[i]` is the keyword written as letter `'a' + i`.
     pub names: [Option<String>; LETTERS],

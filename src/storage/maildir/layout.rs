@@ -7,7 +7,7 @@ use std::io;
 use std::path::Path;
 
 /// How a Maildir root stores its folders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Layout {
     /// Dovecot's default: flat `.A.B` directories in the root, each with `maildirfolder`.
     MaildirPlusPlus,

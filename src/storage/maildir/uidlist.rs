@@ -8,7 +8,7 @@ use crate::model::MailboxGuid;
 pub const FILE_NAME: &str = "dovecot-uidlist";
 
 /// Header fields. `next_uid` is the raw `N`, which may be stale: use [`Uidlist::next_uid`].
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Header {
     /// `V`: UIDVALIDITY, non-zero.
     pub uid_validity: u32,
@@ -261,7 +261,7 @@ fn split_guid_field(fields: &str) -> Option<(Option<&str>, std::borrow::Cow<'_, 
 }
 
 /// An owned record for rendering.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OwnedRecord {
     /// The UID.
     pub uid: u32,

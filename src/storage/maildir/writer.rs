@@ -16,7 +16,7 @@ use super::TEMP_PREFIX;
 use super::dotlock::with_path;
 
 /// When data is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum FsyncPolicy {
     /// One `syncfs` per mailbox before its uidlist is written (default).
     #[default]
@@ -28,7 +28,7 @@ pub enum FsyncPolicy {
 }
 
 /// Who owns what mdsync creates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Ownership {
     /// Leave ownership to the running user (not root).
     RunningUser,
@@ -61,7 +61,7 @@ impl Ownership {
 }
 
 /// Metadata a copied message keeps: mtime is Dovecot's received date (INTERNALDATE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BodyMeta {
     /// Modification time, seconds and nanoseconds since the epoch.
     pub mtime: (i64, u32),

@@ -1,0 +1,550 @@
+//! A replica on another host: the client side of the protocol. Every trait call is one
+//! request and its answer; hash and body requests go as whole lists (one round trip), and
+//! a plan's bodies stream to the far side while its progress streams back. Everything the
+//! peer sends is checked by `wire` before use. Never touches the local filesystem.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::interrupt;
+use crate::model::Subdir;
+use crate::progress::Progress;
+use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
+use crate::scan::ScanOptions;
+use crate::storage::maildir::layout::Layout;
+use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::plan::Plan;
+use crate::table::{MailTable, MailboxTable};
+use crate::transport::{Channel, Peer};
+use crate::wire::codec;
+use crate::wire::conn::{
+    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
+};
+use crate::wire::frame::{FrameError, Kind};
+use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
+use crate::wire::messages::{Answer, Request, WireEvent};
+
+/// Session settings chosen by the user.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// zstd level for bodies and tables; `None` sends them as they are.
+    pub compress_level: Option<i32>,
+    /// Sending limit in bytes per second, both ways (0 = none).
+    pub bwlimit: u64,
+    /// Longest wait for a byte from the far side; `None` waits forever.
+    pub timeout: Option<Duration>,
+    /// Let the far side use its scan cache.
+    pub use_cache: bool,
+    /// Ask for itemized lines while applying.
+    pub verbose: bool,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            compress_level: Some(3),
+            bwlimit: 0,
+            timeout: Some(Duration::from_secs(300)),
+            use_cache: true,
+            verbose: false,
+        }
+    }
+}
+
+/// A replica served by `mdsync serve` at the other end of a [`Channel`].
+pub struct RemoteReplica {
+    label: String,
+    location: String,
+    /// Held for one request and its answer, so answers never cross.
+    exchange: Mutex<()>,
+    inbox: Mutex<Inbox>,
+    out: Mutex<FrameWriter>,
+    stats: Arc<Stats>,
+    peer: Mutex<Option<Peer>>,
+    timed_out: Arc<AtomicBool>,
+    stop_watchdog: Arc<AtomicBool>,
+    timeout: Option<Duration>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl RemoteReplica {
+    /// Greets the server on `channel` and opens `path` there. `label` names the host
+    /// side for messages (`user@host`).
+    pub fn connect(
+        channel: Channel,
+        label: &str,
+        path: &str,
+        options: &RemoteOptions,
+    ) -> Result<RemoteReplica> {
+        let stats = Arc::new(Stats::default());
+        let replica = RemoteReplica {
+            label: label.to_string(),
+            location: format!("{label}:{path}"),
+            exchange: Mutex::new(()),
+            inbox: Mutex::new(Inbox::new(FrameReader::new(channel.input, stats.clone()))),
+            out: Mutex::new(FrameWriter::new(channel.output, stats.clone())),
+            stats,
+            peer: Mutex::new(Some(channel.peer)),
+            timed_out: Arc::new(AtomicBool::new(false)),
+            stop_watchdog: Arc::new(AtomicBool::new(false)),
+            timeout: options.timeout,
+        };
+        replica.start_watchdog();
+        let location = replica
+            .handshake(path, options)
+            .map_err(|e| replica.error(e))?;
+        let mut replica = replica;
+        replica.location = format!("{label}:{location}");
+        Ok(replica)
+    }
+
+    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<String, WireError> {
+        let zstd_cap = if options.compress_level.is_some() {
+            CAP_ZSTD
+        } else {
+            0
+        };
+        let ours = Hello::ours(CAP_HASH | zstd_cap);
+        {
+            let mut out = locked(&self.out);
+            out.frame(Kind::Hello, &ours.encode())?;
+            out.flush()?;
+        }
+        let mut inbox = locked(&self.inbox);
+        let payload = inbox.reader.expect(Kind::Hello).map_err(|e| match e {
+            WireError::Frame(FrameError::Closed) => WireError::Failed(
+                "the connection closed before the far side answered; is mdsync installed there \
+                 (see --remote-mdsync) and can ssh log in?"
+                    .into(),
+            ),
+            WireError::Frame(FrameError::UnknownKind(_) | FrameError::TooLarge(_)) => {
+                WireError::Failed(
+                    "the far side is not mdsync serve (does the remote shell print a banner?)"
+                        .into(),
+                )
+            }
+            other => other,
+        })?;
+        let theirs = Hello::decode(&payload).map_err(|e| WireError::Failed(e.to_string()))?;
+        let shared = ours
+            .agree(&theirs)
+            .map_err(|e| WireError::Failed(e.to_string()))?;
+        let zstd = shared & CAP_ZSTD != 0;
+        inbox.reader.set_zstd(zstd);
+        let mut out = locked(&self.out);
+        out.set_zstd(if zstd { options.compress_level } else { None });
+        out.set_bwlimit(options.bwlimit);
+        out.json(
+            Kind::Request,
+            &Request::Open {
+                path: path.to_string(),
+                bwlimit: options.bwlimit,
+                use_cache: options.use_cache,
+                verbose: options.verbose,
+            },
+        )?;
+        drop(out);
+        match answer(&mut inbox, None)? {
+            Answer::Opened { location } => Ok(location),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Kills the far side when it sends nothing for longer than the timeout while we wait.
+    fn start_watchdog(&self) {
+        let Some(timeout) = self.timeout else {
+            return;
+        };
+        let pid = match &*locked(&self.peer) {
+            Some(Peer::Child(child)) => child.id(),
+            _ => return,
+        };
+        let (stats, stop, timed_out) = (
+            self.stats.clone(),
+            self.stop_watchdog.clone(),
+            self.timed_out.clone(),
+        );
+        let _ = std::thread::Builder::new()
+            .name("mdsync-watchdog".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if stats.stalled_for() > timeout {
+                        timed_out.store(true, Ordering::Relaxed);
+                        let pid = nix::unistd::Pid::from_raw(pid as i32);
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        return;
+                    }
+                }
+            });
+    }
+
+    /// The library error for a session failure, with the location and, for a lost
+    /// connection, why.
+    fn error(&self, e: WireError) -> Error {
+        let message = if self.timed_out.load(Ordering::Relaxed) {
+            format!(
+                "no data from the far side for {} s (--timeout); connection closed",
+                self.timeout.map_or(0, |t| t.as_secs())
+            )
+        } else {
+            match e {
+                WireError::Frame(FrameError::Closed | FrameError::Truncated) => {
+                    format!("connection lost{}", self.peer_status())
+                }
+                WireError::Remote(text) => format!("far side failed: {text}"),
+                other => other.to_string(),
+            }
+        };
+        Error::Remote {
+            location: self.location.clone(),
+            message,
+        }
+    }
+
+    /// ` (ssh exited with …)` when the far side's process has ended.
+    fn peer_status(&self) -> String {
+        let mut peer = locked(&self.peer);
+        if let Some(Peer::Child(child)) = peer.as_mut() {
+            for _ in 0..20 {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return format!(" ({} exited: {status})", self.label);
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        String::new()
+    }
+
+    /// Sends a request (with an optional object after it) and returns the locked inbox,
+    /// cleared of bodies nobody read.
+    fn request(
+        &self,
+        request: &Request,
+        object: Option<&[u8]>,
+    ) -> Result<MutexGuard<'_, Inbox>, WireError> {
+        let mut inbox = locked(&self.inbox);
+        inbox.drain()?;
+        let mut out = locked(&self.out);
+        out.json(Kind::Request, request)?;
+        if let Some(bytes) = object {
+            out.object(bytes)?;
+            out.flush()?;
+        }
+        Ok(inbox)
+    }
+
+    fn scan_remote(
+        &self,
+        options: &ScanOptions,
+        progress: &dyn Progress,
+    ) -> Result<MailTable, WireError> {
+        let _x = locked(&self.exchange);
+        let request = Request::Scan {
+            layout: options.layout,
+            exclude: options
+                .exclude
+                .iter()
+                .map(|p| p.as_str().to_string())
+                .collect(),
+            unchanged_if: options
+                .unchanged_if
+                .iter()
+                .map(|(dir, (stamps, count))| (dir.clone(), *stamps, *count))
+                .collect(),
+        };
+        let mut inbox = self.request(&request, None)?;
+        let mut mailboxes = Vec::new();
+        loop {
+            let (kind, payload) = inbox.reader.frame()?;
+            match kind {
+                Kind::Event => forward(&payload, Some(progress))?,
+                Kind::Part => {
+                    let bytes = inbox.reader.object_from(payload)?;
+                    mailboxes.push(codec::decode_mailbox(&bytes)?);
+                }
+                Kind::Answer => {
+                    return match FrameReader::json(&payload)? {
+                        Answer::ScanEnd { mailboxes: n, root } if n as usize == mailboxes.len() => {
+                            for dir in root.parents.iter().chain(&root.unfollowed) {
+                                crate::wire::path::check_dir(dir)
+                                    .map_err(|e| WireError::protocol(e.to_string()))?;
+                            }
+                            Ok(root.into_table(mailboxes))
+                        }
+                        other => Err(unexpected(&other)),
+                    };
+                }
+                other => return Err(WireError::protocol(format!("unexpected {other:?}"))),
+            }
+        }
+    }
+
+    fn rescan_remote(&self, layout: Layout, dir: &str) -> Result<MailboxTable, WireError> {
+        let _x = locked(&self.exchange);
+        let request = Request::Rescan {
+            layout,
+            dir: dir.to_string(),
+        };
+        let mut inbox = self.request(&request, None)?;
+        let table = codec::decode_mailbox(&inbox.reader.object()?)?;
+        if table.dir != dir {
+            return Err(WireError::protocol("rescan answered for another mailbox"));
+        }
+        match answer(&mut inbox, None)? {
+            Answer::Rescanned => Ok(table),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn hashes_remote(&self, keys: &[Key]) -> Result<Vec<codec::HashAnswer>, WireError> {
+        let _x = locked(&self.exchange);
+        let mut inbox = self.request(&Request::Hashes, Some(&codec::encode_keys(keys)))?;
+        match answer(&mut inbox, None)? {
+            Answer::Hashes => codec::decode_hashes(&inbox.reader.object()?, keys.len()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn apply_remote(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+    ) -> Result<ApplyReport, WireError> {
+        let _x = locked(&self.exchange);
+        let plan_json = serde_json::to_vec(plan).map_err(|e| WireError::Failed(e.to_string()))?;
+        let request = Request::Apply {
+            options: *options,
+        };
+        let mut inbox = self.request(&request, Some(&plan_json))?;
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| self.send_bodies(plan, source));
+            let result = answer(&mut inbox, Some(progress));
+            if result.is_err() {
+                self.kill_peer();
+            }
+            let sent = sender.join();
+            match (result, sent) {
+                (Err(e), _) => Err(e),
+                (_, Ok(Err(e))) => Err(WireError::from(e)),
+                (_, Err(_)) => Err(WireError::Failed("the body sender panicked".into())),
+                (Ok(Answer::Applied { report }), Ok(Ok(()))) => Ok(report),
+                (Ok(other), Ok(Ok(()))) => Err(unexpected(&other)),
+            }
+        })
+    }
+
+    /// Streams every copy's body in plan order. After an interrupt the rest are sent as
+    /// failed, so the far side finishes cleanly with what it has.
+    fn send_bodies(&self, plan: &Plan, source: &dyn BodySource) -> std::io::Result<()> {
+        let mut out = locked(&self.out);
+        for m in &plan.mailboxes {
+            for c in &m.copies {
+                let key = (m.dir.as_str(), c.src_sub, c.src_name.as_str());
+                if interrupt::requested() {
+                    out.body_missing(key, &BodyStatus::Failed("interrupted".into()))?;
+                    continue;
+                }
+                match source.open_body(&m.dir, c.src_sub, &c.src_name) {
+                    Ok(Body { data, meta, .. }) => match data {
+                        BodyData::File(mut file) => out.body(key, &meta, &mut file)?,
+                        BodyData::Stream(mut stream) => out.body(key, &meta, &mut stream)?,
+                    },
+                    Err(BodyError::Vanished(_)) => out.body_missing(key, &BodyStatus::Vanished)?,
+                    Err(BodyError::Failed(why)) => {
+                        out.body_missing(key, &BodyStatus::Failed(why))?
+                    }
+                }
+            }
+        }
+        out.flush()
+    }
+
+    fn kill_peer(&self) {
+        if let Some(Peer::Child(child)) = locked(&self.peer).as_mut() {
+            let _ = child.kill();
+        }
+    }
+
+    fn bye(&self) -> Result<(), WireError> {
+        let _x = locked(&self.exchange);
+        let mut inbox = self.request(&Request::Bye, None)?;
+        match answer(&mut inbox, None)? {
+            Answer::Bye => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Reads frames up to the answer, forwarding events.
+fn answer(inbox: &mut Inbox, progress: Option<&dyn Progress>) -> Result<Answer, WireError> {
+    loop {
+        let (kind, payload) = inbox.reader.frame()?;
+        match kind {
+            Kind::Event => forward(&payload, progress)?,
+            Kind::Answer => return FrameReader::json(&payload),
+            other => return Err(WireError::protocol(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+fn forward(payload: &[u8], progress: Option<&dyn Progress>) -> Result<(), WireError> {
+    let event: WireEvent = FrameReader::json(payload)?;
+    if let Some(progress) = progress {
+        progress.event(event.into_event());
+    }
+    Ok(())
+}
+
+fn unexpected(answer: &Answer) -> WireError {
+    let name = serde_json::to_value(answer)
+        .ok()
+        .and_then(|v| v.get("answer").and_then(|a| a.as_str()).map(String::from))
+        .unwrap_or_default();
+    WireError::protocol(format!("unexpected answer {name}"))
+}
+
+impl BodySource for RemoteReplica {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
+        let mut inbox = locked(&self.inbox);
+        let origin = format!("{}/{dir}/{}/{name}", self.location, sub.as_str());
+        match inbox.next_body((dir, sub, name)) {
+            Ok(BodyStatus::Data(meta)) => Ok(Body {
+                data: BodyData::Stream(Box::new(BodyReader::new(inbox))),
+                meta,
+                origin,
+            }),
+            Ok(BodyStatus::Vanished) => Err(BodyError::Vanished(origin)),
+            Ok(BodyStatus::Failed(why)) => Err(BodyError::Failed(format!("{}: {why}", self.label))),
+            Err(e) => Err(BodyError::Failed(self.error(e).to_string())),
+        }
+    }
+
+    fn sequential(&self) -> bool {
+        true
+    }
+
+    fn announce(&self, keys: &[Key]) -> Result<(), BodyError> {
+        let _x = locked(&self.exchange);
+        let mut inbox = self
+            .request(&Request::Bodies, Some(&codec::encode_keys(keys)))
+            .map_err(|e| BodyError::Failed(self.error(e).to_string()))?;
+        inbox.expect_bodies(keys.len());
+        Ok(())
+    }
+}
+
+impl Replica for RemoteReplica {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn detect_layout(&self) -> Result<Option<Layout>> {
+        let _x = locked(&self.exchange);
+        let result = self
+            .request(&Request::DetectLayout, None)
+            .and_then(|mut inbox| answer(&mut inbox, None));
+        match result.map_err(|e| self.error(e))? {
+            Answer::Layout { layout } => Ok(layout),
+            other => Err(self.error(unexpected(&other))),
+        }
+    }
+
+    fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
+        self.scan_remote(options, progress)
+            .map_err(|e| self.error(e))
+    }
+
+    fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+        self.rescan_remote(layout, dir)
+            .unwrap_or_else(|e| MailboxTable {
+                dir: dir.to_string(),
+                broken: Some(self.error(e).to_string()),
+                ..MailboxTable::default()
+            })
+    }
+
+    fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError> {
+        let key = Key {
+            dir: dir.to_string(),
+            sub,
+            name: name.to_string(),
+        };
+        self.content_hashes(&[key])
+            .pop()
+            .unwrap_or_else(|| Err(BodyError::Failed("no answer".into())))
+    }
+
+    fn content_hashes(&self, keys: &[Key]) -> Vec<Result<u128, BodyError>> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        match self.hashes_remote(keys) {
+            Ok(answers) => answers,
+            Err(e) => {
+                let why = self.error(e).to_string();
+                keys.iter()
+                    .map(|_| Err(BodyError::Failed(why.clone())))
+                    .collect()
+            }
+        }
+    }
+
+    fn apply(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+    ) -> Result<ApplyReport> {
+        self.apply_remote(plan, source, options, progress)
+            .map_err(|e| self.error(e))
+    }
+
+    fn wire_bytes(&self) -> Option<(u64, u64)> {
+        Some((self.stats.sent(), self.stats.received()))
+    }
+
+    fn close(&self) -> Result<()> {
+        self.bye().map_err(|e| self.error(e))?;
+        self.stop_watchdog.store(true, Ordering::Relaxed);
+        match locked(&self.peer).take() {
+            Some(Peer::Child(mut child)) => {
+                let status = child.wait().map_err(|e| Error::Remote {
+                    location: self.location.clone(),
+                    message: e.to_string(),
+                })?;
+                if !status.success() {
+                    return Err(Error::Remote {
+                        location: self.location.clone(),
+                        message: format!("the far side exited with {status}"),
+                    });
+                }
+            }
+            Some(Peer::Thread(thread)) => {
+                if let Ok(Err(e)) = thread.join() {
+                    return Err(self.error(e));
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RemoteReplica {
+    fn drop(&mut self) {
+        self.stop_watchdog.store(true, Ordering::Relaxed);
+        if let Some(Peer::Child(mut child)) = locked(&self.peer).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! `mdsync serve`: the far side of a remote replica. Speaks the protocol on a byte stream
+//! (ssh's stdin and stdout), and runs this machine's scanner, hasher and applier for the
+//! brain on the other end. Never decides what to change — it carries out the plans it is
+//! sent — and never touches a path outside its root.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::model::Subdir;
+use crate::progress::{Event, Progress};
+use crate::replica::local::{LocalReplica, resolve};
+use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
+use crate::scan::ScanOptions;
+use crate::storage::maildir::writer::Ownership;
+use crate::sync::apply::ApplyOptions;
+use crate::sync::plan::Plan;
+use crate::wire::codec;
+use crate::wire::conn::{
+    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
+};
+use crate::wire::frame::Kind;
+use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
+use crate::wire::messages::{Answer, Request, RootFacts, WireEvent};
+
+/// How the server may be used.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Only paths inside this directory may be opened (for forced-command ssh keys).
+    pub root: Option<PathBuf>,
+    /// The server's scan cache directory; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Serves one session on `input`/`output` until the client says goodbye. A protocol
+/// violation or a failure that ends the request is sent to the client as `Error` and
+/// returned.
+pub fn serve(
+    input: Box<dyn Read + Send>,
+    output: Box<dyn Write + Send>,
+    options: &ServeOptions,
+) -> Result<(), WireError> {
+    let stats = std::sync::Arc::new(Stats::default());
+    let reader = FrameReader::new(input, stats.clone());
+    let writer = FrameWriter::new(output, stats);
+    let mut session = Session {
+        inbox: Mutex::new(Inbox::new(reader)),
+        out: Mutex::new(writer),
+        options,
+        replica: None,
+        verbose: false,
+        use_cache: false,
+    };
+    let result = session.run();
+    if let Err(e) = &result
+        && !matches!(e, WireError::Remote(_))
+        && let Ok(mut out) = session.out.lock()
+    {
+        let _ = out.error(&e.to_string());
+    }
+    result
+}
+
+struct Session<'a> {
+    inbox: Mutex<Inbox>,
+    out: Mutex<FrameWriter>,
+    options: &'a ServeOptions,
+    replica: Option<LocalReplica>,
+    verbose: bool,
+    use_cache: bool,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Session<'_> {
+    fn run(&mut self) -> Result<(), WireError> {
+        self.handshake()?;
+        loop {
+            let payload = locked(&self.inbox).reader.expect(Kind::Request)?;
+            let request: Request = FrameReader::json(&payload)?;
+            match request {
+                Request::Open {
+                    path,
+                    bwlimit,
+                    use_cache,
+                    verbose,
+                } => self.open(&path, bwlimit, use_cache, verbose)?,
+                Request::Bye => {
+                    locked(&self.out).json(Kind::Answer, &Answer::Bye)?;
+                    return Ok(());
+                }
+                other => self.handle(other)?,
+            }
+        }
+    }
+
+    fn handshake(&mut self) -> Result<(), WireError> {
+        let payload = locked(&self.inbox).reader.expect(Kind::Hello)?;
+        let theirs = Hello::decode(&payload).map_err(|e| WireError::protocol(e.to_string()))?;
+        let ours = Hello::ours(CAP_ZSTD | CAP_HASH);
+        let mut out = locked(&self.out);
+        out.frame(Kind::Hello, &ours.encode())?;
+        out.flush()?;
+        let shared = ours
+            .agree(&theirs)
+            .map_err(|e| WireError::protocol(e.to_string()))?;
+        let zstd = shared & CAP_ZSTD != 0;
+        locked(&self.inbox).reader.set_zstd(zstd);
+        out.set_zstd(zstd.then_some(3));
+        Ok(())
+    }
+
+    fn open(
+        &mut self,
+        path: &str,
+        bwlimit: u64,
+        use_cache: bool,
+        verbose: bool,
+    ) -> Result<(), WireError> {
+        let resolved = resolve_path(path, self.options.root.as_deref())
+            .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
+        let location = resolved.display().to_string();
+        self.replica = Some(LocalReplica::new(resolved));
+        self.verbose = verbose;
+        self.use_cache = use_cache;
+        let mut out = locked(&self.out);
+        out.set_bwlimit(bwlimit);
+        out.json(Kind::Answer, &Answer::Opened { location })?;
+        Ok(())
+    }
+
+    fn replica(&self) -> Result<&LocalReplica, WireError> {
+        self.replica
+            .as_ref()
+            .ok_or_else(|| WireError::protocol("no replica is open"))
+    }
+
+    fn handle(&self, request: Request) -> Result<(), WireError> {
+        let replica = self.replica()?;
+        let progress = WireProgress::new(&self.out, self.verbose);
+        match request {
+            Request::DetectLayout => {
+                let layout = replica.detect_layout().map_err(|e| self.fatal(e))?;
+                locked(&self.out).json(Kind::Answer, &Answer::Layout { layout })?;
+            }
+            Request::Scan {
+                layout,
+                exclude,
+                unchanged_if,
+            } => {
+                let options = ScanOptions {
+                    layout,
+                    exclude: compile_globs(&exclude)?,
+                    cache_dir: self.options.cache_dir.clone().filter(|_| self.use_cache),
+                    unchanged_if: unchanged_if
+                        .into_iter()
+                        .map(|(dir, stamps, count)| (dir, (stamps, count)))
+                        .collect(),
+                };
+                let table = replica
+                    .scan(&options, &progress)
+                    .map_err(|e| self.fatal(e))?;
+                progress.flush();
+                let mut out = locked(&self.out);
+                for mailbox in &table.mailboxes {
+                    out.object(&crate::scan::cache::encode_table(mailbox))?;
+                }
+                let answer = Answer::ScanEnd {
+                    mailboxes: table.mailboxes.len() as u32,
+                    root: RootFacts::of(&table),
+                };
+                out.json(Kind::Answer, &answer)?;
+            }
+            Request::Rescan { layout, dir } => {
+                crate::wire::path::check_dir(&dir)
+                    .map_err(|e| WireError::protocol(e.to_string()))?;
+                let table = replica.rescan_mailbox(layout, &dir);
+                let mut out = locked(&self.out);
+                out.object(&crate::scan::cache::encode_table(&table))?;
+                out.json(Kind::Answer, &Answer::Rescanned)?;
+            }
+            Request::Hashes => {
+                let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
+                let answers = replica.content_hashes(&keys);
+                let mut out = locked(&self.out);
+                out.json(Kind::Answer, &Answer::Hashes)?;
+                out.object(&codec::encode_hashes(&answers))?;
+                out.flush()?;
+            }
+            Request::Bodies => {
+                let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
+                self.send_bodies(replica, &keys)?;
+            }
+            Request::Apply { options } => {
+                let plan_bytes = locked(&self.inbox).reader.object()?;
+                let plan: Plan = FrameReader::json(&plan_bytes)?;
+                codec::check_plan(&plan)?;
+                let copies = plan.mailboxes.iter().map(|m| m.copies.len()).sum();
+                locked(&self.inbox).expect_bodies(copies);
+                let options = ApplyOptions {
+                    ownership: ownership_here(options.ownership),
+                    ..options
+                };
+                let source = StreamSource { inbox: &self.inbox };
+                let report = replica
+                    .apply(&plan, &source, &options, &progress)
+                    .map_err(|e| self.fatal(e))?;
+                locked(&self.inbox).drain()?;
+                progress.flush();
+                locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
+            }
+            Request::Open { .. } | Request::Bye => unreachable!("handled by run"),
+        }
+        Ok(())
+    }
+
+    fn fatal(&self, e: crate::Error) -> WireError {
+        WireError::Failed(e.to_string())
+    }
+
+    fn send_bodies(&self, replica: &LocalReplica, keys: &[codec::Key]) -> Result<(), WireError> {
+        let mut out = locked(&self.out);
+        for key in keys {
+            let k = (key.dir.as_str(), key.sub, key.name.as_str());
+            match replica.open_body(&key.dir, key.sub, &key.name) {
+                Ok(Body { data, meta, .. }) => match data {
+                    BodyData::File(mut file) => out.body(k, &meta, &mut file)?,
+                    BodyData::Stream(mut stream) => out.body(k, &meta, &mut stream)?,
+                },
+                Err(BodyError::Vanished(_)) => out.body_missing(k, &BodyStatus::Vanished)?,
+                Err(BodyError::Failed(why)) => out.body_missing(k, &BodyStatus::Failed(why))?,
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+/// The owner policy as this machine's user can carry it out: only root can give files
+/// away, so a non-root server keeps its own ownership unless `--chown` named IDs.
+fn ownership_here(asked: Ownership) -> Ownership {
+    match asked {
+        Ownership::Fixed(uid, gid) => Ownership::Fixed(uid, gid),
+        _ if nix::unistd::geteuid().is_root() => Ownership::FromSource,
+        _ => Ownership::RunningUser,
+    }
+}
+
+fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>, WireError> {
+    globs
+        .iter()
+        .map(|g| {
+            glob::Pattern::new(g).map_err(|e| WireError::protocol(format!("--exclude {g}: {e}")))
+        })
+        .collect()
+}
+
+/// Turns the path a client asked for into a local path: `~/` is the home directory, a
+/// relative path is relative to the root (or the working directory without one). With a
+/// root, the path must stay inside it: no `..` anywhere, and the canonical form of what
+/// exists must lie in the canonical root, so a symlink cannot lead out.
+pub fn resolve_path(asked: &str, root: Option<&Path>) -> Result<PathBuf, String> {
+    if asked.contains('\0') {
+        return Err("a path with NUL".into());
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let path = match (asked.strip_prefix("~/"), &home) {
+        (Some(rest), Some(home)) => home.join(rest),
+        _ if asked == "~" && home.is_some() => home.clone().unwrap_or_default(),
+        _ => PathBuf::from(if asked.is_empty() { "." } else { asked }),
+    };
+    let Some(root) = root else {
+        return Ok(resolve(&path));
+    };
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err("`..` is not allowed under --root".into());
+    }
+    let root =
+        std::fs::canonicalize(root).map_err(|e| format!("--root {}: {e}", root.display()))?;
+    let full = resolve(&root.join(&path));
+    if !full.starts_with(&root) {
+        return Err(format!("outside the served root {}", root.display()));
+    }
+    Ok(full)
+}
+
+/// Bodies the client streams during `Apply`, handed to the applier in plan order.
+struct StreamSource<'a> {
+    inbox: &'a Mutex<Inbox>,
+}
+
+impl BodySource for StreamSource<'_> {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
+        let mut inbox = locked(self.inbox);
+        match inbox.next_body((dir, sub, name)) {
+            Ok(BodyStatus::Data(meta)) => Ok(Body {
+                data: BodyData::Stream(Box::new(BodyReader::new(inbox))),
+                meta,
+                origin: format!("client:{dir}/{}/{name}", sub.as_str()),
+            }),
+            Ok(BodyStatus::Vanished) => Err(BodyError::Vanished(format!("client:{dir}/{name}"))),
+            Ok(BodyStatus::Failed(why)) => Err(BodyError::Failed(why)),
+            Err(e) => Err(BodyError::Failed(format!("connection lost: {e}"))),
+        }
+    }
+
+    fn sequential(&self) -> bool {
+        true
+    }
+}
+
+/// Sends the applier's and scanner's events to the client: itemized lines when it asked
+/// for them, else counts at most four times a second.
+struct WireProgress<'a> {
+    out: &'a Mutex<FrameWriter>,
+    verbose: bool,
+    pending: Mutex<(u64, u64, Instant)>,
+}
+
+impl<'a> WireProgress<'a> {
+    fn new(out: &'a Mutex<FrameWriter>, verbose: bool) -> WireProgress<'a> {
+        WireProgress {
+            out,
+            verbose,
+            pending: Mutex::new((0, 0, Instant::now())),
+        }
+    }
+
+    fn send(&self, event: &WireEvent) {
+        let mut out = locked(self.out);
+        let _ = out.json(Kind::Event, event);
+    }
+
+    /// Sends the counts not sent yet.
+    fn flush(&self) {
+        let mut pending = locked(&self.pending);
+        if pending.0 > 0 {
+            self.send(&WireEvent::Progressed {
+                operations: pending.0,
+                bytes: pending.1,
+            });
+            *pending = (0, 0, Instant::now());
+        }
+    }
+}
+
+impl Progress for WireProgress<'_> {
+    fn event(&self, event: Event) {
+        match event {
+            Event::MailboxScanned { messages } => {
+                self.send(&WireEvent::MailboxScanned { messages })
+            }
+            Event::Warning { message } => self.send(&WireEvent::Warning { message }),
+            Event::Applied { line, bytes } if self.verbose => {
+                self.send(&WireEvent::Applied { line, bytes })
+            }
+            Event::Applied { bytes, .. } => self.count(1, bytes),
+            Event::Progressed { operations, bytes } => self.count(operations, bytes),
+            Event::ScanStarted { .. } | Event::PlanReady { .. } => {}
+        }
+    }
+}
+
+impl WireProgress<'_> {
+    fn count(&self, operations: u64, bytes: u64) {
+        let due = {
+            let mut pending = locked(&self.pending);
+            pending.0 += operations;
+            pending.1 += bytes;
+            pending.2.elapsed() >= Duration::from_millis(250)
+        };
+        if due {
+            self.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_outside_the_root_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mail");
+        std::fs::create_dir_all(root.join("alice")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+        let canonical = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(
+            resolve_path("alice", Some(&root)).unwrap(),
+            canonical.join("alice")
+        );
+        assert_eq!(
+            resolve_path("bob/new", Some(&root)).unwrap(),
+            canonical.join("bob/new")
+        );
+        let inside = canonical.join("alice");
+        assert_eq!(
+            resolve_path(inside.to_str().unwrap(), Some(&root)).unwrap(),
+            inside
+        );
+        for bad in [
+            "../x",
+            "alice/../../x",
+            "/etc",
+            "escape",
+            "escape/passwd",
+            "a\0b",
+        ] {
+            assert!(resolve_path(bad, Some(&root)).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The JSON control messages of the protocol: requests, answers and progress events, with
+//! the root facts of a scan. Plain data with serde derives; no I/O.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::MailboxStamps;
+use crate::progress::Event;
+use crate::storage::maildir::layout::Layout;
+use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::table::{Anomaly, DirMeta, MailTable};
+
+/// What the client asks of the server, one at a time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Open the replica at `path` (relative to the server's root or home).
+    Open {
+        /// The path as the user wrote it after `host:`.
+        path: String,
+        /// Sending limit for the server, bytes per second (0 = none).
+        bwlimit: u64,
+        /// Use the server's scan cache.
+        use_cache: bool,
+        /// Send itemized lines while applying (else only counts).
+        verbose: bool,
+    },
+    /// Which folder layout the replica's folders show.
+    DetectLayout,
+    /// Scan the whole replica.
+    Scan {
+        /// Layout to read it with.
+        layout: Option<Layout>,
+        /// `--exclude` globs.
+        exclude: Vec<String>,
+        /// Mailboxes not to read when their stamps are still these.
+        unchanged_if: Vec<(String, MailboxStamps, u64)>,
+    },
+    /// Scan one mailbox again.
+    Rescan {
+        /// Layout.
+        layout: Layout,
+        /// Mailbox directory.
+        dir: String,
+    },
+    /// Content hashes of the keys in the object that follows.
+    Hashes,
+    /// Bodies of the keys in the object that follows.
+    Bodies,
+    /// Apply the plan in the object that follows; bodies follow it.
+    Apply {
+        /// How to write.
+        options: ApplyOptions,
+    },
+    /// End of session.
+    Bye,
+}
+
+/// What the server answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum Answer {
+    /// The replica is open.
+    Opened {
+        /// Its canonical path on the server.
+        location: String,
+    },
+    /// The detected layout.
+    Layout {
+        /// `None`: no folder yet.
+        layout: Option<Layout>,
+    },
+    /// End of a scan: the mailbox objects came before.
+    ScanEnd {
+        /// How many mailbox objects were sent.
+        mailboxes: u32,
+        /// Facts of the root.
+        root: RootFacts,
+    },
+    /// End of a rescan: one mailbox object came before.
+    Rescanned,
+    /// The hash answers follow as one object.
+    Hashes,
+    /// The plan was applied.
+    Applied {
+        /// What was done.
+        report: ApplyReport,
+    },
+    /// The session ends.
+    Bye,
+}
+
+/// Everything of a [`MailTable`] but its mailboxes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RootFacts {
+    /// Folder layout.
+    pub layout: Layout,
+    /// Parent-only directories.
+    pub parents: Vec<String>,
+    /// Folders not followed.
+    pub unfollowed: Vec<String>,
+    /// The `subscriptions` file.
+    pub subscriptions: Option<Vec<u8>>,
+    /// `dovecot-uidvalidity`.
+    pub uidvalidity_next: Option<u32>,
+    /// Root mode and owner.
+    pub root_meta: DirMeta,
+    /// Scan start, ns since the epoch.
+    pub scanned_at_ns: i64,
+    /// Root-level anomalies.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl RootFacts {
+    /// The facts of `table`.
+    pub fn of(table: &MailTable) -> RootFacts {
+        RootFacts {
+            layout: table.layout,
+            parents: table.parents.clone(),
+            unfollowed: table.unfollowed.clone(),
+            subscriptions: table.subscriptions.clone(),
+            uidvalidity_next: table.uidvalidity_next,
+            root_meta: table.root_meta,
+            scanned_at_ns: table.scanned_at_ns,
+            anomalies: table.anomalies.clone(),
+        }
+    }
+
+    /// A table with these facts and `mailboxes`.
+    pub fn into_table(self, mut mailboxes: Vec<crate::table::MailboxTable>) -> MailTable {
+        mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
+        MailTable {
+            layout: self.layout,
+            mailboxes,
+            parents: self.parents,
+            unfollowed: self.unfollowed,
+            subscriptions: self.subscriptions,
+            uidvalidity_next: self.uidvalidity_next,
+            root_meta: self.root_meta,
+            scanned_at_ns: self.scanned_at_ns,
+            anomalies: self.anomalies,
+        }
+    }
+}
+
+/// A progress event from the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WireEvent {
+    /// One mailbox was scanned.
+    MailboxScanned {
+        /// Its messages.
+        messages: u64,
+    },
+    /// One itemized operation.
+    Applied {
+        /// The line.
+        line: String,
+        /// Bytes it copied.
+        bytes: u64,
+    },
+    /// Operations done since the last event, without lines.
+    Progressed {
+        /// How many.
+        operations: u64,
+        /// Bytes copied.
+        bytes: u64,
+    },
+    /// A per-item problem.
+    Warning {
+        /// The message.
+        message: String,
+    },
+}
+
+impl WireEvent {
+    /// The library event it stands for (`None` for events the client makes itself).
+    pub fn into_event(self) -> Event {
+        match self {
+            WireEvent::MailboxScanned { messages } => Event::MailboxScanned { messages },
+            WireEvent::Applied { line, bytes } => Event::Applied { line, bytes },
+            WireEvent::Progressed { operations, bytes } => Event::Progressed { operations, bytes },
+            WireEvent::Warning { message } => Event::Warning { message },
+        }
+    }
+}
