@@ -186,6 +186,22 @@ pub fn spawn_in_process(options: ServeOptions) -> io::Result<Channel> {
     })
 }
 
+/// SIGKILLs `pid` and every process below it. Killing only the ssh (or `-e` command)
+/// process could leave a grandchild holding the pipe open, and the reader would wait on.
+pub fn kill_tree(pid: u32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        kill_tree(child);
+    }
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,7 +40,7 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Make DST equal to SRC as Dovecot sees it (one-way; extra mail on DST is removed).
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// Print what the scanner sees in a Maildir tree.
     Scan(ScanArgs),
     /// Serve a replica on stdin/stdout for a remote mdsync (started by it through ssh).
@@ -178,7 +178,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             .context("installing signal handlers")?;
     }
     match args.command {
-        Command::Backup(a) => run_backup(a),
+        Command::Backup(a) => run_backup(*a),
         Command::Scan(a) => scan_report::run(&a.path, a.layout.layout(), a.json),
         Command::Serve(a) => run_serve(a),
     }

@@ -176,8 +176,7 @@ impl RemoteReplica {
                     std::thread::sleep(Duration::from_millis(200));
                     if stats.stalled_for() > timeout {
                         timed_out.store(true, Ordering::Relaxed);
-                        let pid = nix::unistd::Pid::from_raw(pid as i32);
-                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        crate::transport::kill_tree(pid);
                         return;
                     }
                 }
@@ -320,9 +319,7 @@ impl RemoteReplica {
     ) -> Result<ApplyReport, WireError> {
         let _x = locked(&self.exchange);
         let plan_json = serde_json::to_vec(plan).map_err(|e| WireError::Failed(e.to_string()))?;
-        let request = Request::Apply {
-            options: *options,
-        };
+        let request = Request::Apply { options: *options };
         let mut inbox = self.request(&request, Some(&plan_json))?;
         std::thread::scope(|scope| {
             let sender = scope.spawn(|| self.send_bodies(plan, source));
@@ -369,7 +366,7 @@ impl RemoteReplica {
 
     fn kill_peer(&self) {
         if let Some(Peer::Child(child)) = locked(&self.peer).as_mut() {
-            let _ = child.kill();
+            crate::transport::kill_tree(child.id());
         }
     }
 
@@ -543,7 +540,7 @@ impl Drop for RemoteReplica {
     fn drop(&mut self) {
         self.stop_watchdog.store(true, Ordering::Relaxed);
         if let Some(Peer::Child(mut child)) = locked(&self.peer).take() {
-            let _ = child.kill();
+            crate::transport::kill_tree(child.id());
             let _ = child.wait();
         }
     }

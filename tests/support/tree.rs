@@ -25,7 +25,8 @@ pub struct Run {
 }
 
 impl Run {
-    fn from_output(cmdline: String, out: Output) -> Run {
+    /// Wraps a finished process.
+    pub fn from_output(cmdline: String, out: Output) -> Run {
         Run {
             cmdline,
             code: out.status.code(),
@@ -118,6 +119,16 @@ pub fn backup(src: &Path, dst: &Path, options: &[&str]) -> Run {
         dst.display()
     );
     let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmdline}: {e}"));
+    Run::from_output(cmdline, out)
+}
+
+/// Runs `mdsync ARGS` to completion (for locations that are not local paths).
+pub fn run_mdsync(args: &[&str]) -> Run {
+    let cmdline = format!("mdsync {}", args.join(" "));
+    let out = mdsync()
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmdline}: {e}"));
     Run::from_output(cmdline, out)

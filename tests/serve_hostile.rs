@@ -1,0 +1,191 @@
+//! A hostile client against `mdsync serve`: crafted frames on its stdin. Every case must
+//! end the session with an `Error` frame and a non-zero exit — never a panic, a hang or a
+//! byte written outside the served root.
+
+mod support;
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use mdsync::wire::frame::{Kind, read_frame, write_frame};
+use mdsync::wire::hello::{CAP_HASH, Hello};
+
+fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_frame(&mut out, kind, payload).unwrap();
+    out
+}
+
+fn hello() -> Vec<u8> {
+    frame(Kind::Hello, &Hello::ours(CAP_HASH).encode())
+}
+
+fn request(json: &str) -> Vec<u8> {
+    frame(Kind::Request, json.as_bytes())
+}
+
+fn object(bytes: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0u8];
+    payload.extend_from_slice(bytes);
+    frame(Kind::Part, &payload)
+}
+
+fn open(path: &str) -> Vec<u8> {
+    request(&format!(
+        r#"{{"request":"open","path":"{path}","bwlimit":0,"use_cache":false,"verbose":false}}"#
+    ))
+}
+
+/// Runs `mdsync serve --root ROOT` with `input` on stdin.
+fn serve(root: &Path, input: &[u8]) -> Output {
+    let mut child = support::mdsync()
+        .args(["serve", "--no-cache", "--root"])
+        .arg(root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// The text of the `Error` frame the server sent, failing when there is none.
+fn error_frame(out: &Output) -> String {
+    let mut input = &out.stdout[..];
+    while let Ok(f) = read_frame(&mut input) {
+        if f.kind == Kind::Error {
+            return String::from_utf8_lossy(&f.payload).into_owned();
+        }
+    }
+    panic!(
+        "no Error frame; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_refused(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "the session must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let error = error_frame(out);
+    assert!(
+        error.contains(needle),
+        "{error:?} does not mention {needle:?}"
+    );
+}
+
+fn served_root() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("served");
+    fs::create_dir_all(root.join("alice")).unwrap();
+    (dir, root)
+}
+
+#[test]
+fn garbage_and_oversized_frames_end_the_session() {
+    let (_dir, root) = served_root();
+    assert_refused(&serve(&root, b"SSH-2.0-OpenSSH banner\r\n"), "");
+    let mut huge = vec![Kind::Hello as u8];
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_refused(&serve(&root, &huge), "exceeds");
+    let mut unknown = hello();
+    unknown.extend_from_slice(&[200, 0, 0, 0, 0]);
+    assert_refused(&serve(&root, &unknown), "unknown frame kind");
+    let mut wrong_version = Hello::ours(0);
+    wrong_version.version = 99;
+    assert_refused(
+        &serve(&root, &frame(Kind::Hello, &wrong_version.encode())),
+        "protocol 99",
+    );
+}
+
+#[test]
+fn paths_outside_the_root_are_refused() {
+    let (dir, root) = served_root();
+    for path in ["../outside", "/etc", "alice/../../outside"] {
+        let mut input = hello();
+        input.extend(open(path));
+        assert_refused(&serve(&root, &input), path);
+    }
+    // A request before Open, and a malformed request.
+    let mut input = hello();
+    input.extend(request(r#"{"request":"detect_layout"}"#));
+    assert_refused(&serve(&root, &input), "no replica is open");
+    let mut input = hello();
+    input.extend(request(r#"{"request":"launch_missiles"}"#));
+    assert_refused(&serve(&root, &input), "malformed");
+    assert!(!dir.path().join("outside").exists());
+}
+
+#[test]
+fn hostile_key_lists_and_plans_are_refused_and_write_nothing() {
+    let (dir, root) = served_root();
+    // Bodies of a file outside the root.
+    let mut keys = Vec::new();
+    keys.extend_from_slice(&1u32.to_le_bytes());
+    keys.extend_from_slice(&5u32.to_le_bytes());
+    keys.extend_from_slice(b"../..");
+    keys.push(1);
+    keys.extend_from_slice(&6u32.to_le_bytes());
+    keys.extend_from_slice(b"passwd");
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(r#"{"request":"bodies"}"#));
+    input.extend(object(&keys));
+    let out = serve(&root, &input);
+    assert_refused(&out, "unsafe path");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("root:"),
+        "no byte of a file outside the root may be sent"
+    );
+
+    // A key list whose count the bytes cannot back.
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(r#"{"request":"hashes"}"#));
+    input.extend(object(&u32::MAX.to_le_bytes()));
+    assert_refused(&serve(&root, &input), "");
+
+    // A plan whose mailbox lies outside the root.
+    let plan = serde_json::json!({
+        "delete_mailboxes": [], "create_parents": [], "remove_parents": [],
+        "mailboxes": [{
+            "dir": "../escape", "name": "x", "create": {"mode": 448, "uid": 0, "gid": 0},
+            "maildirfolder": true, "keywords": null, "copies": [], "renames": [],
+            "expunges": [], "uidlist": null, "reset_index": false
+        }],
+        "subscriptions": null, "uidvalidity_next": null, "skipped": [], "warnings": [],
+        "root_meta": {"mode": 448, "uid": 0, "gid": 0}, "sweep": []
+    });
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(
+        r#"{"request":"apply","options":{"fsync":"None","ownership":"RunningUser"}}"#,
+    ));
+    input.extend(object(plan.to_string().as_bytes()));
+    assert_refused(&serve(&root, &input), "unsafe path");
+    assert!(!root.join("escape").exists() && !dir.path().join("escape").exists());
+    assert!(
+        fs::read_dir(root.join("alice")).unwrap().next().is_none(),
+        "nothing written in the opened replica either"
+    );
+}
+
+#[test]
+fn a_client_that_vanishes_mid_request_ends_the_server() {
+    let (_dir, root) = served_root();
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(r#"{"request":"bodies"}"#));
+    // The object's part frame is cut short.
+    let part = object(&[1, 0, 0, 0]);
+    input.extend_from_slice(&part[..part.len() - 2]);
+    let out = serve(&root, &input);
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
