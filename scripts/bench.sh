@@ -32,6 +32,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/dovecot-conf.sh
 source "$repo/scripts/dovecot-conf.sh"
+# shellcheck source=scripts/bench-common.sh
+source "$repo/scripts/bench-common.sh"
 messages=100000 runs=3 out="" tools="mdsync,rsync,doveadm,cp" seed=1 keep=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -46,45 +48,25 @@ while [ $# -gt 0 ]; do
   esac
 done
 out=${out:-$repo/benches/runs/$(date +%Y-%m-%d-%H%M%S).md}
-has() { [[ ",$tools," == *",$1,"* ]]; }
-log() { echo "bench: $*" >&2; }
 for t in ${tools//,/ }; do
   case $t in mdsync|rsync|doveadm|cp) ;; *) log "unknown tool $t"; exit 2 ;; esac
 done
 
-[ "$(id -u)" -eq 0 ] || { log "run me as root (doveadm drops to vmail; trees are chowned)"; exit 2; }
-id vmail >/dev/null 2>&1 || { log "the vmail user is missing (see dovecot-standalone.md)"; exit 2; }
-if ! [ -x /usr/bin/time ]; then
-  log "installing GNU time"
-  apt-get install -y --no-install-recommends time >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends time >/dev/null; }
-fi
+bench_prerequisites
 
 # Scratch directory; about 4x the corpus: source + 3 destinations (cp's copy is removed
 # right after it is measured).
-W=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/tmp}}/mdsync-bench.XXXXXX")
-chmod 755 "$W"   # doveadm runs as vmail and must reach the trees
+make_scratch mdsync-bench
 if [ "$keep" = 1 ]; then log "scratch directory: $W (kept)"; else trap 'rm -rf "$W"' EXIT; fi
 trap 'exit 130' INT TERM
-need=$((messages * 31 * 1024 * 4))   # ~28 KiB per message plus file system overhead
-avail=$(df -B1 --output=avail "$W" | tail -1)
-if [ "$avail" -lt "$need" ]; then
-  log "need about $((need >> 30)) GiB free in $W, have $((avail >> 30)) GiB"; exit 1
-fi
+require_space $((messages * 31 * 1024 * 4))   # ~28 KiB per message plus file system overhead
 
 SRC=$W/src
 mkdir -p "$W/logs" "$W/run"
 install -d -o vmail -g vmail -m 700 "$W/home" "$W/src-index"
 
 mdsync=""
-if has mdsync; then
-  log "cargo build --release"
-  if (cd "$repo" && cargo build --release) >"$W/logs/cargo-build.log" 2>&1; then
-    mdsync=${CARGO_TARGET_DIR:-$repo/target}/release/mdsync
-  else
-    log "cargo build failed; mdsync will be reported as failed"; tail -5 "$W/logs/cargo-build.log" >&2
-  fi
-fi
+if has mdsync; then build_mdsync "$W/logs/cargo-build.log"; fi
 
 # Standalone doveadm (dovecot-standalone.md). The source's index files go to $W/src-index
 # so that the source tree stays exactly what the generator and mutate-corpus.py made; the
@@ -106,12 +88,6 @@ tool_cmd() {
     doveadm) CMD=("${DA_SRC[@]}" -o maildir_copy_with_hardlinks=no backup "maildir:$2") ;;
     cp) CMD=(cp -a "$SRC" "$2") ;;
   esac
-}
-
-# Message base names of a tree (file names in */cur and */new up to the first ':').
-msg_names() {
-  find "$1" \( -path '*/cur/*' -o -path '*/new/*' \) -type f -printf '%f\n' \
-    | sed 's/:.*//' | LC_ALL=C sort | md5sum
 }
 
 # write_bytes of this shell: it grows by the I/O of every child this shell has reaped.
@@ -143,12 +119,6 @@ measure() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$tool" "$run" "$status" "$wall" \
     "$user" "$sys" "$rss" "$((WRITE_BYTES - w0))" >>"$W/results.tsv"
   log "$scen $tool run $run: $status, wall ${wall}s"
-}
-
-# rotate N WORD...: the words, starting at index N mod count (alternates who goes first).
-rotate() {
-  local n=$1; shift; local a=("$@") i
-  for ((i = 0; i < ${#a[@]}; i++)); do echo "${a[(i + n) % ${#a[@]}]}"; done
 }
 
 sync_tools=()

@@ -3,6 +3,7 @@
 //! brain on the other end. Never decides what to change — it carries out the plans it is
 //! sent — and never touches a path outside its root.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
@@ -10,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use crate::model::Subdir;
 use crate::progress::{Event, Progress};
+use crate::replica::baseline::{Baselines, parse_id};
 use crate::replica::local::{LocalReplica, resolve};
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::writer::Ownership;
 use crate::sync::apply::ApplyOptions;
 use crate::sync::plan::Plan;
+use crate::table::MailboxTable;
 use crate::wire::codec;
 use crate::wire::conn::{
     BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
@@ -23,6 +26,7 @@ use crate::wire::conn::{
 use crate::wire::frame::Kind;
 use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
 use crate::wire::messages::{Answer, Request, RootFacts, WireEvent};
+use crate::wire::table::{self as wire_table, Shipped};
 
 /// How the server may be used.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +53,7 @@ pub fn serve(
         out: Mutex::new(writer),
         options,
         replica: None,
+        baselines: Baselines::new(None, ""),
         verbose: false,
         use_cache: false,
     };
@@ -67,6 +72,7 @@ struct Session<'a> {
     out: Mutex<FrameWriter>,
     options: &'a ServeOptions,
     replica: Option<LocalReplica>,
+    baselines: Baselines,
     verbose: bool,
     use_cache: bool,
 }
@@ -123,6 +129,10 @@ impl Session<'_> {
         let resolved = resolve_path(path, self.options.root.as_deref())
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
+        self.baselines = Baselines::new(
+            self.options.cache_dir.as_deref().filter(|_| use_cache),
+            &format!("served:{location}"),
+        );
         self.replica = Some(LocalReplica::new(resolved));
         self.verbose = verbose;
         self.use_cache = use_cache;
@@ -150,6 +160,7 @@ impl Session<'_> {
                 layout,
                 exclude,
                 unchanged_if,
+                baselines,
             } => {
                 let options = ScanOptions {
                     layout,
@@ -164,9 +175,13 @@ impl Session<'_> {
                     .scan(&options, &progress)
                     .map_err(|e| self.fatal(e))?;
                 progress.flush();
+                let client: HashMap<String, u128> = baselines
+                    .into_iter()
+                    .filter_map(|(dir, id)| Some((dir, parse_id(&id)?)))
+                    .collect();
                 let mut out = locked(&self.out);
                 for mailbox in &table.mailboxes {
-                    out.object(&crate::scan::cache::encode_table(mailbox))?;
+                    out.object(&self.ship(mailbox, client.get(&mailbox.dir).copied()))?;
                 }
                 let answer = Answer::ScanEnd {
                     mailboxes: table.mailboxes.len() as u32,
@@ -174,12 +189,17 @@ impl Session<'_> {
                 };
                 out.json(Kind::Answer, &answer)?;
             }
-            Request::Rescan { layout, dir } => {
+            Request::Rescan {
+                layout,
+                dir,
+                baseline,
+            } => {
                 crate::wire::path::check_dir(&dir)
                     .map_err(|e| WireError::protocol(e.to_string()))?;
                 let table = replica.rescan_mailbox(layout, &dir);
+                let client = baseline.as_deref().and_then(parse_id);
                 let mut out = locked(&self.out);
-                out.object(&crate::scan::cache::encode_table(&table))?;
+                out.object(&self.ship(&table, client))?;
                 out.json(Kind::Answer, &Answer::Rescanned)?;
             }
             Request::Hashes => {
@@ -215,6 +235,22 @@ impl Session<'_> {
             Request::Open { .. } | Request::Bye => unreachable!("handled by run"),
         }
         Ok(())
+    }
+
+    /// A mailbox table as an object payload: a delta against the client's baseline when
+    /// this side still holds the same one. What is sent becomes the baseline of both sides.
+    fn ship(&self, table: &MailboxTable, client_baseline: Option<u128>) -> Vec<u8> {
+        let encoding = wire_table::encode(table);
+        if table.unchanged.is_some() {
+            return Shipped::Whole(encoding).to_bytes();
+        }
+        let base = client_baseline.and_then(|id| {
+            self.baselines
+                .get(&table.dir)
+                .filter(|b| wire_table::id_of(b) == id)
+        });
+        self.baselines.put(&table.dir, &encoding);
+        Shipped::make(encoding, base.as_deref()).to_bytes()
     }
 
     fn fatal(&self, e: crate::Error) -> WireError {

@@ -403,3 +403,42 @@ fn bwlimit_bounds_the_sending_rate() {
         wire_sent(&run)
     );
 }
+
+#[test]
+fn table_deltas_keep_the_wire_quiet() {
+    let dc = Dovecot::new();
+    let remote = Remote::new(Via::Pipe);
+    let src = dc.path().join("corpus");
+    support::corpus::write_corpus(&src, 600, 11);
+    let dst = dc.path().join("dst");
+    remote.backup(Direction::Push, &src, &dst, &[]).assert_ok();
+    // A flag change by hand in INBOX: the destination's INBOX table must travel.
+    let flag_one = |round: usize| {
+        let file = mail_files(&src)
+            .into_iter()
+            .filter(|f| f.mailbox == Path::new("") && f.path.to_str().unwrap().contains(":2,"))
+            .nth(round)
+            .unwrap();
+        let renamed = file.path.to_str().unwrap().to_string() + "F";
+        fs::rename(&file.path, renamed).unwrap();
+    };
+    flag_one(0);
+    let whole = remote.backup(Direction::Push, &src, &dst, &[]);
+    whole.assert_ok();
+    flag_one(1);
+    let delta = remote.backup(Direction::Push, &src, &dst, &[]);
+    delta.assert_ok();
+    assert_eq!(delta.count("flag_changes"), 1, "{}", delta.describe());
+    assert!(
+        wire_received(&delta) * 4 < wire_received(&whole),
+        "the second table went as a delta: {} bytes, against {} for the whole table",
+        wire_received(&delta),
+        wire_received(&whole)
+    );
+    assert!(
+        wire_received(&delta) < 2048,
+        "{} bytes received for one flag change",
+        wire_received(&delta)
+    );
+    assert_same_oracle(&dc, &src, &dst, "after deltas");
+}

@@ -220,6 +220,13 @@ fn open_replica(
         },
         timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
         use_cache: !a.no_cache,
+        cache_dir: if a.no_cache {
+            None
+        } else {
+            a.cache_dir
+                .clone()
+                .or_else(mdsync::scan::cache::default_cache_dir)
+        },
         verbose: a.verbose,
     };
     match location {

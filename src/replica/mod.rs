@@ -2,6 +2,7 @@
 //! bodies, apply a plan. The brain talks only to this trait, so a remote replica plugs in
 //! without touching the differ or the planner.
 
+pub mod baseline;
 pub mod local;
 pub mod remote;
 

@@ -3,6 +3,7 @@
 //! a plan's bodies stream to the far side while its progress streams back. Everything the
 //! peer sends is checked by `wire` before use. Never touches the local filesystem.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::model::Subdir;
 use crate::progress::Progress;
+use crate::replica::baseline::Baselines;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
@@ -25,6 +27,7 @@ use crate::wire::conn::{
 use crate::wire::frame::{FrameError, Kind};
 use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
 use crate::wire::messages::{Answer, Request, WireEvent};
+use crate::wire::table::{self as wire_table, Shipped, id_of};
 
 /// Session settings chosen by the user.
 #[derive(Debug, Clone)]
@@ -35,8 +38,11 @@ pub struct RemoteOptions {
     pub bwlimit: u64,
     /// Longest wait for a byte from the far side; `None` waits forever.
     pub timeout: Option<Duration>,
-    /// Let the far side use its scan cache.
+    /// Let the far side use its scan cache and keep table baselines.
     pub use_cache: bool,
+    /// Where this side keeps the tables last received, to get deltas next time; `None`
+    /// keeps none.
+    pub cache_dir: Option<std::path::PathBuf>,
     /// Ask for itemized lines while applying.
     pub verbose: bool,
 }
@@ -48,6 +54,7 @@ impl Default for RemoteOptions {
             bwlimit: 0,
             timeout: Some(Duration::from_secs(300)),
             use_cache: true,
+            cache_dir: None,
             verbose: false,
         }
     }
@@ -66,6 +73,7 @@ pub struct RemoteReplica {
     timed_out: Arc<AtomicBool>,
     stop_watchdog: Arc<AtomicBool>,
     timeout: Option<Duration>,
+    baselines: Baselines,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,6 +101,7 @@ impl RemoteReplica {
             timed_out: Arc::new(AtomicBool::new(false)),
             stop_watchdog: Arc::new(AtomicBool::new(false)),
             timeout: options.timeout,
+            baselines: Baselines::new(None, ""),
         };
         replica.start_watchdog();
         let location = replica
@@ -100,6 +109,8 @@ impl RemoteReplica {
             .map_err(|e| replica.error(e))?;
         let mut replica = replica;
         replica.location = format!("{label}:{location}");
+        let cache_dir = options.cache_dir.as_deref().filter(|_| options.use_cache);
+        replica.baselines = Baselines::new(cache_dir, &replica.location);
         Ok(replica)
     }
 
@@ -244,6 +255,7 @@ impl RemoteReplica {
         progress: &dyn Progress,
     ) -> Result<MailTable, WireError> {
         let _x = locked(&self.exchange);
+        let kept = self.baselines.load_all();
         let request = Request::Scan {
             layout: options.layout,
             exclude: options
@@ -256,6 +268,10 @@ impl RemoteReplica {
                 .iter()
                 .map(|(dir, (stamps, count))| (dir.clone(), *stamps, *count))
                 .collect(),
+            baselines: kept
+                .iter()
+                .map(|(id, (dir, _))| (dir.clone(), format!("{id:032x}")))
+                .collect(),
         };
         let mut inbox = self.request(&request, None)?;
         let mut mailboxes = Vec::new();
@@ -265,7 +281,7 @@ impl RemoteReplica {
                 Kind::Event => forward(&payload, Some(progress))?,
                 Kind::Part => {
                     let bytes = inbox.reader.object_from(payload)?;
-                    mailboxes.push(codec::decode_mailbox(&bytes)?);
+                    mailboxes.push(self.receive(&bytes, &kept)?);
                 }
                 Kind::Answer => {
                     return match FrameReader::json(&payload)? {
@@ -274,6 +290,8 @@ impl RemoteReplica {
                                 crate::wire::path::check_dir(dir)
                                     .map_err(|e| WireError::protocol(e.to_string()))?;
                             }
+                            let scanned = mailboxes.iter().map(|m| m.dir.as_str()).collect();
+                            self.baselines.prune(&scanned);
                             Ok(root.into_table(mailboxes))
                         }
                         other => Err(unexpected(&other)),
@@ -286,12 +304,19 @@ impl RemoteReplica {
 
     fn rescan_remote(&self, layout: Layout, dir: &str) -> Result<MailboxTable, WireError> {
         let _x = locked(&self.exchange);
+        let kept: HashMap<u128, (String, Vec<u8>)> = self
+            .baselines
+            .get(dir)
+            .map(|b| (id_of(&b), (dir.to_string(), b)))
+            .into_iter()
+            .collect();
         let request = Request::Rescan {
             layout,
             dir: dir.to_string(),
+            baseline: kept.keys().next().map(|id| format!("{id:032x}")),
         };
         let mut inbox = self.request(&request, None)?;
-        let table = codec::decode_mailbox(&inbox.reader.object()?)?;
+        let table = self.receive(&inbox.reader.object()?, &kept)?;
         if table.dir != dir {
             return Err(WireError::protocol("rescan answered for another mailbox"));
         }
@@ -299,6 +324,29 @@ impl RemoteReplica {
             Answer::Rescanned => Ok(table),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Decodes a mailbox object, resolving a delta against the baseline it names, and
+    /// keeps the result as the new baseline.
+    fn receive(
+        &self,
+        bytes: &[u8],
+        kept: &HashMap<u128, (String, Vec<u8>)>,
+    ) -> Result<MailboxTable, WireError> {
+        let shipped = Shipped::from_bytes(bytes)?;
+        let base = match &shipped {
+            Shipped::Delta { base, .. } => kept.get(base),
+            Shipped::Whole(_) => None,
+        };
+        let encoding = shipped.resolve(base.map(|(_, b)| b.as_slice()))?;
+        let table = wire_table::decode(&encoding)?;
+        if base.is_some_and(|(dir, _)| *dir != table.dir) {
+            return Err(WireError::protocol("a table delta against another mailbox"));
+        }
+        if table.unchanged.is_none() {
+            self.baselines.put(&table.dir, &encoding);
+        }
+        Ok(table)
     }
 
     fn hashes_remote(&self, keys: &[Key]) -> Result<Vec<codec::HashAnswer>, WireError> {

@@ -124,57 +124,6 @@ impl ScanCache {
     }
 }
 
-/// Encodes a whole mailbox table — directory, stamps, state and messages — for the wire
-/// (`docs/protocol.md`), in the same column encoding as the cache files.
-pub fn encode_table(m: &MailboxTable) -> Vec<u8> {
-    let mut out = Vec::with_capacity(m.arena.len() + m.len() * 32 + 1024);
-    put_str(&mut out, &m.dir);
-    put_stamps(&mut out, &m.stamps);
-    out.push(u8::from(m.settled));
-    match &m.broken {
-        Some(why) => {
-            out.push(1);
-            put_str(&mut out, why);
-        }
-        None => out.push(0),
-    }
-    match m.unchanged {
-        Some(count) => {
-            out.push(1);
-            put_u64(&mut out, count);
-        }
-        None => out.push(0),
-    }
-    encode_mailbox(&mut out, m);
-    out
-}
-
-/// Decodes [`encode_table`]'s bytes; `None` when they are damaged or inconsistent (every
-/// length is checked against the bytes left, every string reference against the arena).
-pub fn decode_table(bytes: &[u8]) -> Option<MailboxTable> {
-    let mut r = Reader { bytes };
-    let dir = r.string()?;
-    let stamps = get_stamps(&mut r)?;
-    let settled = r.u8()? == 1;
-    let broken = match r.u8()? {
-        1 => Some(r.string()?),
-        _ => None,
-    };
-    let unchanged = match r.u8()? {
-        1 => Some(r.u64()?),
-        _ => None,
-    };
-    let mut table = decode_mailbox(&mut r, &dir)?;
-    if !r.bytes.is_empty() {
-        return None;
-    }
-    table.stamps = stamps;
-    table.settled = settled;
-    table.broken = broken;
-    table.unchanged = unchanged;
-    Some(table)
-}
-
 /// The default cache directory: `$XDG_CACHE_HOME/mdsync` or `$HOME/.cache/mdsync`.
 pub fn default_cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {

@@ -8,7 +8,6 @@ use super::path::{MAX_PATH, check_dir, check_name, check_subdir};
 use crate::model::Subdir;
 use crate::storage::maildir::writer::BodyMeta;
 use crate::sync::plan::Plan;
-use crate::table::MailboxTable;
 
 /// Most keys one list may hold.
 pub const MAX_KEYS: usize = 16 << 20;
@@ -238,21 +237,6 @@ pub fn decode_body_end(bytes: &[u8]) -> Result<BodyEnd, WireError> {
     Ok(end)
 }
 
-/// Decodes a mailbox table from a peer and checks every name in it: a hostile source must
-/// not be able to make the destination write outside its root.
-pub fn decode_mailbox(bytes: &[u8]) -> Result<MailboxTable, WireError> {
-    let table = crate::scan::cache::decode_table(bytes).ok_or_else(|| bad("mailbox table"))?;
-    let unsafe_path = |e: super::path::UnsafePath| WireError::protocol(e.to_string());
-    check_dir(&table.dir).map_err(unsafe_path)?;
-    for i in 0..table.len() {
-        check_name(table.name(i)).map_err(unsafe_path)?;
-    }
-    for &(_, base) in &table.listed_missing {
-        check_name(table.str(base)).map_err(unsafe_path)?;
-    }
-    Ok(table)
-}
-
 /// Checks every directory and file name of a plan from a peer: all inside the root.
 pub fn check_plan(plan: &Plan) -> Result<(), WireError> {
     let unsafe_path = |e: super::path::UnsafePath| WireError::protocol(e.to_string());
@@ -378,7 +362,6 @@ mod tests {
             let _ = decode_hashes(&bytes, 3);
             let _ = decode_body_header(&bytes);
             let _ = decode_body_end(&bytes);
-            let _ = decode_mailbox(&bytes);
         }
     }
 }

@@ -34,6 +34,8 @@ pub enum Request {
         exclude: Vec<String>,
         /// Mailboxes not to read when their stamps are still these.
         unchanged_if: Vec<(String, MailboxStamps, u64)>,
+        /// The client's baselines: mailbox dir and identity (hex) of the table it holds.
+        baselines: Vec<(String, String)>,
     },
     /// Scan one mailbox again.
     Rescan {
@@ -41,6 +43,8 @@ pub enum Request {
         layout: Layout,
         /// Mailbox directory.
         dir: String,
+        /// Identity (hex) of the client's baseline of this mailbox.
+        baseline: Option<String>,
     },
     /// Content hashes of the keys in the object that follows.
     Hashes,

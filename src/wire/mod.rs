@@ -9,3 +9,4 @@ pub mod frame;
 pub mod hello;
 pub mod messages;
 pub mod path;
+pub mod table;

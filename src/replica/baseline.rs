@@ -1,0 +1,128 @@
+//! Baselines: the wire encoding of every mailbox table last exchanged with a peer, kept in
+//! the cache directory on both sides, so the next exchange can ship a delta against it
+//! (`wire::table`). Only an optimisation: a missing, foreign or damaged file just means
+//! the whole table is sent. Reads and writes only its own directory.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::storage::maildir::writer;
+use crate::wire::table::id_of;
+
+/// The baselines of one replica as seen from one side.
+#[derive(Debug, Clone)]
+pub struct Baselines {
+    dir: Option<PathBuf>,
+}
+
+impl Baselines {
+    /// Baselines for `key` (a replica location) under `cache_dir`; `None` keeps none.
+    pub fn new(cache_dir: Option<&Path>, key: &str) -> Baselines {
+        let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+        Baselines {
+            dir: cache_dir.map(|c| c.join("baselines").join(format!("{hash:016x}"))),
+        }
+    }
+
+    fn file_for(&self, mailbox_dir: &str) -> Option<PathBuf> {
+        let hash = xxhash_rust::xxh3::xxh3_64(mailbox_dir.as_bytes());
+        Some(self.dir.as_ref()?.join(format!("{hash:016x}.base")))
+    }
+
+    /// The baseline of `mailbox_dir`, if one is kept.
+    pub fn get(&self, mailbox_dir: &str) -> Option<Vec<u8>> {
+        let bytes = fs::read(self.file_for(mailbox_dir)?).ok()?;
+        let (dir, encoding) = split(&bytes)?;
+        (dir == mailbox_dir).then(|| encoding.to_vec())
+    }
+
+    /// Every kept baseline by identity: its mailbox dir and encoding.
+    pub fn load_all(&self) -> HashMap<u128, (String, Vec<u8>)> {
+        let Some(dir) = &self.dir else {
+            return HashMap::new();
+        };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return HashMap::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let bytes = fs::read(e.path()).ok()?;
+                let (dir, encoding) = split(&bytes)?;
+                Some((id_of(encoding), (dir.to_string(), encoding.to_vec())))
+            })
+            .collect()
+    }
+
+    /// Keeps `encoding` as the baseline of `mailbox_dir` (atomically; errors are ignored,
+    /// since a lost baseline only costs bytes next time).
+    pub fn put(&self, mailbox_dir: &str, encoding: &[u8]) {
+        let (Some(dir), Some(file)) = (&self.dir, self.file_for(mailbox_dir)) else {
+            return;
+        };
+        let mut bytes = Vec::with_capacity(encoding.len() + mailbox_dir.len() + 4);
+        bytes.extend_from_slice(&(mailbox_dir.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(mailbox_dir.as_bytes());
+        bytes.extend_from_slice(encoding);
+        if fs::read(&file).is_ok_and(|old| old == bytes) {
+            return;
+        }
+        let _ = fs::create_dir_all(dir);
+        let tmp = dir.join(writer::temp_name());
+        if fs::write(&tmp, &bytes).is_err() || fs::rename(&tmp, &file).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+
+    /// Drops the baselines of mailboxes not in `keep`.
+    pub fn prune(&self, keep: &HashSet<&str>) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        let keep: HashSet<PathBuf> = keep.iter().filter_map(|d| self.file_for(d)).collect();
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !keep.contains(&entry.path()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+fn split(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let dir = std::str::from_utf8(bytes.get(4..4 + len)?).ok()?;
+    Some((dir, bytes.get(4 + len..)?))
+}
+
+/// Parses a hex identity sent by a peer.
+pub fn parse_id(hex: &str) -> Option<u128> {
+    (hex.len() == 32).then(|| u128::from_str_radix(hex, 16).ok())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baselines_are_kept_per_mailbox_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Baselines::new(Some(dir.path()), "host:/srv/mail");
+        b.put("", b"inbox table");
+        b.put(".A", b"archive table");
+        assert_eq!(b.get("").unwrap(), b"inbox table");
+        let all = b.load_all();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[&id_of(b"inbox table")].0, "");
+        assert_eq!(
+            parse_id(&format!("{:032x}", id_of(b"x"))),
+            Some(id_of(b"x"))
+        );
+        b.prune(&[".A"].into_iter().collect());
+        assert!(b.get("").is_none());
+        assert!(b.get(".A").is_some());
+        let none = Baselines::new(None, "x");
+        none.put("", b"t");
+        assert!(none.get("").is_none() && none.load_all().is_empty());
+    }
+}
