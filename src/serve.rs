@@ -129,6 +129,7 @@ impl Session<'_> {
         let resolved = resolve_path(path, self.options.root.as_deref())
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
+        let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
         self.baselines = Baselines::new(
             self.options.cache_dir.as_deref().filter(|_| use_cache),
             &format!("served:{location}"),
@@ -138,7 +139,7 @@ impl Session<'_> {
         self.use_cache = use_cache;
         let mut out = locked(&self.out);
         out.set_bwlimit(bwlimit);
-        out.json(Kind::Answer, &Answer::Opened { location })?;
+        out.json(Kind::Answer, &Answer::Opened { location, is_dir })?;
         Ok(())
     }
 

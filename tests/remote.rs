@@ -354,7 +354,7 @@ fn a_far_side_that_never_answers_times_out() {
 }
 
 #[test]
-fn a_missing_remote_binary_is_a_clear_error() {
+fn a_missing_remote_binary_or_source_is_a_clear_error() {
     let dc = Dovecot::new();
     let remote = Remote::new(Via::Ssh);
     let sshd = remote.sshd.as_ref().unwrap();
@@ -373,6 +373,21 @@ fn a_missing_remote_binary_is_a_clear_error() {
     assert_eq!(run.code, Some(1), "{}", run.describe());
     assert!(run.stderr.contains("remote-mdsync"), "{}", run.describe());
     assert!(!dst.exists());
+    // A remote source that does not exist is an error, not an empty mailbox to mirror.
+    let missing = dc.path().join("no-such-tree");
+    let run = run_mdsync(&[
+        "backup",
+        "--no-progress",
+        "-e",
+        &sshd.rsh(),
+        "--remote-mdsync",
+        remote.wrapper.to_str().unwrap(),
+        &format!("127.0.0.1:{}", missing.display()),
+        dst.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(run.stderr.contains("not a directory"), "{}", run.describe());
+    assert!(!dst.exists() && !missing.exists());
 }
 
 #[test]

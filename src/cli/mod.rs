@@ -255,6 +255,9 @@ fn open_replica(
                 .with_context(|| format!("connecting to {}", spec.display()))?;
             let replica =
                 RemoteReplica::connect(channel, &spec.user_host, &spec.path, &remote_options)?;
+            if side == "src" && !replica.is_dir() {
+                bail!("{}: source is not a directory", replica.location());
+            }
             Ok((Box::new(replica), None))
         }
     }

@@ -74,6 +74,7 @@ pub struct RemoteReplica {
     stop_watchdog: Arc<AtomicBool>,
     timeout: Option<Duration>,
     baselines: Baselines,
+    is_dir: bool,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,19 +103,26 @@ impl RemoteReplica {
             stop_watchdog: Arc::new(AtomicBool::new(false)),
             timeout: options.timeout,
             baselines: Baselines::new(None, ""),
+            is_dir: false,
         };
         replica.start_watchdog();
-        let location = replica
+        let (location, is_dir) = replica
             .handshake(path, options)
             .map_err(|e| replica.error(e))?;
         let mut replica = replica;
+        replica.is_dir = is_dir;
         replica.location = format!("{label}:{location}");
         let cache_dir = options.cache_dir.as_deref().filter(|_| options.use_cache);
         replica.baselines = Baselines::new(cache_dir, &replica.location);
         Ok(replica)
     }
 
-    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<String, WireError> {
+    /// True when the remote path exists as a directory.
+    pub fn is_dir(&self) -> bool {
+        self.is_dir
+    }
+
+    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<(String, bool), WireError> {
         let zstd_cap = if options.compress_level.is_some() {
             CAP_ZSTD
         } else {
@@ -161,7 +169,7 @@ impl RemoteReplica {
         )?;
         drop(out);
         match answer(&mut inbox, None)? {
-            Answer::Opened { location } => Ok(location),
+            Answer::Opened { location, is_dir } => Ok((location, is_dir)),
             other => Err(unexpected(&other)),
         }
     }

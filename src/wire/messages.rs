@@ -67,6 +67,8 @@ pub enum Answer {
     Opened {
         /// Its canonical path on the server.
         location: String,
+        /// Whether it exists as a directory (a source must; a destination may be created).
+        is_dir: bool,
     },
     /// The detected layout.
     Layout {
