@@ -43,8 +43,10 @@
 # message base names is compared with the source's; a tool that exits non-zero or leaves a
 # different set is reported as `failed`, and the end of its stderr goes into the report.
 # For each mutation it reports the new messages' bytes, raw and zstd -3 compressed (one
-# frame per message, and as one stream; needs the zstd CLI), and the number of changed
-# messages, to compare mdsync's bytes with "compressed new bytes + 64 bytes per change".
+# frame per message, one per 256 KiB chunk as mdsync frames bodies, and as one stream; needs
+# the zstd CLI), and the number of changed messages, to compare mdsync's bytes with
+# "compressed new bytes + 64 bytes per changed message"; and the whole corpus compressed,
+# for the initial copy.
 #
 # Client and server run on the same machine and share its CPUs: the wall times include the
 # far side's work and both ends of ssh's encryption. It never touches anything outside its
@@ -318,14 +320,16 @@ quote_cmd() {
   echo "${q[*]}"
 }
 
-# Bytes the tool itself says it moved, from its output $2: mdsync's wire_bytes_sent +
-# wire_bytes_received and messages_copied, rsync's total bytes sent + received.
+# Bytes the tool itself says it moved, from its output $2, and a note: mdsync's
+# wire_bytes_sent + wire_bytes_received and messages_copied/unchanged_mailboxes, rsync's
+# total bytes sent + received.
 tool_bytes() {
   case $1 in
     mdsync*) python3 -c 'import json, sys
 try:
     d = json.load(open(sys.argv[1]))
-    print(d["wire_bytes_sent"] + d["wire_bytes_received"], d["messages_copied"])
+    print(d["wire_bytes_sent"] + d["wire_bytes_received"],
+          "%d/%d" % (d["messages_copied"], d["unchanged_mailboxes"]))
 except Exception:
     print("- -")' "$2" ;;
     rsync*) awk '/^Total bytes (sent|received):/ { gsub(",", "", $4); s += $4; n++ }
@@ -380,6 +384,13 @@ python3 "$repo/scripts/gen-corpus.py" --messages "$messages" --out "$SRC" --seed
   --owner vmail >"$W/logs/gen-corpus.log"
 gen_ms=$((($(date +%s%N) - gen_start) / 1000000))
 corpus_bytes=$(du -sb "$SRC" | cut -f1)
+corpus_zstd="- -"
+if command -v zstd >/dev/null; then
+  # The messages compressed with zstd -3, one frame per message and as one stream (untimed).
+  corpus_zstd="$(find "$SRC" \( -path '*/cur/*' -o -path '*/new/*' \) -type f -print0 |
+    xargs -0 zstd -3 -q -c | wc -c) $(find "$SRC" \( -path '*/cur/*' -o -path '*/new/*' \) \
+    -type f -print0 | LC_ALL=C sort -z | xargs -0 cat | zstd -3 -q -c | wc -c)"
+fi
 src_names=$(msg_names "$SRC")
 warm_src_index
 
@@ -408,7 +419,8 @@ for ((run = 1; run <= runs; run++)); do
     --seed $((1000 + run)) >>"$W/mutations.txt"
   list_src "$W/after.tsv"
   # What changed: new, expunged and renamed (flags) messages by base name; the new
-  # messages' bytes raw and zstd -3 compressed, one frame each and as one stream.
+  # messages' bytes raw and zstd -3 compressed: one frame per message, one frame per 256 KiB
+  # chunk (mdsync's body framing) and as one stream.
   python3 - "$run" "$W/before.tsv" "$W/after.tsv" "$SRC" >>"$W/mutation-bytes.tsv" <<'EOF'
 import os, shutil, subprocess, sys
 run, before, after, src = sys.argv[1:]
@@ -422,13 +434,15 @@ b, a = load(before), load(after)
 new = [a[k][0] for k in a.keys() - b.keys()]
 flags = sum(1 for k in a.keys() & b.keys() if a[k][0] != b[k][0])
 raw = sum(a[k][1] for k in a.keys() - b.keys())
-frames = stream = "-"
+frames = chunks = stream = "-"
 if shutil.which("zstd"):
     zstd = lambda data: len(subprocess.run(["zstd", "-3", "-q", "-c"], input=data,
                                            capture_output=True, check=True).stdout)
     bodies = [open(os.path.join(src, rel), "rb").read() for rel in sorted(new)]
     frames, stream = sum(zstd(x) for x in bodies), zstd(b"".join(bodies))
-print(run, len(new), len(b.keys() - a.keys()), flags, raw, frames, stream, sep="\t")
+    # mdsync's framing: one zstd frame per 256 KiB body chunk
+    chunks = sum(zstd(x[i:i + (256 << 10)]) for x in bodies for i in range(0, max(len(x), 1), 256 << 10))
+print(run, len(new), len(b.keys() - a.keys()), flags, raw, frames, chunks, stream, sep="\t")
 EOF
   src_names=$(msg_names "$SRC")
   warm_src_index
@@ -443,6 +457,7 @@ for t in mdsync mdsync-nocache rsync rsync-z doveadm; do
 done >"$W/commands.tsv"
 touch "$W/failures.md" "$W/mutation-bytes.tsv"
 RUNS=$runs MESSAGES=$messages GEN_MS=$gen_ms CORPUS_BYTES=$corpus_bytes SCRATCH=$W \
+  CORPUS_ZSTD=$corpus_zstd \
   ARGS="scripts/bench-remote.sh $(quote_cmd "${all_args[@]}")" LO_SCOPE=$lo_scope \
   SSH_CIPHER=${ssh_cipher:-?} RSYNC_Z=${rsync_z:-?} ZSTD=$(command -v zstd || true) \
   python3 - <<'EOF' | tee "$out"
@@ -506,6 +521,10 @@ print("# mdsync remote benchmark (push over ssh to 127.0.0.1), %s\n" %
 print("- command: `%s`" % env["ARGS"])
 print("- corpus: %s messages, %.2f GiB, generated in %.1f s (scripts/gen-corpus.py)" % (
     env["MESSAGES"], int(env["CORPUS_BYTES"]) / 2**30, int(env["GEN_MS"]) / 1000))
+frames, stream = env["CORPUS_ZSTD"].split()
+if frames != "-":
+    print("- corpus messages compressed with zstd -3: %s one frame per message, %s as one "
+          "stream (for the initial copy's bytes)" % (human(int(frames)), human(int(stream))))
 print("- machine: %s, %d cores, %.0f GiB RAM, kernel %s; client and server share it" % (
     cpu, os.cpu_count(), mem, platform.release()))
 print("- mdsync: release build of %s%s" % (head, "; **working tree differs in %s**" %
@@ -526,6 +545,9 @@ print("- tool's own count: mdsync `wire_bytes_sent + wire_bytes_received` (--jso
       "`Total bytes sent + received` (--stats); both above ssh. doveadm reports none")
 print("- ratios: the tool's figure / mdsync's in the same scenario; cpu s = the client's "
       "user + sys (ssh client included, the far side not)")
+print("- mdsync's pair state never trusts a stamp within 2 s of the scan that took it, so the "
+      "first re-run right after a copy still reads every mailbox of both sides; the last "
+      "column of 'all runs' shows how many mailboxes a run skipped as unchanged")
 print()
 print("| scenario | tool | wall s | wall vs mdsync | bytes on lo | lo bytes vs mdsync "
       "| tool's own count | client cpu s |")
@@ -550,21 +572,24 @@ for line in mutations:
 if mbytes:
     print()
     print("What mdsync would ideally send per mutation: the new messages compressed "
-          "(zstd -3, one frame per message, as mdsync's body chunks are) + 64 bytes per "
-          "changed message (new + expunged + flag change). %s\n" %
+          "(zstd -3, one frame per message) + 64 bytes per changed message (new + expunged + "
+          "flag change). mdsync compresses each 256 KiB chunk of a body as its own frame; the "
+          "per-chunk column shows what that framing alone costs. %s\n" %
           ("" if env["ZSTD"] else "(zstd CLI not found: compressed sizes skipped)"))
-    print("| run | new msgs | new raw | new zstd -3, per msg | new zstd -3, one stream "
-          "| changed msgs | ideal (per msg + 64 B/change) | mdsync own count | mdsync on lo |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for run, new, exp, flags, raw, frames, stream in mbytes:
+    print("| run | new msgs | new raw | zstd -3 per msg | zstd -3 per 256 KiB chunk "
+          "| zstd -3 one stream | changed msgs | ideal (per msg + 64 B/change) "
+          "| mdsync own count | own - ideal | mdsync on lo |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for run, new, exp, flags, raw, frames, chunks, stream in mbytes:
         changed = int(new) + int(exp) + int(flags)
         ideal = int(frames) + 64 * changed if frames != "-" else None
         md = [r for r in rows if r[0] == "mutated" and r[1] == "mdsync" and r[2] == run]
-        own = human(num(md[0][9])) if md and md[0][9] != "-" else "n/a"
+        own = num(md[0][9]) if md else None
+        over = "%+d B" % (own - ideal) if own is not None and ideal is not None else "n/a"
         lo = human(int(md[0][8])) if md else "n/a"
-        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            run, new, human(int(raw)), human(num(frames)), human(num(stream)), changed,
-            human(ideal), own, lo))
+        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            run, new, human(int(raw)), human(num(frames)), human(num(chunks)), human(num(stream)),
+            changed, human(ideal), human(own), over, lo))
 print()
 print("Commands (W = %s, the scratch directory; SRC = $W/src):\n" % W)
 for tool, cmd in commands:
@@ -575,7 +600,7 @@ if failures.strip():
     print(failures.replace(W, "$W"))
 print("<details><summary>all runs</summary>\n")
 print("| scenario | tool | run | status | wall s | client cpu s | client peak RSS MiB "
-      "| bytes on lo | tool's own count | messages copied |")
+      "| bytes on lo | tool's own count | mdsync: copied/unchanged mailboxes |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print("| %s | %s | %s | %s | %s | %.2f | %.1f | %s | %s | %s |" % (

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::model::Subdir;
 use crate::progress::{Event, Progress};
-use crate::replica::baseline::{Baselines, parse_id};
+use crate::replica::baseline::{Baselines, parse_id, predicted};
 use crate::replica::local::{LocalReplica, resolve};
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
@@ -54,6 +54,7 @@ pub fn serve(
         options,
         replica: None,
         baselines: Baselines::new(None, ""),
+        sent: Mutex::new(HashMap::new()),
         verbose: false,
         use_cache: false,
     };
@@ -73,6 +74,8 @@ struct Session<'a> {
     options: &'a ServeOptions,
     replica: Option<LocalReplica>,
     baselines: Baselines,
+    /// Table encodings sent in this session, by mailbox dir.
+    sent: Mutex<HashMap<String, Vec<u8>>>,
     verbose: bool,
     use_cache: bool,
 }
@@ -230,6 +233,9 @@ impl Session<'_> {
                     .apply(&plan, &source, &options, &progress)
                     .map_err(|e| self.fatal(e))?;
                 locked(&self.inbox).drain()?;
+                for (dir, encoding) in predicted(&locked(&self.sent), &plan) {
+                    self.baselines.put(&dir, &encoding);
+                }
                 progress.flush();
                 locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
             }
@@ -251,6 +257,7 @@ impl Session<'_> {
                 .filter(|b| wire_table::id_of(b) == id)
         });
         self.baselines.put(&table.dir, &encoding);
+        locked(&self.sent).insert(table.dir.clone(), encoding.clone());
         Shipped::make(encoding, base.as_deref()).to_bytes()
     }
 

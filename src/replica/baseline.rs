@@ -89,6 +89,35 @@ impl Baselines {
     }
 }
 
+/// The baselines both ends of a session keep after a plan was applied to the far side:
+/// for every mailbox the plan changed, the table [`crate::sync::predict`] expects, starting
+/// from the encoding exchanged in this session (`exchanged`, by mailbox dir). A mailbox the
+/// plan creates starts from an empty table.
+pub fn predicted(
+    exchanged: &HashMap<String, Vec<u8>>,
+    plan: &crate::sync::plan::Plan,
+) -> Vec<(String, Vec<u8>)> {
+    use crate::table::MailboxTable;
+    use crate::wire::table::{decode, encode};
+    plan.mailboxes
+        .iter()
+        .filter(|m| !m.is_empty())
+        .filter_map(|m| {
+            let before = match exchanged.get(&m.dir) {
+                Some(bytes) => decode(bytes).ok()?,
+                None if m.create.is_some() => MailboxTable {
+                    dir: m.dir.clone(),
+                    name: m.name.clone(),
+                    ..MailboxTable::default()
+                },
+                None => return None,
+            };
+            let after = crate::sync::predict::predict(&before, m);
+            Some((m.dir.clone(), encode(&after)))
+        })
+        .collect()
+}
+
 fn split(bytes: &[u8]) -> Option<(&str, &[u8])> {
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let dir = std::str::from_utf8(bytes.get(4..4 + len)?).ok()?;

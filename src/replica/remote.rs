@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::model::Subdir;
 use crate::progress::Progress;
-use crate::replica::baseline::Baselines;
+use crate::replica::baseline::{Baselines, predicted};
 use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
@@ -74,6 +74,8 @@ pub struct RemoteReplica {
     stop_watchdog: Arc<AtomicBool>,
     timeout: Option<Duration>,
     baselines: Baselines,
+    /// Table encodings received in this session, by mailbox dir.
+    received: Mutex<HashMap<String, Vec<u8>>>,
     is_dir: bool,
 }
 
@@ -103,6 +105,7 @@ impl RemoteReplica {
             stop_watchdog: Arc::new(AtomicBool::new(false)),
             timeout: options.timeout,
             baselines: Baselines::new(None, ""),
+            received: Mutex::new(HashMap::new()),
             is_dir: false,
         };
         replica.start_watchdog();
@@ -353,6 +356,7 @@ impl RemoteReplica {
         }
         if table.unchanged.is_none() {
             self.baselines.put(&table.dir, &encoding);
+            locked(&self.received).insert(table.dir.clone(), encoding);
         }
         Ok(table)
     }
@@ -388,7 +392,13 @@ impl RemoteReplica {
                 (Err(e), _) => Err(e),
                 (_, Ok(Err(e))) => Err(WireError::from(e)),
                 (_, Err(_)) => Err(WireError::Failed("the body sender panicked".into())),
-                (Ok(Answer::Applied { report }), Ok(Ok(()))) => Ok(report),
+                (Ok(Answer::Applied { report }), Ok(Ok(()))) => {
+                    // The far side keeps the same predictions (see `sync::predict`).
+                    for (dir, encoding) in predicted(&locked(&self.received), plan) {
+                        self.baselines.put(&dir, &encoding);
+                    }
+                    Ok(report)
+                }
                 (Ok(other), Ok(Ok(()))) => Err(unexpected(&other)),
             }
         })

@@ -6,4 +6,5 @@ pub mod apply;
 pub mod backup;
 pub mod diff;
 pub mod plan;
+pub mod predict;
 pub mod state;

@@ -127,7 +127,7 @@ impl<R: Read> Read for Counted<R> {
 pub struct FrameReader {
     inner: BufReader<Counted<Box<dyn Read + Send>>>,
     zstd: bool,
-    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    decompressor: Option<zstd::stream::raw::Decoder<'static>>,
 }
 
 /// One body header as received.
@@ -247,18 +247,39 @@ impl FrameReader {
         super::codec::decode_body_header(&payload)
     }
 
-    /// Decompresses one body chunk (at most [`CHUNK`] bytes).
+    /// Decompresses one body chunk (at most [`CHUNK`] bytes). With zstd, the chunks of one
+    /// direction are one stream for the whole session, flushed at every chunk's end, so a
+    /// message compresses against the ones before it.
     pub fn chunk(&mut self, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         if !self.zstd {
             return Ok(payload.to_vec());
         }
+        let bad = |e: io::Error| WireError::protocol(format!("bad compressed body chunk: {e}"));
         if self.decompressor.is_none() {
-            self.decompressor = Some(zstd::bulk::Decompressor::new()?);
+            let mut d = zstd::stream::raw::Decoder::new()?;
+            d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(27))
+                .map_err(bad)?;
+            self.decompressor = Some(d);
         }
-        let decompressor = self.decompressor.as_mut().expect("set above");
-        decompressor
-            .decompress(payload, CHUNK)
-            .map_err(|e| WireError::protocol(format!("bad compressed body chunk: {e}")))
+        let decoder = self.decompressor.as_mut().expect("set above");
+        let mut input = InBuffer::around(payload);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut out = Vec::new();
+        loop {
+            let mut output = OutBuffer::around(&mut buf[..]);
+            decoder.run(&mut input, &mut output).map_err(bad)?;
+            let produced = output.pos();
+            out.extend_from_slice(&buf[..produced]);
+            if out.len() > CHUNK {
+                return Err(WireError::protocol(
+                    "a body chunk decompresses beyond 256 KiB",
+                ));
+            }
+            if input.pos() == payload.len() && produced < buf.len() {
+                return Ok(out);
+            }
+        }
     }
 }
 
@@ -467,7 +488,7 @@ pub struct FrameWriter {
     inner: BufWriter<Box<dyn Write + Send>>,
     stats: Arc<Stats>,
     zstd_level: Option<i32>,
-    compressor: Option<zstd::bulk::Compressor<'static>>,
+    compressor: Option<zstd::stream::raw::Encoder<'static>>,
     limit: Option<RateLimit>,
 }
 
@@ -608,19 +629,34 @@ impl FrameWriter {
     }
 
     fn chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         let Some(level) = self.zstd_level else {
             return self.frame(Kind::BodyChunk, data);
         };
         if self.compressor.is_none() {
-            self.compressor = Some(zstd::bulk::Compressor::new(level)?);
+            self.compressor = Some(zstd::stream::raw::Encoder::new(level)?);
         }
-        let compressed = self
-            .compressor
-            .as_mut()
-            .expect("set above")
-            .compress(data)?;
-        debug_assert!(compressed.len() <= MAX_FRAME as usize);
-        self.frame(Kind::BodyChunk, &compressed)
+        let encoder = self.compressor.as_mut().expect("set above");
+        let mut input = InBuffer::around(data);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        while input.pos() < data.len() {
+            let mut output = OutBuffer::around(&mut buf[..]);
+            encoder.run(&mut input, &mut output)?;
+            let produced = output.pos();
+            out.extend_from_slice(&buf[..produced]);
+        }
+        loop {
+            let mut output = OutBuffer::around(&mut buf[..]);
+            let remaining = encoder.flush(&mut output)?;
+            let produced = output.pos();
+            out.extend_from_slice(&buf[..produced]);
+            if remaining == 0 {
+                break;
+            }
+        }
+        debug_assert!(out.len() <= MAX_FRAME as usize);
+        self.frame(Kind::BodyChunk, &out)
     }
 
     /// Flushes buffered frames to the peer.
