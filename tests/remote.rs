@@ -453,7 +453,7 @@ fn table_deltas_keep_the_wire_quiet() {
         wire_received(&whole)
     );
     assert!(
-        wire_received(&delta) < 2048,
+        wire_received(&delta) < 4096,
         "{} bytes received for one flag change",
         wire_received(&delta)
     );
