@@ -459,3 +459,22 @@ fn table_deltas_keep_the_wire_quiet() {
     );
     assert_same_oracle(&dc, &src, &dst, "after deltas");
 }
+
+#[test]
+fn a_far_side_failure_ends_the_run_with_its_message() {
+    let dc = Dovecot::new();
+    let remote = Remote::new(Via::Pipe);
+    let src = dc.sample("src");
+    // The destination is a regular file: the far side cannot apply anything there.
+    let dst = dc.path().join("not-a-dir");
+    fs::write(&dst, b"x").unwrap();
+    let run = remote.backup(Direction::Push, &src, &dst, &[]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(
+        run.stderr.contains("not-a-dir"),
+        "the error names the path: {}",
+        run.describe()
+    );
+    run.assert_no_panic();
+    assert_eq!(fs::read(&dst).unwrap(), b"x");
+}
