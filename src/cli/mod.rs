@@ -220,26 +220,14 @@ fn open_replica(
         },
         timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
         use_cache: !a.no_cache,
-        cache_dir: if a.no_cache {
-            None
-        } else {
-            a.cache_dir
-                .clone()
-                .or_else(mdsync::scan::cache::default_cache_dir)
-        },
+        cache_dir: cache_dir(a),
         verbose: a.verbose,
     };
     match location {
         Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
             let channel = transport::spawn_in_process(mdsync::serve::ServeOptions {
                 root: None,
-                cache_dir: (!a.no_cache)
-                    .then(|| {
-                        a.cache_dir
-                            .clone()
-                            .or_else(mdsync::scan::cache::default_cache_dir)
-                    })
-                    .flatten(),
+                cache_dir: cache_dir(a),
             })?;
             let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
             let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options)?;
@@ -261,6 +249,16 @@ fn open_replica(
             Ok((Box::new(replica), None))
         }
     }
+}
+
+/// Where scan caches, pair states and table baselines live; `None` with `--no-cache`.
+fn cache_dir(a: &BackupArgs) -> Option<PathBuf> {
+    if a.no_cache {
+        return None;
+    }
+    a.cache_dir
+        .clone()
+        .or_else(mdsync::scan::cache::default_cache_dir)
 }
 
 /// rsync-style rates: a plain number is KiB/s; K, M and G suffixes (powers of 1024).
@@ -340,13 +338,7 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
         scan: ScanOptions {
             layout: a.layout.layout(),
             exclude,
-            cache_dir: if a.no_cache {
-                None
-            } else {
-                a.cache_dir
-                    .clone()
-                    .or_else(mdsync::scan::cache::default_cache_dir)
-            },
+            cache_dir: cache_dir(a),
             unchanged_if: Default::default(),
         },
         diff: DiffOptions {
@@ -362,13 +354,7 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
             ownership: ownership(a.chown.as_deref())?,
         },
         dry_run: a.dry_run,
-        state_dir: if a.no_cache {
-            None
-        } else {
-            a.cache_dir
-                .clone()
-                .or_else(mdsync::scan::cache::default_cache_dir)
-        },
+        state_dir: cache_dir(a),
         max_delete: match &a.max_delete {
             Some(text) => parse_delete_limit(text)?,
             None => DeleteLimit::default(),

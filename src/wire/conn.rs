@@ -601,7 +601,7 @@ impl FrameWriter {
         let mut left = meta.len;
         while left > 0 {
             let want = (left.min(CHUNK as u64)) as usize;
-            let n = match read_up_to(data, &mut buf[..want]) {
+            let n = match super::frame::read_full(data, &mut buf[..want]) {
                 Ok(0) => {
                     let why = format!("{}: file shrank while it was sent", key.2);
                     return self.frame(Kind::BodyEnd, &super::codec::encode_body_end(Some(&why)));
@@ -663,20 +663,6 @@ impl FrameWriter {
     pub fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// Reads until `buf` is full or the input ends.
-fn read_up_to(data: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match data.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ pub fn read_frame(input: &mut impl Read) -> Result<Frame, FrameError> {
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read_full(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match input.read(&mut buf[filled..]) {
