@@ -178,7 +178,7 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
                     .clone()
                     .or_else(mdsync::scan::cache::default_cache_dir)
             },
-            unchanged_if: Default::default(),
+            ..ScanOptions::default()
         },
         diff: DiffOptions {
             checksum: a.checksum,

@@ -63,6 +63,19 @@ pub trait Replica: BodySource + Send {
     /// Scans the whole replica.
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable>;
 
+    /// Keeps what a scan with [`ScanOptions::defer_cache_writes`] listed in this replica's
+    /// scan cache, except the mailboxes `changed` names (the run wrote to them since). A
+    /// replica without a scan cache keeps nothing. Errors only cost speed next time.
+    fn save_scan_cache(
+        &self,
+        options: &ScanOptions,
+        table: &MailTable,
+        changed: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<()> {
+        let _ = (options, table, changed);
+        Ok(())
+    }
+
     /// Scans one mailbox again (to confirm that a message is really gone).
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable;
 

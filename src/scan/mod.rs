@@ -34,6 +34,9 @@ pub struct ScanOptions {
     /// Mailboxes not to read when their stamps are still these (with their message count):
     /// the last run left them in sync with the other side.
     pub unchanged_if: HashMap<String, (MailboxStamps, u64)>,
+    /// Leave the scan cache's files alone during the scan: the caller stores the freshly
+    /// listed mailboxes later with [`save_cache`], once it knows which of them it changed.
+    pub defer_cache_writes: bool,
 }
 
 impl ScanOptions {
@@ -112,21 +115,18 @@ fn scan_mailboxes(
         .par_iter()
         .map(|d| cache::take_stamps(&mailbox_path(root, d)))
         .collect();
-    let fresh = std::sync::atomic::AtomicUsize::new(0);
     let mailboxes: Vec<MailboxTable> = dirs
         .par_iter()
         .zip(&stamps)
         .map(|(dir, stamps)| {
-            let mailbox = read_or_reuse(
-                root,
-                layout,
-                dir,
-                stamps,
-                options,
-                cache.as_ref(),
-                started_ns,
-                &fresh,
-            );
+            let mailbox = read_or_reuse(root, layout, dir, stamps, options, cache.as_ref());
+            if let Some(cache) = &cache
+                && mailbox.fresh
+                && !options.defer_cache_writes
+            {
+                // A cache that cannot be written only costs speed; the scan is complete.
+                let _ = cache.store(&mailbox, started_ns);
+            }
             progress.event(Event::MailboxScanned {
                 messages: mailbox.message_count(),
             });
@@ -134,7 +134,8 @@ fn scan_mailboxes(
         })
         .collect();
     if let Some(cache) = &cache
-        && fresh.into_inner() > 0
+        && !options.defer_cache_writes
+        && mailboxes.iter().any(|m| m.fresh)
         && let Err(e) = cache.prune(dirs)
     {
         progress.event(Event::Warning {
@@ -145,8 +146,7 @@ fn scan_mailboxes(
 }
 
 /// One mailbox: a placeholder when the pair state says it is unchanged, the cached table
-/// when the cache's stamps match, else a fresh read (stored in the cache).
-#[allow(clippy::too_many_arguments)]
+/// when the cache's stamps match, else a fresh read (marked `fresh`, for the cache).
 fn read_or_reuse(
     root: &Path,
     layout: Layout,
@@ -154,8 +154,6 @@ fn read_or_reuse(
     stamps: &MailboxStamps,
     options: &ScanOptions,
     cache: Option<&cache::ScanCache>,
-    started_ns: i64,
-    fresh: &std::sync::atomic::AtomicUsize,
 ) -> MailboxTable {
     if let Some((_, count)) = options
         .unchanged_if
@@ -178,13 +176,40 @@ fn read_or_reuse(
             ..table
         };
     }
-    fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mailbox = scan_mailbox(root, layout, dir);
-    if let Some(cache) = cache {
-        // A cache that cannot be written only costs speed; the scan itself is complete.
-        let _ = cache.store(&mailbox, started_ns);
+    MailboxTable {
+        fresh: true,
+        ..scan_mailbox(root, layout, dir)
     }
-    mailbox
+}
+
+/// Stores the mailboxes a scan with [`ScanOptions::defer_cache_writes`] listed from disk,
+/// except those `changed` names (a destination mailbox the run wrote to: the table no
+/// longer describes it), and removes the files of mailboxes that are gone. An entry is
+/// stored with the stamps taken before its mailbox was read, and only when they were not
+/// racy at the start of the scan, exactly as an immediate store would have done; a store
+/// that fails only costs speed.
+pub fn save_cache(
+    root: &Path,
+    options: &ScanOptions,
+    table: &MailTable,
+    changed: &(dyn Fn(&str) -> bool + Sync),
+) -> io::Result<()> {
+    let Some(dir) = options.cache_dir.as_deref() else {
+        return Ok(());
+    };
+    if !table.mailboxes.iter().any(|m| m.fresh) {
+        return Ok(());
+    }
+    let cache = cache::ScanCache::for_root(dir, root);
+    table
+        .mailboxes
+        .par_iter()
+        .filter(|m| m.fresh && !changed(&m.dir))
+        .for_each(|m| {
+            let _ = cache.store(m, table.scanned_at_ns);
+        });
+    let dirs: Vec<String> = table.mailboxes.iter().map(|m| m.dir.clone()).collect();
+    cache.prune(&dirs)
 }
 
 fn empty_table(layout: Layout) -> MailTable {
@@ -494,7 +519,8 @@ fn join_uids(
             len: n.base_len as u32,
         }
     };
-    // Borrow the arena through a copy of its text: the joined rows go into the same table.
+    // The listing's arena (names in `readdir` order) is taken out; the joined rows get a new
+    // one below.
     let arena = std::mem::take(&mut mailbox.arena);
     for (k, n) in named.iter().enumerate() {
         let b = base_of(n);
@@ -520,25 +546,34 @@ fn join_uids(
         &arena[r.offset as usize..(r.offset + r.len) as usize]
     };
     unlisted.sort_by(|&a, &b| name_of(a).cmp(name_of(b)));
-    let listed_bases: std::collections::HashSet<&str> = records.iter().map(|r| r.base).collect();
-    let duplicates: Vec<String> = unlisted
-        .iter()
-        .filter(|&&k| {
-            let b = base_of(&named[k]);
-            listed_bases.contains(&arena[b.offset as usize..(b.offset + b.len) as usize])
-        })
-        .map(|&k| name_of(k).to_string())
-        .collect();
+    let duplicates: Vec<String> = if unlisted.is_empty() {
+        Vec::new()
+    } else {
+        let listed_bases: std::collections::HashSet<&str, Xxh3Builder> =
+            records.iter().map(|r| r.base).collect();
+        unlisted
+            .iter()
+            .filter(|&&k| {
+                let b = base_of(&named[k]);
+                listed_bases.contains(&arena[b.offset as usize..(b.offset + b.len) as usize])
+            })
+            .map(|&k| name_of(k).to_string())
+            .collect()
+    };
     rows.extend(unlisted.into_iter().map(|k| (0, k, None)));
-    mailbox.arena = arena;
     for name in duplicates {
         let rel = format!("{}/{}", mailbox.dir, name);
         anomaly(mailbox, rel, DUPLICATE_BASE);
     }
+    // The names go into a fresh arena in row (UID) order: `readdir` returned them in hash
+    // order, and the differ, the cache and the hash questions all walk the rows front to
+    // back, so a row-ordered arena is read sequentially instead of at random.
+    mailbox.arena = String::with_capacity(arena.len() + 64);
+    mailbox.msgs.reserve(rows.len());
     for (uid, k, record) in rows {
         let n = &named[k];
+        let name = mailbox.intern(name_of(k));
         let extras = record.and_then(|r| extras_for(mailbox, r));
-        let name = entries[n.entry].name;
         mailbox.push_interned(uid, name, n.base_len, n.flags, n.size, extras, n.bits);
     }
     for r in missing {
