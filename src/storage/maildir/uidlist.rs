@@ -288,30 +288,59 @@ impl OwnedRecord {
 /// Renders a v3 file. Records must be sorted by UID.
 pub fn render(header: &Header, records: &[OwnedRecord]) -> String {
     let mut out = String::with_capacity(64 + records.len() * 64);
-    out.push_str(&format!("3 V{} N{}", header.uid_validity, header.next_uid));
+    push_header(&mut out, header);
+    for r in records {
+        push_record(&mut out, r.uid, &r.ext, r.guid.as_deref(), &r.base);
+    }
+    out
+}
+
+/// Appends the v3 header line.
+pub fn push_header(out: &mut String, header: &Header) {
+    out.push_str("3 V");
+    push_u32(out, header.uid_validity);
+    out.push_str(" N");
+    push_u32(out, header.next_uid);
     if let Some(guid) = header.guid {
-        out.push_str(&format!(" G{guid}"));
+        use std::fmt::Write;
+        let _ = write!(out, " G{guid}");
     }
     if !header.extra.is_empty() {
         out.push(' ');
         out.push_str(&header.extra);
     }
     out.push('\n');
-    for r in records {
-        out.push_str(&r.uid.to_string());
-        if !r.ext.is_empty() {
-            out.push(' ');
-            out.push_str(&r.ext);
-        }
-        if let Some(g) = &r.guid {
-            out.push_str(" G");
-            out.push_str(g);
-        }
-        out.push_str(" :");
-        out.push_str(&r.base);
-        out.push('\n');
+}
+
+/// Appends one record line: `<uid>[ <ext>][ G<guid>] :<base>`.
+pub fn push_record(out: &mut String, uid: u32, ext: &str, guid: Option<&str>, base: &str) {
+    push_u32(out, uid);
+    if !ext.is_empty() {
+        out.push(' ');
+        out.push_str(ext);
     }
-    out
+    if let Some(g) = guid {
+        out.push_str(" G");
+        out.push_str(g);
+    }
+    out.push_str(" :");
+    out.push_str(base);
+    out.push('\n');
+}
+
+/// Appends a number in decimal without going through `fmt` (one call per record).
+fn push_u32(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
 }
 
 #[cfg(test)]
@@ -411,6 +440,15 @@ mod tests {
             parse("3 V1 N1\n5 :a\n2 :b\n5 :c\n"),
             Err(UidlistError::DuplicateUid { .. })
         ));
+    }
+
+    #[test]
+    fn numbers_render_in_decimal() {
+        for n in [0, 1, 9, 10, 99, 100, 4_294_967_295, 1_234_567_890] {
+            let mut out = String::new();
+            push_u32(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
     }
 
     #[test]
