@@ -143,6 +143,17 @@ impl Replica for LocalReplica {
     ) -> Result<ApplyReport> {
         apply::apply(&self.root, plan, source, options, progress)
     }
+
+    fn apply_overlapping(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
+    ) -> Result<ApplyReport> {
+        apply::apply_overlapping(&self.root, plan, source, options, progress, meanwhile)
+    }
 }
 
 /// Refuses a source and destination where one lies inside the other (or they are the

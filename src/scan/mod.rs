@@ -12,6 +12,10 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::dir::{Dir, Type as DirType};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -19,8 +23,7 @@ use crate::model::MailboxStamps;
 use crate::progress::{Event, Progress};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::{self, filename, keywords::KeywordMap, uidlist};
-use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, StrRef, status};
-use xxhash_rust::xxh3::Xxh3Builder;
+use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, NameHash, StrRef, status};
 
 /// What to scan.
 #[derive(Debug, Clone, Default)]
@@ -363,7 +366,9 @@ struct Entry {
 }
 
 /// Lists `new/` and `cur/` with `readdir` only (the type comes from `d_type`), appending
-/// each name to the mailbox's arena.
+/// each name to the mailbox's arena. The directories are opened with `O_NOFOLLOW`, and
+/// names are read in place (no allocation per entry): this loop runs for every message of
+/// both replicas.
 fn list_messages(
     path: &Path,
     mailbox: &mut MailboxTable,
@@ -386,26 +391,39 @@ fn list_messages(
                 sub_path.display()
             ));
         }
-        let read = match fs::read_dir(&sub_path) {
-            Ok(read) => read,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("{}: {e}", sub_path.display())),
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let dir = match Dir::open(&sub_path, flags, Mode::empty()) {
+            Ok(dir) => dir,
+            Err(Errno::ENOENT) => continue,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err(format!(
+                    "{}: not a directory (symlink?); not followed",
+                    sub_path.display()
+                ));
+            }
+            Err(e) => return Err(format!("{}: {}", sub_path.display(), io::Error::from(e))),
         };
-        for entry in read {
-            let entry = entry.map_err(|e| format!("{}: {e}", sub_path.display()))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                let rel = format!("{}/{}/{}", mailbox.dir, sub, name.to_string_lossy());
+        for entry in dir {
+            let entry =
+                entry.map_err(|e| format!("{}: {}", sub_path.display(), io::Error::from(e)))?;
+            let raw = entry.file_name().to_bytes();
+            let Ok(name) = std::str::from_utf8(raw) else {
+                let lossy = String::from_utf8_lossy(raw);
+                let rel = format!("{}/{}/{}", mailbox.dir, sub, lossy);
                 anomaly(mailbox, rel, "file name is not UTF-8; not copied");
                 continue;
             };
             if name.starts_with('.') {
                 continue;
             }
-            let file_type = entry
-                .file_type()
-                .map_err(|e| format!("{}: {e}", sub_path.display()))?;
-            let broken = !file_type.is_file();
+            let is_file = match entry.file_type() {
+                Some(kind) => kind == DirType::File,
+                // No `d_type` from this file system: one lstat tells.
+                None => fs::symlink_metadata(sub_path.join(name))
+                    .map_err(|e| format!("{}: {e}", sub_path.join(name).display()))?
+                    .is_file(),
+            };
+            let broken = !is_file;
             if broken {
                 let rel = format!("{}/{}/{}", mailbox.dir, sub, name);
                 anomaly(mailbox, rel, "not a regular file (symlink?); not followed");
@@ -510,8 +528,8 @@ fn join_uids(
         .enumerate()
         .filter_map(|(i, e)| name_entry(path, mailbox, i, e))
         .collect();
-    let mut by_base: HashMap<&str, usize, Xxh3Builder> =
-        HashMap::with_capacity_and_hasher(named.len(), Xxh3Builder::new());
+    let mut by_base: HashMap<&str, usize, NameHash> =
+        HashMap::with_capacity_and_hasher(named.len(), NameHash::default());
     let base_of = |n: &Named| {
         let r = entries[n.entry].name;
         StrRef {
@@ -549,7 +567,7 @@ fn join_uids(
     let duplicates: Vec<String> = if unlisted.is_empty() {
         Vec::new()
     } else {
-        let listed_bases: std::collections::HashSet<&str, Xxh3Builder> =
+        let listed_bases: std::collections::HashSet<&str, NameHash> =
             records.iter().map(|r| r.base).collect();
         unlisted
             .iter()

@@ -78,6 +78,34 @@ pub fn apply(
     options: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
+    apply_overlapping(root, plan, source, options, progress, &|| ())
+}
+
+/// [`apply`], running `meanwhile` while the closing `syncfs` waits for the disk (or after
+/// the apply when there is none, or when it fails). `meanwhile` runs exactly once.
+pub fn apply_overlapping(
+    root: &Path,
+    plan: &Plan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    meanwhile: &(dyn Fn() + Sync),
+) -> Result<ApplyReport> {
+    let ran = std::sync::Once::new();
+    let once = || ran.call_once(meanwhile);
+    let applied = apply_inner(root, plan, source, options, progress, &once);
+    once();
+    applied
+}
+
+fn apply_inner(
+    root: &Path,
+    plan: &Plan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    meanwhile: &(dyn Fn() + Sync),
+) -> Result<ApplyReport> {
     prepare_root(root, plan, options)?;
     sweep(root, plan);
     for parent in &plan.create_parents {
@@ -138,7 +166,9 @@ pub fn apply(
                 let _ = fs::remove_file(&path);
             }
         });
-        let finished = commit_and_finish(root, plan, prepared, report, options, progress, &trash);
+        let finished = commit_and_finish(
+            root, plan, prepared, report, options, progress, &trash, meanwhile,
+        );
         drop(trash);
         let _ = reaper.join();
         finished
@@ -146,7 +176,9 @@ pub fn apply(
 }
 
 /// Phase 3 and the rest: per mailbox under its uidlist lock, renames, expunges (into
-/// `trash`) and the uidlist; then mailbox deletions, root files and the closing sync.
+/// `trash`) and the uidlist; then mailbox deletions, root files and the closing sync,
+/// with `meanwhile` running beside it.
+#[allow(clippy::too_many_arguments)]
 fn commit_and_finish(
     root: &Path,
     plan: &Plan,
@@ -155,6 +187,7 @@ fn commit_and_finish(
     options: &ApplyOptions,
     progress: &dyn Progress,
     trash: &std::sync::mpsc::Sender<PathBuf>,
+    meanwhile: &(dyn Fn() + Sync),
 ) -> Result<ApplyReport> {
     let results: Vec<Result<ApplyReport>> = plan
         .mailboxes
@@ -189,7 +222,8 @@ fn commit_and_finish(
     remove_empty_dirs(root, &dirs)?;
     apply_root_files(root, plan, options, progress)?;
     if options.fsync == FsyncPolicy::Batch && !plan.is_empty() {
-        writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
+        let (synced, ()) = rayon::join(|| writer::sync_filesystem(root), meanwhile);
+        synced.map_err(|e| Error::io(root, e))?;
     }
     Ok(report)
 }
@@ -787,7 +821,7 @@ fn write_uidlist(
 /// two UID-sorted lists), so a large uidlist with a few changes costs no allocation per
 /// record.
 pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -> String {
-    use xxhash_rust::xxh3::Xxh3Builder;
+    use crate::table::NameHash;
     let mut header = edit.header.clone();
     let mut upserts: Vec<&OwnedRecord> = edit.upsert.iter().collect();
     upserts.sort_by_key(|r| r.uid);
@@ -796,9 +830,9 @@ pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -
         if cur.header.uid_validity == header.uid_validity {
             header.next_uid = header.next_uid.max(cur.next_uid());
         }
-        let upsert_uids: std::collections::HashSet<u32, Xxh3Builder> =
+        let upsert_uids: std::collections::HashSet<u32, NameHash> =
             edit.upsert.iter().map(|r| r.uid).collect();
-        let upsert_bases: std::collections::HashSet<&str, Xxh3Builder> =
+        let upsert_bases: std::collections::HashSet<&str, NameHash> =
             edit.upsert.iter().map(|r| r.base.as_str()).collect();
         // `parse` returns the records sorted by UID.
         kept = cur
@@ -991,6 +1025,7 @@ fn write_uidvalidity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
     use crate::storage::maildir::uidlist::Header;
 
     fn rec(uid: u32, base: &str) -> OwnedRecord {
@@ -1206,6 +1241,52 @@ mod tests {
             speculate_uidlist(path, &plan, &batch()).is_none(),
             "a torn uidlist is left to the locked path"
         );
+    }
+
+    #[test]
+    fn meanwhile_runs_once_whether_the_apply_syncs_or_fails() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let source = crate::replica::local::LocalReplica::new(dir.path().join("src"));
+        let plan = Plan {
+            mailboxes: vec![MailboxPlan {
+                dir: ".Sent".into(),
+                name: "Sent".into(),
+                create: Some(crate::table::DirMeta {
+                    mode: 0o700,
+                    uid: 0,
+                    gid: 0,
+                }),
+                maildirfolder: true,
+                ..MailboxPlan::default()
+            }],
+            root_meta: crate::table::DirMeta {
+                mode: 0o700,
+                uid: 0,
+                gid: 0,
+            },
+            ..Plan::default()
+        };
+        for fsync in [FsyncPolicy::Batch, FsyncPolicy::None] {
+            let calls = AtomicUsize::new(0);
+            let count = || {
+                calls.fetch_add(1, Ordering::SeqCst);
+            };
+            let root = dir.path().join(format!("dst-{fsync:?}"));
+            let options = ApplyOptions { fsync, ..batch() };
+            apply_overlapping(&root, &plan, &source, &options, &NoProgress, &count).unwrap();
+            assert!(root.join(".Sent/cur").is_dir());
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "{fsync:?}");
+        }
+        let calls = AtomicUsize::new(0);
+        let count = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+        };
+        let not_a_dir = dir.path().join("file");
+        fs::write(&not_a_dir, "x").unwrap();
+        let failed = apply_overlapping(&not_a_dir, &plan, &source, &batch(), &NoProgress, &count);
+        assert!(failed.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "also when the apply fails");
     }
 
     #[test]

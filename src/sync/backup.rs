@@ -125,8 +125,9 @@ pub fn backup(
         .map(PairState::load)
         .unwrap_or_default();
     let layout = agreed_layout(src, dst, options.scan.layout)?;
-    // Scan caches are written at the end (`Scans::keep`): not while the scans compete for
-    // the CPU, not for destination mailboxes this run rewrites, and not into the syncs.
+    // Scan caches are written at the end (`Scans::keep`, while the applier's closing sync
+    // waits for the disk): not while the scans compete for the CPU, and not for
+    // destination mailboxes this run rewrites.
     let src_scan = ScanOptions {
         layout: Some(layout),
         unchanged_if: state.source_hints(),
@@ -187,8 +188,9 @@ pub fn backup(
         });
     }
     // Also with nothing to do: the applier clears what killed runs left behind.
-    let applied = apply(dst, &plan, src, options, progress);
-    scans.keep(&src_table, &dst_table, Some(&plan));
+    // The scan caches are written while the applier's closing sync waits for the disk.
+    let keep = || scans.keep(&src_table, &dst_table, Some(&plan));
+    let applied = dst.apply_overlapping(&plan, src, &options.apply, progress, &keep);
     outcome.report = applied?;
     if let Some(path) = state_path
         && outcome.completion() == Completion::Complete
@@ -244,16 +246,6 @@ impl Scans<'_> {
             });
         }
     }
-}
-
-fn apply(
-    dst: &dyn Replica,
-    plan: &Plan,
-    src: &dyn Replica,
-    options: &BackupOptions,
-    progress: &dyn Progress,
-) -> Result<ApplyReport> {
-    dst.apply(plan, src, &options.apply, progress)
 }
 
 /// One layout for both sides: the one asked for, else the source's. A destination whose

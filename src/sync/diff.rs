@@ -15,8 +15,7 @@ use crate::sync::plan::{
     CopyOp, DeleteMailbox, ExpungeOp, MailboxPlan, Plan, RenameOp, Skipped, UidlistChange,
     UidlistEdit,
 };
-use crate::table::{MailTable, MailboxTable, status};
-use xxhash_rust::xxh3::Xxh3Builder;
+use crate::table::{MailTable, MailboxTable, NameHash, status};
 
 /// Knobs of the differ.
 #[derive(Debug, Clone, Default)]
@@ -208,7 +207,7 @@ struct MailboxDiff<'a> {
     dst_row: Vec<Option<usize>>,
     /// Destination base name → message index, built on first need (a no-change run that
     /// matches everything by UID never pays for it).
-    by_base: Option<HashMap<&'a str, usize, Xxh3Builder>>,
+    by_base: Option<HashMap<&'a str, usize, NameHash>>,
     plan: MailboxPlan,
     skipped: Vec<Skipped>,
     fresh_names: u32,
@@ -449,7 +448,7 @@ impl<'a> MailboxDiff<'a> {
         (!self.used[j] && s.guid(i) != d.guid(j) && self.same_message(i, j)).then_some(j)
     }
 
-    fn dst_by_base(&mut self) -> &HashMap<&'a str, usize, Xxh3Builder> {
+    fn dst_by_base(&mut self) -> &HashMap<&'a str, usize, NameHash> {
         let d = self.d;
         self.by_base.get_or_insert_with(|| {
             d.map(|d| (0..d.len()).map(|j| (d.base(j), j)).collect())

@@ -35,18 +35,28 @@ pub enum NameError {
 
 /// Parses one directory entry name from `cur/` or `new/`.
 pub fn parse(name: &str) -> Result<ParsedName<'_>, NameError> {
-    if name.bytes().any(|b| b < 0x20 || b == 0x7f) {
+    // One pass for the control characters and the first and last `:` (names are short,
+    // and this runs for every message of every scan).
+    let (mut control, mut first, mut last) = (false, usize::MAX, 0);
+    for (i, &b) in name.as_bytes().iter().enumerate() {
+        control |= b < 0x20 || b == 0x7f;
+        if b == b':' {
+            first = first.min(i);
+            last = i;
+        }
+    }
+    if control {
         return Err(NameError::ControlChar);
     }
-    let (base, info) = match name.find(':') {
-        Some(i) => (&name[..i], Some(&name[name.rfind(':').unwrap_or(i) + 1..])),
-        None => (name, None),
+    let (base, info) = if first == usize::MAX {
+        (name, None)
+    } else {
+        (&name[..first], Some(&name[last + 1..]))
     };
     if base.is_empty() {
         return Err(NameError::EmptyBase);
     }
-    let size = size_field(base, b'S').map_err(|_| NameError::BadSize("S="))?;
-    let vsize = size_field(base, b'W').map_err(|_| NameError::BadSize("W="))?;
+    let (size, vsize) = size_fields(base)?;
     let (flags, odd_info) = match info {
         None => (Flags::default(), false),
         Some(info) => match info.strip_prefix("2,") {
@@ -88,8 +98,56 @@ pub fn info_tail(name: &str) -> &str {
     letters.find(',').map_or("", |i| &letters[i..])
 }
 
-/// Finds `,K=` (`key` is `b'S'` or `b'W'`) followed by decimal digits ending at `,` or the
-/// end of the base. A byte scan: this runs for every message of every scan.
+/// The first `,S=` and the first `,W=` of a base, each followed by decimal digits ending at
+/// `,` or the end of the base; a malformed one is an error (`S=` reported first). One pass
+/// from comma to comma: this runs for every message of every scan.
+fn size_fields(base: &str) -> Result<(Option<u64>, Option<u64>), NameError> {
+    let bytes = base.as_bytes();
+    // Per key: not seen yet, or the first occurrence's value (None when malformed).
+    let (mut s, mut w): (Option<Option<u64>>, Option<Option<u64>>) = (None, None);
+    for start in 0..bytes.len() {
+        if bytes[start] != b',' || bytes.get(start + 2) != Some(&b'=') {
+            continue;
+        }
+        let slot = match bytes.get(start + 1) {
+            Some(b'S') => &mut s,
+            Some(b'W') => &mut w,
+            _ => continue,
+        };
+        if slot.is_none() {
+            let digits = &bytes[start + 3..];
+            let end = digits
+                .iter()
+                .position(|&b| b == b',')
+                .unwrap_or(digits.len());
+            *slot = Some(decimal(&digits[..end]));
+        }
+        if s.is_some() && w.is_some() {
+            break;
+        }
+    }
+    match (s, w) {
+        (Some(None), _) => Err(NameError::BadSize("S=")),
+        (_, Some(None)) => Err(NameError::BadSize("W=")),
+        (s, w) => Ok((s.flatten(), w.flatten())),
+    }
+}
+
+/// A non-empty run of ASCII digits as a number (`None` when empty, not digits, or too big).
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+            .flatten()
+    })
+}
+
+/// The reference for [`size_fields`]: finds `,K=` (`key` is `b'S'` or `b'W'`) followed by
+/// decimal digits ending at `,` or the end of the base.
+#[cfg(test)]
 fn size_field(base: &str, key: u8) -> Result<Option<u64>, ()> {
     let bytes = base.as_bytes();
     let mut at = 0;
@@ -193,6 +251,20 @@ mod tests {
         #[test]
         fn never_panics_on_arbitrary_text(text in "(?s).{0,200}") {
             let _ = parse(&text);
+        }
+
+        #[test]
+        fn one_pass_size_fields_agree_with_two_searches(
+            base in "[0-9a-z.]{0,6}(,[SWX]=?[0-9a]{0,3}){0,4}",
+            big in proptest::bool::ANY,
+        ) {
+            let base = if big { format!("{base},S=99999999999999999999") } else { base };
+            let want = match (size_field(&base, b'S'), size_field(&base, b'W')) {
+                (Err(()), _) => Err(NameError::BadSize("S=")),
+                (_, Err(())) => Err(NameError::BadSize("W=")),
+                (Ok(s), Ok(w)) => Ok((s, w)),
+            };
+            proptest::prop_assert_eq!(size_fields(&base), want);
         }
     }
 }

@@ -87,7 +87,8 @@ pub fn parse(text: &str) -> Result<Uidlist<'_>, UidlistError> {
     let (_, first) = lines.next().unwrap_or((0, ""));
     let first = complete_line(first, 1)?;
     let (version, header) = parse_header(first)?;
-    let mut records = Vec::new();
+    // About one record per 50 bytes of a Dovecot uidlist.
+    let mut records = Vec::with_capacity(text.len() / 50 + 1);
     let mut sorted = true;
     for (index, raw) in lines {
         let line_no = index + 1;
@@ -192,11 +193,45 @@ fn parse_uid(text: &str, line: usize) -> Result<u32, UidlistError> {
 }
 
 fn parse_v3_record(line: &str, line_no: usize) -> Result<Record<'_>, UidlistError> {
+    plain_v3_record(line).map_or_else(|| parse_v3_record_fields(line, line_no), Ok)
+}
+
+/// The common `<uid> :<name>` record without extension fields, or `None` for anything
+/// else (which the general parser then reads, or rejects with its reason). Agrees with
+/// the general parser wherever it answers; a byte loop, as this runs for every record.
+fn plain_v3_record(line: &str) -> Option<Record<'_>> {
+    let bytes = line.as_bytes();
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 10 || bytes.get(digits..digits + 2) != Some(b" :") {
+        return None;
+    }
+    let uid = bytes[..digits]
+        .iter()
+        .fold(0u64, |n, &b| n * 10 + u64::from(b - b'0'));
+    let uid = u32::try_from(uid)
+        .ok()
+        .filter(|&u| u != 0 && u != u32::MAX)?;
+    let base = checked_base(&line[digits + 2..])?;
+    Some(Record {
+        uid,
+        guid: None,
+        ext: std::borrow::Cow::Borrowed(""),
+        base,
+    })
+}
+
+fn parse_v3_record_fields(line: &str, line_no: usize) -> Result<Record<'_>, UidlistError> {
     let bad = |reason| UidlistError::BadRecord {
         line: line_no,
         reason,
     };
-    let colon = line.find(" :").ok_or(bad("no ' :' before the file name"))?;
+    // The first " :" (searched by its ':', which a record has few of).
+    let colon = line
+        .match_indices(':')
+        .map(|(i, _)| i)
+        .find(|&i| i > 0 && line.as_bytes()[i - 1] == b' ')
+        .map(|i| i - 1)
+        .ok_or(bad("no ' :' before the file name"))?;
     let (head, name) = (&line[..colon], &line[colon + 2..]);
     let base = checked_base(name).ok_or(bad("bad file name"))?;
     let (uid_text, fields) = head.split_once(' ').unwrap_or((head, ""));
@@ -480,6 +515,15 @@ mod tests {
         #[test]
         fn never_panics_on_arbitrary_text(text in "(?s).{0,200}") {
             let _ = parse(&text);
+        }
+
+        #[test]
+        fn the_plain_record_shortcut_agrees_with_the_general_parser(
+            line in "[0-9]{0,12}( [GWP][a-z0-9]{0,3}){0,2} ?:?[a-z0-9:/ ]{0,8}",
+        ) {
+            if let Some(fast) = plain_v3_record(&line) {
+                proptest::prop_assert_eq!(Ok(fast), parse_v3_record_fields(&line, 2));
+            }
         }
     }
 }
