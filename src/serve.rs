@@ -174,6 +174,7 @@ impl Session<'_> {
                         .into_iter()
                         .map(|(dir, stamps, count)| (dir, (stamps, count)))
                         .collect(),
+                    ..ScanOptions::default()
                 };
                 let table = replica
                     .scan(&options, &progress)

@@ -8,7 +8,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use support::tree::{
     assert_same_lines, assert_same_snapshot, backup, backup_ok, find_by_base, inode_of, mail_files,
@@ -171,6 +171,11 @@ fn incremental_changes_made_through_dovecot_are_mirrored() {
         );
     }
     assert!(!dst.join(".Entw&APw-rfe").exists(), "deleted mailbox gone");
+    assert_eq!(
+        tmp_leftovers(&dst),
+        Vec::<PathBuf>::new(),
+        "staged bodies, uidlists and expunged files are all gone from tmp/"
+    );
 
     // Phase B: a rename (with a child mailbox).
     dc.oracle(&dst);
@@ -747,6 +752,22 @@ fn checksum_repairs_a_destination_file_whose_bytes_differ() {
 }
 
 /// Number of regular files anywhere under `dir` (0 when it does not exist).
+/// Files left in any `tmp/` of a tree.
+fn tmp_leftovers(root: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter(|e| {
+            e.path()
+                .parent()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n == "tmp")
+        })
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
+
 fn file_count(dir: &Path) -> usize {
     if !dir.exists() {
         return 0;

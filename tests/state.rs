@@ -94,3 +94,45 @@ fn unchanged_mailboxes_are_skipped_and_changes_on_either_side_are_caught() {
     assert_eq!(repaired.report.messages_copied, 1);
     assert!(dst.join(".Sent/cur/c,S=10:2,S").exists());
 }
+
+#[test]
+fn the_scan_cache_keeps_sources_and_untouched_destinations_only() {
+    use mdsync::scan::cache::{ScanCache, take_stamps};
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, cache) = (
+        dir.path().join("src"),
+        dir.path().join("dst"),
+        dir.path().join("cache"),
+    );
+    make_mailbox(&src, 10, &["a,S=10:2,S", "b,S=10:2,"]);
+    make_mailbox(&src.join(".Sent"), 11, &["c,S=10:2,S"]);
+    fs::write(src.join(".Sent/maildirfolder"), "").unwrap();
+    run(&src, &dst, &cache);
+    fs::rename(src.join("cur/b,S=10:2,"), src.join("cur/b,S=10:2,RS")).unwrap();
+    settle();
+
+    // Both trees are old enough to cache; this run renames a file in DST's INBOX only.
+    let dst_inbox_before = take_stamps(&dst);
+    let dst_sent_before = take_stamps(&dst.join(".Sent"));
+    assert_eq!(run(&src, &dst, &cache).report.flag_changes, 1);
+    let (src_cache, dst_cache) = (
+        ScanCache::for_root(&cache, &src),
+        ScanCache::for_root(&cache, &dst),
+    );
+    assert!(src_cache.take("", &take_stamps(&src)).is_some());
+    assert!(
+        src_cache
+            .take(".Sent", &take_stamps(&src.join(".Sent")))
+            .is_some()
+    );
+    assert!(
+        dst_cache.take(".Sent", &dst_sent_before).is_some(),
+        "an untouched destination mailbox is cached"
+    );
+    assert_eq!(take_stamps(&dst.join(".Sent")), dst_sent_before);
+    assert!(
+        dst_cache.take("", &dst_inbox_before).is_none(),
+        "the table read before the run changed INBOX must not be cached"
+    );
+    assert_ne!(take_stamps(&dst), dst_inbox_before);
+}

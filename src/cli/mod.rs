@@ -339,7 +339,7 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
             layout: a.layout.layout(),
             exclude,
             cache_dir: cache_dir(a),
-            unchanged_if: Default::default(),
+            ..ScanOptions::default()
         },
         diff: DiffOptions {
             checksum: a.checksum,

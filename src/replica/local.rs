@@ -115,6 +115,16 @@ impl Replica for LocalReplica {
         scan::scan(&self.root, options, progress)
     }
 
+    fn save_scan_cache(
+        &self,
+        options: &ScanOptions,
+        table: &MailTable,
+        changed: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<()> {
+        scan::save_cache(&self.root, options, table, changed)
+            .map_err(|e| crate::Error::io(options.cache_dir.as_deref().unwrap_or(&self.root), e))
+    }
+
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
         scan::scan_mailbox(&self.root, layout, dir)
     }
@@ -132,6 +142,17 @@ impl Replica for LocalReplica {
         progress: &dyn Progress,
     ) -> Result<ApplyReport> {
         apply::apply(&self.root, plan, source, options, progress)
+    }
+
+    fn apply_overlapping(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
+    ) -> Result<ApplyReport> {
+        apply::apply_overlapping(&self.root, plan, source, options, progress, meanwhile)
     }
 }
 

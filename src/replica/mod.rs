@@ -79,6 +79,36 @@ pub trait Replica: BodySource + Send {
     /// Scans the whole replica.
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable>;
 
+    /// Applies a plan like [`Replica::apply`] and runs `meanwhile` while the applier waits
+    /// for its closing sync: work that needs the CPU but not this replica's durability,
+    /// such as writing scan caches. `meanwhile` runs once, also when the apply fails; the
+    /// default runs it afterwards.
+    fn apply_overlapping(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
+    ) -> Result<ApplyReport> {
+        let report = self.apply(plan, source, options, progress);
+        meanwhile();
+        report
+    }
+
+    /// Keeps what a scan with [`ScanOptions::defer_cache_writes`] listed in this replica's
+    /// scan cache, except the mailboxes `changed` names (the run wrote to them since). A
+    /// replica without a scan cache keeps nothing. Errors only cost speed next time.
+    fn save_scan_cache(
+        &self,
+        options: &ScanOptions,
+        table: &MailTable,
+        changed: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<()> {
+        let _ = (options, table, changed);
+        Ok(())
+    }
+
     /// Scans one mailbox again (to confirm that a message is really gone).
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable;
 

@@ -17,7 +17,12 @@ use crate::storage::maildir::uidlist::Header;
 use crate::storage::maildir::{keywords, uidlist, writer};
 use crate::table::{DirMeta, Extras, MailboxTable, Messages, StrRef};
 
-const MAGIC: &[u8; 8] = b"MDSYNCC\x01";
+/// Version 2: magic, stamps, xxh3-64 of the rest, then the mailbox. The stamps come first
+/// so a changed mailbox costs one small read; the checksum makes a file torn by a crash
+/// (cache files are not fsynced) a miss rather than a wrong table.
+const MAGIC: &[u8; 8] = b"MDSYNCC\x02";
+/// Magic, four stamps of four u64 fields, checksum.
+const HEAD_LEN: usize = MAGIC.len() + 4 * 4 * 8 + 8;
 
 fn stamp_of(path: &Path) -> Stamp {
     match fs::symlink_metadata(path) {
@@ -77,12 +82,22 @@ impl ScanCache {
     /// The cached table of `mailbox_dir` when its stamps are exactly `stamps`. A missing,
     /// foreign or damaged file is a miss.
     pub fn take(&self, mailbox_dir: &str, stamps: &MailboxStamps) -> Option<MailboxTable> {
-        let bytes = fs::read(self.file_for(mailbox_dir)).ok()?;
-        let mut r = Reader { bytes: &bytes };
-        if r.take(MAGIC.len())? != MAGIC
-            || get_stamps(&mut r)? != *stamps
-            || r.string()? != mailbox_dir
-        {
+        use std::io::Read;
+        let mut file = fs::File::open(self.file_for(mailbox_dir)).ok()?;
+        let mut head = [0u8; HEAD_LEN];
+        file.read_exact(&mut head).ok()?;
+        let mut r = Reader { bytes: &head };
+        if r.take(MAGIC.len())? != MAGIC || get_stamps(&mut r)? != *stamps {
+            return None;
+        }
+        let checksum = r.u64()?;
+        let mut body = Vec::new();
+        file.read_to_end(&mut body).ok()?;
+        if xxhash_rust::xxh3::xxh3_64(&body) != checksum {
+            return None;
+        }
+        let mut r = Reader { bytes: &body };
+        if r.string()? != mailbox_dir {
             return None;
         }
         decode_mailbox(&mut r, mailbox_dir)
@@ -98,8 +113,11 @@ impl ScanCache {
         let mut out = Vec::with_capacity(mailbox.arena.len() + mailbox.len() * 32 + 1024);
         out.extend_from_slice(MAGIC);
         put_stamps(&mut out, &mailbox.stamps);
+        put_u64(&mut out, 0);
         put_str(&mut out, &mailbox.dir);
         encode_mailbox(&mut out, mailbox);
+        let checksum = xxhash_rust::xxh3::xxh3_64(&out[HEAD_LEN..]);
+        out[HEAD_LEN - 8..HEAD_LEN].copy_from_slice(&checksum.to_le_bytes());
         fs::create_dir_all(&self.dir)?;
         let tmp = self.dir.join(writer::temp_name());
         fs::write(&tmp, &out)?;
@@ -482,6 +500,22 @@ mod tests {
         assert!(cache.take("", &changed).is_none());
         cache.prune(&[".Sent".to_string()]).unwrap();
         assert!(!file.exists(), "pruned: INBOX is gone");
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mailbox = sample_mailbox(dir.path());
+        let (cache, file) = cache_in(dir.path());
+        cache.store(&mailbox, now_ns() + 10_000_000_000).unwrap();
+        let mut bytes = fs::read(&file).unwrap();
+        assert!(cache.take("", &mailbox.stamps).is_some());
+        for at in 0..bytes.len() {
+            bytes[at] ^= 0x10;
+            fs::write(&file, &bytes).unwrap();
+            assert!(cache.take("", &mailbox.stamps).is_none(), "byte {at}");
+            bytes[at] ^= 0x10;
+        }
     }
 
     #[test]

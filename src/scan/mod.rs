@@ -12,6 +12,10 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::dir::{Dir, Type as DirType};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -19,8 +23,7 @@ use crate::model::MailboxStamps;
 use crate::progress::{Event, Progress};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::{self, filename, keywords::KeywordMap, uidlist};
-use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, StrRef, status};
-use xxhash_rust::xxh3::Xxh3Builder;
+use crate::table::{Anomaly, DirMeta, Extras, MailTable, MailboxTable, NameHash, StrRef, status};
 
 /// What to scan.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +37,9 @@ pub struct ScanOptions {
     /// Mailboxes not to read when their stamps are still these (with their message count):
     /// the last run left them in sync with the other side.
     pub unchanged_if: HashMap<String, (MailboxStamps, u64)>,
+    /// Leave the scan cache's files alone during the scan: the caller stores the freshly
+    /// listed mailboxes later with [`save_cache`], once it knows which of them it changed.
+    pub defer_cache_writes: bool,
 }
 
 impl ScanOptions {
@@ -112,21 +118,18 @@ fn scan_mailboxes(
         .par_iter()
         .map(|d| cache::take_stamps(&mailbox_path(root, d)))
         .collect();
-    let fresh = std::sync::atomic::AtomicUsize::new(0);
     let mailboxes: Vec<MailboxTable> = dirs
         .par_iter()
         .zip(&stamps)
         .map(|(dir, stamps)| {
-            let mailbox = read_or_reuse(
-                root,
-                layout,
-                dir,
-                stamps,
-                options,
-                cache.as_ref(),
-                started_ns,
-                &fresh,
-            );
+            let mailbox = read_or_reuse(root, layout, dir, stamps, options, cache.as_ref());
+            if let Some(cache) = &cache
+                && mailbox.fresh
+                && !options.defer_cache_writes
+            {
+                // A cache that cannot be written only costs speed; the scan is complete.
+                let _ = cache.store(&mailbox, started_ns);
+            }
             progress.event(Event::MailboxScanned {
                 messages: mailbox.message_count(),
             });
@@ -134,7 +137,8 @@ fn scan_mailboxes(
         })
         .collect();
     if let Some(cache) = &cache
-        && fresh.into_inner() > 0
+        && !options.defer_cache_writes
+        && mailboxes.iter().any(|m| m.fresh)
         && let Err(e) = cache.prune(dirs)
     {
         progress.event(Event::Warning {
@@ -145,8 +149,7 @@ fn scan_mailboxes(
 }
 
 /// One mailbox: a placeholder when the pair state says it is unchanged, the cached table
-/// when the cache's stamps match, else a fresh read (stored in the cache).
-#[allow(clippy::too_many_arguments)]
+/// when the cache's stamps match, else a fresh read (marked `fresh`, for the cache).
 fn read_or_reuse(
     root: &Path,
     layout: Layout,
@@ -154,8 +157,6 @@ fn read_or_reuse(
     stamps: &MailboxStamps,
     options: &ScanOptions,
     cache: Option<&cache::ScanCache>,
-    started_ns: i64,
-    fresh: &std::sync::atomic::AtomicUsize,
 ) -> MailboxTable {
     if let Some((_, count)) = options
         .unchanged_if
@@ -178,13 +179,40 @@ fn read_or_reuse(
             ..table
         };
     }
-    fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mailbox = scan_mailbox(root, layout, dir);
-    if let Some(cache) = cache {
-        // A cache that cannot be written only costs speed; the scan itself is complete.
-        let _ = cache.store(&mailbox, started_ns);
+    MailboxTable {
+        fresh: true,
+        ..scan_mailbox(root, layout, dir)
     }
-    mailbox
+}
+
+/// Stores the mailboxes a scan with [`ScanOptions::defer_cache_writes`] listed from disk,
+/// except those `changed` names (a destination mailbox the run wrote to: the table no
+/// longer describes it), and removes the files of mailboxes that are gone. An entry is
+/// stored with the stamps taken before its mailbox was read, and only when they were not
+/// racy at the start of the scan, exactly as an immediate store would have done; a store
+/// that fails only costs speed.
+pub fn save_cache(
+    root: &Path,
+    options: &ScanOptions,
+    table: &MailTable,
+    changed: &(dyn Fn(&str) -> bool + Sync),
+) -> io::Result<()> {
+    let Some(dir) = options.cache_dir.as_deref() else {
+        return Ok(());
+    };
+    if !table.mailboxes.iter().any(|m| m.fresh) {
+        return Ok(());
+    }
+    let cache = cache::ScanCache::for_root(dir, root);
+    table
+        .mailboxes
+        .par_iter()
+        .filter(|m| m.fresh && !changed(&m.dir))
+        .for_each(|m| {
+            let _ = cache.store(m, table.scanned_at_ns);
+        });
+    let dirs: Vec<String> = table.mailboxes.iter().map(|m| m.dir.clone()).collect();
+    cache.prune(&dirs)
 }
 
 fn empty_table(layout: Layout) -> MailTable {
@@ -338,7 +366,9 @@ struct Entry {
 }
 
 /// Lists `new/` and `cur/` with `readdir` only (the type comes from `d_type`), appending
-/// each name to the mailbox's arena.
+/// each name to the mailbox's arena. The directories are opened with `O_NOFOLLOW`, and
+/// names are read in place (no allocation per entry): this loop runs for every message of
+/// both replicas.
 fn list_messages(
     path: &Path,
     mailbox: &mut MailboxTable,
@@ -361,26 +391,39 @@ fn list_messages(
                 sub_path.display()
             ));
         }
-        let read = match fs::read_dir(&sub_path) {
-            Ok(read) => read,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("{}: {e}", sub_path.display())),
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let dir = match Dir::open(&sub_path, flags, Mode::empty()) {
+            Ok(dir) => dir,
+            Err(Errno::ENOENT) => continue,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err(format!(
+                    "{}: not a directory (symlink?); not followed",
+                    sub_path.display()
+                ));
+            }
+            Err(e) => return Err(format!("{}: {}", sub_path.display(), io::Error::from(e))),
         };
-        for entry in read {
-            let entry = entry.map_err(|e| format!("{}: {e}", sub_path.display()))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                let rel = format!("{}/{}/{}", mailbox.dir, sub, name.to_string_lossy());
+        for entry in dir {
+            let entry =
+                entry.map_err(|e| format!("{}: {}", sub_path.display(), io::Error::from(e)))?;
+            let raw = entry.file_name().to_bytes();
+            let Ok(name) = std::str::from_utf8(raw) else {
+                let lossy = String::from_utf8_lossy(raw);
+                let rel = format!("{}/{}/{}", mailbox.dir, sub, lossy);
                 anomaly(mailbox, rel, "file name is not UTF-8; not copied");
                 continue;
             };
             if name.starts_with('.') {
                 continue;
             }
-            let file_type = entry
-                .file_type()
-                .map_err(|e| format!("{}: {e}", sub_path.display()))?;
-            let broken = !file_type.is_file();
+            let is_file = match entry.file_type() {
+                Some(kind) => kind == DirType::File,
+                // No `d_type` from this file system: one lstat tells.
+                None => fs::symlink_metadata(sub_path.join(name))
+                    .map_err(|e| format!("{}: {e}", sub_path.join(name).display()))?
+                    .is_file(),
+            };
+            let broken = !is_file;
             if broken {
                 let rel = format!("{}/{}/{}", mailbox.dir, sub, name);
                 anomaly(mailbox, rel, "not a regular file (symlink?); not followed");
@@ -485,8 +528,8 @@ fn join_uids(
         .enumerate()
         .filter_map(|(i, e)| name_entry(path, mailbox, i, e))
         .collect();
-    let mut by_base: HashMap<&str, usize, Xxh3Builder> =
-        HashMap::with_capacity_and_hasher(named.len(), Xxh3Builder::new());
+    let mut by_base: HashMap<&str, usize, NameHash> =
+        HashMap::with_capacity_and_hasher(named.len(), NameHash::default());
     let base_of = |n: &Named| {
         let r = entries[n.entry].name;
         StrRef {
@@ -494,7 +537,8 @@ fn join_uids(
             len: n.base_len as u32,
         }
     };
-    // Borrow the arena through a copy of its text: the joined rows go into the same table.
+    // The listing's arena (names in `readdir` order) is taken out; the joined rows get a new
+    // one below.
     let arena = std::mem::take(&mut mailbox.arena);
     for (k, n) in named.iter().enumerate() {
         let b = base_of(n);
@@ -520,25 +564,34 @@ fn join_uids(
         &arena[r.offset as usize..(r.offset + r.len) as usize]
     };
     unlisted.sort_by(|&a, &b| name_of(a).cmp(name_of(b)));
-    let listed_bases: std::collections::HashSet<&str> = records.iter().map(|r| r.base).collect();
-    let duplicates: Vec<String> = unlisted
-        .iter()
-        .filter(|&&k| {
-            let b = base_of(&named[k]);
-            listed_bases.contains(&arena[b.offset as usize..(b.offset + b.len) as usize])
-        })
-        .map(|&k| name_of(k).to_string())
-        .collect();
+    let duplicates: Vec<String> = if unlisted.is_empty() {
+        Vec::new()
+    } else {
+        let listed_bases: std::collections::HashSet<&str, NameHash> =
+            records.iter().map(|r| r.base).collect();
+        unlisted
+            .iter()
+            .filter(|&&k| {
+                let b = base_of(&named[k]);
+                listed_bases.contains(&arena[b.offset as usize..(b.offset + b.len) as usize])
+            })
+            .map(|&k| name_of(k).to_string())
+            .collect()
+    };
     rows.extend(unlisted.into_iter().map(|k| (0, k, None)));
-    mailbox.arena = arena;
     for name in duplicates {
         let rel = format!("{}/{}", mailbox.dir, name);
         anomaly(mailbox, rel, DUPLICATE_BASE);
     }
+    // The names go into a fresh arena in row (UID) order: `readdir` returned them in hash
+    // order, and the differ, the cache and the hash questions all walk the rows front to
+    // back, so a row-ordered arena is read sequentially instead of at random.
+    mailbox.arena = String::with_capacity(arena.len() + 64);
+    mailbox.msgs.reserve(rows.len());
     for (uid, k, record) in rows {
         let n = &named[k];
+        let name = mailbox.intern(name_of(k));
         let extras = record.and_then(|r| extras_for(mailbox, r));
-        let name = entries[n.entry].name;
         mailbox.push_interned(uid, name, n.base_len, n.flags, n.size, extras, n.bits);
     }
     for r in missing {

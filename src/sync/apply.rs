@@ -78,6 +78,34 @@ pub fn apply(
     options: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
+    apply_overlapping(root, plan, source, options, progress, &|| ())
+}
+
+/// [`apply`], running `meanwhile` while the closing `syncfs` waits for the disk (or after
+/// the apply when there is none, or when it fails). `meanwhile` runs exactly once.
+pub fn apply_overlapping(
+    root: &Path,
+    plan: &Plan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    meanwhile: &(dyn Fn() + Sync),
+) -> Result<ApplyReport> {
+    let ran = std::sync::Once::new();
+    let once = || ran.call_once(meanwhile);
+    let applied = apply_inner(root, plan, source, options, progress, &once);
+    once();
+    applied
+}
+
+fn apply_inner(
+    root: &Path,
+    plan: &Plan,
+    source: &dyn BodySource,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    meanwhile: &(dyn Fn() + Sync),
+) -> Result<ApplyReport> {
     prepare_root(root, plan, options)?;
     sweep(root, plan);
     for parent in &plan.create_parents {
@@ -94,9 +122,10 @@ pub fn apply(
         )
         .map_err(|e| Error::io(&path, e))?;
     }
-    // Phase 1, no lock: create directories and stage every body in its mailbox's tmp/.
-    // A streamed source (a remote peer) hands bodies out in plan order, one at a time.
-    let staged: Vec<Result<(ApplyReport, Vec<Staged<'_>>)>> = if source.sequential() {
+    // Phase 1, no lock: create directories, stage every body in its mailbox's tmp/ and
+    // (batch policy) write each new uidlist beside them. A streamed source (a remote peer)
+    // hands bodies out in plan order, one at a time.
+    let staged: Vec<Result<Prepared<'_>>> = if source.sequential() {
         announce_copies(plan, source)?;
         plan.mailboxes
             .iter()
@@ -123,24 +152,57 @@ pub fn apply(
         }
     }
     if let Err(e) = check_interrupt() {
-        prepared
-            .iter()
-            .flatten()
-            .for_each(|(_, staged)| discard(staged));
+        prepared.iter().flatten().for_each(|p| discard(&p.staged));
         return Err(e);
     }
-    // Phase 2: bodies durable before any uidlist names them — one sync for the whole run.
-    let any_staged = prepared.iter().flatten().any(|(_, s)| !s.is_empty());
+    // Phase 2: bodies durable before any uidlist names them, and the new uidlists before
+    // they replace the old ones — one sync for the whole run.
+    let any_staged = prepared
+        .iter()
+        .flatten()
+        .any(|p| !p.staged.is_empty() || p.uidlist.is_some());
     if options.fsync == FsyncPolicy::Batch && any_staged {
         writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
     }
-    // Phase 3, per mailbox under its uidlist lock: renames, expunges, uidlist.
+    // Expunged files are moved into their mailbox's tmp/ under the lock (a rename is cheap)
+    // and unlinked by a reaper thread meanwhile, outside every lock. A kill leaves them in
+    // tmp/ under mdsync's temp name, where the next run's sweep removes them.
+    std::thread::scope(|scope| {
+        let (trash, reaped) = std::sync::mpsc::channel::<PathBuf>();
+        let reaper = scope.spawn(move || {
+            for path in reaped {
+                let _ = fs::remove_file(&path);
+            }
+        });
+        let finished = commit_and_finish(
+            root, plan, prepared, report, options, progress, &trash, meanwhile,
+        );
+        drop(trash);
+        let _ = reaper.join();
+        finished
+    })
+}
+
+/// Phase 3 and the rest: per mailbox under its uidlist lock, renames, expunges (into
+/// `trash`) and the uidlist; then mailbox deletions, root files and the closing sync,
+/// with `meanwhile` running beside it.
+#[allow(clippy::too_many_arguments)]
+fn commit_and_finish(
+    root: &Path,
+    plan: &Plan,
+    prepared: Vec<Option<Prepared<'_>>>,
+    mut report: ApplyReport,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    trash: &std::sync::mpsc::Sender<PathBuf>,
+    meanwhile: &(dyn Fn() + Sync),
+) -> Result<ApplyReport> {
     let results: Vec<Result<ApplyReport>> = plan
         .mailboxes
         .par_iter()
         .zip(prepared)
         .filter_map(|(m, prepared)| prepared.map(|p| (m, p)))
-        .map(|(m, (report, staged))| commit_mailbox(root, m, report, staged, options, progress))
+        .map(|(m, prepared)| commit_mailbox(root, m, prepared, options, progress, trash))
         .collect();
     for result in results {
         report.absorb(result?);
@@ -168,7 +230,8 @@ pub fn apply(
     remove_empty_dirs(root, &dirs)?;
     apply_root_files(root, plan, options, progress)?;
     if options.fsync == FsyncPolicy::Batch && !plan.is_empty() {
-        writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
+        let (synced, ()) = rayon::join(|| writer::sync_filesystem(root), meanwhile);
+        synced.map_err(|e| Error::io(root, e))?;
     }
     Ok(report)
 }
@@ -275,6 +338,78 @@ struct Staged<'a> {
     size_error: Option<String>,
 }
 
+/// What phase 1 made ready for one mailbox.
+struct Prepared<'a> {
+    report: ApplyReport,
+    staged: Vec<Staged<'a>>,
+    uidlist: Option<Speculated>,
+}
+
+/// A new uidlist rendered and written to `tmp/` before the lock (batch policy), so that the
+/// run's one sync makes it durable together with the bodies instead of an fsync per
+/// mailbox under its lock. It replaces the uidlist only when, under the lock, the uidlist
+/// still reads exactly `based_on` and every copy landed; otherwise it is dropped and the
+/// uidlist is rendered and written (with its own fsync) under the lock as usual. Dropping
+/// it removes the temp file.
+struct Speculated {
+    /// The uidlist text it was rendered from (`None`: there was no uidlist).
+    based_on: Option<String>,
+    /// The temp file, until it is renamed into place.
+    temp: Option<PathBuf>,
+}
+
+impl Drop for Speculated {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// Renders and writes a mailbox's new uidlist ahead of the lock (see [`Speculated`]).
+/// Anything unexpected (no edit, an unreadable or corrupt uidlist, no change, a failed
+/// write) simply means no speculation: the locked path handles and reports it.
+fn speculate_uidlist(path: &Path, m: &MailboxPlan, options: &ApplyOptions) -> Option<Speculated> {
+    let Some(UidlistChange::Write(edit)) = &m.uidlist else {
+        return None;
+    };
+    if options.fsync != FsyncPolicy::Batch {
+        return None;
+    }
+    let based_on = read_uidlist_text(&path.join(uidlist::FILE_NAME)).ok()?;
+    let current = match &based_on {
+        Some(text) => Some(uidlist::parse(text).ok()?),
+        None => None,
+    };
+    let text = render_edit(current.as_ref(), edit);
+    if based_on.as_deref() == Some(text.as_str()) {
+        return None;
+    }
+    let owner = existing_meta(path).map_or((0, 0), |(_, o)| o);
+    let temp = writer::write_temp(
+        &path.join("tmp"),
+        text.as_bytes(),
+        owner,
+        0o600,
+        options.ownership,
+        FsyncPolicy::None,
+    )
+    .ok()?;
+    Some(Speculated {
+        based_on,
+        temp: Some(temp),
+    })
+}
+
+/// The uidlist's text, `None` when there is none.
+fn read_uidlist_text(file: &Path) -> io::Result<Option<String>> {
+    match fs::read_to_string(file) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Prepares one mailbox's directories and stages its bodies in `tmp/`.
 fn stage_mailbox<'a>(
     root: &Path,
@@ -282,7 +417,7 @@ fn stage_mailbox<'a>(
     source: &dyn BodySource,
     options: &ApplyOptions,
     progress: &dyn Progress,
-) -> Result<(ApplyReport, Vec<Staged<'a>>)> {
+) -> Result<Prepared<'a>> {
     check_interrupt()?;
     let path = mailbox_path(root, &m.dir);
     let mut report = ApplyReport::default();
@@ -294,21 +429,30 @@ fn stage_mailbox<'a>(
             bytes: 0,
         });
     }
-    let tmp_dir = path.join("tmp");
-    writer::clean_stale_temps(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    // What killed runs left in tmp/ is gone already: `sweep` cleaned every mailbox.
     let staged = stage_copies(&path, m, source, options, &mut report)?;
-    Ok((report, staged))
+    let uidlist = speculate_uidlist(&path, m, options);
+    Ok(Prepared {
+        report,
+        staged,
+        uidlist,
+    })
 }
 
 /// Takes the mailbox's uidlist lock and carries out the rest of its plan.
 fn commit_mailbox(
     root: &Path,
     m: &MailboxPlan,
-    mut report: ApplyReport,
-    staged: Vec<Staged<'_>>,
+    prepared: Prepared<'_>,
     options: &ApplyOptions,
     progress: &dyn Progress,
+    trash: &std::sync::mpsc::Sender<PathBuf>,
 ) -> Result<ApplyReport> {
+    let Prepared {
+        mut report,
+        staged,
+        uidlist: speculated,
+    } = prepared;
     let path = mailbox_path(root, &m.dir);
     let tmp_dir = path.join("tmp");
     let lock = DotLock::acquire(&path.join(uidlist::FILE_NAME), &tmp_dir, UIDLIST_TIMING);
@@ -319,10 +463,25 @@ fn commit_mailbox(
             return Err(Error::io(&path, e));
         }
     };
-    let locked = apply_locked(&path, m, staged, options, progress, &mut report, &mut lock);
+    let mut expunged = Vec::new();
+    let locked = apply_locked(
+        &path,
+        m,
+        (staged, speculated),
+        options,
+        progress,
+        &mut report,
+        &mut lock,
+        &mut expunged,
+    );
     // Released as soon as the uidlist is in place: a killed run leaves no lock behind
     // while it only waits for the disk.
     drop(lock);
+    for path in expunged {
+        if let Err(unsent) = trash.send(path) {
+            let _ = fs::remove_file(unsent.0);
+        }
+    }
     locked?;
     if options.fsync == FsyncPolicy::File {
         for sub in ["cur", "new"] {
@@ -486,14 +645,18 @@ fn discard(staged: &[Staged<'_>]) {
 }
 
 /// The part done under the uidlist lock, kept short: keywords, renames, expunges, uidlist.
+/// An expunged file is renamed into `tmp/` (under mdsync's temp name, so a killed run's
+/// sweep removes it) and its path added to `expunged`, to be unlinked after the lock.
+#[allow(clippy::too_many_arguments)]
 fn apply_locked(
     path: &Path,
     m: &MailboxPlan,
-    staged: Vec<Staged<'_>>,
+    (staged, speculated): (Vec<Staged<'_>>, Option<Speculated>),
     options: &ApplyOptions,
     progress: &dyn Progress,
     report: &mut ApplyReport,
     lock: &mut DotLock,
+    expunged: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let tmp_dir = path.join("tmp");
     let owner = existing_meta(path).map_or((0, 0), |(_, o)| o);
@@ -554,8 +717,10 @@ fn apply_locked(
         .filter(|e| e.uid == 0 || !failed.contains(&e.uid))
     {
         let file = path.join(e.sub.as_str()).join(&e.name);
-        match fs::remove_file(&file) {
+        let aside = tmp_dir.join(writer::temp_name());
+        match writer::rename_noreplace(&file, &aside) {
             Ok(()) => {
+                expunged.push(aside);
                 report.expunged += 1;
                 progress.event(Event::Applied {
                     line: plan::expunge_line(&m.name, e),
@@ -566,10 +731,9 @@ fn apply_locked(
             Err(err) => report.errors.push(with_path(err, &file).to_string()),
         }
     }
-    let _ = tmp_dir;
     match &m.uidlist {
         Some(UidlistChange::Write(edit)) if failed.is_empty() => {
-            write_uidlist(path, edit, owner, options)?
+            write_uidlist(path, edit, owner, options, speculated)?
         }
         Some(UidlistChange::Write(edit)) => {
             let kept = UidlistEdit {
@@ -587,7 +751,7 @@ fn apply_locked(
                     .cloned()
                     .collect(),
             };
-            write_uidlist(path, &kept, owner, options)?
+            write_uidlist(path, &kept, owner, options, None)?
         }
         Some(UidlistChange::Remove) => remove_if_exists(&path.join(uidlist::FILE_NAME))?,
         None => {}
@@ -636,19 +800,27 @@ fn write_keywords(
     Ok(())
 }
 
-/// Applies an edit to the uidlist as it is now (under the lock), never lowering `N`.
+/// Applies an edit to the uidlist as it is now (under the lock), never lowering `N`. A
+/// speculated uidlist rendered from exactly the current text is renamed into place (it is
+/// durable since the run's sync); any other is dropped.
 fn write_uidlist(
     path: &Path,
     edit: &UidlistEdit,
     owner: (u32, u32),
     options: &ApplyOptions,
+    speculated: Option<Speculated>,
 ) -> Result<()> {
     let file = path.join(uidlist::FILE_NAME);
-    let current_text = match fs::read_to_string(&file) {
-        Ok(text) => Some(text),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io(&file, e)),
-    };
+    let current_text = read_uidlist_text(&file).map_err(|e| Error::io(&file, e))?;
+    if let Some(mut speculated) = speculated
+        && speculated.based_on == current_text
+        && let Some(temp) = speculated.temp.take()
+    {
+        return fs::rename(&temp, &file).map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            Error::io(&file, e)
+        });
+    }
     let current = match &current_text {
         Some(text) => Some(uidlist::parse(text).map_err(|e| {
             Error::io(
@@ -674,35 +846,61 @@ fn write_uidlist(
     .map_err(|e| Error::io(&file, e))
 }
 
-/// The new uidlist text: current records minus removals and replaced ones, plus upserts.
+/// The new uidlist text: current records minus removals and replaced ones, plus upserts,
+/// in UID order. The kept records are rendered straight from the current text (a merge of
+/// two UID-sorted lists), so a large uidlist with a few changes costs no allocation per
+/// record.
 pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -> String {
+    use crate::table::NameHash;
     let mut header = edit.header.clone();
-    let mut records: Vec<OwnedRecord> = Vec::new();
+    let mut upserts: Vec<&OwnedRecord> = edit.upsert.iter().collect();
+    upserts.sort_by_key(|r| r.uid);
+    let mut kept: Vec<&uidlist::Record<'_>> = Vec::new();
     if let Some(cur) = current {
         if cur.header.uid_validity == header.uid_validity {
             header.next_uid = header.next_uid.max(cur.next_uid());
         }
-        let upsert_uids: std::collections::HashSet<u32> =
+        let upsert_uids: std::collections::HashSet<u32, NameHash> =
             edit.upsert.iter().map(|r| r.uid).collect();
-        let upsert_bases: std::collections::HashSet<&str> =
+        let upsert_bases: std::collections::HashSet<&str, NameHash> =
             edit.upsert.iter().map(|r| r.base.as_str()).collect();
-        records.extend(
-            cur.records
-                .iter()
-                .filter(|r| {
-                    edit.remove.binary_search(&r.uid).is_err()
-                        && !upsert_uids.contains(&r.uid)
-                        && !upsert_bases.contains(r.base)
-                })
-                .map(OwnedRecord::from_record),
-        );
+        // `parse` returns the records sorted by UID.
+        kept = cur
+            .records
+            .iter()
+            .filter(|r| {
+                edit.remove.binary_search(&r.uid).is_err()
+                    && !upsert_uids.contains(&r.uid)
+                    && !upsert_bases.contains(r.base)
+            })
+            .collect();
     }
-    records.extend(edit.upsert.iter().cloned());
-    records.sort_by_key(|r| r.uid);
-    if let Some(last) = records.last() {
-        header.next_uid = header.next_uid.max(last.uid.saturating_add(1));
+    let last = kept
+        .last()
+        .map(|r| r.uid)
+        .max(upserts.last().map(|r| r.uid));
+    if let Some(last) = last {
+        header.next_uid = header.next_uid.max(last.saturating_add(1));
     }
-    uidlist::render(&header, &records)
+    let mut out = String::with_capacity(128 + (kept.len() + upserts.len()) * 72);
+    uidlist::push_header(&mut out, &header);
+    let (mut k, mut u) = (kept.iter().peekable(), upserts.iter().peekable());
+    loop {
+        let take_kept = match (k.peek(), u.peek()) {
+            (Some(a), Some(b)) => a.uid <= b.uid,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_kept {
+            let r = k.next().expect("peeked");
+            uidlist::push_record(&mut out, r.uid, &r.ext, r.guid, r.base);
+        } else {
+            let r = u.next().expect("peeked");
+            uidlist::push_record(&mut out, r.uid, &r.ext, r.guid.as_deref(), &r.base);
+        }
+    }
+    out
 }
 
 /// Removes a destination mailbox. Maildir++: the directory is first renamed into the root's
@@ -857,6 +1055,7 @@ fn write_uidvalidity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
     use crate::storage::maildir::uidlist::Header;
 
     fn rec(uid: u32, base: &str) -> OwnedRecord {
@@ -890,6 +1089,85 @@ mod tests {
         );
     }
 
+    /// The straightforward version `render_edit` must agree with: collect, sort, render.
+    fn render_edit_reference(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -> String {
+        let mut header = edit.header.clone();
+        let mut records: Vec<OwnedRecord> = Vec::new();
+        if let Some(cur) = current {
+            if cur.header.uid_validity == header.uid_validity {
+                header.next_uid = header.next_uid.max(cur.next_uid());
+            }
+            let uids: std::collections::HashSet<u32> = edit.upsert.iter().map(|r| r.uid).collect();
+            let bases: std::collections::HashSet<&str> =
+                edit.upsert.iter().map(|r| r.base.as_str()).collect();
+            records.extend(
+                cur.records
+                    .iter()
+                    .filter(|r| {
+                        edit.remove.binary_search(&r.uid).is_err()
+                            && !uids.contains(&r.uid)
+                            && !bases.contains(r.base)
+                    })
+                    .map(OwnedRecord::from_record),
+            );
+        }
+        records.extend(edit.upsert.iter().cloned());
+        records.sort_by_key(|r| r.uid);
+        if let Some(last) = records.last() {
+            header.next_uid = header.next_uid.max(last.uid.saturating_add(1));
+        }
+        uidlist::render(&header, &records)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn render_edit_agrees_with_the_reference(
+            current in proptest::collection::btree_map(1u32..60, (0u8..4, 0u8..8), 0..30),
+            removes in proptest::collection::btree_set(1u32..60, 0..10),
+            upserts in proptest::collection::btree_map(1u32..60, (0u8..4, 0u8..8), 0..10),
+            same_validity in proptest::bool::ANY,
+            next in 0u32..80,
+            no_current in proptest::bool::ANY,
+        ) {
+            // Small base alphabets make upserts collide with current records by base name.
+            let line = |uid: u32, (kind, base): (u8, u8)| match kind {
+                0 => format!("{uid} :b{base}\n"),
+                1 => format!("{uid} W{uid} :b{base}\n"),
+                2 => format!("{uid} Gg{uid} :b{base}\n"),
+                _ => format!("{uid} P{uid} Gg{uid} O1 :b{base}\n"),
+            };
+            let mut text = "3 V7 N5 G00000000000000000000000000000001\n".to_string();
+            for (&uid, &what) in &current {
+                text.push_str(&line(uid, what));
+            }
+            let parsed = uidlist::parse(&text).unwrap();
+            let edit = UidlistEdit {
+                header: Header {
+                    uid_validity: if same_validity { 7 } else { 8 },
+                    next_uid: next,
+                    guid: parsed.header.guid,
+                    extra: String::new(),
+                },
+                remove: removes.into_iter().collect(),
+                upsert: upserts
+                    .iter()
+                    .rev()
+                    .map(|(&uid, &(kind, base))| OwnedRecord {
+                        uid,
+                        guid: (kind >= 2).then(|| format!("u{uid}")),
+                        ext: if kind % 2 == 1 { format!("P{base}") } else { String::new() },
+                        base: format!("b{base}"),
+                    })
+                    .collect(),
+            };
+            let current = (!no_current).then_some(&parsed);
+            proptest::prop_assert_eq!(
+                render_edit(current, &edit),
+                render_edit_reference(current, &edit)
+            );
+        }
+    }
+
     #[test]
     fn edit_replaces_same_base_and_new_generation_resets_n() {
         let current = uidlist::parse("3 V1 N9\n4 :a\n").unwrap();
@@ -904,6 +1182,141 @@ mod tests {
             upsert: vec![rec(2, "a")],
         };
         assert_eq!(render_edit(Some(&current), &edit), "3 V2 N3\n2 :a\n");
+    }
+
+    /// A mailbox with a two-record uidlist, and a plan that drops uid 2 and adds uid 3.
+    fn speculation_fixture() -> (tempfile::TempDir, MailboxPlan, UidlistEdit) {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        fs::write(dir.path().join("dovecot-uidlist"), "3 V7 N3\n1 :a\n2 :b\n").unwrap();
+        let edit = UidlistEdit {
+            header: Header {
+                uid_validity: 7,
+                next_uid: 4,
+                guid: None,
+                extra: String::new(),
+            },
+            remove: vec![2],
+            upsert: vec![rec(3, "c")],
+        };
+        let plan = MailboxPlan {
+            uidlist: Some(UidlistChange::Write(edit.clone())),
+            ..MailboxPlan::default()
+        };
+        (dir, plan, edit)
+    }
+
+    fn batch() -> ApplyOptions {
+        ApplyOptions {
+            fsync: FsyncPolicy::Batch,
+            ownership: Ownership::RunningUser,
+        }
+    }
+
+    fn tmp_entries(dir: &Path) -> usize {
+        fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    #[test]
+    fn a_speculated_uidlist_replaces_an_unchanged_one() {
+        let (dir, plan, edit) = speculation_fixture();
+        let path = dir.path();
+        let speculated = speculate_uidlist(path, &plan, &batch()).expect("speculated");
+        assert_eq!(tmp_entries(path), 1, "written beside the bodies, in tmp/");
+        assert_eq!(
+            fs::read_to_string(path.join("dovecot-uidlist")).unwrap(),
+            "3 V7 N3\n1 :a\n2 :b\n",
+            "nothing replaced before the lock"
+        );
+        write_uidlist(path, &edit, (0, 0), &batch(), Some(speculated)).unwrap();
+        assert_eq!(
+            fs::read_to_string(path.join("dovecot-uidlist")).unwrap(),
+            "3 V7 N4\n1 :a\n3 :c\n"
+        );
+        assert_eq!(tmp_entries(path), 0);
+    }
+
+    #[test]
+    fn a_uidlist_changed_since_the_speculation_is_rendered_again() {
+        let (dir, plan, edit) = speculation_fixture();
+        let path = dir.path();
+        let speculated = speculate_uidlist(path, &plan, &batch()).expect("speculated");
+        // Dovecot numbered a new file between the speculation and our lock.
+        fs::write(path.join("dovecot-uidlist"), "3 V7 N10\n1 :a\n2 :b\n9 :z\n").unwrap();
+        write_uidlist(path, &edit, (0, 0), &batch(), Some(speculated)).unwrap();
+        assert_eq!(
+            fs::read_to_string(path.join("dovecot-uidlist")).unwrap(),
+            "3 V7 N10\n1 :a\n3 :c\n9 :z\n",
+            "Dovecot's record and N survive"
+        );
+        assert_eq!(tmp_entries(path), 0, "the stale speculation is removed");
+    }
+
+    #[test]
+    fn speculation_is_batch_only_and_cleans_up_when_dropped() {
+        let (dir, plan, _) = speculation_fixture();
+        let path = dir.path();
+        for fsync in [FsyncPolicy::None, FsyncPolicy::File] {
+            let options = ApplyOptions { fsync, ..batch() };
+            assert!(speculate_uidlist(path, &plan, &options).is_none());
+        }
+        let speculated = speculate_uidlist(path, &plan, &batch()).expect("speculated");
+        assert_eq!(tmp_entries(path), 1);
+        drop(speculated);
+        assert_eq!(tmp_entries(path), 0);
+        fs::write(path.join("dovecot-uidlist"), "3 V7 N3\n1 :a\n2 :b").unwrap();
+        assert!(
+            speculate_uidlist(path, &plan, &batch()).is_none(),
+            "a torn uidlist is left to the locked path"
+        );
+    }
+
+    #[test]
+    fn meanwhile_runs_once_whether_the_apply_syncs_or_fails() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let source = crate::replica::local::LocalReplica::new(dir.path().join("src"));
+        let plan = Plan {
+            mailboxes: vec![MailboxPlan {
+                dir: ".Sent".into(),
+                name: "Sent".into(),
+                create: Some(crate::table::DirMeta {
+                    mode: 0o700,
+                    uid: 0,
+                    gid: 0,
+                }),
+                maildirfolder: true,
+                ..MailboxPlan::default()
+            }],
+            root_meta: crate::table::DirMeta {
+                mode: 0o700,
+                uid: 0,
+                gid: 0,
+            },
+            ..Plan::default()
+        };
+        for fsync in [FsyncPolicy::Batch, FsyncPolicy::None] {
+            let calls = AtomicUsize::new(0);
+            let count = || {
+                calls.fetch_add(1, Ordering::SeqCst);
+            };
+            let root = dir.path().join(format!("dst-{fsync:?}"));
+            let options = ApplyOptions { fsync, ..batch() };
+            apply_overlapping(&root, &plan, &source, &options, &NoProgress, &count).unwrap();
+            assert!(root.join(".Sent/cur").is_dir());
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "{fsync:?}");
+        }
+        let calls = AtomicUsize::new(0);
+        let count = || {
+            calls.fetch_add(1, Ordering::SeqCst);
+        };
+        let not_a_dir = dir.path().join("file");
+        fs::write(&not_a_dir, "x").unwrap();
+        let failed = apply_overlapping(&not_a_dir, &plan, &source, &batch(), &NoProgress, &count);
+        assert!(failed.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "also when the apply fails");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! by content hash, diff, check the delete guard, then apply (or only describe, for a dry
 //! run). Orchestrates; writes nothing itself.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -126,15 +127,27 @@ pub fn backup(
         .map(PairState::load)
         .unwrap_or_default();
     let layout = agreed_layout(src, dst, options.scan.layout)?;
+    // Scan caches are written at the end (`Scans::keep`, while the applier's closing sync
+    // waits for the disk): not while the scans compete for the CPU, and not for
+    // destination mailboxes this run rewrites.
     let src_scan = ScanOptions {
         layout: Some(layout),
         unchanged_if: state.source_hints(),
+        defer_cache_writes: true,
         ..options.scan.clone()
     };
     let dst_scan = ScanOptions {
         layout: Some(layout),
         unchanged_if: state.destination_hints(),
+        defer_cache_writes: true,
         ..options.scan.clone()
+    };
+    let scans = Scans {
+        src,
+        dst,
+        src_options: &src_scan,
+        dst_options: &dst_scan,
+        progress,
     };
     progress.event(Event::ScanStarted { side: "source" });
     let (src_table, dst_table) = rayon::join(
@@ -148,7 +161,10 @@ pub fn backup(
     let answers = answer(src, dst, questions);
     let plan = diff::diff_backup(&src_table, &dst_table, &answers, &options.diff);
     let planned = plan.counts();
-    check_delete_guard(&planned, &dst_table, options.max_delete)?;
+    if let Err(e) = check_delete_guard(&planned, &dst_table, options.max_delete) {
+        scans.keep(&src_table, &dst_table, None);
+        return Err(e);
+    }
     let mut outcome = BackupOutcome {
         planned,
         skipped: plan.skipped.clone(),
@@ -163,6 +179,7 @@ pub fn backup(
     };
     if options.dry_run {
         outcome.plan_lines = plan.lines();
+        scans.keep(&src_table, &dst_table, None);
         outcome.seconds = started.elapsed().as_secs_f64();
         outcome.wire = wire_bytes(src, dst);
         return Ok(outcome);
@@ -174,7 +191,10 @@ pub fn backup(
         });
     }
     // Also with nothing to do: the applier clears what killed runs left behind.
-    outcome.report = apply(dst, &plan, src, options, progress)?;
+    // The scan caches are written while the applier's closing sync waits for the disk.
+    let keep = || scans.keep(&src_table, &dst_table, Some(&plan));
+    let applied = dst.apply_overlapping(&plan, src, &options.apply, progress, &keep);
+    outcome.report = applied?;
     if let Some(path) = state_path
         && outcome.completion() == Completion::Complete
     {
@@ -203,14 +223,44 @@ fn wire_bytes(src: &dyn Replica, dst: &dyn Replica) -> Option<(u64, u64)> {
     }
 }
 
-fn apply(
-    dst: &dyn Replica,
-    plan: &Plan,
-    src: &dyn Replica,
-    options: &BackupOptions,
-    progress: &dyn Progress,
-) -> Result<ApplyReport> {
-    dst.apply(plan, src, &options.apply, progress)
+/// Both sides' scan options, to keep what the scans listed once the run is done.
+struct Scans<'a> {
+    src: &'a dyn Replica,
+    dst: &'a dyn Replica,
+    src_options: &'a ScanOptions,
+    dst_options: &'a ScanOptions,
+    progress: &'a dyn Progress,
+}
+
+impl Scans<'_> {
+    /// Stores the freshly listed mailboxes in the scan caches: every source mailbox (the run
+    /// never writes there), and the destination mailboxes an applied `plan` left alone. A
+    /// mailbox the plan changed, or deletes, is listed again next time.
+    fn keep(&self, src_table: &MailTable, dst_table: &MailTable, plan: Option<&Plan>) {
+        let changed: HashSet<&str> = plan
+            .map(|p| {
+                let written = p.mailboxes.iter().map(|m| m.dir.as_str());
+                written
+                    .chain(p.delete_mailboxes.iter().map(|d| d.dir.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (kept_src, kept_dst) = rayon::join(
+            || {
+                self.src
+                    .save_scan_cache(self.src_options, src_table, &|_| false)
+            },
+            || {
+                self.dst
+                    .save_scan_cache(self.dst_options, dst_table, &|dir| changed.contains(dir))
+            },
+        );
+        for e in [kept_src, kept_dst].into_iter().filter_map(Result::err) {
+            self.progress.event(Event::Warning {
+                message: format!("scan cache: {e}"),
+            });
+        }
+    }
 }
 
 /// One layout for both sides: the one asked for, else the source's. A destination whose

@@ -15,7 +15,7 @@ use crate::sync::plan::{
     CopyOp, DeleteMailbox, ExpungeOp, MailboxPlan, Plan, RenameOp, Skipped, UidlistChange,
     UidlistEdit,
 };
-use crate::table::{MailTable, MailboxTable, status};
+use crate::table::{MailTable, MailboxTable, NameHash, status};
 
 /// Knobs of the differ.
 #[derive(Debug, Clone, Default)]
@@ -63,8 +63,8 @@ fn mailbox_questions(
     options: &DiffOptions,
 ) -> Vec<HashQuestion> {
     let mut out = Vec::new();
-    for i in s.listed_range() {
-        let Some(j) = d.find_uid(s.msgs.uid[i]) else {
+    for (i, j) in s.rows_by_uid(d).into_iter().enumerate() {
+        let Some(j) = j else {
             continue;
         };
         if s.has(i, status::BROKEN) || d.has(j, status::BROKEN) {
@@ -203,9 +203,11 @@ struct MailboxDiff<'a> {
     /// Source letter index → destination letter index.
     letter_map: [Option<u8>; LETTERS],
     used: Vec<bool>,
+    /// Source message index → destination message with the same UID.
+    dst_row: Vec<Option<usize>>,
     /// Destination base name → message index, built on first need (a no-change run that
     /// matches everything by UID never pays for it).
-    by_base: Option<HashMap<&'a str, usize>>,
+    by_base: Option<HashMap<&'a str, usize, NameHash>>,
     plan: MailboxPlan,
     skipped: Vec<Skipped>,
     fresh_names: u32,
@@ -230,6 +232,7 @@ impl<'a> MailboxDiff<'a> {
             keywords: KeywordMap::default(),
             letter_map: [None; LETTERS],
             used: vec![false; d.map_or(0, MailboxTable::len)],
+            dst_row: d.map_or_else(Vec::new, |d| s.rows_by_uid(d)),
             by_base: None,
             plan: MailboxPlan {
                 dir: s.dir.clone(),
@@ -338,10 +341,12 @@ impl<'a> MailboxDiff<'a> {
             system: flags.system,
             keywords: 0,
         };
-        for i in 0..LETTERS {
-            if flags.keywords & (1 << i) != 0
-                && let Some(to) = self.letter_map[i]
-            {
+        // Only the letters that are set: most messages carry none or one.
+        let mut letters = flags.keywords;
+        while letters != 0 {
+            let i = letters.trailing_zeros() as usize;
+            letters &= letters - 1;
+            if let Some(to) = self.letter_map.get(i).copied().flatten() {
                 out.keywords |= 1 << to;
             }
         }
@@ -418,9 +423,7 @@ impl<'a> MailboxDiff<'a> {
     /// other content (`--checksum`): it must not come back by name or content.
     fn identity_match(&mut self, i: usize) -> (Option<usize>, bool) {
         let (s, d) = (self.s, self.d.expect("destination exists"));
-        let uid = s.msgs.uid[i];
-        if uid != 0
-            && let Some(j) = d.find_uid(uid)
+        if let Some(j) = self.dst_row[i]
             && !self.used[j]
             && s.guid(i) == d.guid(j)
         {
@@ -433,7 +436,7 @@ impl<'a> MailboxDiff<'a> {
         let Some(&j) = self.dst_by_base().get(s.base(i)) else {
             return (None, false);
         };
-        let same = !self.used[j] && d.guid(j) == s.guid(i) && d.find_uid(uid) != Some(j);
+        let same = !self.used[j] && d.guid(j) == s.guid(i) && self.dst_row[i] != Some(j);
         (same.then_some(j), false)
     }
 
@@ -441,12 +444,11 @@ impl<'a> MailboxDiff<'a> {
     /// another MDA).
     fn content_match(&self, i: usize) -> Option<usize> {
         let (s, d) = (self.s, self.d?);
-        let uid = s.msgs.uid[i];
-        let j = d.find_uid(uid).filter(|_| uid != 0)?;
+        let j = self.dst_row[i]?;
         (!self.used[j] && s.guid(i) != d.guid(j) && self.same_message(i, j)).then_some(j)
     }
 
-    fn dst_by_base(&mut self) -> &HashMap<&'a str, usize> {
+    fn dst_by_base(&mut self) -> &HashMap<&'a str, usize, NameHash> {
         let d = self.d;
         self.by_base.get_or_insert_with(|| {
             d.map(|d| (0..d.len()).map(|j| (d.base(j), j)).collect())
@@ -459,16 +461,16 @@ impl<'a> MailboxDiff<'a> {
         if s.has(i, status::BROKEN) || d.has(j, status::BROKEN) {
             return s.guid(i) == d.guid(j);
         }
+        let guids_agree = s.guid(i) == d.guid(j);
+        if guids_agree && !self.options.checksum {
+            return true;
+        }
         let question = HashQuestion {
             dir: s.dir.clone(),
             src: (s.subdir(i), s.name(i).to_string()),
             dst: (d.subdir(j), d.name(j).to_string()),
         };
-        let guids_agree = s.guid(i) == d.guid(j);
-        if !guids_agree || self.options.checksum {
-            return self.answers.get(&question).copied().unwrap_or(guids_agree);
-        }
-        true
+        self.answers.get(&question).copied().unwrap_or(guids_agree)
     }
 
     fn plan_matched(
@@ -506,13 +508,15 @@ impl<'a> MailboxDiff<'a> {
             }
             return;
         }
-        let wanted = self.record_for(i, d.base(j));
-        let dst_guid_field = (d.guid(j) != d.base(j)).then(|| d.guid(j).to_string());
-        if dst_uid != src_uid || wanted.guid != dst_guid_field || wanted.ext != d.ext(j) {
+        // Compared borrowed: the record is built only when it must be written.
+        let base = d.base(j);
+        let wanted_guid = Some(s.guid(i)).filter(|&g| g != base);
+        let dst_guid_field = Some(d.guid(j)).filter(|&g| g != base);
+        if dst_uid != src_uid || wanted_guid != dst_guid_field || s.ext(i) != d.ext(j) {
             if dst_uid != 0 && dst_uid != src_uid {
                 removes.push(dst_uid);
             }
-            upserts.push(wanted);
+            upserts.push(self.record_for(i, base));
         }
     }
 
@@ -631,16 +635,12 @@ impl<'a> MailboxDiff<'a> {
     /// did not name before: Dovecot's index would call it an expunged message reappearing.
     fn rebinds_below_next(&self, d: &MailboxTable, upserts: &[OwnedRecord]) -> bool {
         // Only files that exist count: a record whose file is gone may already be marked
-        // expunged in Dovecot's index, which would renumber the message brought back.
-        let known: HashSet<(u32, &str)> = d
-            .listed_range()
-            .map(|j| (d.msgs.uid[j], d.base(j)))
-            .collect();
+        // expunged in Dovecot's index, which would renumber the message brought back. The
+        // listed files have unique UIDs, so the file with this UID is the only candidate.
         upserts.iter().any(|r| {
-            r.uid < d.next_uid && !known.contains(&(r.uid, r.base.as_str()))
-                || d.find_uid(r.uid).is_some_and(|j| {
-                    d.base(j) == r.base && (d.guid(j) != d.base(j)) != r.guid.is_some()
-                })
+            let file = d.find_uid(r.uid).filter(|&j| d.base(j) == r.base);
+            r.uid < d.next_uid && file.is_none()
+                || file.is_some_and(|j| (d.guid(j) != d.base(j)) != r.guid.is_some())
         })
     }
 }

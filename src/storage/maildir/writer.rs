@@ -18,7 +18,8 @@ use super::dotlock::with_path;
 /// When data is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum FsyncPolicy {
-    /// One `syncfs` per mailbox before its uidlist is written (default).
+    /// One `syncfs` for the staged bodies and uidlists before any is put in place, one at
+    /// the end of the run (default).
     #[default]
     Batch,
     /// `fsync` every file and directory written.
