@@ -9,6 +9,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::model::Subdir;
 use crate::progress::{Event, Progress};
 use crate::replica::baseline::{Baselines, parse_id, predicted};
@@ -98,6 +100,7 @@ impl Session<'_> {
                     verbose,
                 } => self.open(&path, bwlimit, use_cache, verbose)?,
                 Request::Bye => {
+                    self.baselines.persist();
                     locked(&self.out).json(Kind::Answer, &Answer::Bye)?;
                     return Ok(());
                 }
@@ -184,9 +187,14 @@ impl Session<'_> {
                     .into_iter()
                     .filter_map(|(dir, id)| Some((dir, parse_id(&id)?)))
                     .collect();
+                let objects: Vec<Vec<u8>> = table
+                    .mailboxes
+                    .par_iter()
+                    .map(|m| self.ship(m, client.get(&m.dir).copied()))
+                    .collect();
                 let mut out = locked(&self.out);
-                for mailbox in &table.mailboxes {
-                    out.object(&self.ship(mailbox, client.get(&mailbox.dir).copied()))?;
+                for object in &objects {
+                    out.object(object)?;
                 }
                 let answer = Answer::ScanEnd {
                     mailboxes: table.mailboxes.len() as u32,
@@ -235,7 +243,7 @@ impl Session<'_> {
                     .map_err(|e| self.fatal(e))?;
                 locked(&self.inbox).drain()?;
                 for (dir, encoding) in predicted(&locked(&self.sent), &plan) {
-                    self.baselines.put(&dir, &encoding);
+                    self.baselines.stage(&dir, encoding);
                 }
                 progress.flush();
                 locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
@@ -257,7 +265,7 @@ impl Session<'_> {
                 .get(&table.dir)
                 .filter(|b| wire_table::id_of(b) == id)
         });
-        self.baselines.put(&table.dir, &encoding);
+        self.baselines.stage(&table.dir, encoding.clone());
         locked(&self.sent).insert(table.dir.clone(), encoding.clone());
         Shipped::make(encoding, base.as_deref()).to_bytes()
     }

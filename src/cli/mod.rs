@@ -230,7 +230,7 @@ fn open_replica(
                 cache_dir: cache_dir(a),
             })?;
             let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
-            let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options)?;
+            let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options);
             Ok((Box::new(replica), Some(path)))
         }
         Location::Local(path) => Ok((Box::new(LocalReplica::new(&path)), Some(path))),
@@ -242,8 +242,8 @@ fn open_replica(
             let channel = transport::spawn_ssh(&spec, &options)
                 .with_context(|| format!("connecting to {}", spec.display()))?;
             let replica =
-                RemoteReplica::connect(channel, &spec.user_host, &spec.path, &remote_options)?;
-            if side == "src" && !replica.is_dir() {
+                RemoteReplica::connect(channel, &spec.user_host, &spec.path, &remote_options);
+            if side == "src" && !replica.is_dir()? {
                 bail!("{}: source is not a directory", replica.location());
             }
             Ok((Box::new(replica), None))

@@ -6,14 +6,24 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::storage::maildir::writer;
 use crate::wire::table::id_of;
 
-/// The baselines of one replica as seen from one side.
-#[derive(Debug, Clone)]
+/// The baselines of one replica as seen from one side: those on disk, and those staged in
+/// this session, which [`Baselines::persist`] writes at its end.
+#[derive(Debug, Default)]
 pub struct Baselines {
     dir: Option<PathBuf>,
+    /// Staged this session, by mailbox dir.
+    staged: Mutex<HashMap<String, Vec<u8>>>,
+    /// Identity of what is on disk, by mailbox dir, as far as this session read it.
+    on_disk: Mutex<HashMap<String, u128>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Baselines {
@@ -22,7 +32,27 @@ impl Baselines {
         let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
         Baselines {
             dir: cache_dir.map(|c| c.join("baselines").join(format!("{hash:016x}"))),
+            ..Baselines::default()
         }
+    }
+
+    /// Makes `encoding` the baseline of `mailbox_dir` for the rest of the session and, once
+    /// [`Baselines::persist`] runs, on disk.
+    pub fn stage(&self, mailbox_dir: &str, encoding: Vec<u8>) {
+        if self.dir.is_some() {
+            locked(&self.staged).insert(mailbox_dir.to_string(), encoding);
+        }
+    }
+
+    /// Writes what the session staged, in parallel, skipping what is already on disk.
+    pub fn persist(&self) {
+        use rayon::prelude::*;
+        let staged: Vec<(String, Vec<u8>)> = locked(&self.staged).drain().collect();
+        let on_disk = locked(&self.on_disk).clone();
+        staged
+            .par_iter()
+            .filter(|(dir, encoding)| on_disk.get(dir) != Some(&id_of(encoding)))
+            .for_each(|(dir, encoding)| self.put(dir, encoding));
     }
 
     fn file_for(&self, mailbox_dir: &str) -> Option<PathBuf> {
@@ -30,11 +60,18 @@ impl Baselines {
         Some(self.dir.as_ref()?.join(format!("{hash:016x}.base")))
     }
 
-    /// The baseline of `mailbox_dir`, if one is kept.
+    /// The baseline of `mailbox_dir`: staged in this session, else on disk.
     pub fn get(&self, mailbox_dir: &str) -> Option<Vec<u8>> {
+        if let Some(staged) = locked(&self.staged).get(mailbox_dir) {
+            return Some(staged.clone());
+        }
         let bytes = fs::read(self.file_for(mailbox_dir)?).ok()?;
         let (dir, encoding) = split(&bytes)?;
-        (dir == mailbox_dir).then(|| encoding.to_vec())
+        if dir != mailbox_dir {
+            return None;
+        }
+        locked(&self.on_disk).insert(dir.to_string(), id_of(encoding));
+        Some(encoding.to_vec())
     }
 
     /// Every kept baseline by identity: its mailbox dir and encoding.
@@ -45,18 +82,23 @@ impl Baselines {
         let Ok(entries) = fs::read_dir(dir) else {
             return HashMap::new();
         };
-        entries
+        let all: HashMap<u128, (String, Vec<u8>)> = entries
             .flatten()
             .filter_map(|e| {
                 let bytes = fs::read(e.path()).ok()?;
                 let (dir, encoding) = split(&bytes)?;
                 Some((id_of(encoding), (dir.to_string(), encoding.to_vec())))
             })
-            .collect()
+            .collect();
+        let mut on_disk = locked(&self.on_disk);
+        for (id, (dir, _)) in &all {
+            on_disk.insert(dir.clone(), *id);
+        }
+        all
     }
 
-    /// Keeps `encoding` as the baseline of `mailbox_dir` (atomically; errors are ignored,
-    /// since a lost baseline only costs bytes next time).
+    /// Keeps `encoding` as the baseline of `mailbox_dir` on disk now (atomically; errors
+    /// are ignored, since a lost baseline only costs bytes next time).
     pub fn put(&self, mailbox_dir: &str, encoding: &[u8]) {
         let (Some(dir), Some(file)) = (&self.dir, self.file_for(mailbox_dir)) else {
             return;
@@ -65,9 +107,6 @@ impl Baselines {
         bytes.extend_from_slice(&(mailbox_dir.len() as u32).to_le_bytes());
         bytes.extend_from_slice(mailbox_dir.as_bytes());
         bytes.extend_from_slice(encoding);
-        if fs::read(&file).is_ok_and(|old| old == bytes) {
-            return;
-        }
         let _ = fs::create_dir_all(dir);
         let tmp = dir.join(writer::temp_name());
         if fs::write(&tmp, &bytes).is_err() || fs::rename(&tmp, &file).is_err() {
@@ -99,8 +138,9 @@ pub fn predicted(
 ) -> Vec<(String, Vec<u8>)> {
     use crate::table::MailboxTable;
     use crate::wire::table::{decode, encode};
+    use rayon::prelude::*;
     plan.mailboxes
-        .iter()
+        .par_iter()
         .filter(|m| !m.is_empty())
         .filter_map(|m| {
             let before = match exchanged.get(&m.dir) {
@@ -150,6 +190,11 @@ mod tests {
         b.prune(&[".A"].into_iter().collect());
         assert!(b.get("").is_none());
         assert!(b.get(".A").is_some());
+        b.stage(".A", b"newer".to_vec());
+        assert_eq!(b.get(".A").unwrap(), b"newer", "staged comes first");
+        b.persist();
+        let again = Baselines::new(Some(dir.path()), "host:/srv/mail");
+        assert_eq!(again.get(".A").unwrap(), b"newer");
         let none = Baselines::new(None, "x");
         none.put("", b"t");
         assert!(none.get("").is_none() && none.load_all().is_empty());

@@ -5,8 +5,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::interrupt;
@@ -76,6 +78,16 @@ pub struct RemoteReplica {
     baselines: Baselines,
     /// Table encodings received in this session, by mailbox dir.
     received: Mutex<HashMap<String, Vec<u8>>>,
+    /// The path as the user wrote it after `host:`.
+    path: String,
+    options: RemoteOptions,
+    /// The outcome of greeting the far side and opening the path (see `open`).
+    opened: OnceLock<Result<Opened, String>>,
+}
+
+/// What the far side said when the replica was opened.
+struct Opened {
+    /// Whether the path exists there as a directory.
     is_dir: bool,
 }
 
@@ -84,18 +96,26 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RemoteReplica {
-    /// Greets the server on `channel` and opens `path` there. `label` names the host
+    /// A replica served at the other end of `channel`, to be opened at `path` there.
+    /// Returns at once: the greeting and the opening happen with the first request, so the
+    /// ssh connection is set up while the local side already scans. `label` names the host
     /// side for messages (`user@host`).
     pub fn connect(
         channel: Channel,
         label: &str,
         path: &str,
         options: &RemoteOptions,
-    ) -> Result<RemoteReplica> {
+    ) -> RemoteReplica {
         let stats = Arc::new(Stats::default());
+        let location = format!("{label}:{path}");
+        let cache_dir = options.cache_dir.as_deref().filter(|_| options.use_cache);
         let replica = RemoteReplica {
             label: label.to_string(),
-            location: format!("{label}:{path}"),
+            baselines: Baselines::new(cache_dir, &location),
+            location,
+            path: path.to_string(),
+            options: options.clone(),
+            opened: OnceLock::new(),
             exchange: Mutex::new(()),
             inbox: Mutex::new(Inbox::new(FrameReader::new(channel.input, stats.clone()))),
             out: Mutex::new(FrameWriter::new(channel.output, stats.clone())),
@@ -104,25 +124,28 @@ impl RemoteReplica {
             timed_out: Arc::new(AtomicBool::new(false)),
             stop_watchdog: Arc::new(AtomicBool::new(false)),
             timeout: options.timeout,
-            baselines: Baselines::new(None, ""),
             received: Mutex::new(HashMap::new()),
-            is_dir: false,
         };
         replica.start_watchdog();
-        let (location, is_dir) = replica
-            .handshake(path, options)
-            .map_err(|e| replica.error(e))?;
-        let mut replica = replica;
-        replica.is_dir = is_dir;
-        replica.location = format!("{label}:{location}");
-        let cache_dir = options.cache_dir.as_deref().filter(|_| options.use_cache);
-        replica.baselines = Baselines::new(cache_dir, &replica.location);
-        Ok(replica)
+        replica
     }
 
-    /// True when the remote path exists as a directory.
-    pub fn is_dir(&self) -> bool {
-        self.is_dir
+    /// Greets the far side and opens the replica, once; later calls return the outcome of
+    /// the first.
+    fn open(&self) -> Result<&Opened, WireError> {
+        self.opened
+            .get_or_init(|| {
+                self.handshake(&self.path, &self.options)
+                    .map(|(_canonical, is_dir)| Opened { is_dir })
+                    .map_err(|e| self.message(e))
+            })
+            .as_ref()
+            .map_err(|why| WireError::Failed(why.clone()))
+    }
+
+    /// True when the remote path exists as a directory (opens the replica).
+    pub fn is_dir(&self) -> Result<bool> {
+        self.open().map(|o| o.is_dir).map_err(|e| self.error(e))
     }
 
     fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<(String, bool), WireError> {
@@ -205,26 +228,29 @@ impl RemoteReplica {
             });
     }
 
-    /// The library error for a session failure, with the location and, for a lost
-    /// connection, why.
+    /// The library error for a session failure, with the location.
     fn error(&self, e: WireError) -> Error {
-        let message = if self.timed_out.load(Ordering::Relaxed) {
-            format!(
-                "no data from the far side for {} s (--timeout); connection closed",
-                self.timeout.map_or(0, |t| t.as_secs())
-            )
-        } else {
-            match e {
-                WireError::Frame(FrameError::Closed | FrameError::Truncated) => {
-                    format!("connection lost{}", self.peer_status())
-                }
-                WireError::Remote(text) => format!("far side failed: {text}"),
-                other => other.to_string(),
-            }
-        };
         Error::Remote {
             location: self.location.clone(),
-            message,
+            message: self.message(e),
+        }
+    }
+
+    /// What went wrong, in words: a timeout, a lost connection (and why), or the far
+    /// side's own message.
+    fn message(&self, e: WireError) -> String {
+        if self.timed_out.load(Ordering::Relaxed) {
+            return format!(
+                "no data from the far side for {} s (--timeout); connection closed",
+                self.timeout.map_or(0, |t| t.as_secs())
+            );
+        }
+        match e {
+            WireError::Frame(FrameError::Closed | FrameError::Truncated) => {
+                format!("connection lost{}", self.peer_status())
+            }
+            WireError::Remote(text) => format!("far side failed: {text}"),
+            other => other.to_string(),
         }
     }
 
@@ -249,6 +275,7 @@ impl RemoteReplica {
         request: &Request,
         object: Option<&[u8]>,
     ) -> Result<MutexGuard<'_, Inbox>, WireError> {
+        self.open()?;
         let mut inbox = locked(&self.inbox);
         inbox.drain()?;
         let mut out = locked(&self.out);
@@ -285,18 +312,19 @@ impl RemoteReplica {
                 .collect(),
         };
         let mut inbox = self.request(&request, None)?;
-        let mut mailboxes = Vec::new();
+        let mut objects = Vec::new();
         loop {
             let (kind, payload) = inbox.reader.frame()?;
             match kind {
                 Kind::Event => forward(&payload, Some(progress))?,
-                Kind::Part => {
-                    let bytes = inbox.reader.object_from(payload)?;
-                    mailboxes.push(self.receive(&bytes, &kept)?);
-                }
+                Kind::Part => objects.push(inbox.reader.object_from(payload)?),
                 Kind::Answer => {
                     return match FrameReader::json(&payload)? {
-                        Answer::ScanEnd { mailboxes: n, root } if n as usize == mailboxes.len() => {
+                        Answer::ScanEnd { mailboxes: n, root } if n as usize == objects.len() => {
+                            let mailboxes = objects
+                                .par_iter()
+                                .map(|bytes| self.receive(bytes, &kept))
+                                .collect::<Result<Vec<_>, _>>()?;
                             for dir in root.parents.iter().chain(&root.unfollowed) {
                                 crate::wire::path::check_dir(dir)
                                     .map_err(|e| WireError::protocol(e.to_string()))?;
@@ -355,7 +383,7 @@ impl RemoteReplica {
             return Err(WireError::protocol("a table delta against another mailbox"));
         }
         if table.unchanged.is_none() {
-            self.baselines.put(&table.dir, &encoding);
+            self.baselines.stage(&table.dir, encoding.clone());
             locked(&self.received).insert(table.dir.clone(), encoding);
         }
         Ok(table)
@@ -395,7 +423,7 @@ impl RemoteReplica {
                 (Ok(Answer::Applied { report }), Ok(Ok(()))) => {
                     // The far side keeps the same predictions (see `sync::predict`).
                     for (dir, encoding) in predicted(&locked(&self.received), plan) {
-                        self.baselines.put(&dir, &encoding);
+                        self.baselines.stage(&dir, encoding);
                     }
                     Ok(report)
                 }
@@ -576,7 +604,13 @@ impl Replica for RemoteReplica {
     }
 
     fn close(&self) -> Result<()> {
-        self.bye().map_err(|e| self.error(e))?;
+        // Both sides write this session's baselines at its end, at the same time. Should
+        // only one side manage, the next exchange just sends whole tables.
+        std::thread::scope(|scope| {
+            scope.spawn(|| self.baselines.persist());
+            self.bye()
+        })
+        .map_err(|e| self.error(e))?;
         self.stop_watchdog.store(true, Ordering::Relaxed);
         match locked(&self.peer).take() {
             Some(Peer::Child(mut child)) => {

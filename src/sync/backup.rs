@@ -126,7 +126,12 @@ pub fn backup(
         .as_deref()
         .map(PairState::load)
         .unwrap_or_default();
-    let layout = agreed_layout(src, dst, options.scan.layout)?;
+    // The source's layout is known at once; the destination's is checked against it while
+    // the source is scanned, so a remote destination's connection is set up meanwhile.
+    let layout = match options.scan.layout {
+        Some(layout) => layout,
+        None => src.detect_layout()?.unwrap_or(Layout::MaildirPlusPlus),
+    };
     // Scan caches are written at the end (`Scans::keep`, while the applier's closing sync
     // waits for the disk): not while the scans compete for the CPU, and not for
     // destination mailboxes this run rewrites.
@@ -152,7 +157,12 @@ pub fn backup(
     progress.event(Event::ScanStarted { side: "source" });
     let (src_table, dst_table) = rayon::join(
         || src.scan(&src_scan, progress),
-        || dst.scan(&dst_scan, progress),
+        || {
+            if options.scan.layout.is_none() {
+                check_destination_layout(src, dst, layout)?;
+            }
+            dst.scan(&dst_scan, progress)
+        },
     );
     let (mut src_table, mut dst_table) = (src_table?, dst_table?);
     read_one_sided(src, dst, &mut src_table, &mut dst_table);
@@ -266,11 +276,7 @@ impl Scans<'_> {
 /// One layout for both sides: the one asked for, else the source's. A destination whose
 /// folders show another layout is refused, since reading it the wrong way would make its
 /// folders look deleted.
-fn agreed_layout(src: &dyn Replica, dst: &dyn Replica, asked: Option<Layout>) -> Result<Layout> {
-    if let Some(layout) = asked {
-        return Ok(layout);
-    }
-    let layout = src.detect_layout()?.unwrap_or(Layout::MaildirPlusPlus);
+fn check_destination_layout(src: &dyn Replica, dst: &dyn Replica, layout: Layout) -> Result<()> {
     match dst.detect_layout()? {
         Some(other) if other != layout => Err(Error::Usage(format!(
             "{} looks like a {} tree but {} like a {} tree; pass --layout to choose",
@@ -279,7 +285,7 @@ fn agreed_layout(src: &dyn Replica, dst: &dyn Replica, asked: Option<Layout>) ->
             dst.location(),
             other.as_str()
         ))),
-        _ => Ok(layout),
+        _ => Ok(()),
     }
 }
 
