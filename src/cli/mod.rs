@@ -423,8 +423,11 @@ fn report(outcome: &BackupOutcome, a: &BackupArgs) {
     for w in &outcome.warnings {
         eprintln!("mdsync: warning: {}: {}", join(&a.src, &w.path), w.why);
     }
-    for e in &outcome.report.errors {
-        eprintln!("mdsync: error: {e}");
+    for (e, repeats) in collapse_repeats(&outcome.report.errors) {
+        match repeats {
+            0 => eprintln!("mdsync: error: {e}"),
+            n => eprintln!("mdsync: error: {e} (and {n} more times)"),
+        }
     }
     if outcome.report.vanished > 0 {
         eprintln!(
@@ -444,6 +447,19 @@ fn report(outcome: &BackupOutcome, a: &BackupArgs) {
     }
 }
 
+/// Runs of identical messages as one message and how often it repeated after the first: a
+/// connection lost in the middle of a pull fails every body still to come the same way.
+fn collapse_repeats(lines: &[String]) -> Vec<(&str, usize)> {
+    let mut out: Vec<(&str, usize)> = Vec::new();
+    for line in lines {
+        match out.last_mut() {
+            Some((last, repeats)) if *last == line.as_str() => *repeats += 1,
+            _ => out.push((line.as_str(), 0)),
+        }
+    }
+    out
+}
+
 fn join(root: &str, rel: &str) -> String {
     if rel.is_empty() {
         root.to_string()
@@ -455,6 +471,12 @@ fn join(root: &str, rel: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_errors_are_collapsed() {
+        let lines: Vec<String> = ["a", "b", "b", "b", "a"].map(String::from).to_vec();
+        assert_eq!(collapse_repeats(&lines), vec![("a", 0), ("b", 2), ("a", 0)]);
+    }
 
     #[test]
     fn rates_parse_like_rsync() {
