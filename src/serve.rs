@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -47,20 +48,29 @@ pub fn serve(
     output: Box<dyn Write + Send>,
     options: &ServeOptions,
 ) -> Result<(), WireError> {
-    let stats = std::sync::Arc::new(Stats::default());
+    let stats = Arc::new(Stats::default());
     let reader = FrameReader::new(input, stats.clone());
     let writer = FrameWriter::new(output, stats);
     let mut session = Session {
         inbox: Mutex::new(Inbox::new(reader)),
-        out: Mutex::new(writer),
+        out: Arc::new(Mutex::new(writer)),
         options,
         replica: None,
         baselines: Baselines::new(None, ""),
         sent: Mutex::new(HashMap::new()),
         verbose: false,
         use_cache: false,
+        keepalive_ms: Arc::new(AtomicU64::new(0)),
     };
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = keepalive(
+        session.out.clone(),
+        session.keepalive_ms.clone(),
+        stop.clone(),
+    );
     let result = session.run();
+    stop.store(true, Ordering::Relaxed);
+    let _ = ticker.map(|t| t.join());
     if let Err(e) = &result
         && !matches!(e, WireError::Remote(_))
         && let Ok(mut out) = session.out.lock()
@@ -70,9 +80,38 @@ pub fn serve(
     result
 }
 
+/// Sends an empty event every `interval_ms` (once the client set it) until `stop`. Never
+/// inside a body stream or an object: those are written under the writer's lock.
+fn keepalive(
+    out: Arc<Mutex<FrameWriter>>,
+    interval_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("mdsync-keepalive".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let every = interval_ms.load(Ordering::Relaxed);
+                if every > 0 && last.elapsed() >= Duration::from_millis(every) {
+                    let idle = WireEvent::Progressed {
+                        operations: 0,
+                        bytes: 0,
+                    };
+                    let _ = locked(&out).json(Kind::Event, &idle);
+                    last = Instant::now();
+                }
+            }
+        })
+        .ok()
+}
+
 struct Session<'a> {
     inbox: Mutex<Inbox>,
-    out: Mutex<FrameWriter>,
+    out: Arc<Mutex<FrameWriter>>,
+    /// Keepalive interval the client asked for (ms; 0 = none).
+    keepalive_ms: Arc<AtomicU64>,
     options: &'a ServeOptions,
     replica: Option<LocalReplica>,
     baselines: Baselines,
@@ -98,7 +137,14 @@ impl Session<'_> {
                     bwlimit,
                     use_cache,
                     verbose,
-                } => self.open(&path, bwlimit, use_cache, verbose)?,
+                    keepalive_ms,
+                } => {
+                    self.keepalive_ms.store(
+                        keepalive_ms.max(100 * u64::from(keepalive_ms > 0)),
+                        Ordering::Relaxed,
+                    );
+                    self.open(&path, bwlimit, use_cache, verbose)?
+                }
                 Request::Bye => {
                     self.baselines.persist();
                     locked(&self.out).json(Kind::Answer, &Answer::Bye)?;
@@ -229,8 +275,9 @@ impl Session<'_> {
             }
             Request::Apply { options } => {
                 let plan_bytes = locked(&self.inbox).reader.object()?;
-                let plan: Plan = FrameReader::json(&plan_bytes)?;
+                let mut plan: Plan = FrameReader::json(&plan_bytes)?;
                 codec::check_plan(&plan)?;
+                codec::tame_plan(&mut plan);
                 let copies = plan.mailboxes.iter().map(|m| m.copies.len()).sum();
                 locked(&self.inbox).expect_bodies(copies);
                 let options = ApplyOptions {

@@ -478,3 +478,27 @@ fn a_far_side_failure_ends_the_run_with_its_message() {
     run.assert_no_panic();
     assert_eq!(fs::read(&dst).unwrap(), b"x");
 }
+
+#[test]
+fn a_slow_transfer_is_not_a_timeout() {
+    // The far side sends keepalives while it works, so --timeout measures silence, not
+    // the length of a transfer: about 6 s of bodies at 300 KiB/s under a 2 s timeout.
+    let dc = Dovecot::new();
+    let remote = Remote::new(Via::Ssh);
+    let src = dc.path().join("corpus");
+    support::corpus::write_corpus(&src, 120, 3);
+    let dst = dc.path().join("dst");
+    let started = Instant::now();
+    let run = remote.backup(
+        Direction::Push,
+        &src,
+        &dst,
+        &["--no-compress", "--bwlimit", "300K", "--timeout", "2"],
+    );
+    run.assert_ok();
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "the transfer was meant to outlast the timeout"
+    );
+    assert_same_oracle(&dc, &src, &dst, "after a slow transfer");
+}

@@ -24,7 +24,7 @@ use crate::table::{MailTable, MailboxTable};
 use crate::transport::{Channel, Peer};
 use crate::wire::codec;
 use crate::wire::conn::{
-    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
+    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::{FrameError, Kind};
 use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
@@ -191,6 +191,9 @@ impl RemoteReplica {
                 bwlimit: options.bwlimit,
                 use_cache: options.use_cache,
                 verbose: options.verbose,
+                keepalive_ms: options
+                    .timeout
+                    .map_or(0, |t| (t.as_millis() as u64 / 4).max(100)),
             },
         )?;
         drop(out);
@@ -313,11 +316,19 @@ impl RemoteReplica {
         };
         let mut inbox = self.request(&request, None)?;
         let mut objects = Vec::new();
+        let mut received = 0usize;
         loop {
             let (kind, payload) = inbox.reader.frame()?;
             match kind {
                 Kind::Event => forward(&payload, Some(progress))?,
-                Kind::Part => objects.push(inbox.reader.object_from(payload)?),
+                Kind::Part => {
+                    let object = inbox.reader.object_from(payload)?;
+                    received += object.len();
+                    if received > MAX_OBJECT {
+                        return Err(WireError::protocol("a scan larger than 1 GiB"));
+                    }
+                    objects.push(object);
+                }
                 Kind::Answer => {
                     return match FrameReader::json(&payload)? {
                         Answer::ScanEnd { mailboxes: n, root } if n as usize == objects.len() => {
@@ -329,6 +340,8 @@ impl RemoteReplica {
                                 crate::wire::path::check_dir(dir)
                                     .map_err(|e| WireError::protocol(e.to_string()))?;
                             }
+                            let mut root = root;
+                            root.root_meta.mode &= 0o1777;
                             let scanned = mailboxes.iter().map(|m| m.dir.as_str()).collect();
                             self.baselines.prune(&scanned);
                             Ok(root.into_table(mailboxes))
@@ -460,7 +473,7 @@ impl RemoteReplica {
 
     fn kill_peer(&self) {
         if let Some(Peer::Child(child)) = locked(&self.peer).as_mut() {
-            crate::transport::kill_tree(child.id());
+            kill_if_running(child);
         }
     }
 
@@ -471,6 +484,14 @@ impl RemoteReplica {
             Answer::Bye => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// Kills the far side's process tree, unless the child was already reaped: its PID may
+/// belong to another process by now.
+fn kill_if_running(child: &mut std::process::Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        crate::transport::kill_tree(child.id());
     }
 }
 
@@ -625,11 +646,11 @@ impl Replica for RemoteReplica {
                     });
                 }
             }
-            Some(Peer::Thread(thread)) => {
-                if let Ok(Err(e)) = thread.join() {
-                    return Err(self.error(e));
-                }
-            }
+            Some(Peer::Thread(thread)) => match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(self.error(e)),
+                Err(_) => return Err(self.error(WireError::Failed("the server panicked".into()))),
+            },
             None => {}
         }
         Ok(())
@@ -640,7 +661,7 @@ impl Drop for RemoteReplica {
     fn drop(&mut self) {
         self.stop_watchdog.store(true, Ordering::Relaxed);
         if let Some(Peer::Child(mut child)) = locked(&self.peer).take() {
-            crate::transport::kill_tree(child.id());
+            kill_if_running(&mut child);
             let _ = child.wait();
         }
     }

@@ -176,7 +176,8 @@ pub fn decode_body_header(bytes: &[u8]) -> Result<BodyHeader, WireError> {
             let meta = (|| {
                 Some(BodyMeta {
                     mtime: (p.u64()? as i64, p.u32()?),
-                    mode: p.u32()?,
+                    // A peer never makes a setuid, setgid or sticky message file.
+                    mode: p.u32()? & 0o777,
                     uid: p.u32()?,
                     gid: p.u32()?,
                     len: p.u64()?,
@@ -237,6 +238,21 @@ pub fn decode_body_end(bytes: &[u8]) -> Result<BodyEnd, WireError> {
     Ok(end)
 }
 
+/// True when `text` cannot break a line-based control file: no newline, CR or NUL.
+pub fn one_line(text: &str) -> bool {
+    !text.contains(['\n', '\r', '\0'])
+}
+
+/// Masks the modes a peer asks for: no setuid, setgid (sticky stays, for directories).
+pub fn tame_plan(plan: &mut Plan) {
+    plan.root_meta.mode &= 0o1777;
+    for m in &mut plan.mailboxes {
+        if let Some(meta) = &mut m.create {
+            meta.mode &= 0o1777;
+        }
+    }
+}
+
 /// Checks every directory and file name of a plan from a peer: all inside the root.
 pub fn check_plan(plan: &Plan) -> Result<(), WireError> {
     let unsafe_path = |e: super::path::UnsafePath| WireError::protocol(e.to_string());
@@ -264,13 +280,28 @@ pub fn check_plan(plan: &Plan) -> Result<(), WireError> {
         if let Some(crate::sync::plan::UidlistChange::Write(edit)) = &m.uidlist {
             for record in &edit.upsert {
                 check_name(&record.base).map_err(unsafe_path)?;
-                if record.base.contains([' ', '\n']) || record.ext.contains('\n') {
+                let guid = record.guid.as_deref().unwrap_or("");
+                if record.base.contains(' ')
+                    || !one_line(&record.base)
+                    || !one_line(&record.ext)
+                    || !one_line(guid)
+                    || guid.contains(' ')
+                {
                     return Err(WireError::protocol("uidlist record with a line break"));
                 }
             }
-            if edit.header.extra.contains('\n') {
+            if !one_line(&edit.header.extra) {
                 return Err(WireError::protocol("uidlist header with a line break"));
             }
+        }
+        if let Some(keywords) = &m.keywords
+            && keywords
+                .names
+                .iter()
+                .flatten()
+                .any(|k| !one_line(k) || k.contains(' '))
+        {
+            return Err(WireError::protocol("a keyword with a space or line break"));
         }
     }
     Ok(())
@@ -319,6 +350,18 @@ mod tests {
             let bytes = encode_body_header(("d", Subdir::New, "n"), &status);
             let back = decode_body_header(&bytes).unwrap();
             assert_eq!(back.status, status);
+            let setuid = BodyStatus::Data(BodyMeta {
+                mode: 0o4755,
+                ..meta
+            });
+            let tamed = decode_body_header(&encode_body_header(("d", Subdir::New, "n"), &setuid));
+            assert_eq!(
+                tamed.unwrap().status,
+                BodyStatus::Data(BodyMeta {
+                    mode: 0o755,
+                    ..meta
+                })
+            );
             assert!(decode_body_header(&bytes[..bytes.len() - 1]).is_err());
         }
     }
@@ -350,6 +393,14 @@ mod tests {
                 sub: Subdir::Cur,
                 name: "../../x".into(),
             }],
+            ..Default::default()
+        });
+        assert!(check_plan(&plan).is_err());
+        let mut plan = Plan::default();
+        let mut keywords = crate::storage::maildir::keywords::KeywordMap::default();
+        keywords.names[0] = Some("a\n1 b".into());
+        plan.mailboxes.push(crate::sync::plan::MailboxPlan {
+            keywords: Some(keywords),
             ..Default::default()
         });
         assert!(check_plan(&plan).is_err());

@@ -187,7 +187,11 @@ impl FrameReader {
 
     /// The next frame, which must be of `kind`.
     pub fn expect(&mut self, kind: Kind) -> Result<Vec<u8>, WireError> {
-        let (got, payload) = self.frame()?;
+        let (mut got, mut payload) = self.frame()?;
+        // Keepalive and progress events may come between any two messages.
+        while got == Kind::Event && kind != Kind::Event {
+            (got, payload) = self.frame()?;
+        }
         if got != kind {
             return Err(WireError::protocol(format!(
                 "expected {kind:?}, got {got:?}"

@@ -23,6 +23,10 @@ pub enum Request {
         use_cache: bool,
         /// Send itemized lines while applying (else only counts).
         verbose: bool,
+        /// Send an empty event this often (ms; 0 = never), so a client with a timeout
+        /// can tell a busy far side from a dead one.
+        #[serde(default)]
+        keepalive_ms: u64,
     },
     /// Which folder layout the replica's folders show.
     DetectLayout,

@@ -32,14 +32,15 @@ pub fn check_dir(dir: &str) -> Result<&str, UnsafePath> {
     Ok(dir)
 }
 
-/// A message file name: one component, not `.` or `..`, no `/` or NUL.
+/// A message file name: one component, not `.` or `..`, no `/`, NUL or line break (a
+/// name goes into the line-based uidlist).
 pub fn check_name(name: &str) -> Result<&str, UnsafePath> {
     let bad = name.is_empty()
         || name.len() > 255
         || name == "."
         || name == ".."
         || name.contains('/')
-        || name.contains('\0');
+        || name.contains(['\0', '\n', '\r']);
     if bad {
         return Err(UnsafePath(name.chars().take(200).collect()));
     }

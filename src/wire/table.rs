@@ -116,13 +116,28 @@ pub fn decode(bytes: &[u8]) -> Result<MailboxTable, WireError> {
     let head: Head = serde_json::from_slice(p.take(head_len).ok_or_else(bad)?)
         .map_err(|e| WireError::protocol(format!("malformed mailbox table: {e}")))?;
     check_dir(&head.dir).map_err(unsafe_path)?;
+    let one_line = super::codec::one_line;
+    let header_ok = head.header.as_ref().is_none_or(|h| one_line(&h.extra));
+    let keywords_ok = head
+        .keywords
+        .names
+        .iter()
+        .flatten()
+        .all(|k| one_line(k) && !k.contains(' '));
+    if !header_ok || !keywords_ok {
+        return Err(WireError::protocol(
+            "a table whose uidlist or keywords break lines",
+        ));
+    }
+    let mut dir_meta = head.dir_meta;
+    dir_meta.mode &= 0o1777;
     let mut table = MailboxTable {
         dir: head.dir,
         name: head.name,
         header: head.header,
         next_uid: head.next_uid,
         keywords: head.keywords,
-        dir_meta: head.dir_meta,
+        dir_meta,
         stamps: head.stamps,
         settled: head.settled,
         broken: head.broken,
@@ -158,6 +173,9 @@ pub fn decode(bytes: &[u8]) -> Result<MailboxTable, WireError> {
                     return Ok(None);
                 }
                 let text = p.string(MAX_PATH).ok_or_else(bad)?;
+                if !super::codec::one_line(text) {
+                    return Err(bad());
+                }
                 Ok(Some(table.intern(text)))
             };
             let guid = part(tag & 2 != 0)?;
@@ -387,6 +405,16 @@ mod tests {
         let mut t = sample(1 << 18);
         t.dir = "../x".into();
         assert!(decode(&encode(&t)).is_err());
+        // A name or keyword that would add a line to the uidlist or keywords file.
+        let mut t = sample(1 << 18);
+        t.push(3000, "1.M1.h\n3 :evil", 6, Flags::default(), 1, None, 0);
+        assert!(decode(&encode(&t)).is_err());
+        let mut t = sample(1 << 18);
+        t.keywords.names[0] = Some("$Junk\n0 evil".into());
+        assert!(decode(&encode(&t)).is_err());
+        let mut t = sample(1 << 18);
+        t.dir_meta.mode = 0o4755;
+        assert_eq!(decode(&encode(&t)).unwrap().dir_meta.mode, 0o755);
     }
 
     proptest::proptest! {
