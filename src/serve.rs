@@ -263,6 +263,9 @@ impl Session<'_> {
             }
             Request::Hashes => {
                 let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
+                for key in &keys {
+                    no_symlink_on_the_way(replica.root(), &key.dir)?;
+                }
                 let answers = replica.content_hashes(&keys);
                 let mut out = locked(&self.out);
                 out.json(Kind::Answer, &Answer::Hashes)?;
@@ -271,6 +274,9 @@ impl Session<'_> {
             }
             Request::Bodies => {
                 let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
+                for key in &keys {
+                    no_symlink_on_the_way(replica.root(), &key.dir)?;
+                }
                 self.send_bodies(replica, &keys)?;
             }
             Request::Apply { options } => {
@@ -278,6 +284,17 @@ impl Session<'_> {
                 let mut plan: Plan = FrameReader::json(&plan_bytes)?;
                 codec::check_plan(&plan)?;
                 codec::tame_plan(&mut plan);
+                let dirs = plan
+                    .mailboxes
+                    .iter()
+                    .map(|m| &m.dir)
+                    .chain(plan.delete_mailboxes.iter().map(|d| &d.dir))
+                    .chain(&plan.create_parents)
+                    .chain(&plan.remove_parents)
+                    .chain(&plan.sweep);
+                for dir in dirs {
+                    no_symlink_on_the_way(replica.root(), dir)?;
+                }
                 let copies = plan.mailboxes.iter().map(|m| m.copies.len()).sum();
                 locked(&self.inbox).expect_bodies(copies);
                 let options = ApplyOptions {
@@ -356,6 +373,26 @@ fn compile_globs(globs: &[String]) -> Result<Vec<glob::Pattern>, WireError> {
             glob::Pattern::new(g).map_err(|e| WireError::protocol(format!("--exclude {g}: {e}")))
         })
         .collect()
+}
+
+/// Refuses a mailbox dir the client names when any existing component of it is a symlink:
+/// the scanner never follows one, and a client must not reach through one either.
+fn no_symlink_on_the_way(root: &Path, dir: &str) -> Result<(), WireError> {
+    let mut path = root.to_path_buf();
+    for component in Path::new(dir).components() {
+        path.push(component);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(WireError::protocol(format!(
+                    "{}: a symlink; mdsync never follows one",
+                    path.display()
+                )));
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 /// Turns the path a client asked for into a local path: `~/` is the home directory, a

@@ -189,3 +189,26 @@ fn a_client_that_vanishes_mid_request_ends_the_server() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn a_symlink_inside_the_root_is_not_a_way_out() {
+    let (dir, root) = served_root();
+    let outside = dir.path().join("outside");
+    fs::create_dir_all(outside.join("cur")).unwrap();
+    fs::write(outside.join("cur/secret"), b"root:x:0:0").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("alice/.Link")).unwrap();
+    let mut keys = Vec::new();
+    keys.extend_from_slice(&1u32.to_le_bytes());
+    keys.extend_from_slice(&5u32.to_le_bytes());
+    keys.extend_from_slice(b".Link");
+    keys.push(1);
+    keys.extend_from_slice(&6u32.to_le_bytes());
+    keys.extend_from_slice(b"secret");
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(r#"{"request":"bodies"}"#));
+    input.extend(object(&keys));
+    let out = serve(&root, &input);
+    assert_refused(&out, "symlink");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("root:x"));
+}
