@@ -32,6 +32,15 @@ fn object(bytes: &[u8]) -> Vec<u8> {
     frame(Kind::Part, &payload)
 }
 
+/// A key list naming one message in `cur/` (the encoder checks nothing; the server must).
+fn key_list(dir: &str, name: &str) -> Vec<u8> {
+    mdsync::wire::codec::encode_keys(&[mdsync::wire::codec::Key {
+        dir: dir.into(),
+        sub: mdsync::model::Subdir::Cur,
+        name: name.into(),
+    }])
+}
+
 fn open(path: &str) -> Vec<u8> {
     request(&format!(
         r#"{{"request":"open","path":"{path}","bwlimit":0,"use_cache":false,"verbose":false}}"#
@@ -126,13 +135,7 @@ fn paths_outside_the_root_are_refused() {
 fn hostile_key_lists_and_plans_are_refused_and_write_nothing() {
     let (dir, root) = served_root();
     // Bodies of a file outside the root.
-    let mut keys = Vec::new();
-    keys.extend_from_slice(&1u32.to_le_bytes());
-    keys.extend_from_slice(&5u32.to_le_bytes());
-    keys.extend_from_slice(b"../..");
-    keys.push(1);
-    keys.extend_from_slice(&6u32.to_le_bytes());
-    keys.extend_from_slice(b"passwd");
+    let keys = key_list("../..", "passwd");
     let mut input = hello();
     input.extend(open("alice"));
     input.extend(request(r#"{"request":"bodies"}"#));
@@ -197,13 +200,7 @@ fn a_symlink_inside_the_root_is_not_a_way_out() {
     fs::create_dir_all(outside.join("cur")).unwrap();
     fs::write(outside.join("cur/secret"), b"root:x:0:0").unwrap();
     std::os::unix::fs::symlink(&outside, root.join("alice/.Link")).unwrap();
-    let mut keys = Vec::new();
-    keys.extend_from_slice(&1u32.to_le_bytes());
-    keys.extend_from_slice(&5u32.to_le_bytes());
-    keys.extend_from_slice(b".Link");
-    keys.push(1);
-    keys.extend_from_slice(&6u32.to_le_bytes());
-    keys.extend_from_slice(b"secret");
+    let keys = key_list(".Link", "secret");
     let mut input = hello();
     input.extend(open("alice"));
     input.extend(request(r#"{"request":"bodies"}"#));
