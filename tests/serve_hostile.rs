@@ -49,8 +49,14 @@ fn open(path: &str) -> Vec<u8> {
 
 /// Runs `mdsync serve --root ROOT` with `input` on stdin.
 fn serve(root: &Path, input: &[u8]) -> Output {
+    serve_with(&["--root"], root, input)
+}
+
+/// Runs `mdsync serve --no-cache ARGS ROOT` with `input` on stdin.
+fn serve_with(args: &[&str], root: &Path, input: &[u8]) -> Output {
     let mut child = support::mdsync()
-        .args(["serve", "--no-cache", "--root"])
+        .args(["serve", "--no-cache"])
+        .args(args)
         .arg(root)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -120,6 +126,8 @@ fn paths_outside_the_root_are_refused() {
         let mut input = hello();
         input.extend(open(path));
         assert_refused(&serve(&root, &input), path);
+        // `mdsync serve ROOT` is the same confinement.
+        assert_refused(&serve_with(&[], &root, &input), path);
     }
     // A request before Open, and a malformed request.
     let mut input = hello();

@@ -49,6 +49,9 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    /// Serve only this directory and what lies below it (the same as --root).
+    #[arg(value_name = "PATH", conflicts_with = "root")]
+    path: Option<PathBuf>,
     /// Only serve paths inside this directory (for an ssh forced-command key).
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
@@ -186,7 +189,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let options = mdsync::serve::ServeOptions {
-        root: a.root,
+        root: a.root.or(a.path),
         cache_dir: if a.no_cache {
             None
         } else {
@@ -471,6 +474,13 @@ fn join(root: &str, rel: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serve_takes_its_root_as_a_path_or_an_option_not_both() {
+        assert!(Args::try_parse_from(["mdsync", "serve", "/srv/mail"]).is_ok());
+        assert!(Args::try_parse_from(["mdsync", "serve", "--root", "/srv/mail"]).is_ok());
+        assert!(Args::try_parse_from(["mdsync", "serve", "/a", "--root", "/b"]).is_err());
+    }
 
     #[test]
     fn repeated_errors_are_collapsed() {
