@@ -14,8 +14,9 @@ use rayon::prelude::*;
 
 use crate::model::Subdir;
 use crate::progress::{Event, Progress};
-use crate::replica::baseline::{Baselines, parse_id, predicted};
+use crate::replica::baseline::{Baselines, parse_id};
 use crate::replica::local::{LocalReplica, resolve};
+use crate::replica::remote::send_body;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::writer::Ownership;
@@ -57,7 +58,6 @@ pub fn serve(
         options,
         replica: None,
         baselines: Baselines::new(None, ""),
-        sent: Mutex::new(HashMap::new()),
         verbose: false,
         use_cache: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
@@ -115,8 +115,6 @@ struct Session<'a> {
     options: &'a ServeOptions,
     replica: Option<LocalReplica>,
     baselines: Baselines,
-    /// Table encodings sent in this session, by mailbox dir.
-    sent: Mutex<HashMap<String, Vec<u8>>>,
     verbose: bool,
     use_cache: bool,
 }
@@ -262,10 +260,7 @@ impl Session<'_> {
                 out.json(Kind::Answer, &Answer::Rescanned)?;
             }
             Request::Hashes => {
-                let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
-                for key in &keys {
-                    no_symlink_on_the_way(replica.root(), &key.dir)?;
-                }
+                let keys = self.read_keys(replica)?;
                 let answers = replica.content_hashes(&keys);
                 let mut out = locked(&self.out);
                 out.json(Kind::Answer, &Answer::Hashes)?;
@@ -273,10 +268,7 @@ impl Session<'_> {
                 out.flush()?;
             }
             Request::Bodies => {
-                let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
-                for key in &keys {
-                    no_symlink_on_the_way(replica.root(), &key.dir)?;
-                }
+                let keys = self.read_keys(replica)?;
                 self.send_bodies(replica, &keys)?;
             }
             Request::Apply { options } => {
@@ -306,9 +298,7 @@ impl Session<'_> {
                     .apply(&plan, &source, &options, &progress)
                     .map_err(|e| self.fatal(e))?;
                 locked(&self.inbox).drain()?;
-                for (dir, encoding) in predicted(&locked(&self.sent), &plan) {
-                    self.baselines.stage(&dir, encoding);
-                }
+                self.baselines.stage_predictions(&plan);
                 progress.flush();
                 locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
             }
@@ -330,7 +320,6 @@ impl Session<'_> {
                 .filter(|b| wire_table::id_of(b) == id)
         });
         self.baselines.stage(&table.dir, encoding.clone());
-        locked(&self.sent).insert(table.dir.clone(), encoding.clone());
         Shipped::make(encoding, base.as_deref()).to_bytes()
     }
 
@@ -338,18 +327,21 @@ impl Session<'_> {
         WireError::Failed(e.to_string())
     }
 
+    /// Reads the key list that follows a request, each key checked to name something
+    /// inside the root without passing a symlink.
+    fn read_keys(&self, replica: &LocalReplica) -> Result<Vec<codec::Key>, WireError> {
+        let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
+        for key in &keys {
+            no_symlink_on_the_way(replica.root(), &key.dir)?;
+        }
+        Ok(keys)
+    }
+
     fn send_bodies(&self, replica: &LocalReplica, keys: &[codec::Key]) -> Result<(), WireError> {
         let mut out = locked(&self.out);
         for key in keys {
-            let k = (key.dir.as_str(), key.sub, key.name.as_str());
-            match replica.open_body(&key.dir, key.sub, &key.name) {
-                Ok(Body { data, meta, .. }) => match data {
-                    BodyData::File(mut file) => out.body(k, &meta, &mut file)?,
-                    BodyData::Stream(mut stream) => out.body(k, &meta, &mut stream)?,
-                },
-                Err(BodyError::Vanished(_)) => out.body_missing(k, &BodyStatus::Vanished)?,
-                Err(BodyError::Failed(why)) => out.body_missing(k, &BodyStatus::Failed(why))?,
-            }
+            let opened = replica.open_body(&key.dir, key.sub, &key.name);
+            send_body(&mut out, (&key.dir, key.sub, &key.name), opened)?;
         }
         out.flush()?;
         Ok(())

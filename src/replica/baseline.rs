@@ -44,6 +44,41 @@ impl Baselines {
         }
     }
 
+    /// After a plan was applied to the far side: stages, for every mailbox the plan
+    /// changed, the table [`crate::sync::predict`] expects, starting from the table staged
+    /// in this session (the one exchanged). Both ends of a session do this with the same
+    /// tables and plan, so they keep the same baselines. A mailbox the plan creates starts
+    /// from an empty table.
+    pub fn stage_predictions(&self, plan: &crate::sync::plan::Plan) {
+        use crate::table::MailboxTable;
+        use crate::wire::table::{decode, encode};
+        use rayon::prelude::*;
+        if self.dir.is_none() {
+            return;
+        }
+        let mut staged = locked(&self.staged);
+        let exchanged = &*staged;
+        let predictions: Vec<(String, Vec<u8>)> = plan
+            .mailboxes
+            .par_iter()
+            .filter(|m| !m.is_empty())
+            .filter_map(|m| {
+                let before = match exchanged.get(&m.dir) {
+                    Some(bytes) => decode(bytes).ok()?,
+                    None if m.create.is_some() => MailboxTable {
+                        dir: m.dir.clone(),
+                        name: m.name.clone(),
+                        ..MailboxTable::default()
+                    },
+                    None => return None,
+                };
+                let after = crate::sync::predict::predict(&before, m);
+                Some((m.dir.clone(), encode(&after)))
+            })
+            .collect();
+        staged.extend(predictions);
+    }
+
     /// Writes what the session staged, in parallel, skipping what is already on disk.
     pub fn persist(&self) {
         use rayon::prelude::*;
@@ -126,36 +161,6 @@ impl Baselines {
             }
         }
     }
-}
-
-/// The baselines both ends of a session keep after a plan was applied to the far side:
-/// for every mailbox the plan changed, the table [`crate::sync::predict`] expects, starting
-/// from the encoding exchanged in this session (`exchanged`, by mailbox dir). A mailbox the
-/// plan creates starts from an empty table.
-pub fn predicted(
-    exchanged: &HashMap<String, Vec<u8>>,
-    plan: &crate::sync::plan::Plan,
-) -> Vec<(String, Vec<u8>)> {
-    use crate::table::MailboxTable;
-    use crate::wire::table::{decode, encode};
-    use rayon::prelude::*;
-    plan.mailboxes
-        .par_iter()
-        .filter(|m| !m.is_empty())
-        .filter_map(|m| {
-            let before = match exchanged.get(&m.dir) {
-                Some(bytes) => decode(bytes).ok()?,
-                None if m.create.is_some() => MailboxTable {
-                    dir: m.dir.clone(),
-                    name: m.name.clone(),
-                    ..MailboxTable::default()
-                },
-                None => return None,
-            };
-            let after = crate::sync::predict::predict(&before, m);
-            Some((m.dir.clone(), encode(&after)))
-        })
-        .collect()
 }
 
 fn split(bytes: &[u8]) -> Option<(&str, &[u8])> {

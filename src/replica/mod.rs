@@ -36,6 +36,17 @@ pub enum BodyData<'a> {
     Stream(Box<dyn std::io::Read + 'a>),
 }
 
+impl BodyData<'_> {
+    /// The bytes as a plain reader (for sending; the applier keeps `File` for
+    /// `copy_file_range`).
+    pub fn as_read(&mut self) -> &mut dyn std::io::Read {
+        match self {
+            BodyData::File(file) => file,
+            BodyData::Stream(stream) => stream,
+        }
+    }
+}
+
 /// Why a body could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

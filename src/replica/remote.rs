@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::model::Subdir;
 use crate::progress::Progress;
-use crate::replica::baseline::{Baselines, predicted};
+use crate::replica::baseline::Baselines;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
@@ -76,8 +76,6 @@ pub struct RemoteReplica {
     stop_watchdog: Arc<AtomicBool>,
     timeout: Option<Duration>,
     baselines: Baselines,
-    /// Table encodings received in this session, by mailbox dir.
-    received: Mutex<HashMap<String, Vec<u8>>>,
     /// The path as the user wrote it after `host:`.
     path: String,
     options: RemoteOptions,
@@ -124,7 +122,6 @@ impl RemoteReplica {
             timed_out: Arc::new(AtomicBool::new(false)),
             stop_watchdog: Arc::new(AtomicBool::new(false)),
             timeout: options.timeout,
-            received: Mutex::new(HashMap::new()),
         };
         replica.start_watchdog();
         replica
@@ -396,8 +393,7 @@ impl RemoteReplica {
             return Err(WireError::protocol("a table delta against another mailbox"));
         }
         if table.unchanged.is_none() {
-            self.baselines.stage(&table.dir, encoding.clone());
-            locked(&self.received).insert(table.dir.clone(), encoding);
+            self.baselines.stage(&table.dir, encoding);
         }
         Ok(table)
     }
@@ -435,9 +431,7 @@ impl RemoteReplica {
                 (_, Err(_)) => Err(WireError::Failed("the body sender panicked".into())),
                 (Ok(Answer::Applied { report }), Ok(Ok(()))) => {
                     // The far side keeps the same predictions (see `sync::predict`).
-                    for (dir, encoding) in predicted(&locked(&self.received), plan) {
-                        self.baselines.stage(&dir, encoding);
-                    }
+                    self.baselines.stage_predictions(plan);
                     Ok(report)
                 }
                 (Ok(other), Ok(Ok(()))) => Err(unexpected(&other)),
@@ -456,16 +450,11 @@ impl RemoteReplica {
                     out.body_missing(key, &BodyStatus::Failed("interrupted".into()))?;
                     continue;
                 }
-                match source.open_body(&m.dir, c.src_sub, &c.src_name) {
-                    Ok(Body { data, meta, .. }) => match data {
-                        BodyData::File(mut file) => out.body(key, &meta, &mut file)?,
-                        BodyData::Stream(mut stream) => out.body(key, &meta, &mut stream)?,
-                    },
-                    Err(BodyError::Vanished(_)) => out.body_missing(key, &BodyStatus::Vanished)?,
-                    Err(BodyError::Failed(why)) => {
-                        out.body_missing(key, &BodyStatus::Failed(why))?
-                    }
-                }
+                send_body(
+                    &mut out,
+                    key,
+                    source.open_body(&m.dir, c.src_sub, &c.src_name),
+                )?;
             }
         }
         out.flush()
@@ -484,6 +473,20 @@ impl RemoteReplica {
             Answer::Bye => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+/// Sends one opened body, or says why it cannot be: the same for bodies a client pushes
+/// and bodies a server hands out.
+pub(crate) fn send_body(
+    out: &mut FrameWriter,
+    key: (&str, Subdir, &str),
+    opened: Result<Body<'_>, BodyError>,
+) -> std::io::Result<()> {
+    match opened {
+        Ok(mut body) => out.body(key, &body.meta, body.data.as_read()),
+        Err(BodyError::Vanished(_)) => out.body_missing(key, &BodyStatus::Vanished),
+        Err(BodyError::Failed(why)) => out.body_missing(key, &BodyStatus::Failed(why)),
     }
 }
 
