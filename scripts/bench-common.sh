@@ -60,3 +60,17 @@ rotate() {
   local n=$1; shift; local a=("$@") i
   for ((i = 0; i < ${#a[@]}; i++)); do echo "${a[(i + n) % ${#a[@]}]}"; done
 }
+
+# Scenario 2 of both benchmarks: each sync tool of sync_tools (mdsync also with --no-cache)
+# re-runs `runs` times with nothing changed, alternating who goes first. Uses the calling
+# script's `measure`.
+measure_nochange_runs() {
+  local run t nochange=()
+  for t in "${sync_tools[@]}"; do
+    nochange+=("$t")
+    if [ "$t" = mdsync ]; then nochange+=(mdsync-nocache); fi
+  done
+  for ((run = 1; run <= runs; run++)); do
+    for t in $(rotate "$run" "${nochange[@]}"); do measure nochange "$t" "$run"; done
+  done
+}

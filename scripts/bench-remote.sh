@@ -404,13 +404,7 @@ for ((run = 1; run <= runs; run++)); do
 done
 
 # 2. Re-run with no change.
-nochange_tools=()
-for t in "${sync_tools[@]}"; do
-  nochange_tools+=("$t"); [ "$t" = mdsync ] && nochange_tools+=(mdsync-nocache)
-done
-for ((run = 1; run <= runs; run++)); do
-  for t in $(rotate "$run" "${nochange_tools[@]}"); do measure nochange "$t" "$run"; done
-done
+measure_nochange_runs
 
 # 3. Re-run after a mutation; every tool starts each run from the same state (see bench.sh).
 for ((run = 1; run <= runs; run++)); do
