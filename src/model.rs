@@ -112,9 +112,16 @@ impl fmt::Display for MailboxGuid {
     }
 }
 
-/// Stamps closer than this to a scan are "racy": a change in the same clock tick would not
-/// move them, so they are not trusted next time.
-pub const RACY_SECS: i64 = 2;
+/// How close to a scan a stamp may be before it is "racy": a change in the same clock tick
+/// would not move it, so it is not trusted. Two seconds, as Dovecot allows for its own
+/// index, wherever the filesystem's clock is coarse or not our own (second-granularity
+/// timestamps, network filesystems whose server stamps the times).
+pub const COARSE_RACY_NS: i64 = 2_000_000_000;
+
+/// The racy margin on a local filesystem with nanosecond timestamps: the kernel stamps with
+/// its coarse clock, which lags by at most one tick (10 ms at the slowest `HZ`), so a change
+/// made after a scan started is always stamped later than this margin before it.
+pub const FINE_RACY_NS: i64 = 100_000_000;
 
 /// Identity of one file or directory at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -138,11 +145,26 @@ pub struct MailboxStamps {
 
 impl MailboxStamps {
     /// True when a part changed so recently that a change in the same tick could hide.
-    pub fn is_racy(&self, scan_started_ns: i64) -> bool {
-        let margin = RACY_SECS * 1_000_000_000;
+    /// `margin_ns` is the filesystem's margin ([`FINE_RACY_NS`] or [`COARSE_RACY_NS`]); a
+    /// part stamped in whole seconds shows a coarse clock and gets the coarse margin.
+    pub fn is_racy(&self, scan_started_ns: i64, margin_ns: i64) -> bool {
+        let margin = if self.has_whole_second_stamps() {
+            margin_ns.max(COARSE_RACY_NS)
+        } else {
+            margin_ns
+        };
         self.parts.iter().any(|s| {
             s.mtime_ns >= scan_started_ns - margin || s.ctime_ns >= scan_started_ns - margin
         })
+    }
+
+    /// True when an existing part's times carry no fraction of a second.
+    fn has_whole_second_stamps(&self) -> bool {
+        const SECOND: i64 = 1_000_000_000;
+        self.parts
+            .iter()
+            .filter(|s| s.ino != 0)
+            .any(|s| s.mtime_ns % SECOND == 0 && s.ctime_ns % SECOND == 0)
     }
 }
 
@@ -158,6 +180,32 @@ mod tests {
         }
         assert_eq!(f.to_letters(), "PRSac");
         assert!(!f.insert_letter(b'1'));
+    }
+
+    fn stamps_at(ns: i64) -> MailboxStamps {
+        let part = Stamp {
+            mtime_ns: ns,
+            ctime_ns: ns,
+            ino: 7,
+            size: 1,
+        };
+        MailboxStamps { parts: [part; 4] }
+    }
+
+    #[test]
+    fn racy_margin_is_fine_only_for_sub_second_stamps() {
+        let scan = 100 * 1_000_000_000;
+        let recent = stamps_at(scan - 500_000_123);
+        assert!(!recent.is_racy(scan, FINE_RACY_NS));
+        assert!(recent.is_racy(scan, COARSE_RACY_NS));
+        assert!(stamps_at(scan - 50_000_123).is_racy(scan, FINE_RACY_NS));
+        // A filesystem that stamps whole seconds is treated as coarse whatever it is.
+        assert!(stamps_at(scan - 1_000_000_000).is_racy(scan, FINE_RACY_NS));
+        assert!(!stamps_at(scan - 3_000_000_000).is_racy(scan, FINE_RACY_NS));
+        // Missing parts (inode 0) say nothing about the clock.
+        let mut one_missing = recent;
+        one_missing.parts[3] = Stamp::default();
+        assert!(!one_missing.is_racy(scan, FINE_RACY_NS));
     }
 
     #[test]

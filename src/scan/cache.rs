@@ -1,8 +1,9 @@
 //! The scan cache: per mailbox, the stamps (mtime, ctime, inode, size) of `cur/`, `new/`,
 //! `dovecot-uidlist` and `dovecot-keywords` together with the scanned table, so that a
 //! mailbox whose stamps did not change is not listed again — the check Dovecot itself makes
-//! before trusting its index. A stamp within [`crate::model::RACY_SECS`] of the scan is not trusted next
-//! time (a change in the same clock tick would not move it). Reads and writes only its own
+//! before trusting its index. Only a mailbox whose stamps were settled when it was read is
+//! kept: not racy (see [`racy_margin_ns`]: a change in the same clock tick would not move
+//! them) and not moved while it was listed. Reads and writes only its own
 //! cache file; a missing, foreign or damaged cache is an empty one.
 
 use std::fs;
@@ -11,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::model::{Flags, MailboxGuid, MailboxStamps, Stamp};
+use crate::model::{COARSE_RACY_NS, FINE_RACY_NS, Flags, MailboxGuid, MailboxStamps, Stamp};
 use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::uidlist::Header;
 use crate::storage::maildir::{keywords, uidlist, writer};
@@ -46,6 +47,28 @@ pub fn take_stamps(path: &Path) -> MailboxStamps {
             stamp_of(&path.join(uidlist::FILE_NAME)),
             stamp_of(&path.join(keywords::FILE_NAME)),
         ],
+    }
+}
+
+/// The racy margin for stamps of the tree holding `path`: fine on local filesystems known
+/// to stamp with the kernel's own clock in nanoseconds, coarse on anything else (network
+/// and FUSE filesystems, FAT, unknown ones) or when the filesystem cannot be asked.
+pub fn racy_margin_ns(path: &Path) -> i64 {
+    use nix::sys::statfs::{
+        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, F2FS_SUPER_MAGIC, FsType, TMPFS_MAGIC, XFS_SUPER_MAGIC,
+    };
+    const ZFS_SUPER_MAGIC: FsType = FsType(0x2fc1_2fc1);
+    let fine = [
+        EXT4_SUPER_MAGIC, // also ext2/ext3, whose second-granularity stamps say so themselves
+        XFS_SUPER_MAGIC,
+        BTRFS_SUPER_MAGIC,
+        TMPFS_MAGIC,
+        F2FS_SUPER_MAGIC,
+        ZFS_SUPER_MAGIC,
+    ];
+    match nix::sys::statfs::statfs(path) {
+        Ok(fs) if fine.contains(&fs.filesystem_type()) => FINE_RACY_NS,
+        _ => COARSE_RACY_NS,
     }
 }
 
@@ -103,11 +126,12 @@ impl ScanCache {
         decode_mailbox(&mut r, mailbox_dir)
     }
 
-    /// Stores a freshly read mailbox with the stamps taken before it was read; a racy or
-    /// broken one is removed instead, so it is read again next time. Atomic per file.
-    pub fn store(&self, mailbox: &MailboxTable, scan_started_ns: i64) -> io::Result<()> {
+    /// Stores a freshly read mailbox with the stamps taken before it was read; one that was
+    /// not settled (racy stamps, or a change while it was read) or broken is removed
+    /// instead, so it is read again next time. Atomic per file.
+    pub fn store(&self, mailbox: &MailboxTable) -> io::Result<()> {
         let file = self.file_for(&mailbox.dir);
-        if mailbox.stamps.is_racy(scan_started_ns) || mailbox.broken.is_some() {
+        if !mailbox.settled || mailbox.broken.is_some() {
             return writer::remove_file_if_exists(&file);
         }
         let mut out = Vec::with_capacity(mailbox.arena.len() + mailbox.len() * 32 + 1024);
@@ -455,6 +479,14 @@ mod tests {
         scan_mailbox(root, Layout::MaildirPlusPlus, "")
     }
 
+    /// The mailbox as a scan that found it settled returns it.
+    fn settled(mailbox: &MailboxTable) -> MailboxTable {
+        MailboxTable {
+            settled: true,
+            ..mailbox.clone()
+        }
+    }
+
     fn cache_in(dir: &Path) -> (ScanCache, PathBuf) {
         let cache = ScanCache::for_root(&dir.join("cache"), dir);
         let file = cache.file_for("");
@@ -462,13 +494,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_filesystems_get_the_coarse_margin() {
+        assert_eq!(racy_margin_ns(Path::new("/proc")), COARSE_RACY_NS);
+        assert_eq!(
+            racy_margin_ns(Path::new("/nonexistent/mdsync")),
+            COARSE_RACY_NS
+        );
+    }
+
+    #[test]
     fn round_trips_a_mailbox() {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
         let (cache, _) = cache_in(dir.path());
-        cache
-            .store(&mailbox, now_ns() + 10 * 1_000_000_000)
-            .unwrap();
+        cache.store(&settled(&mailbox)).unwrap();
         let back = cache.take("", &mailbox.stamps).expect("cached entry");
         assert_eq!(back.msgs.uid, mailbox.msgs.uid);
         assert_eq!(back.name(0), mailbox.name(0));
@@ -486,15 +525,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
         let (cache, file) = cache_in(dir.path());
-        cache
-            .store(&mailbox, now_ns() + 10 * 1_000_000_000)
-            .unwrap();
+        cache.store(&settled(&mailbox)).unwrap();
         assert!(file.exists());
-        cache.store(&mailbox, now_ns()).unwrap();
-        assert!(!file.exists(), "a racy mailbox is not cached");
-        cache
-            .store(&mailbox, now_ns() + 10 * 1_000_000_000)
-            .unwrap();
+        let unsettled = MailboxTable {
+            settled: false,
+            ..mailbox.clone()
+        };
+        cache.store(&unsettled).unwrap();
+        assert!(!file.exists(), "an unsettled mailbox is not cached");
+        cache.store(&settled(&mailbox)).unwrap();
         let mut changed = mailbox.stamps;
         changed.parts[0].mtime_ns += 1;
         assert!(cache.take("", &changed).is_none());
@@ -507,7 +546,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
         let (cache, file) = cache_in(dir.path());
-        cache.store(&mailbox, now_ns() + 10_000_000_000).unwrap();
+        cache.store(&settled(&mailbox)).unwrap();
         let mut bytes = fs::read(&file).unwrap();
         assert!(cache.take("", &mailbox.stamps).is_some());
         for at in 0..bytes.len() {
@@ -523,7 +562,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mailbox = sample_mailbox(dir.path());
         let (cache, file) = cache_in(dir.path());
-        cache.store(&mailbox, now_ns() + 10_000_000_000).unwrap();
+        cache.store(&settled(&mailbox)).unwrap();
         let mut bytes = fs::read(&file).unwrap();
         for cut in [0, 8, 20, bytes.len() / 2, bytes.len() - 1] {
             fs::write(&file, &bytes[..cut]).unwrap();

@@ -109,7 +109,6 @@ fn scan_mailboxes(
     options: &ScanOptions,
     progress: &dyn Progress,
 ) -> Vec<MailboxTable> {
-    let started_ns = cache::now_ns();
     let cache = options
         .cache_dir
         .as_deref()
@@ -128,7 +127,7 @@ fn scan_mailboxes(
                 && !options.defer_cache_writes
             {
                 // A cache that cannot be written only costs speed; the scan is complete.
-                let _ = cache.store(&mailbox, started_ns);
+                let _ = cache.store(&mailbox);
             }
             progress.event(Event::MailboxScanned {
                 messages: mailbox.message_count(),
@@ -209,7 +208,7 @@ pub fn save_cache(
         .par_iter()
         .filter(|m| m.fresh && !changed(&m.dir))
         .for_each(|m| {
-            let _ = cache.store(m, table.scanned_at_ns);
+            let _ = cache.store(m);
         });
     let dirs: Vec<String> = table.mailboxes.iter().map(|m| m.dir.clone()).collect();
     cache.prune(&dirs)
@@ -296,8 +295,12 @@ const DUPLICATE_BASE: &str = "second file with the same base name; Dovecot gives
 fn read_mailbox(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
     let started_ns = cache::now_ns();
     let mut mailbox = read_mailbox_once(root, layout, dir);
-    let after = cache::take_stamps(&mailbox_path(root, dir));
-    mailbox.settled = after == mailbox.stamps && !mailbox.stamps.is_racy(started_ns);
+    let path = mailbox_path(root, dir);
+    let after = cache::take_stamps(&path);
+    mailbox.settled = after == mailbox.stamps
+        && !mailbox
+            .stamps
+            .is_racy(started_ns, cache::racy_margin_ns(&path));
     mailbox
 }
 

@@ -93,7 +93,7 @@ impl PairState {
                 }
                 continue;
             }
-            if touched.contains(s.dir.as_str()) || !trustworthy(s, src) || !trustworthy(d, dst) {
+            if touched.contains(s.dir.as_str()) || !trustworthy(s) || !trustworthy(d) {
                 continue;
             }
             next.mailboxes.insert(
@@ -110,9 +110,10 @@ impl PairState {
     }
 }
 
-/// A mailbox read cleanly whose stamps are old enough to be trusted next time.
-fn trustworthy(m: &MailboxTable, table: &MailTable) -> bool {
-    m.broken.is_none() && m.anomalies.is_empty() && !m.stamps.is_racy(table.scanned_at_ns)
+/// A mailbox read cleanly whose stamps are old enough to be trusted next time: settled
+/// (not racy, and not moved while it was read).
+fn trustworthy(m: &MailboxTable) -> bool {
+    m.broken.is_none() && m.anomalies.is_empty() && m.settled
 }
 
 /// Where the state of a pair lives: `<dir>/<xxh3(src)>-<xxh3(dst)>.pair`.
@@ -155,10 +156,12 @@ mod tests {
         }
     }
 
-    fn mailbox(dir: &str, stamp: i64) -> MailboxTable {
+    /// A listed mailbox; `settled` as the scanner found it.
+    fn mailbox(dir: &str, stamp: i64, settled: bool) -> MailboxTable {
         MailboxTable {
             dir: dir.into(),
             stamps: stamps(stamp),
+            settled,
             ..MailboxTable::default()
         }
     }
@@ -166,11 +169,15 @@ mod tests {
     #[test]
     fn untouched_old_pairs_become_in_sync_racy_and_touched_do_not() {
         let src = table(vec![
-            mailbox("", 1),
-            mailbox(".A", 1),
-            mailbox(".B", 99_000_000_000),
+            mailbox("", 1, true),
+            mailbox(".A", 1, true),
+            mailbox(".B", 99_000_000_000, false),
         ]);
-        let dst = table(vec![mailbox("", 1), mailbox(".A", 1), mailbox(".B", 1)]);
+        let dst = table(vec![
+            mailbox("", 1, true),
+            mailbox(".A", 1, true),
+            mailbox(".B", 1, true),
+        ]);
         let plan = Plan {
             mailboxes: vec![crate::sync::plan::MailboxPlan {
                 dir: ".A".into(),
@@ -181,7 +188,7 @@ mod tests {
         let next = PairState::default().after_run(&src, &dst, &plan);
         assert!(next.mailboxes.contains_key(""));
         assert!(!next.mailboxes.contains_key(".A"), "touched by the plan");
-        assert!(!next.mailboxes.contains_key(".B"), "source stamp is racy");
+        assert!(!next.mailboxes.contains_key(".B"), "source not settled");
     }
 
     #[test]
