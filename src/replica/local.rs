@@ -1,13 +1,14 @@
 //! A replica in a local directory: scans with the scanner, opens bodies straight from disk,
 //! applies plans with the local applier. Never reads outside its root.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::model::Subdir;
+use crate::model::{MailboxStamps, Subdir};
 use crate::progress::Progress;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::{self, ScanOptions, mailbox_path};
@@ -123,6 +124,18 @@ impl Replica for LocalReplica {
     ) -> Result<()> {
         scan::save_cache(&self.root, options, table, changed)
             .map_err(|e| crate::Error::io(options.cache_dir.as_deref().unwrap_or(&self.root), e))
+    }
+
+    fn stamps_now(&self, dirs: &[String]) -> Option<HashMap<String, MailboxStamps>> {
+        use rayon::prelude::*;
+        Some(
+            dirs.par_iter()
+                .map(|dir| {
+                    let stamps = scan::cache::take_stamps(&mailbox_path(&self.root, dir));
+                    (dir.clone(), stamps)
+                })
+                .collect(),
+        )
     }
 
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {

@@ -6,10 +6,11 @@ pub mod baseline;
 pub mod local;
 pub mod remote;
 
+use std::collections::HashMap;
 use std::fs::File;
 
 use crate::error::Result;
-use crate::model::Subdir;
+use crate::model::{MailboxStamps, Subdir};
 use crate::progress::Progress;
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
@@ -118,6 +119,14 @@ pub trait Replica: BodySource + Send {
     ) -> Result<()> {
         let _ = (options, table, changed);
         Ok(())
+    }
+
+    /// The current stamps of the mailboxes in `dirs` (those that exist), when this replica
+    /// can take them without a round trip: a local one. The brain uses them to tell the
+    /// other side, before it scans, which mailboxes changed here. `None` when not cheap.
+    fn stamps_now(&self, dirs: &[String]) -> Option<HashMap<String, MailboxStamps>> {
+        let _ = dirs;
+        None
     }
 
     /// Scans one mailbox again (to confirm that a message is really gone).

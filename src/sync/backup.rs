@@ -135,15 +135,22 @@ pub fn backup(
     // Scan caches are written at the end (`Scans::keep`, while the applier's closing sync
     // waits for the disk): not while the scans compete for the CPU, and not for
     // destination mailboxes this run rewrites.
+    // A mailbox changed on one side is read on both: where a side's stamps are cheap to
+    // take, the other side is told before it scans instead of being asked again after.
+    let known = state.dirs();
+    let (src_now, dst_now) = match known.is_empty() {
+        true => (None, None),
+        false => (src.stamps_now(&known), dst.stamps_now(&known)),
+    };
     let src_scan = ScanOptions {
         layout: Some(layout),
-        unchanged_if: state.source_hints(),
+        unchanged_if: state.source_hints(dst_now.as_ref()),
         defer_cache_writes: true,
         ..options.scan.clone()
     };
     let dst_scan = ScanOptions {
         layout: Some(layout),
-        unchanged_if: state.destination_hints(),
+        unchanged_if: state.destination_hints(src_now.as_ref()),
         defer_cache_writes: true,
         ..options.scan.clone()
     };

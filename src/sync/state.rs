@@ -58,18 +58,34 @@ impl PairState {
         })
     }
 
-    /// The "do not read if still so" map for the source side.
-    pub fn source_hints(&self) -> HashMap<String, (MailboxStamps, u64)> {
+    /// Directories of the mailboxes last found in sync.
+    pub fn dirs(&self) -> Vec<String> {
+        self.mailboxes.keys().cloned().collect()
+    }
+
+    /// The "do not read if still so" map for the source side. With `dst_now`, the
+    /// destination's current stamps, a mailbox the destination changed is left out: it
+    /// must be read on both sides, and asking for it in the scan is cheaper than a second
+    /// look afterwards (a round trip per mailbox to a remote side).
+    pub fn source_hints(
+        &self,
+        dst_now: Option<&HashMap<String, MailboxStamps>>,
+    ) -> HashMap<String, (MailboxStamps, u64)> {
         self.mailboxes
             .iter()
+            .filter(|(d, s)| dst_now.is_none_or(|now| now.get(*d) == Some(&s.dst)))
             .map(|(d, s)| (d.clone(), (s.src, s.src_messages)))
             .collect()
     }
 
-    /// The same for the destination side.
-    pub fn destination_hints(&self) -> HashMap<String, (MailboxStamps, u64)> {
+    /// The same for the destination side, given the source's current stamps.
+    pub fn destination_hints(
+        &self,
+        src_now: Option<&HashMap<String, MailboxStamps>>,
+    ) -> HashMap<String, (MailboxStamps, u64)> {
         self.mailboxes
             .iter()
+            .filter(|(d, s)| src_now.is_none_or(|now| now.get(*d) == Some(&s.src)))
             .map(|(d, s)| (d.clone(), (s.dst, s.dst_messages)))
             .collect()
     }
@@ -189,6 +205,31 @@ mod tests {
         assert!(next.mailboxes.contains_key(""));
         assert!(!next.mailboxes.contains_key(".A"), "touched by the plan");
         assert!(!next.mailboxes.contains_key(".B"), "source not settled");
+    }
+
+    #[test]
+    fn a_mailbox_changed_on_one_side_gets_no_hint_for_the_other() {
+        let mut state = PairState::default();
+        for dir in ["", ".A"] {
+            state.mailboxes.insert(
+                dir.into(),
+                InSync {
+                    src: stamps(1),
+                    src_messages: 1,
+                    dst: stamps(2),
+                    dst_messages: 1,
+                },
+            );
+        }
+        let src_now: HashMap<String, MailboxStamps> =
+            [("".into(), stamps(1)), (".A".into(), stamps(5))].into();
+        let dst_hints = state.destination_hints(Some(&src_now));
+        assert!(dst_hints.contains_key(""));
+        assert!(!dst_hints.contains_key(".A"), "changed on the source");
+        assert_eq!(state.destination_hints(None).len(), 2, "nothing known");
+        let dst_now: HashMap<String, MailboxStamps> = [("".into(), stamps(2))].into();
+        let src_hints = state.source_hints(Some(&dst_now));
+        assert_eq!(src_hints.keys().collect::<Vec<_>>(), [&String::new()]);
     }
 
     #[test]
