@@ -1,0 +1,547 @@
+//! `watch`: a near-realtime mirror. Watches the source tree with inotify, gathers what
+//! changed into batches of dirty mailboxes ([`coalesce`]), and runs a batch step ([`Step`];
+//! [`oneway::OneWay`] today) over one long-lived pair of replicas: a full run first and
+//! after anything goes wrong, then only the dirty mailboxes. Reconnects with exponential
+//! backoff and stops cleanly between batches. Blocks while idle; never prints (reports
+//! through [`Monitor`]); never writes mail itself (the step's applier does).
+
+pub mod coalesce;
+pub mod oneway;
+pub mod watcher;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::interrupt;
+use crate::progress::Progress;
+use crate::replica::Replica;
+use crate::storage::maildir::layout::Layout;
+use crate::sync::backup::BackupOutcome;
+use coalesce::{Change, Coalescer, Dirty, Timing};
+use watcher::{TreeWatcher, Wake, Waker};
+
+/// What one batch did.
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    /// The backup outcome of the batch (counts, errors, skipped items).
+    pub outcome: BackupOutcome,
+    /// Source mailboxes read (the rest stood in as unchanged).
+    pub mailboxes_read: u64,
+    /// True for a full run (start, catch-up, overflow, periodic rescan).
+    pub full: bool,
+}
+
+/// One batch of work over two replicas. The loop knows nothing of how the two sides are
+/// brought together: one-way backup is [`oneway::OneWay`]; a two-way step implements the
+/// same trait with sync semantics.
+pub trait Step {
+    /// Brings everything together (the first run, after a reconnect or an overflow, and
+    /// every rescan interval).
+    fn full(
+        &mut self,
+        src: &dyn Replica,
+        dst: &dyn Replica,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport>;
+
+    /// Brings together what `dirty` names; may fall back to a full run.
+    fn batch(
+        &mut self,
+        src: &dyn Replica,
+        dst: &dyn Replica,
+        dirty: &Dirty,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport>;
+
+    /// The folder layout once known (after the first run), to set the watches.
+    fn layout(&self) -> Option<Layout>;
+}
+
+/// What the loop reports.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    /// Watching: this many directories.
+    Watching {
+        /// Directories with an inotify watch.
+        watches: usize,
+    },
+    /// A batch (or full run) is done.
+    Batch {
+        /// What it did.
+        report: BatchReport,
+        /// From the first change noticed to the end of the batch; `None` for a run that no
+        /// change started (the first one, a periodic rescan).
+        latency: Option<Duration>,
+    },
+    /// A batch failed; the loop retries with a full run after `retry_in`.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// When the next attempt comes.
+        retry_in: Duration,
+    },
+    /// The destination was opened again after a failure.
+    Reconnected {
+        /// Where.
+        location: String,
+    },
+    /// Some directories could not be watched (a watch limit): changes there are seen only
+    /// by the periodic full rescan, which then comes every `rescan_every`.
+    WatchLimit {
+        /// How many directories, and the first one with the reason.
+        count: usize,
+        /// The first failure.
+        first: String,
+        /// The rescan interval in force.
+        rescan_every: Duration,
+    },
+    /// Events were lost (the queue overflowed): everything is read again.
+    Overflow,
+}
+
+/// Receives [`WatchEvent`]s.
+pub trait Monitor: Sync {
+    /// Handles one event.
+    fn event(&self, event: WatchEvent);
+}
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Debounce and maximum delay of a batch.
+    pub timing: Timing,
+    /// A full run this often, to catch anything the watches missed.
+    pub rescan_interval: Duration,
+    /// The rescan interval while some directory could not be watched.
+    pub degraded_rescan_interval: Duration,
+    /// First retry delay after a failure; doubles up to `retry_max`.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            timing: Timing::default(),
+            rescan_interval: Duration::from_secs(600),
+            degraded_rescan_interval: Duration::from_secs(60),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Stops a running loop from another thread (a signal handler's thread).
+#[derive(Debug, Clone)]
+pub struct Control {
+    waker: Waker,
+    stop: Arc<AtomicBool>,
+    in_full_run: Arc<AtomicBool>,
+}
+
+impl Control {
+    /// Stops after the batch in flight. A full run in flight, which may take long on a big
+    /// tree, is interrupted the way an interrupted backup is: nothing half-done is
+    /// visible, and the next start catches up.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if self.in_full_run.load(Ordering::SeqCst) {
+            interrupt::flag().store(true, Ordering::SeqCst);
+        }
+        self.waker.stop();
+    }
+}
+
+/// Opens the destination (again): a remote one is a new session.
+pub type Connect<'a> = dyn Fn() -> Result<Box<dyn Replica>> + 'a;
+
+/// The watch loop over one watched source tree.
+pub struct WatchLoop<'a> {
+    watcher: TreeWatcher,
+    src: &'a dyn Replica,
+    connect: &'a Connect<'a>,
+    options: WatchOptions,
+    excluded: &'a (dyn Fn(&str) -> bool + Sync),
+    stop: Arc<AtomicBool>,
+    in_full_run: Arc<AtomicBool>,
+    /// The watch count last reported, to report only changes.
+    reported_watches: Option<usize>,
+}
+
+impl<'a> WatchLoop<'a> {
+    /// A loop that watches `src`'s tree through `watcher` and mirrors it to what `connect`
+    /// opens. `excluded` says which mailbox names are not watched (`--exclude`).
+    pub fn new(
+        watcher: TreeWatcher,
+        src: &'a dyn Replica,
+        connect: &'a Connect<'a>,
+        options: WatchOptions,
+        excluded: &'a (dyn Fn(&str) -> bool + Sync),
+    ) -> WatchLoop<'a> {
+        WatchLoop {
+            watcher,
+            src,
+            connect,
+            options,
+            excluded,
+            stop: Arc::new(AtomicBool::new(false)),
+            in_full_run: Arc::new(AtomicBool::new(false)),
+            reported_watches: None,
+        }
+    }
+
+    /// A handle to stop the loop.
+    pub fn control(&self) -> Control {
+        Control {
+            waker: self.watcher.waker(),
+            stop: self.stop.clone(),
+            in_full_run: self.in_full_run.clone(),
+        }
+    }
+
+    /// Runs until stopped. Returns `Ok` when stopped; an error only when the loop cannot
+    /// go on at all (the watcher died).
+    pub fn run(
+        mut self,
+        step: &mut dyn Step,
+        monitor: &dyn Monitor,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let mut state = LoopState::new(&self.options);
+        let mut dst: Option<Box<dyn Replica>> = None;
+        // Watches first, so nothing that changes during the first run goes unseen.
+        let mut degraded = self.set_watches(step.layout(), monitor);
+        loop {
+            let deadline = state.deadline(&self.options, degraded);
+            if !self.stop.load(Ordering::SeqCst) {
+                self.gather(deadline, &mut state.coalescer, monitor)?;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let Some(work) = state.next_work(&self.options, degraded) else {
+                continue;
+            };
+            let dst_ref = match &dst {
+                Some(d) => d,
+                None => match (self.connect)() {
+                    Ok(d) => {
+                        if state.failures > 0 {
+                            monitor.event(WatchEvent::Reconnected {
+                                location: d.location(),
+                            });
+                        }
+                        dst.insert(d)
+                    }
+                    Err(e) => {
+                        state.failed(work, &e, &self.options, monitor);
+                        continue;
+                    }
+                },
+            };
+            if work.structure() {
+                degraded |= self.set_watches(step.layout(), monitor);
+            }
+            let result = self.do_work(step, dst_ref.as_ref(), &work, progress);
+            match result {
+                Ok(report) => {
+                    if report.full && step.layout().is_some() && state.last_full.is_none() {
+                        // The layout is known now: watch the whole tree.
+                        degraded |= self.set_watches(step.layout(), monitor);
+                    }
+                    state.done(&work, report, monitor);
+                }
+                Err(_) if self.stop.load(Ordering::SeqCst) => break,
+                Err(e) => {
+                    if dst.as_ref().is_some_and(|d| d.wire_bytes().is_some()) {
+                        // A remote session that failed once is not trusted again.
+                        dst = None;
+                    }
+                    state.failed(work, &e, &self.options, monitor);
+                }
+            }
+        }
+        if let Some(d) = dst {
+            d.close()?;
+        }
+        Ok(())
+    }
+
+    fn do_work(
+        &self,
+        step: &mut dyn Step,
+        dst: &dyn Replica,
+        work: &Work,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport> {
+        match work {
+            Work::Full { .. } => {
+                self.in_full_run.store(true, Ordering::SeqCst);
+                if self.stop.load(Ordering::SeqCst) {
+                    return Err(Error::Interrupted);
+                }
+                let result = step.full(self.src, dst, progress);
+                self.in_full_run.store(false, Ordering::SeqCst);
+                result
+            }
+            Work::Batch { dirty, .. } => step.batch(self.src, dst, dirty, progress),
+        }
+    }
+
+    /// Updates the watches to the tree's current folders; true when some could not be set.
+    fn set_watches(&mut self, layout: Option<Layout>, monitor: &dyn Monitor) -> bool {
+        let layout = layout.unwrap_or(Layout::MaildirPlusPlus);
+        let failures = self.watcher.update(layout, self.excluded);
+        let watches = self.watcher.watch_count();
+        if self.reported_watches.replace(watches) != Some(watches) {
+            monitor.event(WatchEvent::Watching { watches });
+        }
+        if let Some(first) = failures.first() {
+            monitor.event(WatchEvent::WatchLimit {
+                count: failures.len(),
+                first: format!("{}: {}", first.path.display(), first.why),
+                rescan_every: self.options.degraded_rescan_interval,
+            });
+        }
+        !failures.is_empty()
+    }
+
+    /// Waits for changes until `deadline`, then takes whatever else is queued.
+    fn gather(
+        &self,
+        deadline: Option<Instant>,
+        coalescer: &mut Coalescer,
+        monitor: &dyn Monitor,
+    ) -> Result<()> {
+        let mut next = self.watcher.wait(deadline);
+        while let Some(wake) = next {
+            match wake {
+                Wake::Stop => return Ok(()),
+                Wake::Fs(event) => {
+                    let now = Instant::now();
+                    for change in self.watcher.classify(event) {
+                        if change == Change::Everything {
+                            monitor.event(WatchEvent::Overflow);
+                        }
+                        coalescer.note(change, now);
+                    }
+                }
+            }
+            next = self.watcher.poll();
+        }
+        if self.watcher.take_overflow() {
+            monitor.event(WatchEvent::Overflow);
+            coalescer.note(Change::Everything, Instant::now());
+        }
+        Ok(())
+    }
+}
+
+/// What the loop does next.
+#[derive(Debug)]
+enum Work {
+    /// A full run.
+    Full {
+        /// The first change it covers, for the latency.
+        since: Option<Instant>,
+    },
+    /// Only what changed.
+    Batch {
+        dirty: Dirty,
+        /// The first change of the batch.
+        since: Instant,
+    },
+}
+
+impl Work {
+    fn structure(&self) -> bool {
+        match self {
+            Work::Full { .. } => true,
+            Work::Batch { dirty, .. } => dirty.structure || dirty.everything,
+        }
+    }
+}
+
+/// Timers and counters of the loop.
+struct LoopState {
+    coalescer: Coalescer,
+    need_full: bool,
+    last_full: Option<Instant>,
+    retry_at: Option<Instant>,
+    failures: u32,
+    /// The first change not yet covered by a successful run, kept across failures.
+    pending_since: Option<Instant>,
+}
+
+impl LoopState {
+    fn new(options: &WatchOptions) -> LoopState {
+        LoopState {
+            coalescer: Coalescer::new(options.timing),
+            need_full: true,
+            last_full: None,
+            retry_at: None,
+            failures: 0,
+            pending_since: None,
+        }
+    }
+
+    fn rescan_every(options: &WatchOptions, degraded: bool) -> Duration {
+        if degraded {
+            options.rescan_interval.min(options.degraded_rescan_interval)
+        } else {
+            options.rescan_interval
+        }
+    }
+
+    /// When the loop must wake up even if nothing happens; `None` waits for a change.
+    fn deadline(&self, options: &WatchOptions, degraded: bool) -> Option<Instant> {
+        if let Some(at) = self.retry_at {
+            return Some(at);
+        }
+        if self.need_full {
+            return Some(Instant::now());
+        }
+        let rescan = self
+            .last_full
+            .map(|at| at + Self::rescan_every(options, degraded));
+        match (self.coalescer.due(), rescan) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn next_work(&mut self, options: &WatchOptions, degraded: bool) -> Option<Work> {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|at| at > now) {
+            return None;
+        }
+        self.retry_at = None;
+        let rescan_due = self
+            .last_full
+            .is_some_and(|at| now >= at + Self::rescan_every(options, degraded));
+        if self.need_full || rescan_due {
+            // A full run covers whatever is pending too.
+            let since = self.pending_since.take().or(self.coalescer.first_noticed());
+            self.coalescer.clear();
+            return Some(Work::Full { since });
+        }
+        let first = self.coalescer.first_noticed();
+        let dirty = self.coalescer.take(now)?;
+        let since = self.pending_since.into_iter().chain(first).min().unwrap_or(now);
+        Some(Work::Batch { dirty, since })
+    }
+
+    fn done(&mut self, work: &Work, report: BatchReport, monitor: &dyn Monitor) {
+        let since = match work {
+            Work::Full { since } => *since,
+            Work::Batch { since, .. } => Some(*since),
+        };
+        if matches!(work, Work::Full { .. }) {
+            self.need_full = false;
+            self.last_full = Some(Instant::now());
+        }
+        self.failures = 0;
+        self.pending_since = None;
+        monitor.event(WatchEvent::Batch {
+            report,
+            latency: since.map(|s| s.elapsed()),
+        });
+    }
+
+    fn failed(&mut self, work: Work, e: &Error, options: &WatchOptions, monitor: &dyn Monitor) {
+        let since = match work {
+            Work::Full { since } => since,
+            Work::Batch { since, .. } => Some(since),
+        };
+        self.pending_since = self.pending_since.or(since);
+        // Whatever the batch held is covered by the catch-up run.
+        self.need_full = true;
+        let retry_in = backoff(options, self.failures);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + retry_in);
+        monitor.event(WatchEvent::Failed {
+            message: e.to_string(),
+            retry_in,
+        });
+    }
+}
+
+/// The delay before retry number `failures + 1`: doubling from the minimum, capped.
+fn backoff(options: &WatchOptions, failures: u32) -> Duration {
+    let factor = 1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX);
+    options
+        .retry_min
+        .saturating_mul(factor)
+        .min(options.retry_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let options = WatchOptions {
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            ..WatchOptions::default()
+        };
+        let delays: Vec<u64> = (0..10)
+            .map(|n| backoff(&options, n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            delays,
+            vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000]
+        );
+        assert_eq!(backoff(&options, u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_first_work_is_a_full_run_then_batches_wait_for_changes() {
+        let options = WatchOptions::default();
+        let mut state = LoopState::new(&options);
+        assert!(state.deadline(&options, false).is_some());
+        assert!(matches!(
+            state.next_work(&options, false),
+            Some(Work::Full { since: None })
+        ));
+        state.done(&Work::Full { since: None }, BatchReport::default(), &NoMonitor);
+        // Idle: only the periodic rescan is scheduled.
+        let deadline = state.deadline(&options, false).unwrap();
+        assert!(deadline > Instant::now() + Duration::from_secs(590));
+        assert!(state.next_work(&options, false).is_none());
+        // Degraded watches bring the rescan closer.
+        let degraded = state.deadline(&options, true).unwrap();
+        assert!(degraded < Instant::now() + Duration::from_secs(61));
+    }
+
+    #[test]
+    fn a_failure_schedules_a_full_catch_up_after_the_backoff() {
+        let options = WatchOptions {
+            retry_min: Duration::from_millis(200),
+            ..WatchOptions::default()
+        };
+        let mut state = LoopState::new(&options);
+        state.done(&Work::Full { since: None }, BatchReport::default(), &NoMonitor);
+        let t0 = Instant::now() - Duration::from_secs(1);
+        state.coalescer.note(Change::Mailbox(String::new()), t0);
+        let work = state.next_work(&options, false).unwrap();
+        assert!(matches!(work, Work::Batch { .. }));
+        state.failed(work, &Error::Interrupted, &options, &NoMonitor);
+        assert!(state.next_work(&options, false).is_none(), "waits for the backoff");
+        std::thread::sleep(Duration::from_millis(210));
+        match state.next_work(&options, false) {
+            Some(Work::Full { since: Some(since) }) => assert_eq!(since, t0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    struct NoMonitor;
+
+    impl Monitor for NoMonitor {
+        fn event(&self, _event: WatchEvent) {}
+    }
+}

@@ -1,0 +1,312 @@
+//! The one-way batch step of `watch`: what both sides looked like after the last batch
+//! (per mailbox its stamps and message count, plus the root files), and how to bring the
+//! destination along when some mailboxes changed — read only those again on both sides,
+//! stand the others in as placeholders, and hand both tables to the backup's `converge`.
+//! Holds no message rows between batches; never decides what to copy itself.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::model::MailboxStamps;
+use crate::progress::Progress;
+use crate::replica::Replica;
+use crate::scan::ScanOptions;
+use crate::storage::maildir::layout::Layout;
+use crate::sync::backup::{self, BackupOptions, Sweep};
+use crate::sync::plan::Plan;
+use crate::table::{MailTable, MailboxTable};
+use crate::watch::coalesce::Dirty;
+use crate::watch::{BatchReport, Step};
+
+/// What is known about one mailbox on one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Known {
+    /// Stamps when it was last read; `None` once the destination's applier wrote to it.
+    stamps: Option<MailboxStamps>,
+    /// Messages it held (for the delete guard).
+    count: u64,
+}
+
+/// One side's picture between batches.
+#[derive(Debug, Clone)]
+struct Side {
+    /// Mailboxes by directory.
+    known: BTreeMap<String, Known>,
+    /// The root files and folder list (a table without mailboxes).
+    root: MailTable,
+}
+
+impl Side {
+    fn from_table(table: &MailTable) -> Side {
+        Side {
+            known: table
+                .mailboxes
+                .iter()
+                .map(|m| {
+                    let known = Known {
+                        stamps: Some(m.stamps),
+                        count: m.message_count(),
+                    };
+                    (m.dir.clone(), known)
+                })
+                .collect(),
+            root: MailTable {
+                mailboxes: Vec::new(),
+                ..table.clone()
+            },
+        }
+    }
+
+    /// Scan hints: every mailbox not in `dirty` whose stamps are known.
+    fn hints(&self, dirty: &Dirty) -> HashMap<String, (MailboxStamps, u64)> {
+        self.known
+            .iter()
+            .filter(|(dir, _)| !dirty.mailboxes.contains(*dir))
+            .filter_map(|(dir, k)| k.stamps.map(|s| (dir.clone(), (s, k.count))))
+            .collect()
+    }
+
+    /// The whole side as the differ sees it: the mailboxes in `read` as read, every other
+    /// one a placeholder that the differ leaves alone.
+    fn view(&self, layout: Layout, read: &HashMap<String, MailboxTable>) -> MailTable {
+        let mailboxes = self
+            .known
+            .iter()
+            .map(|(dir, k)| match read.get(dir) {
+                Some(table) => table.clone(),
+                None => MailboxTable {
+                    dir: dir.clone(),
+                    name: layout.display_name(dir),
+                    unchanged: Some(k.count),
+                    stamps: k.stamps.unwrap_or_default(),
+                    ..MailboxTable::default()
+                },
+            })
+            .collect();
+        MailTable {
+            mailboxes,
+            anomalies: Vec::new(),
+            ..self.root.clone()
+        }
+    }
+}
+
+/// The one-way mirror's batch step.
+pub struct OneWay {
+    options: BackupOptions,
+    state: Option<(Side, Side)>,
+}
+
+impl OneWay {
+    /// A step that knows nothing yet: the first batch is a full run.
+    pub fn new(options: BackupOptions) -> OneWay {
+        OneWay {
+            options,
+            state: None,
+        }
+    }
+
+    /// Reads the structure and every mailbox not vouched for by its stamps, on both sides.
+    fn structure_batch(
+        &mut self,
+        (src, dst): (&dyn Replica, &dyn Replica),
+        dirty: &Dirty,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport> {
+        let Some((src_side, dst_side)) = &self.state else {
+            return self.full(src, dst, progress);
+        };
+        let layout = src_side.root.layout;
+        let scan = |hints| ScanOptions {
+            layout: Some(layout),
+            unchanged_if: hints,
+            cache_dir: None,
+            defer_cache_writes: true,
+            ..self.options.scan.clone()
+        };
+        let (src_scan, dst_scan) = (scan(src_side.hints(dirty)), scan(dst_side.hints(dirty)));
+        let (s, d) = rayon::join(
+            || src.scan(&src_scan, progress),
+            || dst.scan(&dst_scan, progress),
+        );
+        let (mut src_table, mut dst_table) = (s?, d?);
+        backup::read_one_sided(src, dst, &mut src_table, &mut dst_table);
+        self.converge((src, dst), src_table, dst_table, true, progress)
+    }
+
+    /// Reads only the dirty mailboxes on both sides; anything unexpected (a mailbox not
+    /// known on a side, or one that cannot be read, as when it was just deleted) turns the
+    /// batch into a structure batch.
+    fn mailbox_batch(
+        &mut self,
+        (src, dst): (&dyn Replica, &dyn Replica),
+        dirty: &Dirty,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport> {
+        let Some((src_side, dst_side)) = &self.state else {
+            return self.full(src, dst, progress);
+        };
+        let layout = src_side.root.layout;
+        let known_on_both = dirty
+            .mailboxes
+            .iter()
+            .all(|d| src_side.known.contains_key(d) && dst_side.known.contains_key(d));
+        if !known_on_both {
+            return self.structure_batch((src, dst), dirty, progress);
+        }
+        let dirs: Vec<&String> = dirty.mailboxes.iter().collect();
+        let read = |replica: &dyn Replica| -> HashMap<String, MailboxTable> {
+            dirs.par_iter()
+                .map(|dir| ((*dir).clone(), replica.rescan_mailbox(layout, dir)))
+                .collect()
+        };
+        let (src_read, dst_read) = rayon::join(|| read(src), || read(dst));
+        if src_read.values().chain(dst_read.values()).any(|m| m.broken.is_some()) {
+            return self.structure_batch((src, dst), dirty, progress);
+        }
+        let src_table = src_side.view(layout, &src_read);
+        let dst_table = dst_side.view(layout, &dst_read);
+        self.converge((src, dst), src_table, dst_table, false, progress)
+    }
+
+    /// Diffs and applies two views, then remembers what both sides look like now.
+    fn converge(
+        &mut self,
+        replicas: (&dyn Replica, &dyn Replica),
+        mut src_table: MailTable,
+        dst_table: MailTable,
+        structure: bool,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport> {
+        let keep = |_: &MailTable, _: &MailTable, _: Option<&Plan>| {};
+        let applied = backup::converge(
+            replicas,
+            (&mut src_table, &dst_table),
+            &self.options,
+            Sweep::Read,
+            progress,
+            &keep,
+        )?;
+        let read = src_table
+            .mailboxes
+            .iter()
+            .filter(|m| m.unchanged.is_none())
+            .count();
+        let next = remember(self.state.take(), &src_table, &dst_table, &applied.plan, structure);
+        self.state = Some(next);
+        Ok(BatchReport {
+            outcome: applied.outcome,
+            mailboxes_read: read as u64,
+            full: false,
+        })
+    }
+}
+
+/// Both sides' pictures after a batch: the source as read; the destination as read except
+/// where the plan wrote (stamps unknown, count as the source's) or deleted.
+fn remember(
+    before: Option<(Side, Side)>,
+    src_table: &MailTable,
+    dst_table: &MailTable,
+    plan: &Plan,
+    structure: bool,
+) -> (Side, Side) {
+    let (mut src, mut dst) = match before {
+        Some((src, dst)) if !structure => (src, dst),
+        _ => (Side::from_table(src_table), Side::from_table(dst_table)),
+    };
+    for m in src_table.mailboxes.iter().filter(|m| m.unchanged.is_none()) {
+        src.known.insert(
+            m.dir.clone(),
+            Known {
+                stamps: Some(m.stamps),
+                count: m.message_count(),
+            },
+        );
+    }
+    for m in dst_table.mailboxes.iter().filter(|m| m.unchanged.is_none()) {
+        dst.known.insert(
+            m.dir.clone(),
+            Known {
+                stamps: Some(m.stamps),
+                count: m.message_count(),
+            },
+        );
+    }
+    for m in &plan.mailboxes {
+        let count = src.known.get(&m.dir).map_or(0, |k| k.count);
+        dst.known.insert(
+            m.dir.clone(),
+            Known {
+                stamps: None,
+                count,
+            },
+        );
+    }
+    for d in &plan.delete_mailboxes {
+        dst.known.remove(&d.dir);
+    }
+    if plan.subscriptions.is_some() {
+        dst.root.subscriptions = src.root.subscriptions.clone();
+    }
+    if !plan.create_parents.is_empty() || !plan.remove_parents.is_empty() {
+        dst.root.parents = src.root.parents.clone();
+    }
+    if let Some(next) = plan.uidvalidity_next {
+        dst.root.uidvalidity_next = Some(next);
+    }
+    (src, dst)
+}
+
+impl Step for OneWay {
+    fn full(
+        &mut self,
+        src: &dyn Replica,
+        dst: &dyn Replica,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport> {
+        let options = BackupOptions {
+            scan: ScanOptions {
+                layout: Step::layout(self).or(self.options.scan.layout),
+                ..self.options.scan.clone()
+            },
+            ..self.options.clone()
+        };
+        let run = backup::backup_keeping(src, dst, &options, progress)?;
+        let read = run
+            .src
+            .mailboxes
+            .iter()
+            .filter(|m| m.unchanged.is_none())
+            .count();
+        let next = remember(None, &run.src, &run.dst, &run.plan, true);
+        self.state = Some(next);
+        Ok(BatchReport {
+            outcome: run.outcome,
+            mailboxes_read: read as u64,
+            full: true,
+        })
+    }
+
+    fn batch(
+        &mut self,
+        src: &dyn Replica,
+        dst: &dyn Replica,
+        dirty: &Dirty,
+        progress: &dyn Progress,
+    ) -> Result<BatchReport> {
+        if dirty.everything || self.state.is_none() {
+            self.full(src, dst, progress)
+        } else if dirty.structure {
+            self.structure_batch((src, dst), dirty, progress)
+        } else {
+            self.mailbox_batch((src, dst), dirty, progress)
+        }
+    }
+
+    fn layout(&self) -> Option<Layout> {
+        self.state.as_ref().map(|(src, _)| src.root.layout)
+    }
+}
