@@ -16,6 +16,7 @@ use serde_json::json;
 use mdsync::progress::{Event, Progress};
 use mdsync::replica::Replica;
 use mdsync::replica::local::LocalReplica;
+use mdsync::storage::maildir::layout::Layout;
 use mdsync::transport::{Location, parse_location};
 use mdsync::watch::coalesce::Timing;
 use mdsync::watch::oneway::OneWay;
@@ -87,7 +88,14 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
             .map(|(replica, _)| replica)
             .map_err(|e| mdsync::Error::Usage(format!("{e:#}")))
     };
-    let watch = WatchLoop::new(watcher, &src, &connect, options, &excluded);
+    // The layout is decided once, before the first run, so that the first watches cover
+    // every folder; the first run still checks DST against it.
+    let layout = match a.mirror.layout.layout() {
+        Some(layout) => layout,
+        None => Layout::detect(&src_path)
+            .with_context(|| format!("{}: cannot read", src_path.display()))?,
+    };
+    let watch = WatchLoop::new(watcher, &src, &connect, options, (layout, &excluded));
     let control = watch.control();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

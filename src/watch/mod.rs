@@ -54,9 +54,6 @@ pub trait Step {
         dirty: &Dirty,
         progress: &dyn Progress,
     ) -> Result<BatchReport>;
-
-    /// The folder layout once known (after the first run), to set the watches.
-    fn layout(&self) -> Option<Layout>;
 }
 
 /// What the loop reports.
@@ -164,6 +161,7 @@ pub struct WatchLoop<'a> {
     src: &'a dyn Replica,
     connect: &'a Connect<'a>,
     options: WatchOptions,
+    layout: Layout,
     excluded: &'a (dyn Fn(&str) -> bool + Sync),
     stop: Arc<AtomicBool>,
     in_full_run: Arc<AtomicBool>,
@@ -172,20 +170,22 @@ pub struct WatchLoop<'a> {
 }
 
 impl<'a> WatchLoop<'a> {
-    /// A loop that watches `src`'s tree through `watcher` and mirrors it to what `connect`
-    /// opens. `excluded` says which mailbox names are not watched (`--exclude`).
+    /// A loop that watches `src`'s tree, whose folders have `layout`, through `watcher`
+    /// and mirrors it to what `connect` opens. `excluded` says which mailbox names are not
+    /// watched (`--exclude`).
     pub fn new(
         watcher: TreeWatcher,
         src: &'a dyn Replica,
         connect: &'a Connect<'a>,
         options: WatchOptions,
-        excluded: &'a (dyn Fn(&str) -> bool + Sync),
+        (layout, excluded): (Layout, &'a (dyn Fn(&str) -> bool + Sync)),
     ) -> WatchLoop<'a> {
         WatchLoop {
             watcher,
             src,
             connect,
             options,
+            layout,
             excluded,
             stop: Arc::new(AtomicBool::new(false)),
             in_full_run: Arc::new(AtomicBool::new(false)),
@@ -213,7 +213,7 @@ impl<'a> WatchLoop<'a> {
         let mut state = LoopState::new(&self.options);
         let mut dst: Option<Box<dyn Replica>> = None;
         // Watches first, so nothing that changes during the first run goes unseen.
-        let mut degraded = self.set_watches(step.layout(), monitor);
+        let mut degraded = self.set_watches(monitor);
         loop {
             let deadline = state.deadline(&self.options, degraded);
             if !self.stop.load(Ordering::SeqCst) {
@@ -243,17 +243,12 @@ impl<'a> WatchLoop<'a> {
                 },
             };
             if work.structure() {
-                degraded |= self.set_watches(step.layout(), monitor);
+                // Before the tree is read, so nothing created in between goes unseen.
+                degraded |= self.set_watches(monitor);
             }
             let result = self.do_work(step, dst_ref.as_ref(), &work, progress);
             match result {
-                Ok(report) => {
-                    if report.full && step.layout().is_some() && state.last_full.is_none() {
-                        // The layout is known now: watch the whole tree.
-                        degraded |= self.set_watches(step.layout(), monitor);
-                    }
-                    state.done(&work, report, monitor);
-                }
+                Ok(report) => state.done(&work, report, monitor),
                 Err(_) if self.stop.load(Ordering::SeqCst) => break,
                 Err(e) => {
                     if dst.as_ref().is_some_and(|d| d.wire_bytes().is_some()) {
@@ -292,9 +287,8 @@ impl<'a> WatchLoop<'a> {
     }
 
     /// Updates the watches to the tree's current folders; true when some could not be set.
-    fn set_watches(&mut self, layout: Option<Layout>, monitor: &dyn Monitor) -> bool {
-        let layout = layout.unwrap_or(Layout::MaildirPlusPlus);
-        let failures = self.watcher.update(layout, self.excluded);
+    fn set_watches(&mut self, monitor: &dyn Monitor) -> bool {
+        let failures = self.watcher.update(self.layout, self.excluded);
         let watches = self.watcher.watch_count();
         if self.reported_watches.replace(watches) != Some(watches) {
             monitor.event(WatchEvent::Watching { watches });

@@ -108,6 +108,11 @@ impl OneWay {
         }
     }
 
+    /// The layout the first run settled on.
+    fn layout(&self) -> Option<Layout> {
+        self.state.as_ref().map(|(src, _)| src.root.layout)
+    }
+
     /// Reads the structure and every mailbox not vouched for by its stamps, on both sides.
     fn structure_batch(
         &mut self,
@@ -269,7 +274,7 @@ impl Step for OneWay {
     ) -> Result<BatchReport> {
         let options = BackupOptions {
             scan: ScanOptions {
-                layout: Step::layout(self).or(self.options.scan.layout),
+                layout: self.layout().or(self.options.scan.layout),
                 ..self.options.scan.clone()
             },
             ..self.options.clone()
@@ -304,9 +309,5 @@ impl Step for OneWay {
         } else {
             self.mailbox_batch((src, dst), dirty, progress)
         }
-    }
-
-    fn layout(&self) -> Option<Layout> {
-        self.state.as_ref().map(|(src, _)| src.root.layout)
     }
 }
