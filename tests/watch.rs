@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use support::sshd::Sshd;
-use support::{Dovecot, Layout, cache_home, message, mdsync};
+use support::{Dovecot, Layout, cache_home, mdsync, message};
 
 /// How long a change may take to show on the destination before the test fails. Far
 /// above the target (well under a second): the machine running the tests may be busy.
@@ -159,14 +159,23 @@ fn wait_equal_in(
 /// CPU ticks (user + system) the process used so far, from /proc.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     // After the command name: state is field 3, utime 14 and stime 15 (1-based).
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// Every kind of change Dovecot makes, each mirrored before the next.
 fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
-    dc.save(src, "INBOX", &message("watch-1", "delivered while watching", 20));
+    dc.save(
+        src,
+        "INBOX",
+        &message("watch-1", "delivered while watching", 20),
+    );
     wait_equal(dc, src, dst, watch, "after a delivery");
     dc.flags_add(src, "INBOX", "1", "\\Seen \\Flagged $Important");
     wait_equal(dc, src, dst, watch, "after flags were added");
@@ -181,7 +190,13 @@ fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
     dc.rename_mailbox(src, "Projects", "Work");
     wait_equal(dc, src, dst, watch, "after a folder was renamed");
     dc.save(src, "Work", &message("watch-3", "in the renamed folder", 5));
-    wait_equal(dc, src, dst, watch, "after a delivery into the renamed folder");
+    wait_equal(
+        dc,
+        src,
+        dst,
+        watch,
+        "after a delivery into the renamed folder",
+    );
     dc.delete_mailbox(src, "Work");
     wait_equal(dc, src, dst, watch, "after a folder was deleted");
 }
@@ -220,7 +235,11 @@ fn local_watch_mirrors_every_change_and_stops_on_sigterm() {
     let before = cpu_ticks(watch.pid());
     std::thread::sleep(Duration::from_secs(3));
     let idle = cpu_ticks(watch.pid()) - before;
-    assert!(idle <= 2, "{idle} CPU ticks while idle\n{}", watch.describe());
+    assert!(
+        idle <= 2,
+        "{idle} CPU ticks while idle\n{}",
+        watch.describe()
+    );
 
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
     assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
@@ -240,10 +259,26 @@ fn fs_layout_nested_folders_are_watched_as_they_appear() {
     wait_equal_in(&dc, Layout::Fs, both, &watch, "after the first run");
     // A folder two levels below a new parent, then mail into it and into the old one.
     dc.doveadm_fs(&src, &["mailbox", "create", "-s", "Clients/Acme/2024"]);
-    wait_equal_in(&dc, Layout::Fs, both, &watch, "after nested folders appeared");
-    dc.save_in(&src, Layout::Fs, "Clients/Acme/2024", &message("fs-2", "new", 3));
+    wait_equal_in(
+        &dc,
+        Layout::Fs,
+        both,
+        &watch,
+        "after nested folders appeared",
+    );
+    dc.save_in(
+        &src,
+        Layout::Fs,
+        "Clients/Acme/2024",
+        &message("fs-2", "new", 3),
+    );
     wait_equal_in(&dc, Layout::Fs, both, &watch, "after a delivery deep down");
-    dc.save_in(&src, Layout::Fs, "Archive/2023", &message("fs-3", "more", 3));
+    dc.save_in(
+        &src,
+        Layout::Fs,
+        "Archive/2023",
+        &message("fs-3", "more", 3),
+    );
     dc.doveadm_fs(&src, &["mailbox", "rename", "Archive", "Old"]);
     wait_equal_in(&dc, Layout::Fs, both, &watch, "after a parent was renamed");
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
@@ -257,10 +292,24 @@ fn a_delivery_during_the_first_run_is_not_lost() {
     let args: Vec<String> = [src.display().to_string(), dst.display().to_string()].into();
     let mut watch = Watch::start(&args, dc.path());
     // No waiting: these race the first run.
-    dc.save(&src, "INBOX", &message("early-1", "racing the first run", 5));
+    dc.save(
+        &src,
+        "INBOX",
+        &message("early-1", "racing the first run", 5),
+    );
     dc.create_mailbox(&src, "Early");
-    dc.save(&src, "Early", &message("early-2", "in a folder made early", 5));
-    wait_equal(&dc, &src, &dst, &watch, "after changes during the first run");
+    dc.save(
+        &src,
+        "Early",
+        &message("early-2", "in a folder made early", 5),
+    );
+    wait_equal(
+        &dc,
+        &src,
+        &dst,
+        &watch,
+        "after changes during the first run",
+    );
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }
 
@@ -287,13 +336,20 @@ fn sighup_reopens_the_log_file() {
     while !log.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    dc.save(&src, "INBOX", &message("after-hup", "logged in the new file", 5));
+    dc.save(
+        &src,
+        "INBOX",
+        &message("after-hup", "logged in the new file", 5),
+    );
     wait_equal(&dc, &src, &dst, &watch, "after SIGHUP");
     watch.wait_for("batch", |e| e["full"] == false && e["copies"] == 1);
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
     let old = fs::read_to_string(&rotated).unwrap();
     let new = fs::read_to_string(&log).unwrap();
-    assert!(old.contains("full run: 5 mailboxes read, 25 copied"), "{old}");
+    assert!(
+        old.contains("full run: 5 mailboxes read, 25 copied"),
+        "{old}"
+    );
     assert!(new.contains("log re-opened"), "{new}");
     assert!(new.contains("batch: 1 mailboxes read, 1 copied"), "{new}");
     assert!(!old.contains("1 copied"), "{old}");
@@ -351,7 +407,11 @@ fn ssh_watch_survives_the_far_side_being_killed() {
 
     // The far side dies while idle; the next change finds the session gone.
     kill(Pid::from_raw(first_serve), Signal::SIGKILL).unwrap();
-    dc.save(&src, "INBOX", &message("ssh-2", "after the far side died", 20));
+    dc.save(
+        &src,
+        "INBOX",
+        &message("ssh-2", "after the far side died", 20),
+    );
     dc.expunge(&src, "INBOX", "1");
     watch.wait_for("failed", |_| true);
     watch.wait_for("reconnected", |_| true);

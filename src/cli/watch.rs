@@ -110,7 +110,7 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         verbose: a.verbose,
         dst: a.dst.clone(),
     };
-    let result = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         scope.spawn(|| {
             for signal in signals.forever() {
                 if signal == signal_hook::consts::SIGHUP {
@@ -122,18 +122,12 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
             }
         });
         let mut step = OneWay::new(backup);
-        let result = watch.run(&mut step, &renderer, &renderer);
+        watch.run(&mut step, &renderer, &renderer);
         handle.close();
-        result
     });
     renderer.json(json!({"event": "stopped"}));
-    match result {
-        Ok(()) => {
-            renderer.line("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => Err(e.into()),
-    }
+    renderer.line("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn watch_options(a: &WatchArgs) -> anyhow::Result<WatchOptions> {
@@ -232,7 +226,8 @@ struct Renderer<'a> {
 
 impl Renderer<'_> {
     fn line(&self, text: &str) {
-        self.log.write(&format!("{} mdsync watch: {text}", timestamp()));
+        self.log
+            .write(&format!("{} mdsync watch: {text}", timestamp()));
     }
 
     fn json(&self, value: serde_json::Value) {
@@ -309,7 +304,9 @@ impl Monitor for Renderer<'_> {
             }
             WatchEvent::Reconnected { location } => {
                 self.line(&format!("reconnected to {location}"));
-                self.json(json!({"event": "reconnected", "location": location, "time": timestamp()}));
+                self.json(
+                    json!({"event": "reconnected", "location": location, "time": timestamp()}),
+                );
             }
             WatchEvent::WatchLimit {
                 count,
@@ -323,6 +320,10 @@ impl Monitor for Renderer<'_> {
                 ));
                 self.json(json!({"event": "watch_limit", "count": count, "first": first}));
             }
+            WatchEvent::Warning { message } => {
+                self.line(&format!("warning: {message}"));
+                self.json(json!({"event": "warning", "message": message, "time": timestamp()}));
+            }
             WatchEvent::Overflow => {
                 self.line("warning: inotify events were lost; reading everything again");
                 self.json(json!({"event": "overflow", "time": timestamp()}));
@@ -335,7 +336,8 @@ impl Progress for Renderer<'_> {
     fn event(&self, event: Event) {
         match event {
             Event::Applied { line, .. } if self.verbose => {
-                self.log.write(&format!("{} {} {line}", timestamp(), self.dst))
+                self.log
+                    .write(&format!("{} {} {line}", timestamp(), self.dst))
             }
             Event::Warning { message } => self.line(&format!("warning: {message}")),
             _ => {}

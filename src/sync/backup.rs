@@ -261,8 +261,11 @@ pub fn converge(
     let answers = answer(src, dst, questions);
     let mut plan = diff::diff_backup(src_table, dst_table, &answers, &options.diff);
     if sweep == Sweep::Read {
-        plan.sweep
-            .retain(|dir| dst_table.mailbox(dir).is_some_and(|m| m.unchanged.is_none()));
+        plan.sweep.retain(|dir| {
+            dst_table
+                .mailbox(dir)
+                .is_some_and(|m| m.unchanged.is_none())
+        });
     }
     let planned = plan.counts();
     if let Err(e) = check_delete_guard(&planned, dst_table, options.max_delete) {

@@ -67,7 +67,7 @@ pub enum WatchEvent {
     /// A batch (or full run) is done.
     Batch {
         /// What it did.
-        report: BatchReport,
+        report: Box<BatchReport>,
         /// From the first change noticed to the end of the batch; `None` for a run that no
         /// change started (the first one, a periodic rescan).
         latency: Option<Duration>,
@@ -96,6 +96,11 @@ pub enum WatchEvent {
     },
     /// Events were lost (the queue overflowed): everything is read again.
     Overflow,
+    /// Something worth telling that needs no retry.
+    Warning {
+        /// What happened.
+        message: String,
+    },
 }
 
 /// Receives [`WatchEvent`]s.
@@ -202,14 +207,9 @@ impl<'a> WatchLoop<'a> {
         }
     }
 
-    /// Runs until stopped. Returns `Ok` when stopped; an error only when the loop cannot
-    /// go on at all (the watcher died).
-    pub fn run(
-        mut self,
-        step: &mut dyn Step,
-        monitor: &dyn Monitor,
-        progress: &dyn Progress,
-    ) -> Result<()> {
+    /// Runs until stopped, then closes the destination. Failures of single batches are
+    /// reported and retried, never returned.
+    pub fn run(mut self, step: &mut dyn Step, monitor: &dyn Monitor, progress: &dyn Progress) {
         let mut state = LoopState::new(&self.options);
         let mut dst: Option<Box<dyn Replica>> = None;
         // Watches first, so nothing that changes during the first run goes unseen.
@@ -217,7 +217,7 @@ impl<'a> WatchLoop<'a> {
         loop {
             let deadline = state.deadline(&self.options, degraded);
             if !self.stop.load(Ordering::SeqCst) {
-                self.gather(deadline, &mut state.coalescer, monitor)?;
+                self.gather(deadline, &mut state.coalescer, monitor);
             }
             if self.stop.load(Ordering::SeqCst) {
                 break;
@@ -259,10 +259,12 @@ impl<'a> WatchLoop<'a> {
                 }
             }
         }
-        if let Some(d) = dst {
-            d.close()?;
+        if let Some(Err(e)) = dst.map(|d| d.close()) {
+            // Stopping anyway: the next start catches up whatever the session missed.
+            monitor.event(WatchEvent::Warning {
+                message: format!("closing the destination: {e}"),
+            });
         }
-        Ok(())
     }
 
     fn do_work(
@@ -304,16 +306,11 @@ impl<'a> WatchLoop<'a> {
     }
 
     /// Waits for changes until `deadline`, then takes whatever else is queued.
-    fn gather(
-        &self,
-        deadline: Option<Instant>,
-        coalescer: &mut Coalescer,
-        monitor: &dyn Monitor,
-    ) -> Result<()> {
+    fn gather(&self, deadline: Option<Instant>, coalescer: &mut Coalescer, monitor: &dyn Monitor) {
         let mut next = self.watcher.wait(deadline);
         while let Some(wake) = next {
             match wake {
-                Wake::Stop => return Ok(()),
+                Wake::Stop => return,
                 Wake::Fs(event) => {
                     let now = Instant::now();
                     for change in self.watcher.classify(event) {
@@ -330,7 +327,6 @@ impl<'a> WatchLoop<'a> {
             monitor.event(WatchEvent::Overflow);
             coalescer.note(Change::Everything, Instant::now());
         }
-        Ok(())
     }
 }
 
@@ -384,7 +380,9 @@ impl LoopState {
 
     fn rescan_every(options: &WatchOptions, degraded: bool) -> Duration {
         if degraded {
-            options.rescan_interval.min(options.degraded_rescan_interval)
+            options
+                .rescan_interval
+                .min(options.degraded_rescan_interval)
         } else {
             options.rescan_interval
         }
@@ -424,7 +422,12 @@ impl LoopState {
         }
         let first = self.coalescer.first_noticed();
         let dirty = self.coalescer.take(now)?;
-        let since = self.pending_since.into_iter().chain(first).min().unwrap_or(now);
+        let since = self
+            .pending_since
+            .into_iter()
+            .chain(first)
+            .min()
+            .unwrap_or(now);
         Some(Work::Batch { dirty, since })
     }
 
@@ -440,7 +443,7 @@ impl LoopState {
         self.failures = 0;
         self.pending_since = None;
         monitor.event(WatchEvent::Batch {
-            report,
+            report: Box::new(report),
             latency: since.map(|s| s.elapsed()),
         });
     }
@@ -488,7 +491,9 @@ mod tests {
             .collect();
         assert_eq!(
             delays,
-            vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000]
+            vec![
+                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000
+            ]
         );
         assert_eq!(backoff(&options, u32::MAX), Duration::from_secs(30));
     }
@@ -502,7 +507,11 @@ mod tests {
             state.next_work(&options, false),
             Some(Work::Full { since: None })
         ));
-        state.done(&Work::Full { since: None }, BatchReport::default(), &NoMonitor);
+        state.done(
+            &Work::Full { since: None },
+            BatchReport::default(),
+            &NoMonitor,
+        );
         // Idle: only the periodic rescan is scheduled.
         let deadline = state.deadline(&options, false).unwrap();
         assert!(deadline > Instant::now() + Duration::from_secs(590));
@@ -519,13 +528,20 @@ mod tests {
             ..WatchOptions::default()
         };
         let mut state = LoopState::new(&options);
-        state.done(&Work::Full { since: None }, BatchReport::default(), &NoMonitor);
+        state.done(
+            &Work::Full { since: None },
+            BatchReport::default(),
+            &NoMonitor,
+        );
         let t0 = Instant::now() - Duration::from_secs(1);
         state.coalescer.note(Change::Mailbox(String::new()), t0);
         let work = state.next_work(&options, false).unwrap();
         assert!(matches!(work, Work::Batch { .. }));
         state.failed(work, &Error::Interrupted, &options, &NoMonitor);
-        assert!(state.next_work(&options, false).is_none(), "waits for the backoff");
+        assert!(
+            state.next_work(&options, false).is_none(),
+            "waits for the backoff"
+        );
         std::thread::sleep(Duration::from_millis(210));
         match state.next_work(&options, false) {
             Some(Work::Full { since: Some(since) }) => assert_eq!(since, t0),

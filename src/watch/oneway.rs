@@ -168,7 +168,11 @@ impl OneWay {
                 .collect()
         };
         let (src_read, dst_read) = rayon::join(|| read(src), || read(dst));
-        if src_read.values().chain(dst_read.values()).any(|m| m.broken.is_some()) {
+        if src_read
+            .values()
+            .chain(dst_read.values())
+            .any(|m| m.broken.is_some())
+        {
             return self.structure_batch((src, dst), dirty, progress);
         }
         let src_table = src_side.view(layout, &src_read);
@@ -199,7 +203,13 @@ impl OneWay {
             .iter()
             .filter(|m| m.unchanged.is_none())
             .count();
-        let next = remember(self.state.take(), &src_table, &dst_table, &applied.plan, structure);
+        let next = remember(
+            self.state.take(),
+            &src_table,
+            &dst_table,
+            &applied.plan,
+            structure,
+        );
         self.state = Some(next);
         Ok(BatchReport {
             outcome: applied.outcome,

@@ -151,7 +151,10 @@ impl TreeWatcher {
     /// while nothing happens. `None` when the deadline passed.
     pub fn wait(&self, deadline: Option<Instant>) -> Option<Wake> {
         let result = match deadline {
-            None => self.events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            None => self
+                .events
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
             Some(at) => self
                 .events
                 .recv_timeout(at.saturating_duration_since(Instant::now())),
@@ -304,7 +307,11 @@ mod tests {
     fn folders_and_root_files_are_structure() {
         let root = mailbox("");
         for name in [".Archive", "subscriptions", "dovecot-uidvalidity", "cur"] {
-            assert_eq!(classify_entry(&root, name), Some(Change::Structure), "{name}");
+            assert_eq!(
+                classify_entry(&root, name),
+                Some(Change::Structure),
+                "{name}"
+            );
         }
         assert_eq!(
             classify_entry(&root, "dovecot-uidlist"),
@@ -328,7 +335,10 @@ mod tests {
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(watcher.watch_count(), 6);
         let event = |path: PathBuf| {
-            Ok(notify::Event::new(EventKind::Create(notify::event::CreateKind::File)).add_path(path))
+            Ok(
+                notify::Event::new(EventKind::Create(notify::event::CreateKind::File))
+                    .add_path(path),
+            )
         };
         assert_eq!(
             watcher.classify(event(root.join(".Sent/new/1.M1P1.h"))),
@@ -343,7 +353,11 @@ mod tests {
         assert_eq!(watcher.classify(Ok(overflow)), vec![Change::Everything]);
         // A folder that goes away loses its watches.
         std::fs::remove_dir_all(root.join(".Sent")).unwrap();
-        assert!(watcher.update(Layout::MaildirPlusPlus, &|_| false).is_empty());
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
         assert_eq!(watcher.watch_count(), 3);
     }
 
@@ -355,7 +369,11 @@ mod tests {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
         let mut watcher = TreeWatcher::new(root).unwrap();
-        assert!(watcher.update(Layout::MaildirPlusPlus, &|_| false).is_empty());
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
         std::fs::write(root.join("tmp/m"), b"x").unwrap();
         std::fs::rename(root.join("tmp/m"), root.join("new/m")).unwrap();
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
