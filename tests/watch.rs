@@ -403,6 +403,8 @@ fn ssh_watch_survives_the_far_side_being_killed() {
     dc.save(&src, "INBOX", &message("ssh-1", "over one session", 20));
     dc.flags_add(&src, "INBOX", "1", "\\Answered");
     wait_equal(&dc, &src, &dst, &watch, "after a delivery over ssh");
+    // Through a batch of one mailbox (RescanMany on the session), not a full run.
+    watch.wait_for("batch", |e| e["full"] == false && e["mailboxes"] == 1);
     let first_serve = serve_pid(sshd.dir());
 
     // The far side dies while idle; the next change finds the session gone.

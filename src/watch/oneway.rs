@@ -6,8 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rayon::prelude::*;
-
 use crate::error::Result;
 use crate::model::MailboxStamps;
 use crate::progress::Progress;
@@ -161,13 +159,13 @@ impl OneWay {
         if !known_on_both {
             return self.structure_batch((src, dst), dirty, progress);
         }
-        let dirs: Vec<&String> = dirty.mailboxes.iter().collect();
-        let read = |replica: &dyn Replica| -> HashMap<String, MailboxTable> {
-            dirs.par_iter()
-                .map(|dir| ((*dir).clone(), replica.rescan_mailbox(layout, dir)))
-                .collect()
+        let dirs: Vec<String> = dirty.mailboxes.iter().cloned().collect();
+        let read = |replica: &dyn Replica| -> Result<HashMap<String, MailboxTable>> {
+            let tables = replica.rescan_mailboxes(layout, &dirs)?;
+            Ok(dirs.iter().cloned().zip(tables).collect())
         };
         let (src_read, dst_read) = rayon::join(|| read(src), || read(dst));
+        let (src_read, dst_read) = (src_read?, dst_read?);
         if src_read
             .values()
             .chain(dst_read.values())
