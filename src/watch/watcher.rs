@@ -128,7 +128,14 @@ impl TreeWatcher {
         let mut failures = Vec::new();
         let mut wanted: Vec<(PathBuf, Role)> = wanted
             .into_iter()
-            .filter(|(p, _)| !self.watched.contains_key(p))
+            .filter(|(p, role)| match self.watched.get_mut(p) {
+                // Already watched: a folder that became a mailbox only changes its role.
+                Some(known) => {
+                    *known = role.clone();
+                    false
+                }
+                None => true,
+            })
             .collect();
         // Parents before children, so nothing created in between goes unseen.
         wanted.sort_by_key(|(p, _)| p.components().count());
@@ -212,6 +219,11 @@ fn classify_entry(role: &Role, name: &str) -> Option<Change> {
     let is_root = dir.is_empty();
     match name {
         "dovecot-uidlist" | "dovecot-keywords" => Some(Change::Mailbox(dir.clone())),
+        // Dovecot writes a new uidlist as `dovecot-uidlist.tmp` and renames it.
+        n if n.ends_with(".lock") => None,
+        n if n.starts_with("dovecot-uidlist.") || n.starts_with("dovecot-keywords.") => {
+            Some(Change::Mailbox(dir.clone()))
+        }
         // A `cur/` or `new/` that appeared needs a watch of its own.
         "cur" | "new" => Some(Change::Structure),
         "tmp" | "maildirfolder" => None,
@@ -249,11 +261,46 @@ fn wanted_watches(
         wanted.insert(path, Role::Mailbox(dir));
     }
     for parent in found.parents {
-        wanted
-            .entry(mailbox_path(root, &parent))
-            .or_insert(Role::Parent);
+        if !excluded(&layout.display_name(&parent)) {
+            wanted
+                .entry(mailbox_path(root, &parent))
+                .or_insert(Role::Parent);
+        }
+    }
+    // A folder directory that is not a mailbox yet (Dovecot creates `cur/` and `new/`
+    // just after it): watched too, so that what appears inside is seen.
+    for dir in folder_candidates(root, layout) {
+        let rel = dir.strip_prefix(root).ok().and_then(Path::to_str);
+        if rel.is_some_and(|rel| !excluded(&layout.display_name(rel))) {
+            wanted.entry(dir).or_insert(Role::Parent);
+        }
     }
     wanted
+}
+
+/// Directories that may become folders: Maildir++ `.name` directories in the root, or
+/// every directory of a `LAYOUT=fs` tree outside `cur/`, `new/` and `tmp/`. Never
+/// through a symlink.
+fn folder_candidates(root: &Path, layout: Layout) -> Vec<PathBuf> {
+    let max_depth = match layout {
+        Layout::MaildirPlusPlus => 1,
+        Layout::Fs => usize::MAX,
+    };
+    walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .max_depth(max_depth)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| {
+            let name = e.file_name().to_str().unwrap_or("");
+            let folder = match layout {
+                Layout::MaildirPlusPlus => name.starts_with('.'),
+                Layout::Fs => true,
+            };
+            e.file_type().is_dir() && folder && !matches!(name, "cur" | "new" | "tmp")
+        })
+        .filter_map(|e| e.ok().map(walkdir::DirEntry::into_path))
+        .collect()
 }
 
 fn vanished(e: &notify::Error) -> bool {
@@ -291,6 +338,10 @@ mod tests {
         assert_eq!(
             classify_entry(&sent, "dovecot-keywords"),
             Some(Change::Mailbox(".Sent".into()))
+        );
+        assert_eq!(
+            classify_entry(&mailbox(""), "dovecot-uidlist.tmp"),
+            Some(Change::Mailbox(String::new()))
         );
         for noise in [
             "dovecot-uidlist.lock",
@@ -359,6 +410,58 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(watcher.watch_count(), 3);
+    }
+
+    #[test]
+    fn folders_that_are_not_mailboxes_yet_are_watched() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        for dir in ["cur", "new", "tmp", ".Empty", "not-a-folder", ".Full/cur"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::create_dir_all(root.join(".Full/new")).unwrap();
+        let mut watcher = TreeWatcher::new(root).unwrap();
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
+        // root, cur, new, .Empty, .Full, .Full/cur, .Full/new
+        assert_eq!(watcher.watch_count(), 7);
+        let event = |path: PathBuf| {
+            Ok(
+                notify::Event::new(EventKind::Create(notify::event::CreateKind::Folder))
+                    .add_path(path),
+            )
+        };
+        assert_eq!(
+            watcher.classify(event(root.join(".Empty/cur"))),
+            vec![Change::Structure]
+        );
+        // Once it is a mailbox, its `cur/` and `new/` are watched too and it names itself.
+        std::fs::create_dir_all(root.join(".Empty/new")).unwrap();
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
+        assert_eq!(watcher.watch_count(), 8);
+        assert_eq!(
+            watcher.classify(event(root.join(".Empty/dovecot-uidlist"))),
+            vec![Change::Mailbox(".Empty".into())]
+        );
+        let fs_tree = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(fs_tree.path().join("Clients/Acme")).unwrap();
+        let mut fs_watcher = TreeWatcher::new(fs_tree.path()).unwrap();
+        assert!(fs_watcher.update(Layout::Fs, &|_| false).is_empty());
+        assert_eq!(fs_watcher.watch_count(), 3, "root, Clients, Clients/Acme");
+        let mut excluding = TreeWatcher::new(fs_tree.path()).unwrap();
+        assert!(
+            excluding
+                .update(Layout::Fs, &|name| name == "Clients/Acme")
+                .is_empty()
+        );
+        assert_eq!(excluding.watch_count(), 2, "root, Clients");
     }
 
     #[test]
