@@ -169,6 +169,16 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// Starts `mdsync watch EXTRA.. SRC DST` on a copy of the sample tree; DST is missing.
+fn watch_sample(dc: &Dovecot, extra: &[String]) -> (PathBuf, PathBuf, Watch) {
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    let mut args = extra.to_vec();
+    args.extend([src.display().to_string(), dst.display().to_string()]);
+    let watch = Watch::start(&args, dc.path());
+    (src, dst, watch)
+}
+
 /// Every kind of change Dovecot makes, each mirrored before the next.
 fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
     dc.save(
@@ -204,10 +214,7 @@ fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
 #[test]
 fn local_watch_mirrors_every_change_and_stops_on_sigterm() {
     let dc = Dovecot::new();
-    let src = dc.sample("src");
-    let dst = dc.path().join("dst");
-    let args: Vec<String> = [src.display().to_string(), dst.display().to_string()].into();
-    let mut watch = Watch::start(&args, dc.path());
+    let (src, dst, mut watch) = watch_sample(&dc, &[]);
     watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
     wait_equal(&dc, &src, &dst, &watch, "after the first run");
 
@@ -287,10 +294,7 @@ fn fs_layout_nested_folders_are_watched_as_they_appear() {
 #[test]
 fn a_delivery_during_the_first_run_is_not_lost() {
     let dc = Dovecot::new();
-    let src = dc.sample("src");
-    let dst = dc.path().join("dst");
-    let args: Vec<String> = [src.display().to_string(), dst.display().to_string()].into();
-    let mut watch = Watch::start(&args, dc.path());
+    let (src, dst, mut watch) = watch_sample(&dc, &[]);
     // No waiting: these race the first run.
     dc.save(
         &src,
@@ -316,17 +320,8 @@ fn a_delivery_during_the_first_run_is_not_lost() {
 #[test]
 fn sighup_reopens_the_log_file() {
     let dc = Dovecot::new();
-    let src = dc.sample("src");
-    let dst = dc.path().join("dst");
     let log = dc.path().join("watch.log");
-    let args: Vec<String> = [
-        "--log".into(),
-        log.display().to_string(),
-        src.display().to_string(),
-        dst.display().to_string(),
-    ]
-    .into();
-    let mut watch = Watch::start(&args, dc.path());
+    let (src, dst, mut watch) = watch_sample(&dc, &["--log".into(), log.display().to_string()]);
     watch.wait_for("batch", |e| e["full"] == true);
     // logrotate: move the file away, then SIGHUP.
     let rotated = dc.path().join("watch.log.1");

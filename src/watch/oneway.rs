@@ -111,73 +111,6 @@ impl OneWay {
         self.state.as_ref().map(|(src, _)| src.root.layout)
     }
 
-    /// Reads the structure and every mailbox not vouched for by its stamps, on both sides.
-    fn structure_batch(
-        &mut self,
-        (src, dst): (&dyn Replica, &dyn Replica),
-        dirty: &Dirty,
-        progress: &dyn Progress,
-    ) -> Result<BatchReport> {
-        let Some((src_side, dst_side)) = &self.state else {
-            return self.full(src, dst, progress);
-        };
-        let layout = src_side.root.layout;
-        let scan = |hints| ScanOptions {
-            layout: Some(layout),
-            unchanged_if: hints,
-            cache_dir: None,
-            defer_cache_writes: true,
-            ..self.options.scan.clone()
-        };
-        let (src_scan, dst_scan) = (scan(src_side.hints(dirty)), scan(dst_side.hints(dirty)));
-        let (s, d) = rayon::join(
-            || src.scan(&src_scan, progress),
-            || dst.scan(&dst_scan, progress),
-        );
-        let (mut src_table, mut dst_table) = (s?, d?);
-        backup::read_one_sided(src, dst, &mut src_table, &mut dst_table);
-        self.converge((src, dst), src_table, dst_table, true, progress)
-    }
-
-    /// Reads only the dirty mailboxes on both sides; anything unexpected (a mailbox not
-    /// known on a side, or one that cannot be read, as when it was just deleted) turns the
-    /// batch into a structure batch.
-    fn mailbox_batch(
-        &mut self,
-        (src, dst): (&dyn Replica, &dyn Replica),
-        dirty: &Dirty,
-        progress: &dyn Progress,
-    ) -> Result<BatchReport> {
-        let Some((src_side, dst_side)) = &self.state else {
-            return self.full(src, dst, progress);
-        };
-        let layout = src_side.root.layout;
-        let known_on_both = dirty
-            .mailboxes
-            .iter()
-            .all(|d| src_side.known.contains_key(d) && dst_side.known.contains_key(d));
-        if !known_on_both {
-            return self.structure_batch((src, dst), dirty, progress);
-        }
-        let dirs: Vec<String> = dirty.mailboxes.iter().cloned().collect();
-        let read = |replica: &dyn Replica| -> Result<HashMap<String, MailboxTable>> {
-            let tables = replica.rescan_mailboxes(layout, &dirs)?;
-            Ok(dirs.iter().cloned().zip(tables).collect())
-        };
-        let (src_read, dst_read) = rayon::join(|| read(src), || read(dst));
-        let (src_read, dst_read) = (src_read?, dst_read?);
-        if src_read
-            .values()
-            .chain(dst_read.values())
-            .any(|m| m.broken.is_some())
-        {
-            return self.structure_batch((src, dst), dirty, progress);
-        }
-        let src_table = src_side.view(layout, &src_read);
-        let dst_table = dst_side.view(layout, &dst_read);
-        self.converge((src, dst), src_table, dst_table, false, progress)
-    }
-
     /// Diffs and applies two views, then remembers what both sides look like now.
     fn converge(
         &mut self,
@@ -310,12 +243,92 @@ impl Step for OneWay {
         dirty: &Dirty,
         progress: &dyn Progress,
     ) -> Result<BatchReport> {
-        if dirty.everything || self.state.is_none() {
-            self.full(src, dst, progress)
-        } else if dirty.structure {
-            self.structure_batch((src, dst), dirty, progress)
-        } else {
-            self.mailbox_batch((src, dst), dirty, progress)
+        let Some(sides) = &self.state else {
+            return self.full(src, dst, progress);
+        };
+        if dirty.everything {
+            return self.full(src, dst, progress);
         }
+        let read = Read {
+            replicas: (src, dst),
+            sides,
+            dirty,
+            scan: &self.options.scan,
+            progress,
+        };
+        let dirty_only = if dirty.structure {
+            None
+        } else {
+            read.dirty_mailboxes()?
+        };
+        let ((src_table, dst_table), structure) = match dirty_only {
+            Some(tables) => (tables, false),
+            None => (read.structure()?, true),
+        };
+        self.converge((src, dst), src_table, dst_table, structure, progress)
+    }
+}
+
+/// How a batch reads both sides before they are diffed.
+struct Read<'a> {
+    replicas: (&'a dyn Replica, &'a dyn Replica),
+    sides: &'a (Side, Side),
+    dirty: &'a Dirty,
+    scan: &'a ScanOptions,
+    progress: &'a dyn Progress,
+}
+
+impl Read<'_> {
+    /// Reads only the dirty mailboxes on both sides. `None` when that is not enough: a
+    /// mailbox not known on a side, or one that cannot be read (as when it was just
+    /// deleted): the structure must be read too.
+    fn dirty_mailboxes(&self) -> Result<Option<(MailTable, MailTable)>> {
+        let ((src, dst), (src_side, dst_side)) = (self.replicas, self.sides);
+        let layout = src_side.root.layout;
+        let known_on_both = self
+            .dirty
+            .mailboxes
+            .iter()
+            .all(|d| src_side.known.contains_key(d) && dst_side.known.contains_key(d));
+        if !known_on_both {
+            return Ok(None);
+        }
+        let dirs: Vec<String> = self.dirty.mailboxes.iter().cloned().collect();
+        let read = |replica: &dyn Replica| -> Result<HashMap<String, MailboxTable>> {
+            let tables = replica.rescan_mailboxes(layout, &dirs)?;
+            Ok(dirs.iter().cloned().zip(tables).collect())
+        };
+        let (src_read, dst_read) = rayon::join(|| read(src), || read(dst));
+        let (src_read, dst_read) = (src_read?, dst_read?);
+        let broken = src_read.values().chain(dst_read.values());
+        if broken.into_iter().any(|m| m.broken.is_some()) {
+            return Ok(None);
+        }
+        Ok(Some((
+            src_side.view(layout, &src_read),
+            dst_side.view(layout, &dst_read),
+        )))
+    }
+
+    /// Reads the folder lists and root files of both sides and every mailbox not vouched
+    /// for by its stamps (the dirty ones always).
+    fn structure(&self) -> Result<(MailTable, MailTable)> {
+        let ((src, dst), (src_side, dst_side)) = (self.replicas, self.sides);
+        let scan = |hints| ScanOptions {
+            layout: Some(src_side.root.layout),
+            unchanged_if: hints,
+            cache_dir: None,
+            defer_cache_writes: true,
+            ..self.scan.clone()
+        };
+        let hints = (src_side.hints(self.dirty), dst_side.hints(self.dirty));
+        let (src_scan, dst_scan) = (scan(hints.0), scan(hints.1));
+        let (s, d) = rayon::join(
+            || src.scan(&src_scan, self.progress),
+            || dst.scan(&dst_scan, self.progress),
+        );
+        let (mut src_table, mut dst_table) = (s?, d?);
+        backup::read_one_sided(src, dst, &mut src_table, &mut dst_table);
+        Ok((src_table, dst_table))
     }
 }

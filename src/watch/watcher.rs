@@ -319,6 +319,11 @@ mod tests {
         Role::Mailbox(dir.into())
     }
 
+    fn created(path: PathBuf) -> notify::Result<notify::Event> {
+        let kind = EventKind::Create(notify::event::CreateKind::Any);
+        Ok(notify::Event::new(kind).add_path(path))
+    }
+
     #[test]
     fn message_directories_name_their_mailbox() {
         let role = Role::Messages(".Sent".into());
@@ -385,21 +390,19 @@ mod tests {
         let failures = watcher.update(Layout::MaildirPlusPlus, &|_| false);
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(watcher.watch_count(), 6);
-        let event = |path: PathBuf| {
-            Ok(
-                notify::Event::new(EventKind::Create(notify::event::CreateKind::File))
-                    .add_path(path),
-            )
-        };
         assert_eq!(
-            watcher.classify(event(root.join(".Sent/new/1.M1P1.h"))),
+            watcher.classify(created(root.join(".Sent/new/1.M1P1.h"))),
             vec![Change::Mailbox(".Sent".into())]
         );
         assert_eq!(
-            watcher.classify(event(root.join(".Drafts"))),
+            watcher.classify(created(root.join(".Drafts"))),
             vec![Change::Structure]
         );
-        assert!(watcher.classify(event(root.join(".Sent/tmp/x"))).is_empty());
+        assert!(
+            watcher
+                .classify(created(root.join(".Sent/tmp/x")))
+                .is_empty()
+        );
         let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert_eq!(watcher.classify(Ok(overflow)), vec![Change::Everything]);
         // A folder that goes away loses its watches.
@@ -428,14 +431,8 @@ mod tests {
         );
         // root, cur, new, .Empty, .Full, .Full/cur, .Full/new
         assert_eq!(watcher.watch_count(), 7);
-        let event = |path: PathBuf| {
-            Ok(
-                notify::Event::new(EventKind::Create(notify::event::CreateKind::Folder))
-                    .add_path(path),
-            )
-        };
         assert_eq!(
-            watcher.classify(event(root.join(".Empty/cur"))),
+            watcher.classify(created(root.join(".Empty/cur"))),
             vec![Change::Structure]
         );
         // Once it is a mailbox, its `cur/` and `new/` are watched too and it names itself.
@@ -447,7 +444,7 @@ mod tests {
         );
         assert_eq!(watcher.watch_count(), 8);
         assert_eq!(
-            watcher.classify(event(root.join(".Empty/dovecot-uidlist"))),
+            watcher.classify(created(root.join(".Empty/dovecot-uidlist"))),
             vec![Change::Mailbox(".Empty".into())]
         );
         let fs_tree = tempfile::tempdir().unwrap();
