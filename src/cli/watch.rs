@@ -135,20 +135,27 @@ fn watch_options(a: &WatchArgs) -> anyhow::Result<WatchOptions> {
         Duration::try_from_secs_f64(value)
             .with_context(|| format!("{name} {value}: expected a number of seconds"))
     };
-    if a.debounce == 0 || a.max_delay < a.debounce {
-        bail!("--debounce must be at least 1 ms and --max-delay at least --debounce");
+    const HOUR_MS: u64 = 3_600_000;
+    const YEAR: u64 = 365 * 86_400;
+    if a.debounce == 0 || a.max_delay < a.debounce || a.max_delay > HOUR_MS {
+        bail!(
+            "--debounce must be at least 1 ms, --max-delay at least --debounce and at most an hour"
+        );
+    }
+    if a.rescan_interval > YEAR {
+        bail!("--rescan-interval is at most a year (0: never)");
     }
     let rescan = match a.rescan_interval {
-        // Never: a hundred years stands in for it.
-        0 => Duration::from_secs(100 * 365 * 86_400),
+        // Never: ten years stands in for it.
+        0 => Duration::from_secs(10 * YEAR),
         n => Duration::from_secs(n),
     };
     let (retry_min, retry_max) = (
         seconds(a.retry_min, "--retry-min")?,
         seconds(a.retry_max, "--retry-max")?,
     );
-    if retry_min.is_zero() || retry_max < retry_min {
-        bail!("--retry-min must be above 0 and --retry-max at least --retry-min");
+    if retry_min.is_zero() || retry_max < retry_min || retry_max > Duration::from_secs(86_400) {
+        bail!("--retry-min must be above 0, --retry-max at least --retry-min and at most a day");
     }
     Ok(WatchOptions {
         timing: Timing {
@@ -404,6 +411,11 @@ mod tests {
         assert!(parse(&["--debounce", "0"]).is_err());
         assert!(parse(&["--debounce", "300", "--max-delay", "100"]).is_err());
         assert!(parse(&["--retry-min", "5", "--retry-max", "1"]).is_err());
+        assert!(parse(&["--retry-min=-1"]).is_err());
+        assert!(parse(&["--rescan-interval", "18446744073709551615"]).is_err());
+        assert!(parse(&["--max-delay", "18446744073709551615"]).is_err());
+        let never = parse(&["--rescan-interval", "0"]).unwrap();
+        assert!(never.rescan_interval > Duration::from_secs(9 * 365 * 86_400));
         let quick = parse(&["--retry-min", "0.2"]).unwrap();
         assert_eq!(quick.retry_min, Duration::from_millis(200));
     }
