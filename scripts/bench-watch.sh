@@ -25,7 +25,7 @@
 #      included) over the delivery window and over --idle seconds of quiet afterwards, as a
 #      percentage of one core.
 # The "lsyncd" contender is `inotifywait -m -r -e close_write,moved_to,moved_from,create,delete
-# SRC | while read; do (gather events until 50 ms of quiet, at most 250 ms); rsync -a --delete
+# SRC | while read; do (gather events until 50 ms of quiet, at most 200 ms); rsync -a --delete
 # SRC/ DST/; done`: the shape of an lsyncd rsync setup with mdsync's batching window
 # (lsyncd's own default waits 15 s).
 #
@@ -209,10 +209,10 @@ if has lsyncd; then
 src=$1 dst=$2
 inotifywait -m -r -q -e close_write,moved_to,moved_from,create,delete --format x "$src" |
 while read -r _; do
-  # Gather events until 50 ms of quiet, at most 250 ms: the same window as mdsync's
+  # Gather events until 50 ms of quiet, at most 200 ms: the same window as mdsync's
   # default --debounce and --max-delay.
   start=${EPOCHREALTIME/./}
-  while (( ${EPOCHREALTIME/./} - start < 250000 )) && read -r -t 0.05 _; do :; done
+  while (( ${EPOCHREALTIME/./} - start < 200000 )) && read -r -t 0.05 _; do :; done
   rsync -a --delete "$src/" "$dst/"
 done
 SH

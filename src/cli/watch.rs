@@ -44,7 +44,7 @@ pub(super) struct WatchArgs {
     #[arg(long, value_name = "MS", default_value_t = 50)]
     debounce: u64,
     /// ...and at the latest this many milliseconds after its first change.
-    #[arg(long, value_name = "MS", default_value_t = 250)]
+    #[arg(long, value_name = "MS", default_value_t = 200)]
     max_delay: u64,
     /// Run a full (incremental) backup this often, to catch anything inotify missed
     /// (0: only at start and after failures).

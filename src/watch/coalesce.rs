@@ -73,7 +73,7 @@ impl Default for Timing {
     fn default() -> Self {
         Timing {
             debounce: Duration::from_millis(50),
-            max_delay: Duration::from_millis(250),
+            max_delay: Duration::from_millis(200),
             cap: 10_000,
         }
     }
