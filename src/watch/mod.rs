@@ -554,4 +554,118 @@ mod tests {
     impl Monitor for NoMonitor {
         fn event(&self, _event: WatchEvent) {}
     }
+
+    /// Records what the loop reported, by kind.
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<&'static str>>);
+
+    impl Monitor for Seen {
+        fn event(&self, event: WatchEvent) {
+            let kind = match event {
+                WatchEvent::Batch { report, .. } if report.full => "full",
+                WatchEvent::Batch { .. } => "batch",
+                WatchEvent::Failed { .. } => "failed",
+                WatchEvent::Reconnected { .. } => "reconnected",
+                _ => return,
+            };
+            self.0.lock().unwrap().push(kind);
+        }
+    }
+
+    impl Seen {
+        fn wait_for(&self, kinds: &[&str]) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while *self.0.lock().unwrap() != kinds {
+                assert!(Instant::now() < deadline, "{:?}", self.0.lock().unwrap());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// A step that fails its first `failures` batches.
+    struct Flaky {
+        failures: usize,
+        calls: Vec<&'static str>,
+    }
+
+    impl Step for Flaky {
+        fn full(&mut self, _: &dyn Replica, _: &dyn Replica, _: &dyn Progress) -> Result<BatchReport> {
+            self.calls.push("full");
+            Ok(BatchReport {
+                full: true,
+                ..BatchReport::default()
+            })
+        }
+
+        fn batch(
+            &mut self,
+            _: &dyn Replica,
+            _: &dyn Replica,
+            dirty: &Dirty,
+            _: &dyn Progress,
+        ) -> Result<BatchReport> {
+            assert_eq!(dirty.mailboxes.len(), 1, "{dirty:?}");
+            self.calls.push("batch");
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err(Error::Usage("destination disk full".into()));
+            }
+            Ok(BatchReport::default())
+        }
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_as_a_full_run_and_stop_ends_the_loop() {
+        use crate::replica::local::LocalReplica;
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path().join("src");
+        for dir in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let src = LocalReplica::new(&root);
+        let connects = std::sync::atomic::AtomicUsize::new(0);
+        let dst = tree.path().join("dst");
+        let connect = || -> Result<Box<dyn Replica>> {
+            connects.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(LocalReplica::new(&dst)))
+        };
+        let options = WatchOptions {
+            timing: Timing {
+                debounce: Duration::from_millis(5),
+                max_delay: Duration::from_millis(10),
+                cap: 100,
+            },
+            retry_min: Duration::from_millis(10),
+            ..WatchOptions::default()
+        };
+        let excluded = |_: &str| false;
+        let watcher = TreeWatcher::new(&root).unwrap();
+        let watch = WatchLoop::new(
+            watcher,
+            &src,
+            &connect,
+            options,
+            (Layout::MaildirPlusPlus, &excluded),
+        );
+        let control = watch.control();
+        let seen = Seen::default();
+        let mut step = Flaky {
+            failures: 1,
+            calls: Vec::new(),
+        };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                seen.wait_for(&["full"]);
+                std::fs::write(root.join("new/1.M1P1.h"), b"x").unwrap();
+                seen.wait_for(&["full", "failed", "full"]);
+                std::fs::write(root.join("new/2.M2P1.h"), b"x").unwrap();
+                seen.wait_for(&["full", "failed", "full", "batch"]);
+                control.stop();
+            });
+            watch.run(&mut step, &seen, &crate::progress::NoProgress);
+        });
+        assert_eq!(step.calls, ["full", "batch", "full", "batch"]);
+        // A local destination is kept across failures; only a remote session is reopened.
+        assert_eq!(connects.load(Ordering::SeqCst), 1);
+    }
 }

@@ -462,6 +462,31 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_nobody_reads_is_reported_as_an_overflow() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        for dir in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let mut watcher = TreeWatcher::new(root).unwrap();
+        assert!(watcher.update(Layout::MaildirPlusPlus, &|_| false).is_empty());
+        // More events than either queue holds, none read meanwhile.
+        for n in 0..(QUEUE + 1000) {
+            std::fs::write(root.join(format!("new/{n}")), b"").unwrap();
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut everything = false;
+        while !everything && Instant::now() < deadline {
+            everything = watcher.take_overflow();
+            while let Some(Wake::Fs(event)) = watcher.poll() {
+                everything |= watcher.classify(event).contains(&Change::Everything);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(everything, "an overflow must ask for everything");
+    }
+
+    #[test]
     fn a_real_delivery_wakes_the_waiter() {
         let tree = tempfile::tempdir().unwrap();
         let root = tree.path();
