@@ -589,7 +589,12 @@ mod tests {
     }
 
     impl Step for Flaky {
-        fn full(&mut self, _: &dyn Replica, _: &dyn Replica, _: &dyn Progress) -> Result<BatchReport> {
+        fn full(
+            &mut self,
+            _: &dyn Replica,
+            _: &dyn Replica,
+            _: &dyn Progress,
+        ) -> Result<BatchReport> {
             self.calls.push("full");
             Ok(BatchReport {
                 full: true,

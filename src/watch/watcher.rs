@@ -469,7 +469,11 @@ mod tests {
             std::fs::create_dir_all(root.join(dir)).unwrap();
         }
         let mut watcher = TreeWatcher::new(root).unwrap();
-        assert!(watcher.update(Layout::MaildirPlusPlus, &|_| false).is_empty());
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
         // More events than either queue holds, none read meanwhile.
         for n in 0..(QUEUE + 1000) {
             std::fs::write(root.join(format!("new/{n}")), b"").unwrap();
