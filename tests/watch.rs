@@ -1,7 +1,8 @@
 //! End-to-end `mdsync watch`: the real binary watching a Dovecot-made tree while Dovecot
 //! delivers, changes flags, expunges, creates, renames and deletes folders; each change
 //! must reach the destination (checked with Dovecot's own view of both sides) within a
-//! bounded wait. Locally, and over ssh to 127.0.0.1 with the far side killed mid-run.
+//! bounded wait. Locally, and over ssh to 127.0.0.1 with the far side killed mid-run and
+//! sshd stopped for a while and started again on the same port.
 //! SIGTERM must end it with exit code 0, and it must use no CPU while idle.
 
 mod support;
@@ -375,7 +376,7 @@ fn serve_pid(dir: &Path) -> i32 {
 }
 
 #[test]
-fn ssh_watch_survives_the_far_side_being_killed() {
+fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     let dc = Dovecot::new();
     let sshd = Sshd::start();
     let wrapper = remote_wrapper(sshd.dir());
@@ -395,6 +396,7 @@ fn ssh_watch_survives_the_far_side_being_killed() {
     let mut watch = Watch::start(&args, dc.path());
     watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
     wait_equal(&dc, &src, &dst, &watch, "after the first run over ssh");
+    let mut sshd = sshd;
     dc.save(&src, "INBOX", &message("ssh-1", "over one session", 20));
     dc.flags_add(&src, "INBOX", "1", "\\Answered");
     wait_equal(&dc, &src, &dst, &watch, "after a delivery over ssh");
@@ -419,5 +421,27 @@ fn ssh_watch_survives_the_far_side_being_killed() {
     dc.create_mailbox(&src, "Later");
     dc.save(&src, "Later", &message("ssh-3", "on the new session", 5));
     wait_equal(&dc, &src, &dst, &watch, "on the new session");
+
+    // The whole host goes away for a while: every attempt fails, with growing delays,
+    // until sshd is back on the same port.
+    sshd.stop_for_now();
+    let failed_before = watch.events_of("failed").len();
+    dc.save(
+        &src,
+        "Later",
+        &message("ssh-4", "while the host is down", 5),
+    );
+    let deadline = Instant::now() + CONVERGE;
+    while watch.events_of("failed").len() < failed_before + 3 {
+        assert!(Instant::now() < deadline, "{}", watch.describe());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let delays: Vec<u64> = watch.events_of("failed")[failed_before..]
+        .iter()
+        .map(|e| e["retry_in_ms"].as_u64().unwrap())
+        .collect();
+    assert!(delays.windows(2).all(|w| w[1] >= w[0]), "{delays:?}");
+    sshd.start_again();
+    wait_equal(&dc, &src, &dst, &watch, "after the host came back");
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }
