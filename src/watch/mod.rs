@@ -248,7 +248,19 @@ impl<'a> WatchLoop<'a> {
             }
             let result = self.do_work(step, dst_ref.as_ref(), &work, progress);
             match result {
-                Ok(report) => state.done(&work, report, monitor),
+                Ok(report) => {
+                    // Items that could not be written (not bad source input, which would
+                    // fail the same way every time) are retried by a full run.
+                    let first_error = report.outcome.report.errors.first().cloned();
+                    state.done(&work, report, first_error.is_none(), monitor);
+                    if let Some(e) = first_error {
+                        state.retry_later(
+                            &format!("not everything was written: {e}"),
+                            &self.options,
+                            monitor,
+                        );
+                    }
+                }
                 Err(_) if self.stop.load(Ordering::SeqCst) => break,
                 Err(e) => {
                     if dst.as_ref().is_some_and(|d| d.wire_bytes().is_some()) {
@@ -431,7 +443,8 @@ impl LoopState {
         Some(Work::Batch { dirty, since })
     }
 
-    fn done(&mut self, work: &Work, report: BatchReport, monitor: &dyn Monitor) {
+    /// Records a batch that ran; a `clean` one (nothing left to retry) ends the backoff.
+    fn done(&mut self, work: &Work, report: BatchReport, clean: bool, monitor: &dyn Monitor) {
         let since = match work {
             Work::Full { since } => *since,
             Work::Batch { since, .. } => Some(*since),
@@ -440,7 +453,9 @@ impl LoopState {
             self.need_full = false;
             self.last_full = Some(Instant::now());
         }
-        self.failures = 0;
+        if clean {
+            self.failures = 0;
+        }
         self.pending_since = None;
         monitor.event(WatchEvent::Batch {
             report: Box::new(report),
@@ -454,13 +469,18 @@ impl LoopState {
             Work::Batch { since, .. } => Some(since),
         };
         self.pending_since = self.pending_since.or(since);
-        // Whatever the batch held is covered by the catch-up run.
+        self.retry_later(&e.to_string(), options, monitor);
+    }
+
+    /// Schedules a full run after the backoff; whatever the failed batch held is covered
+    /// by that catch-up run.
+    fn retry_later(&mut self, message: &str, options: &WatchOptions, monitor: &dyn Monitor) {
         self.need_full = true;
         let retry_in = backoff(options, self.failures);
         self.failures = self.failures.saturating_add(1);
         self.retry_at = Some(Instant::now() + retry_in);
         monitor.event(WatchEvent::Failed {
-            message: e.to_string(),
+            message: message.to_string(),
             retry_in,
         });
     }
@@ -510,6 +530,7 @@ mod tests {
         state.done(
             &Work::Full { since: None },
             BatchReport::default(),
+            true,
             &NoMonitor,
         );
         // Idle: only the periodic rescan is scheduled.
@@ -531,6 +552,7 @@ mod tests {
         state.done(
             &Work::Full { since: None },
             BatchReport::default(),
+            true,
             &NoMonitor,
         );
         let t0 = Instant::now() - Duration::from_secs(1);
@@ -582,9 +604,11 @@ mod tests {
         }
     }
 
-    /// A step that fails its first `failures` batches.
+    /// A step that fails its first `failures` batches, then reports item errors in the
+    /// next `item_errors`.
     struct Flaky {
         failures: usize,
+        item_errors: usize,
         calls: Vec<&'static str>,
     }
 
@@ -615,7 +639,16 @@ mod tests {
                 self.failures -= 1;
                 return Err(Error::Usage("destination disk full".into()));
             }
-            Ok(BatchReport::default())
+            let mut report = BatchReport::default();
+            if self.item_errors > 0 {
+                self.item_errors -= 1;
+                report
+                    .outcome
+                    .report
+                    .errors
+                    .push("a message: disk full".into());
+            }
+            Ok(report)
         }
     }
 
@@ -656,6 +689,7 @@ mod tests {
         let seen = Seen::default();
         let mut step = Flaky {
             failures: 1,
+            item_errors: 1,
             calls: Vec::new(),
         };
         std::thread::scope(|scope| {
@@ -663,13 +697,17 @@ mod tests {
                 seen.wait_for(&["full"]);
                 std::fs::write(root.join("new/1.M1P1.h"), b"x").unwrap();
                 seen.wait_for(&["full", "failed", "full"]);
+                // A batch that could not write everything is followed by a full run.
                 std::fs::write(root.join("new/2.M2P1.h"), b"x").unwrap();
-                seen.wait_for(&["full", "failed", "full", "batch"]);
+                seen.wait_for(&["full", "failed", "full", "batch", "failed", "full"]);
+                std::fs::write(root.join("new/3.M3P1.h"), b"x").unwrap();
+                seen.wait_for(&["full", "failed", "full", "batch", "failed", "full", "batch"]);
                 control.stop();
             });
             watch.run(&mut step, &seen, &crate::progress::NoProgress);
         });
-        assert_eq!(step.calls, ["full", "batch", "full", "batch"]);
+        let calls = ["full", "batch", "full", "batch", "full", "batch"];
+        assert_eq!(step.calls, calls);
         // A local destination is kept across failures; only a remote session is reopened.
         assert_eq!(connects.load(Ordering::SeqCst), 1);
     }

@@ -332,3 +332,135 @@ impl Read<'_> {
         Ok((src_table, dst_table))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Stamp;
+    use crate::sync::plan::{DeleteMailbox, MailboxPlan};
+
+    fn stamps(n: i64) -> MailboxStamps {
+        let stamp = Stamp {
+            mtime_ns: n,
+            ..Stamp::default()
+        };
+        MailboxStamps { parts: [stamp; 4] }
+    }
+
+    fn mailbox(dir: &str, messages: u32, stamp: i64) -> MailboxTable {
+        let mut table = MailboxTable {
+            dir: dir.into(),
+            stamps: stamps(stamp),
+            ..MailboxTable::default()
+        };
+        table.msgs.uid = (1..=messages).collect();
+        table
+    }
+
+    fn placeholder(dir: &str, messages: u64, stamp: i64) -> MailboxTable {
+        MailboxTable {
+            dir: dir.into(),
+            unchanged: Some(messages),
+            stamps: stamps(stamp),
+            ..MailboxTable::default()
+        }
+    }
+
+    fn tree(mailboxes: Vec<MailboxTable>, subscriptions: &[u8]) -> MailTable {
+        MailTable {
+            layout: Layout::MaildirPlusPlus,
+            mailboxes,
+            parents: Vec::new(),
+            unfollowed: Vec::new(),
+            subscriptions: Some(subscriptions.to_vec()),
+            uidvalidity_next: Some(10),
+            root_meta: Default::default(),
+            scanned_at_ns: 0,
+            anomalies: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn what_the_plan_wrote_is_read_again_next_time_and_the_rest_is_vouched_for() {
+        let src = tree(
+            vec![
+                mailbox("", 3, 1),
+                placeholder(".Sent", 7, 2),
+                mailbox(".New", 1, 3),
+            ],
+            b"Sent\nNew\n",
+        );
+        let dst = tree(
+            vec![
+                mailbox("", 2, 4),
+                placeholder(".Sent", 7, 5),
+                mailbox(".Old", 9, 6),
+            ],
+            b"Sent\nOld\n",
+        );
+        let plan = Plan {
+            mailboxes: ["", ".New"]
+                .map(|dir| MailboxPlan {
+                    dir: dir.into(),
+                    ..MailboxPlan::default()
+                })
+                .to_vec(),
+            delete_mailboxes: vec![DeleteMailbox {
+                dir: ".Old".into(),
+                name: "Old".into(),
+                messages: 9,
+            }],
+            subscriptions: Some(Some(b"Sent\nNew\n".to_vec())),
+            uidvalidity_next: Some(12),
+            ..Plan::default()
+        };
+        let (src_side, dst_side) = remember(None, &src, &dst, &plan, true);
+        let known = |side: &Side, dir: &str| side.known.get(dir).copied();
+        assert_eq!(
+            known(&src_side, ".Sent"),
+            Some(Known {
+                stamps: Some(stamps(2)),
+                count: 7
+            })
+        );
+        // Written by the plan: stamps unknown (read again), counted like the source.
+        assert_eq!(
+            known(&dst_side, ""),
+            Some(Known {
+                stamps: None,
+                count: 3
+            })
+        );
+        assert_eq!(known(&dst_side, ".New").map(|k| k.count), Some(1));
+        assert_eq!(known(&dst_side, ".Old"), None);
+        assert_eq!(
+            known(&dst_side, ".Sent"),
+            Some(Known {
+                stamps: Some(stamps(5)),
+                count: 7
+            })
+        );
+        assert_eq!(dst_side.root.subscriptions, src.subscriptions);
+        assert_eq!(dst_side.root.uidvalidity_next, Some(12));
+
+        // The next batch: only INBOX is read; the rest stand in unread, on both sides.
+        let dirty = Dirty {
+            mailboxes: [String::new()].into(),
+            ..Dirty::default()
+        };
+        assert_eq!(
+            dst_side.hints(&dirty).keys().collect::<Vec<_>>(),
+            vec![".Sent"],
+            "no hint for what was written or is dirty"
+        );
+        let read = HashMap::from([(String::new(), mailbox("", 3, 9))]);
+        let view = dst_side.view(Layout::MaildirPlusPlus, &read);
+        let dirs: Vec<(&str, Option<u64>)> = view
+            .mailboxes
+            .iter()
+            .map(|m| (m.dir.as_str(), m.unchanged))
+            .collect();
+        assert_eq!(dirs, [("", None), (".New", Some(1)), (".Sent", Some(7))]);
+        assert!(view.anomalies.is_empty());
+    }
+}
