@@ -180,6 +180,19 @@ fn watch_sample(dc: &Dovecot, extra: &[String]) -> (PathBuf, PathBuf, Watch) {
     (src, dst, watch)
 }
 
+/// Idle means blocked: no CPU over 3 s (a busy loop would use hundreds of ticks).
+fn assert_idle(watch: &Watch) {
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(watch.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = cpu_ticks(watch.pid()) - before;
+    assert!(
+        idle <= 2,
+        "{idle} CPU ticks while idle\n{}",
+        watch.describe()
+    );
+}
+
 /// Every kind of change Dovecot makes, each mirrored before the next.
 fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
     dc.save(
@@ -238,16 +251,7 @@ fn local_watch_mirrors_every_change_and_stops_on_sigterm() {
         watch.describe()
     );
 
-    // Idle: blocked, no CPU (a busy loop would use hundreds of ticks in 3 s).
-    std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_ticks(watch.pid());
-    std::thread::sleep(Duration::from_secs(3));
-    let idle = cpu_ticks(watch.pid()) - before;
-    assert!(
-        idle <= 2,
-        "{idle} CPU ticks while idle\n{}",
-        watch.describe()
-    );
+    assert_idle(&watch);
 
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
     assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
@@ -402,15 +406,18 @@ fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     wait_equal(&dc, &src, &dst, &watch, "after a delivery over ssh");
     // Through a batch of one mailbox (RescanMany on the session), not a full run.
     watch.wait_for("batch", |e| e["full"] == false && e["mailboxes"] == 1);
+    assert_idle(&watch);
     let first_serve = serve_pid(sshd.dir());
 
-    // The far side dies while idle; the next change finds the session gone.
-    kill(Pid::from_raw(first_serve), Signal::SIGKILL).unwrap();
-    dc.save(
-        &src,
-        "INBOX",
-        &message("ssh-2", "after the far side died", 20),
-    );
+    // The far side dies while deliveries stream in: at some moment of a batch, or
+    // between two.
+    for n in 0..6 {
+        if n == 3 {
+            kill(Pid::from_raw(first_serve), Signal::SIGKILL).unwrap();
+        }
+        let id = format!("ssh-stream-{n}");
+        dc.save(&src, "INBOX", &message(&id, "while the far side dies", 20));
+    }
     dc.expunge(&src, "INBOX", "1");
     watch.wait_for("failed", |_| true);
     watch.wait_for("reconnected", |_| true);
