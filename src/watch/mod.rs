@@ -246,9 +246,11 @@ impl<'a> WatchLoop<'a> {
                 // Before the tree is read, so nothing created in between goes unseen.
                 degraded |= self.set_watches(monitor);
             }
+            let started = Instant::now();
             let result = self.do_work(step, dst_ref.as_ref(), &work, progress);
             match result {
-                Ok(report) => {
+                Ok(mut report) => {
+                    report.outcome.seconds = started.elapsed().as_secs_f64();
                     // Items that could not be written (not bad source input, which would
                     // fail the same way every time) are retried by a full run.
                     let first_error = report.outcome.report.errors.first().cloned();
