@@ -160,9 +160,12 @@ impl Control {
 /// Opens the destination (again): a remote one is a new session.
 pub type Connect<'a> = dyn Fn() -> Result<Box<dyn Replica>> + 'a;
 
-/// The watch loop over one watched source tree.
+/// The watch loop over one watched source tree (and, for a two-way step, the destination
+/// tree too: [`WatchLoop::also_watching`]).
 pub struct WatchLoop<'a> {
     watcher: TreeWatcher,
+    /// Watchers of other trees, sharing `watcher`'s queue ([`TreeWatcher::alongside`]).
+    others: Vec<TreeWatcher>,
     src: &'a dyn Replica,
     connect: &'a Connect<'a>,
     options: WatchOptions,
@@ -187,6 +190,7 @@ impl<'a> WatchLoop<'a> {
     ) -> WatchLoop<'a> {
         WatchLoop {
             watcher,
+            others: Vec::new(),
             src,
             connect,
             options,
@@ -196,6 +200,18 @@ impl<'a> WatchLoop<'a> {
             in_full_run: Arc::new(AtomicBool::new(false)),
             reported_watches: None,
         }
+    }
+
+    /// Also watches another tree, such as a local destination that a two-way step brings
+    /// together with the source: its changes go into the same batches. `other` must come
+    /// from [`TreeWatcher::alongside`] on this loop's watcher.
+    pub fn also_watching(mut self, other: TreeWatcher) -> WatchLoop<'a> {
+        self.others.push(other);
+        self
+    }
+
+    fn watchers(&self) -> impl Iterator<Item = &TreeWatcher> {
+        std::iter::once(&self.watcher).chain(&self.others)
     }
 
     /// A handle to stop the loop.
@@ -304,8 +320,12 @@ impl<'a> WatchLoop<'a> {
 
     /// Updates the watches to the tree's current folders; true when some could not be set.
     fn set_watches(&mut self, monitor: &dyn Monitor) -> bool {
-        let failures = self.watcher.update(self.layout, self.excluded);
-        let watches = self.watcher.watch_count();
+        let (layout, excluded) = (self.layout, self.excluded);
+        let failures: Vec<_> = std::iter::once(&mut self.watcher)
+            .chain(&mut self.others)
+            .flat_map(|w| w.update(layout, excluded))
+            .collect();
+        let watches = self.watchers().map(TreeWatcher::watch_count).sum();
         if self.reported_watches.replace(watches) != Some(watches) {
             monitor.event(WatchEvent::Watching { watches });
         }
@@ -327,7 +347,11 @@ impl<'a> WatchLoop<'a> {
                 Wake::Stop => return,
                 Wake::Fs(event) => {
                     let now = Instant::now();
-                    for change in self.watcher.classify(event) {
+                    let mut changes: Vec<Change> =
+                        self.watchers().flat_map(|w| w.classify(&event)).collect();
+                    // An error or an overflow is everyone's: once is enough.
+                    changes.dedup();
+                    for change in changes {
                         if change == Change::Everything {
                             monitor.event(WatchEvent::Overflow);
                         }

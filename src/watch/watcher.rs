@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
@@ -61,22 +61,42 @@ pub struct WatchFailure {
     pub why: String,
 }
 
-/// The inotify watches on one tree and the queue their events arrive on.
+/// The queue the watchers of one loop deliver to, and whether it overflowed.
+struct Queue {
+    events: Mutex<Receiver<Wake>>,
+    sender: SyncSender<Wake>,
+    overflowed: AtomicBool,
+}
+
+/// The inotify watches on one tree and the queue their events arrive on (shared with the
+/// watcher of the other tree when both sides are watched).
 pub struct TreeWatcher {
     root: PathBuf,
     inner: notify::RecommendedWatcher,
     watched: HashMap<PathBuf, Role>,
-    events: Receiver<Wake>,
-    sender: SyncSender<Wake>,
-    overflowed: Arc<AtomicBool>,
+    queue: Arc<Queue>,
 }
 
 impl TreeWatcher {
     /// Starts watching nothing yet under `root`; [`TreeWatcher::update`] sets the watches.
     pub fn new(root: &Path) -> notify::Result<TreeWatcher> {
         let (sender, events) = std::sync::mpsc::sync_channel(QUEUE);
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let (queue, flag) = (sender.clone(), overflowed.clone());
+        let queue = Queue {
+            events: Mutex::new(events),
+            sender,
+            overflowed: AtomicBool::new(false),
+        };
+        TreeWatcher::with_queue(root, Arc::new(queue))
+    }
+
+    /// A watcher of another tree whose events arrive on this watcher's queue: the two
+    /// sides of a two-way mirror, waited for as one.
+    pub fn alongside(&self, root: &Path) -> notify::Result<TreeWatcher> {
+        TreeWatcher::with_queue(root, self.queue.clone())
+    }
+
+    fn with_queue(root: &Path, queue: Arc<Queue>) -> notify::Result<TreeWatcher> {
+        let target = queue.clone();
         let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if let Ok(e) = &event
                 && matches!(e.kind, EventKind::Access(_))
@@ -84,23 +104,21 @@ impl TreeWatcher {
                 // Opening or reading (our own scans among them) changes nothing.
                 return;
             }
-            if let Err(TrySendError::Full(_)) = queue.try_send(Wake::Fs(event)) {
-                flag.store(true, Ordering::Relaxed);
+            if let Err(TrySendError::Full(_)) = target.sender.try_send(Wake::Fs(event)) {
+                target.overflowed.store(true, Ordering::Relaxed);
             }
         })?;
         Ok(TreeWatcher {
             root: root.to_path_buf(),
             inner,
             watched: HashMap::new(),
-            events,
-            sender,
-            overflowed,
+            queue,
         })
     }
 
     /// A handle that wakes the loop.
     pub fn waker(&self) -> Waker {
-        Waker(self.sender.clone())
+        Waker(self.queue.sender.clone())
     }
 
     /// Number of directories watched.
@@ -157,26 +175,24 @@ impl TreeWatcher {
     /// Waits for the next wake-up until `deadline` (forever when `None`). Blocks: no CPU
     /// while nothing happens. `None` when the deadline passed.
     pub fn wait(&self, deadline: Option<Instant>) -> Option<Wake> {
+        let events = self.queue.events.lock().unwrap_or_else(|p| p.into_inner());
         let result = match deadline {
-            None => self
-                .events
-                .recv()
-                .map_err(|_| RecvTimeoutError::Disconnected),
-            Some(at) => self
-                .events
-                .recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => events.recv_timeout(at.saturating_duration_since(Instant::now())),
         };
         result.ok()
     }
 
     /// Takes the next queued wake-up without waiting.
     pub fn poll(&self) -> Option<Wake> {
-        self.events.try_recv().ok()
+        let events = self.queue.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.try_recv().ok()
     }
 
     /// Turns an event into the changes it stands for. The kernel's queue overflowing or a
     /// watcher error is `Everything` (ours overflowing: [`TreeWatcher::take_overflow`]).
-    pub fn classify(&self, event: notify::Result<notify::Event>) -> Vec<Change> {
+    /// Paths outside this watcher's tree are not its business: they give nothing.
+    pub fn classify(&self, event: &notify::Result<notify::Event>) -> Vec<Change> {
         let event = match event {
             Ok(event) if !event.need_rescan() => event,
             _ => return vec![Change::Everything],
@@ -195,7 +211,7 @@ impl TreeWatcher {
 
     /// True when events were dropped since the last call.
     pub fn take_overflow(&self) -> bool {
-        self.overflowed.swap(false, Ordering::Relaxed)
+        self.queue.overflowed.swap(false, Ordering::Relaxed)
     }
 
     fn change_of(&self, path: &Path) -> Option<Change> {
@@ -391,20 +407,20 @@ mod tests {
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(watcher.watch_count(), 6);
         assert_eq!(
-            watcher.classify(created(root.join(".Sent/new/1.M1P1.h"))),
+            watcher.classify(&created(root.join(".Sent/new/1.M1P1.h"))),
             vec![Change::Mailbox(".Sent".into())]
         );
         assert_eq!(
-            watcher.classify(created(root.join(".Drafts"))),
+            watcher.classify(&created(root.join(".Drafts"))),
             vec![Change::Structure]
         );
         assert!(
             watcher
-                .classify(created(root.join(".Sent/tmp/x")))
+                .classify(&created(root.join(".Sent/tmp/x")))
                 .is_empty()
         );
         let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert_eq!(watcher.classify(Ok(overflow)), vec![Change::Everything]);
+        assert_eq!(watcher.classify(&Ok(overflow)), vec![Change::Everything]);
         // A folder that goes away loses its watches.
         std::fs::remove_dir_all(root.join(".Sent")).unwrap();
         assert!(
@@ -432,7 +448,7 @@ mod tests {
         // root, cur, new, .Empty, .Full, .Full/cur, .Full/new
         assert_eq!(watcher.watch_count(), 7);
         assert_eq!(
-            watcher.classify(created(root.join(".Empty/cur"))),
+            watcher.classify(&created(root.join(".Empty/cur"))),
             vec![Change::Structure]
         );
         // Once it is a mailbox, its `cur/` and `new/` are watched too and it names itself.
@@ -444,7 +460,7 @@ mod tests {
         );
         assert_eq!(watcher.watch_count(), 8);
         assert_eq!(
-            watcher.classify(created(root.join(".Empty/dovecot-uidlist"))),
+            watcher.classify(&created(root.join(".Empty/dovecot-uidlist"))),
             vec![Change::Mailbox(".Empty".into())]
         );
         let fs_tree = tempfile::tempdir().unwrap();
@@ -483,11 +499,42 @@ mod tests {
         while !everything && Instant::now() < deadline {
             everything = watcher.take_overflow();
             while let Some(Wake::Fs(event)) = watcher.poll() {
-                everything |= watcher.classify(event).contains(&Change::Everything);
+                everything |= watcher.classify(&event).contains(&Change::Everything);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(everything, "an overflow must ask for everything");
+    }
+
+    #[test]
+    fn two_trees_share_one_queue_and_each_names_its_own_mailboxes() {
+        let trees = tempfile::tempdir().unwrap();
+        let (a, b) = (trees.path().join("a"), trees.path().join("b"));
+        for root in [&a, &b] {
+            for dir in ["cur", "new", "tmp", ".Sent/cur", ".Sent/new"] {
+                std::fs::create_dir_all(root.join(dir)).unwrap();
+            }
+        }
+        let mut first = TreeWatcher::new(&a).unwrap();
+        let mut second = first.alongside(&b).unwrap();
+        assert!(first.update(Layout::MaildirPlusPlus, &|_| false).is_empty());
+        assert!(
+            second
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
+        std::fs::write(b.join(".Sent/new/1.M1P1.h"), b"x").unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen = (Vec::new(), Vec::new());
+        while seen.1.is_empty() {
+            let Some(Wake::Fs(event)) = first.wait(Some(deadline)) else {
+                panic!("no event from the second tree on the shared queue");
+            };
+            seen.0.extend(first.classify(&event));
+            seen.1.extend(second.classify(&event));
+        }
+        assert!(seen.0.is_empty(), "{seen:?}");
+        assert_eq!(seen.1, vec![Change::Mailbox(".Sent".into())]);
     }
 
     #[test]
@@ -508,7 +555,7 @@ mod tests {
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let mut seen = Vec::new();
         while let Some(Wake::Fs(event)) = watcher.wait(Some(deadline)) {
-            seen.extend(watcher.classify(event));
+            seen.extend(watcher.classify(&event));
             if !seen.is_empty() {
                 break;
             }
