@@ -335,6 +335,18 @@ mod tests {
         Role::Mailbox(dir.into())
     }
 
+    /// A temp tree with `dirs`, watched as a Maildir++ tree.
+    fn watched(dirs: &[&str]) -> (tempfile::TempDir, TreeWatcher) {
+        let tree = tempfile::tempdir().unwrap();
+        for dir in dirs {
+            std::fs::create_dir_all(tree.path().join(dir)).unwrap();
+        }
+        let mut watcher = TreeWatcher::new(tree.path()).unwrap();
+        let failures = watcher.update(Layout::MaildirPlusPlus, &|_| false);
+        assert!(failures.is_empty(), "{failures:?}");
+        (tree, watcher)
+    }
+
     fn created(path: PathBuf) -> notify::Result<notify::Event> {
         let kind = EventKind::Create(notify::event::CreateKind::Any);
         Ok(notify::Event::new(kind).add_path(path))
@@ -479,17 +491,8 @@ mod tests {
 
     #[test]
     fn a_flood_nobody_reads_is_reported_as_an_overflow() {
-        let tree = tempfile::tempdir().unwrap();
+        let (tree, watcher) = watched(&["cur", "new", "tmp"]);
         let root = tree.path();
-        for dir in ["cur", "new", "tmp"] {
-            std::fs::create_dir_all(root.join(dir)).unwrap();
-        }
-        let mut watcher = TreeWatcher::new(root).unwrap();
-        assert!(
-            watcher
-                .update(Layout::MaildirPlusPlus, &|_| false)
-                .is_empty()
-        );
         // More events than either queue holds, none read meanwhile.
         for n in 0..(QUEUE + 1000) {
             std::fs::write(root.join(format!("new/{n}")), b"").unwrap();
@@ -539,17 +542,8 @@ mod tests {
 
     #[test]
     fn a_real_delivery_wakes_the_waiter() {
-        let tree = tempfile::tempdir().unwrap();
+        let (tree, watcher) = watched(&["cur", "new", "tmp"]);
         let root = tree.path();
-        for dir in ["cur", "new", "tmp"] {
-            std::fs::create_dir_all(root.join(dir)).unwrap();
-        }
-        let mut watcher = TreeWatcher::new(root).unwrap();
-        assert!(
-            watcher
-                .update(Layout::MaildirPlusPlus, &|_| false)
-                .is_empty()
-        );
         std::fs::write(root.join("tmp/m"), b"x").unwrap();
         std::fs::rename(root.join("tmp/m"), root.join("new/m")).unwrap();
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
