@@ -16,7 +16,7 @@
 # What it does, per tool, one tool after the other on the same source tree:
 #   1. the initial copy (`mdsync watch` does it itself; the loop gets one `rsync -a --delete`);
 #   2. the watcher is started in its own process group;
-#   3. a Python helper delivers N messages per second the way an MDA does (write the
+#   3. a Python script delivers N messages per second the way an MDA does (write the
 #      message into INBOX's tmp/, then rename it into new/; Dovecot numbers it later) and
 #      watches the destination's INBOX new/ and cur/ with inotify; a message's latency is
 #      from its rename into SRC's new/ to its name appearing in DST's new/ or cur/ (one
@@ -99,7 +99,7 @@ cpu_ticks() {
   echo "$total"
 }
 
-# The delivering and observing helper (Python standard library only; inotify by ctypes).
+# The delivering and observing script (Python standard library only; inotify by ctypes).
 cat >"$W/deliver.py" <<'PY'
 import ctypes, json, os, struct, sys, threading, time
 src, dst, rate, duration, tag = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
