@@ -452,3 +452,27 @@ fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     wait_equal(&dc, &src, &dst, &watch, "after the host came back");
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }
+
+#[test]
+fn bad_starts_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("cur")).unwrap();
+    let src_text = src.display().to_string();
+    let inside = src.join("backup").display().to_string();
+    let missing = dir.path().join("missing").display().to_string();
+    let cases: [(&[&str], &str); 4] = [
+        (&["backup1:/srv/mail", "/tmp/x"], "source on this host"),
+        (&[&src_text, &inside], "overlap"),
+        (&[&missing, "/tmp/x"], "not a directory"),
+        (&["--max-delay", "10", &src_text, "/tmp/x"], "--max-delay"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["watch"];
+        full.extend_from_slice(args);
+        let run = support::tree::run_mdsync(&full);
+        run.assert_code(1);
+        assert!(run.stderr.contains(needle), "{}", run.describe());
+    }
+    assert!(!src.join("backup").exists(), "nothing was written");
+}
