@@ -24,6 +24,7 @@ pub mod storage;
 pub mod sync;
 pub mod table;
 pub mod transport;
+pub mod watch;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -19,6 +19,7 @@ use crate::replica::local::{LocalReplica, resolve};
 use crate::replica::remote::send_body;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
+use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::writer::Ownership;
 use crate::sync::apply::ApplyOptions;
 use crate::sync::plan::Plan;
@@ -28,9 +29,12 @@ use crate::wire::conn::{
     BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
 };
 use crate::wire::frame::Kind;
-use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
+use crate::wire::hello::{CAP_HASH, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
 use crate::wire::messages::{Answer, Request, RootFacts, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped};
+
+/// Most mailboxes one `RescanMany` may name.
+pub const MAX_RESCAN: usize = 65_536;
 
 /// How the server may be used.
 #[derive(Debug, Clone, Default)]
@@ -156,7 +160,7 @@ impl Session<'_> {
     fn handshake(&mut self) -> Result<(), WireError> {
         let payload = locked(&self.inbox).reader.expect(Kind::Hello)?;
         let theirs = Hello::decode(&payload).map_err(|e| WireError::protocol(e.to_string()))?;
-        let ours = Hello::ours(CAP_ZSTD | CAP_HASH);
+        let ours = Hello::ours(CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY);
         let mut out = locked(&self.out);
         out.frame(Kind::Hello, &ours.encode())?;
         out.flush()?;
@@ -250,14 +254,15 @@ impl Session<'_> {
                 layout,
                 dir,
                 baseline,
-            } => {
-                crate::wire::path::check_dir(&dir)
-                    .map_err(|e| WireError::protocol(e.to_string()))?;
-                let table = replica.rescan_mailbox(layout, &dir);
-                let client = baseline.as_deref().and_then(parse_id);
-                let mut out = locked(&self.out);
-                out.object(&self.ship(&table, client))?;
-                out.json(Kind::Answer, &Answer::Rescanned)?;
+            } => self.rescan(replica, layout, &[(dir, baseline)])?,
+            Request::RescanMany { layout, mailboxes } => {
+                if mailboxes.len() > MAX_RESCAN {
+                    return Err(WireError::protocol(format!(
+                        "{} mailboxes in one rescan (at most {MAX_RESCAN})",
+                        mailboxes.len()
+                    )));
+                }
+                self.rescan(replica, layout, &mailboxes)?
             }
             Request::Hashes => {
                 let keys = self.read_keys(replica)?;
@@ -309,6 +314,31 @@ impl Session<'_> {
 
     /// A mailbox table as an object payload: a delta against the client's baseline when
     /// this side still holds the same one. What is sent becomes the baseline of both sides.
+    /// Reads mailboxes again and sends them in the order asked, then `Rescanned`. Every dir
+    /// is checked before any is read: a bad one ends the session.
+    fn rescan(
+        &self,
+        replica: &LocalReplica,
+        layout: Layout,
+        mailboxes: &[(String, Option<String>)],
+    ) -> Result<(), WireError> {
+        for (dir, _) in mailboxes {
+            crate::wire::path::check_dir(dir).map_err(|e| WireError::protocol(e.to_string()))?;
+            no_symlink_on_the_way(replica.root(), dir)?;
+        }
+        let tables: Vec<MailboxTable> = mailboxes
+            .par_iter()
+            .map(|(dir, _)| replica.rescan_mailbox(layout, dir))
+            .collect();
+        let mut out = locked(&self.out);
+        for (table, (_, baseline)) in tables.iter().zip(mailboxes) {
+            let client = baseline.as_deref().and_then(parse_id);
+            out.object(&self.ship(table, client))?;
+        }
+        out.json(Kind::Answer, &Answer::Rescanned)?;
+        Ok(())
+    }
+
     fn ship(&self, table: &MailboxTable, client_baseline: Option<u128>) -> Vec<u8> {
         let encoding = wire_table::encode(table);
         if table.unchanged.is_some() {

@@ -217,3 +217,33 @@ fn a_symlink_inside_the_root_is_not_a_way_out() {
     assert_refused(&out, "symlink");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("root:x"));
 }
+
+#[test]
+fn rescans_through_a_symlink_or_of_too_many_mailboxes_are_refused() {
+    let (dir, root) = served_root();
+    let outside = dir.path().join("outside");
+    fs::create_dir_all(outside.join("cur")).unwrap();
+    fs::write(outside.join("cur/1.M1P1.secret-name"), b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("alice/.Link")).unwrap();
+    for rescan in [
+        r#"{"request":"rescan","layout":"MaildirPlusPlus","dir":".Link","baseline":null}"#,
+        r#"{"request":"rescan_many","layout":"MaildirPlusPlus","mailboxes":[["",null],[".Link",null]]}"#,
+    ] {
+        let mut input = hello();
+        input.extend(open("alice"));
+        input.extend(request(rescan));
+        let out = serve(&root, &input);
+        assert_refused(&out, "symlink");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("secret-name"));
+    }
+    let many: Vec<String> = (0..=mdsync::serve::MAX_RESCAN)
+        .map(|n| format!(r#"[".F{n}",null]"#))
+        .collect();
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(&format!(
+        r#"{{"request":"rescan_many","layout":"MaildirPlusPlus","mailboxes":[{}]}}"#,
+        many.join(",")
+    )));
+    assert_refused(&serve(&root, &input), "mailboxes in one rescan");
+}

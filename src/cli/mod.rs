@@ -3,6 +3,7 @@
 
 mod output;
 mod scan_report;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     Scan(ScanArgs),
     /// Serve a replica on stdin/stdout for a remote mdsync (started by it through ssh).
     Serve(ServeArgs),
+    /// Mirror SRC to DST continuously: one backup, then every change within a second.
+    Watch(Box<watch::WatchArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +81,16 @@ struct BackupArgs {
     /// Print a JSON report on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// No progress bar or periodic progress lines.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    mirror: MirrorArgs,
+}
+
+/// What a backup and a watch share: what to mirror and how to write it.
+#[derive(Debug, clap::Args)]
+struct MirrorArgs {
     /// Leave mailboxes matching this glob (e.g. 'Junk', 'Archive/*') alone on both sides.
     #[arg(long, value_name = "MAILBOX-GLOB")]
     exclude: Vec<String>,
@@ -96,9 +109,6 @@ struct BackupArgs {
     /// Folder layout of both trees.
     #[arg(long, value_enum, default_value_t = LayoutArg::Auto)]
     layout: LayoutArg,
-    /// No progress bar or periodic progress lines.
-    #[arg(long)]
-    no_progress: bool,
     /// Do not use or write the scan cache (list every mailbox).
     #[arg(long)]
     no_cache: bool,
@@ -176,6 +186,10 @@ impl LayoutArg {
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    if let Command::Watch(a) = args.command {
+        // Watch handles its own signals: it finishes the batch in flight.
+        return watch::run(*a);
+    }
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, mdsync::interrupt::flag())
             .context("installing signal handlers")?;
@@ -184,6 +198,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Backup(a) => run_backup(*a),
         Command::Scan(a) => scan_report::run(&a.path, a.layout.layout(), a.json),
         Command::Serve(a) => run_serve(a),
+        Command::Watch(_) => unreachable!("handled above"),
     }
 }
 
@@ -211,7 +226,8 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
 fn open_replica(
     text: &str,
     side: &str,
-    a: &BackupArgs,
+    a: &MirrorArgs,
+    verbose: bool,
 ) -> anyhow::Result<(Box<dyn Replica>, Option<PathBuf>)> {
     let location = parse_location(text).map_err(anyhow::Error::msg)?;
     let r = &a.remote;
@@ -224,7 +240,7 @@ fn open_replica(
         timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
         use_cache: !a.no_cache,
         cache_dir: cache_dir(a),
-        verbose: a.verbose,
+        verbose,
     };
     match location {
         Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
@@ -255,7 +271,7 @@ fn open_replica(
 }
 
 /// Where scan caches, pair states and table baselines live; `None` with `--no-cache`.
-fn cache_dir(a: &BackupArgs) -> Option<PathBuf> {
+fn cache_dir(a: &MirrorArgs) -> Option<PathBuf> {
     if a.no_cache {
         return None;
     }
@@ -285,24 +301,11 @@ fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    let (src_is_remote, dst_is_remote) = (
-        matches!(parse_location(&a.src), Ok(Location::Remote(_))),
-        matches!(parse_location(&a.dst), Ok(Location::Remote(_))),
-    );
-    if src_is_remote && dst_is_remote {
-        bail!("both sides are remote; run mdsync on one of the two hosts");
-    }
-    let options = backup_options(&a)?;
-    let (src, src_path) = open_replica(&a.src, "src", &a)?;
-    let (dst, dst_path) = open_replica(&a.dst, "dst", &a)?;
-    if let (Some(src_path), Some(dst_path)) = (&src_path, &dst_path) {
-        check_overlap(src_path, dst_path)?;
-    }
-    if let Some(src_path) = &src_path
-        && !src_path.is_dir()
-    {
-        bail!("{}: source is not a directory", src_path.display());
-    }
+    check_sides(&a.src, &a.dst)?;
+    let options = backup_options(&a.mirror, a.dry_run)?;
+    let (src, src_path) = open_replica(&a.src, "src", &a.mirror, a.verbose)?;
+    let (dst, dst_path) = open_replica(&a.dst, "dst", &a.mirror, a.verbose)?;
+    check_paths(src_path.as_deref(), dst_path.as_deref())?;
     let show_progress = !a.no_progress && !a.dry_run;
     let progress = output::Renderer::new(a.verbose && !a.dry_run, a.json, show_progress);
     let outcome = backup::backup(src.as_ref(), dst.as_ref(), &options, &progress);
@@ -331,7 +334,29 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
+/// At most one side may be remote.
+fn check_sides(src: &str, dst: &str) -> anyhow::Result<()> {
+    let remote = |text| matches!(parse_location(text), Ok(Location::Remote(_)));
+    if remote(src) && remote(dst) {
+        bail!("both sides are remote; run mdsync on one of the two hosts");
+    }
+    Ok(())
+}
+
+/// Local sides must not overlap, and a local source must be a directory.
+fn check_paths(src: Option<&Path>, dst: Option<&Path>) -> anyhow::Result<()> {
+    if let (Some(src_path), Some(dst_path)) = (src, dst) {
+        check_overlap(src_path, dst_path)?;
+    }
+    if let Some(src_path) = src
+        && !src_path.is_dir()
+    {
+        bail!("{}: source is not a directory", src_path.display());
+    }
+    Ok(())
+}
+
+fn backup_options(a: &MirrorArgs, dry_run: bool) -> anyhow::Result<BackupOptions> {
     let exclude = a
         .exclude
         .iter()
@@ -356,7 +381,7 @@ fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
             },
             ownership: ownership(a.chown.as_deref())?,
         },
-        dry_run: a.dry_run,
+        dry_run,
         state_dir: cache_dir(a),
         max_delete: match &a.max_delete {
             Some(text) => parse_delete_limit(text)?,

@@ -132,6 +132,17 @@ pub trait Replica: BodySource + Send {
     /// Scans one mailbox again (to confirm that a message is really gone).
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable;
 
+    /// Scans several mailboxes again, in the order given (`watch`'s changed mailboxes):
+    /// one round trip for a remote replica. Unlike [`Replica::rescan_mailbox`], a replica
+    /// that cannot answer at all (a lost connection) is an error, not a broken mailbox.
+    fn rescan_mailboxes(&self, layout: Layout, dirs: &[String]) -> Result<Vec<MailboxTable>> {
+        use rayon::prelude::*;
+        Ok(dirs
+            .par_iter()
+            .map(|dir| self.rescan_mailbox(layout, dir))
+            .collect())
+    }
+
     /// xxh3-128 of a message's bytes, to settle identity when GUIDs disagree.
     fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError>;
 

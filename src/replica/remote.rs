@@ -27,7 +27,7 @@ use crate::wire::conn::{
     BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::{FrameError, Kind};
-use crate::wire::hello::{CAP_HASH, CAP_ZSTD, Hello};
+use crate::wire::hello::{CAP_HASH, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
 use crate::wire::messages::{Answer, Request, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped, id_of};
 
@@ -87,6 +87,8 @@ pub struct RemoteReplica {
 struct Opened {
     /// Whether the path exists there as a directory.
     is_dir: bool,
+    /// The capabilities both sides agreed on.
+    caps: u64,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -133,7 +135,7 @@ impl RemoteReplica {
         self.opened
             .get_or_init(|| {
                 self.handshake(&self.path, &self.options)
-                    .map(|(_canonical, is_dir)| Opened { is_dir })
+                    .map(|(is_dir, caps)| Opened { is_dir, caps })
                     .map_err(|e| self.message(e))
             })
             .as_ref()
@@ -145,13 +147,15 @@ impl RemoteReplica {
         self.open().map(|o| o.is_dir).map_err(|e| self.error(e))
     }
 
-    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<(String, bool), WireError> {
+    /// Greets the far side and opens `path`; returns whether it is a directory and the
+    /// capabilities agreed on.
+    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<(bool, u64), WireError> {
         let zstd_cap = if options.compress_level.is_some() {
             CAP_ZSTD
         } else {
             0
         };
-        let ours = Hello::ours(CAP_HASH | zstd_cap);
+        let ours = Hello::ours(CAP_HASH | CAP_RESCAN_MANY | zstd_cap);
         {
             let mut out = locked(&self.out);
             out.frame(Kind::Hello, &ours.encode())?;
@@ -195,7 +199,7 @@ impl RemoteReplica {
         )?;
         drop(out);
         match answer(&mut inbox, None)? {
-            Answer::Opened { location, is_dir } => Ok((location, is_dir)),
+            Answer::Opened { is_dir, .. } => Ok((is_dir, shared)),
             other => Err(unexpected(&other)),
         }
     }
@@ -371,6 +375,57 @@ impl RemoteReplica {
         }
         match answer(&mut inbox, None)? {
             Answer::Rescanned => Ok(table),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Several mailboxes in one round trip, or one `Rescan` each when the far side does
+    /// not know `RescanMany`.
+    fn rescan_many_remote(
+        &self,
+        layout: Layout,
+        dirs: &[String],
+    ) -> Result<Vec<MailboxTable>, WireError> {
+        if self.open()?.caps & CAP_RESCAN_MANY == 0 {
+            return dirs
+                .iter()
+                .map(|dir| self.rescan_remote(layout, dir))
+                .collect();
+        }
+        let _x = locked(&self.exchange);
+        let kept: HashMap<u128, (String, Vec<u8>)> = dirs
+            .iter()
+            .filter_map(|dir| {
+                self.baselines
+                    .get(dir)
+                    .map(|b| (id_of(&b), (dir.clone(), b)))
+            })
+            .collect();
+        let id_of_dir: HashMap<&str, u128> = kept
+            .iter()
+            .map(|(id, (dir, _))| (dir.as_str(), *id))
+            .collect();
+        let request = Request::RescanMany {
+            layout,
+            mailboxes: dirs
+                .iter()
+                .map(|dir| {
+                    let id = id_of_dir.get(dir.as_str()).map(|id| format!("{id:032x}"));
+                    (dir.clone(), id)
+                })
+                .collect(),
+        };
+        let mut inbox = self.request(&request, None)?;
+        let mut tables = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            let table = self.receive(&inbox.reader.object()?, &kept)?;
+            if table.dir != *dir {
+                return Err(WireError::protocol("rescan answered for another mailbox"));
+            }
+            tables.push(table);
+        }
+        match answer(&mut inbox, None)? {
+            Answer::Rescanned => Ok(tables),
             other => Err(unexpected(&other)),
         }
     }
@@ -584,6 +639,11 @@ impl Replica for RemoteReplica {
                 broken: Some(self.error(e).to_string()),
                 ..MailboxTable::default()
             })
+    }
+
+    fn rescan_mailboxes(&self, layout: Layout, dirs: &[String]) -> Result<Vec<MailboxTable>> {
+        self.rescan_many_remote(layout, dirs)
+            .map_err(|e| self.error(e))
     }
 
     fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError> {

@@ -116,6 +116,39 @@ pub fn backup(
     options: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupOutcome> {
+    backup_keeping(src, dst, options, progress).map(|run| run.outcome)
+}
+
+/// What a backup run saw and did, for a caller that keeps going from there (`watch`).
+#[derive(Debug, Clone)]
+pub struct Converged {
+    /// The run's outcome.
+    pub outcome: BackupOutcome,
+    /// The source as scanned (mailboxes the pair state vouched for hold no messages).
+    pub src: MailTable,
+    /// The destination as scanned, before the plan was applied.
+    pub dst: MailTable,
+    /// The plan that was applied (or only described, for a dry run).
+    pub plan: Plan,
+}
+
+/// How much of the destination the applier sweeps for what killed runs left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// Every destination mailbox (a whole run).
+    All,
+    /// Only the mailboxes that were read: a batch that reads a few mailboxes must not
+    /// list the `tmp/` of every other one.
+    Read,
+}
+
+/// Runs a one-way backup like [`backup`] and hands back the tables and the plan.
+pub fn backup_keeping(
+    src: &dyn Replica,
+    dst: &dyn Replica,
+    options: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<Converged> {
     let started = Instant::now();
     let state_path = options
         .state_dir
@@ -173,13 +206,77 @@ pub fn backup(
     );
     let (mut src_table, mut dst_table) = (src_table?, dst_table?);
     read_one_sided(src, dst, &mut src_table, &mut dst_table);
-    confirm_missing(src, &mut src_table, &dst_table);
-    let questions = diff::hash_questions(&src_table, &dst_table, &options.diff);
+    let keep = |s: &MailTable, d: &MailTable, plan: Option<&Plan>| scans.keep(s, d, plan);
+    let mut run = converge(
+        (src, dst),
+        (&mut src_table, &dst_table),
+        options,
+        Sweep::All,
+        progress,
+        &keep,
+    )?;
+    if let Some(path) = state_path
+        && !options.dry_run
+        && run.outcome.completion() == Completion::Complete
+    {
+        let next = state.after_run(&src_table, &dst_table, &run.plan);
+        if next != state
+            && let Err(e) = next.save(&path)
+        {
+            progress.event(Event::Warning {
+                message: format!("pair state {}: {e}", path.display()),
+            });
+        }
+    }
+    run.outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(Converged {
+        outcome: run.outcome,
+        plan: run.plan,
+        src: src_table,
+        dst: dst_table,
+    })
+}
+
+/// The outcome of [`converge`] and the plan it applied.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// What was done.
+    pub outcome: BackupOutcome,
+    /// The plan.
+    pub plan: Plan,
+}
+
+/// Brings `dst` to `src` from tables already read: confirm apparent expunges, settle GUID
+/// disagreements by content hash, diff, check the delete guard, apply. A mailbox that is a
+/// placeholder (`unchanged`) on both sides is left alone; a caller must have read a mailbox
+/// on both sides or on neither (see `read_one_sided`). `keep` runs once while the applier's
+/// closing sync waits for the disk (or at once when nothing is applied), with both tables
+/// and, when it was applied, the plan. A source mailbox listed again to confirm an
+/// expunge is replaced in `src_table`.
+pub fn converge(
+    (src, dst): (&dyn Replica, &dyn Replica),
+    (src_table, dst_table): (&mut MailTable, &MailTable),
+    options: &BackupOptions,
+    sweep: Sweep,
+    progress: &dyn Progress,
+    keep: &(dyn Fn(&MailTable, &MailTable, Option<&Plan>) + Sync),
+) -> Result<Applied> {
+    let started = Instant::now();
+    confirm_missing(src, src_table, dst_table);
+    let src_table = &*src_table;
+    let questions = diff::hash_questions(src_table, dst_table, &options.diff);
     let answers = answer(src, dst, questions);
-    let plan = diff::diff_backup(&src_table, &dst_table, &answers, &options.diff);
+    let mut plan = diff::diff_backup(src_table, dst_table, &answers, &options.diff);
+    if sweep == Sweep::Read {
+        plan.sweep.retain(|dir| {
+            dst_table
+                .mailbox(dir)
+                .is_some_and(|m| m.unchanged.is_none())
+        });
+    }
     let planned = plan.counts();
-    if let Err(e) = check_delete_guard(&planned, &dst_table, options.max_delete) {
-        scans.keep(&src_table, &dst_table, None);
+    if let Err(e) = check_delete_guard(&planned, dst_table, options.max_delete) {
+        keep(src_table, dst_table, None);
         return Err(e);
     }
     let mut outcome = BackupOutcome {
@@ -196,37 +293,25 @@ pub fn backup(
     };
     if options.dry_run {
         outcome.plan_lines = plan.lines();
-        scans.keep(&src_table, &dst_table, None);
-        outcome.seconds = started.elapsed().as_secs_f64();
-        outcome.wire = wire_bytes(src, dst);
-        return Ok(outcome);
-    }
-    if !plan.is_empty() {
-        progress.event(Event::PlanReady {
-            operations: planned.copies + planned.flag_changes + planned.moves + planned.expunges,
-            bytes: planned.bytes,
-        });
-    }
-    // Also with nothing to do: the applier clears what killed runs left behind.
-    // The scan caches are written while the applier's closing sync waits for the disk.
-    let keep = || scans.keep(&src_table, &dst_table, Some(&plan));
-    let applied = dst.apply_overlapping(&plan, src, &options.apply, progress, &keep);
-    outcome.report = applied?;
-    if let Some(path) = state_path
-        && outcome.completion() == Completion::Complete
-    {
-        let next = state.after_run(&src_table, &dst_table, &plan);
-        if next != state
-            && let Err(e) = next.save(&path)
-        {
-            progress.event(Event::Warning {
-                message: format!("pair state {}: {e}", path.display()),
+        keep(src_table, dst_table, None);
+    } else {
+        if !plan.is_empty() {
+            progress.event(Event::PlanReady {
+                operations: planned.copies
+                    + planned.flag_changes
+                    + planned.moves
+                    + planned.expunges,
+                bytes: planned.bytes,
             });
         }
+        // Also with nothing to do: the applier clears what killed runs left behind.
+        // The scan caches are written while the applier's closing sync waits for the disk.
+        let meanwhile = || keep(src_table, dst_table, Some(&plan));
+        outcome.report = dst.apply_overlapping(&plan, src, &options.apply, progress, &meanwhile)?;
     }
     outcome.seconds = started.elapsed().as_secs_f64();
     outcome.wire = wire_bytes(src, dst);
-    Ok(outcome)
+    Ok(Applied { outcome, plan })
 }
 
 /// Wire bytes of both sides together (sent, received), when either is remote.
@@ -298,7 +383,7 @@ fn check_destination_layout(src: &dyn Replica, dst: &dyn Replica, layout: Layout
 
 /// A mailbox skipped as unchanged on one side but changed (or missing) on the other must be
 /// read after all: the pair is no longer known to be in sync.
-fn read_one_sided(
+pub fn read_one_sided(
     src: &dyn Replica,
     dst: &dyn Replica,
     src_table: &mut MailTable,

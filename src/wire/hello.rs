@@ -16,6 +16,8 @@ pub const HASH_VERSION: u16 = 1;
 pub const CAP_ZSTD: u64 = 1 << 0;
 /// Capability: content hashes can be asked for.
 pub const CAP_HASH: u64 = 1 << 1;
+/// Capability: several mailboxes rescanned in one request (`RescanMany`).
+pub const CAP_RESCAN_MANY: u64 = 1 << 2;
 
 /// One side's greeting.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -50,6 +50,13 @@ pub enum Request {
         /// Identity (hex) of the client's baseline of this mailbox.
         baseline: Option<String>,
     },
+    /// Scan several mailboxes again, in one round trip (capability `CAP_RESCAN_MANY`).
+    RescanMany {
+        /// Layout.
+        layout: Layout,
+        /// Mailbox directories, each with the identity (hex) of the client's baseline.
+        mailboxes: Vec<(String, Option<String>)>,
+    },
     /// Content hashes of the keys in the object that follows.
     Hashes,
     /// Bodies of the keys in the object that follows.

@@ -243,26 +243,52 @@ impl Sshd {
         cmd
     }
 
+    /// Stops sshd and every connection it serves (the far side goes away), until
+    /// [`Sshd::start_again`].
+    pub fn stop_for_now(&mut self) {
+        self.stop();
+    }
+
+    /// Starts the stopped sshd again on the same port, with the same keys; panics when it
+    /// does not accept a login (the port was taken meanwhile, say).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "sshd is still running");
+        let host_key = self.dir.path().join("host_ed25519");
+        self.spawn(&host_key);
+        if let Err(exit) = self.wait_ready() {
+            panic!(
+                "sshd exited ({exit}) when started again on port {}\n{}",
+                self.port,
+                self.log_section()
+            );
+        }
+    }
+
+    /// Writes the config for the current port and starts sshd (not waiting for it).
+    fn spawn(&mut self, host_key: &Path) {
+        let config = self.dir.path().join("sshd_config");
+        write_file(&config, self.config_text(host_key).as_bytes());
+        let log = fs::File::create(&self.log)
+            .unwrap_or_else(|e| panic!("sshd: cannot create {}: {e}", self.log.display()));
+        let child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("sshd: cannot start {SSHD}: {e}"));
+        self.child = Some(child);
+    }
+
     /// Starts sshd on a fresh free port until one attempt gets a working login.
     fn launch(&mut self, host_key: &Path) {
-        let config = self.dir.path().join("sshd_config");
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             self.port = free_port();
-            write_file(&config, self.config_text(host_key).as_bytes());
-            let log = fs::File::create(&self.log)
-                .unwrap_or_else(|e| panic!("sshd: cannot create {}: {e}", self.log.display()));
-            let child = Command::new(SSHD)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("sshd: cannot start {SSHD}: {e}"));
-            self.child = Some(child);
+            self.spawn(host_key);
             match self.wait_ready() {
                 Ok(()) => return,
                 Err(exit) => {

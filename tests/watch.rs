@@ -1,0 +1,478 @@
+//! End-to-end `mdsync watch`: the real binary watching a Dovecot-made tree while Dovecot
+//! delivers, changes flags, expunges, creates, renames and deletes folders; each change
+//! must reach the destination (checked with Dovecot's own view of both sides) within a
+//! bounded wait. Locally, and over ssh to 127.0.0.1 with the far side killed mid-run and
+//! sshd stopped for a while and started again on the same port.
+//! SIGTERM must end it with exit code 0, and it must use no CPU while idle.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::sshd::Sshd;
+use support::{Dovecot, Layout, cache_home, mdsync, message};
+
+/// How long a change may take to show on the destination before the test fails. Far
+/// above the target (well under a second): the machine running the tests may be busy.
+const CONVERGE: Duration = Duration::from_secs(10);
+
+/// A running `mdsync watch --json`, its stdout lines collected as they come.
+struct Watch {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: PathBuf,
+    cmdline: String,
+}
+
+impl Watch {
+    fn start(args: &[String], stderr_dir: &Path) -> Watch {
+        let stderr = stderr_dir.join("watch.stderr");
+        let mut cmd = mdsync();
+        cmd.arg("watch")
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).unwrap());
+        let cmdline = format!("mdsync watch --json {}", args.join(" "));
+        let mut child = cmd.spawn().expect("start mdsync watch");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Watch {
+            child: Some(child),
+            lines,
+            stderr,
+            cmdline,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+
+    fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "`{}`\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.cmdline,
+            self.lines.lock().unwrap().join("\n"),
+            fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Waits until an event of `kind` satisfying `pred` was printed.
+    fn wait_for(&self, kind: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + CONVERGE;
+        while Instant::now() < deadline {
+            if self.events_of(kind).iter().any(&pred) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no {kind} event came\n{}", self.describe());
+    }
+
+    /// SIGTERM, then the exit code (the process is killed if it takes longer than 10 s).
+    fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("mdsync watch did not stop on SIGTERM\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls Dovecot's view of both trees until they agree; panics with both views when they
+/// still differ after [`CONVERGE`].
+fn wait_equal(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch, what: &str) {
+    wait_equal_in(dc, Layout::MaildirPlusPlus, (src, dst), watch, what);
+}
+
+/// [`wait_equal`] for trees of either layout.
+fn wait_equal_in(
+    dc: &Dovecot,
+    layout: Layout,
+    (src, dst): (&Path, &Path),
+    watch: &Watch,
+    what: &str,
+) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let (want, got) = (dc.oracle_in(src, layout), dc.oracle_in(dst, layout));
+        if want == got {
+            return;
+        }
+        if Instant::now() > deadline {
+            support::tree::assert_same_lines(&got, &want, &format!("{what}: DST"));
+            panic!("{what}: trees differ\n{}", watch.describe());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// CPU ticks (user + system) the process used so far, from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Starts `mdsync watch EXTRA.. SRC DST` on a copy of the sample tree; DST is missing.
+fn watch_sample(dc: &Dovecot, extra: &[String]) -> (PathBuf, PathBuf, Watch) {
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    let mut args = extra.to_vec();
+    args.extend([src.display().to_string(), dst.display().to_string()]);
+    let watch = Watch::start(&args, dc.path());
+    (src, dst, watch)
+}
+
+/// Idle means blocked: no CPU over 3 s (a busy loop would use hundreds of ticks).
+fn assert_idle(watch: &Watch) {
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(watch.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = cpu_ticks(watch.pid()) - before;
+    assert!(
+        idle <= 2,
+        "{idle} CPU ticks while idle\n{}",
+        watch.describe()
+    );
+}
+
+/// Every kind of change Dovecot makes, each mirrored before the next.
+fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
+    dc.save(
+        src,
+        "INBOX",
+        &message("watch-1", "delivered while watching", 20),
+    );
+    wait_equal(dc, src, dst, watch, "after a delivery");
+    dc.flags_add(src, "INBOX", "1", "\\Seen \\Flagged $Important");
+    wait_equal(dc, src, dst, watch, "after flags were added");
+    dc.flags_remove(src, "INBOX", "1", "\\Flagged");
+    wait_equal(dc, src, dst, watch, "after a flag was removed");
+    dc.expunge(src, "INBOX", "2");
+    wait_equal(dc, src, dst, watch, "after an expunge");
+    dc.create_mailbox(src, "Projects");
+    dc.subscribe(src, "Projects");
+    dc.save(src, "Projects", &message("watch-2", "in a new folder", 5));
+    wait_equal(dc, src, dst, watch, "after a folder was created");
+    dc.rename_mailbox(src, "Projects", "Work");
+    wait_equal(dc, src, dst, watch, "after a folder was renamed");
+    dc.save(src, "Work", &message("watch-3", "in the renamed folder", 5));
+    wait_equal(
+        dc,
+        src,
+        dst,
+        watch,
+        "after a delivery into the renamed folder",
+    );
+    dc.delete_mailbox(src, "Work");
+    wait_equal(dc, src, dst, watch, "after a folder was deleted");
+}
+
+#[test]
+fn local_watch_mirrors_every_change_and_stops_on_sigterm() {
+    let dc = Dovecot::new();
+    let (src, dst, mut watch) = watch_sample(&dc, &[]);
+    watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
+    wait_equal(&dc, &src, &dst, &watch, "after the first run");
+
+    changes(&dc, &src, &dst, &watch);
+    // The changes went through batches of single mailboxes, not full runs.
+    let batches = watch.events_of("batch");
+    assert!(
+        batches
+            .iter()
+            .any(|b| b["full"] == false && b["mailboxes"] == 1 && b["copies"] == 1),
+        "{}",
+        watch.describe()
+    );
+    assert!(
+        batches
+            .iter()
+            .filter(|b| b["full"] == false)
+            .all(|b| b["latency_ms"].as_f64().is_some()),
+        "{}",
+        watch.describe()
+    );
+
+    assert_idle(&watch);
+
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+}
+
+#[test]
+fn fs_layout_nested_folders_are_watched_as_they_appear() {
+    let dc = Dovecot::new();
+    let src = dc.maildir("src");
+    dc.doveadm_fs(&src, &["mailbox", "create", "-s", "Archive/2023"]);
+    dc.save_in(&src, Layout::Fs, "Archive/2023", &message("fs-1", "old", 3));
+    let dst = dc.path().join("dst");
+    let args: Vec<String> = [src.display().to_string(), dst.display().to_string()].into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true);
+    let both = (src.as_path(), dst.as_path());
+    wait_equal_in(&dc, Layout::Fs, both, &watch, "after the first run");
+    // A folder two levels below a new parent, then mail into it and into the old one.
+    dc.doveadm_fs(&src, &["mailbox", "create", "-s", "Clients/Acme/2024"]);
+    wait_equal_in(
+        &dc,
+        Layout::Fs,
+        both,
+        &watch,
+        "after nested folders appeared",
+    );
+    dc.save_in(
+        &src,
+        Layout::Fs,
+        "Clients/Acme/2024",
+        &message("fs-2", "new", 3),
+    );
+    wait_equal_in(&dc, Layout::Fs, both, &watch, "after a delivery deep down");
+    dc.save_in(
+        &src,
+        Layout::Fs,
+        "Archive/2023",
+        &message("fs-3", "more", 3),
+    );
+    dc.doveadm_fs(&src, &["mailbox", "rename", "Archive", "Old"]);
+    wait_equal_in(&dc, Layout::Fs, both, &watch, "after a parent was renamed");
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+}
+
+#[test]
+fn a_delivery_during_the_first_run_is_not_lost() {
+    let dc = Dovecot::new();
+    let (src, dst, mut watch) = watch_sample(&dc, &[]);
+    // No waiting: these race the first run.
+    dc.save(
+        &src,
+        "INBOX",
+        &message("early-1", "racing the first run", 5),
+    );
+    dc.create_mailbox(&src, "Early");
+    dc.save(
+        &src,
+        "Early",
+        &message("early-2", "in a folder made early", 5),
+    );
+    wait_equal(
+        &dc,
+        &src,
+        &dst,
+        &watch,
+        "after changes during the first run",
+    );
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+}
+
+#[test]
+fn sighup_reopens_the_log_file() {
+    let dc = Dovecot::new();
+    let log = dc.path().join("watch.log");
+    let (src, dst, mut watch) = watch_sample(&dc, &["--log".into(), log.display().to_string()]);
+    watch.wait_for("batch", |e| e["full"] == true);
+    // logrotate: move the file away, then SIGHUP.
+    let rotated = dc.path().join("watch.log.1");
+    fs::rename(&log, &rotated).unwrap();
+    kill(Pid::from_raw(watch.pid() as i32), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while !log.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dc.save(
+        &src,
+        "INBOX",
+        &message("after-hup", "logged in the new file", 5),
+    );
+    wait_equal(&dc, &src, &dst, &watch, "after SIGHUP");
+    watch.wait_for("batch", |e| e["full"] == false && e["copies"] == 1);
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+    let old = fs::read_to_string(&rotated).unwrap();
+    let new = fs::read_to_string(&log).unwrap();
+    assert!(
+        old.contains("full run: 5 mailboxes read, 25 copied"),
+        "{old}"
+    );
+    assert!(new.contains("log re-opened"), "{new}");
+    assert!(new.contains("batch: 1 mailboxes read, 1 copied"), "{new}");
+    assert!(!old.contains("1 copied"), "{old}");
+}
+
+/// A script that runs this build's mdsync with the test's cache home and writes its PID
+/// (the same as the `mdsync serve` it becomes) to `serve.pid`, so the test can kill it.
+fn remote_wrapper(dir: &Path) -> PathBuf {
+    let path = dir.join("mdsync-remote");
+    let text = format!(
+        "#!/bin/sh\necho $$ > '{dir}/serve.pid'\n\
+         export XDG_CACHE_HOME='{home}/remote' HOME='{home}/remote'\nexec '{bin}' \"$@\"\n",
+        dir = dir.display(),
+        home = cache_home().display(),
+        bin = env!("CARGO_BIN_EXE_mdsync"),
+    );
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn serve_pid(dir: &Path) -> i32 {
+    fs::read_to_string(dir.join("serve.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
+    let dc = Dovecot::new();
+    let sshd = Sshd::start();
+    let wrapper = remote_wrapper(sshd.dir());
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    let args: Vec<String> = [
+        "-e".into(),
+        sshd.rsh(),
+        "--remote-mdsync".into(),
+        wrapper.display().to_string(),
+        "--retry-min".into(),
+        "0.2".into(),
+        src.display().to_string(),
+        format!("{}:{}", sshd.host(), dst.display()),
+    ]
+    .into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
+    wait_equal(&dc, &src, &dst, &watch, "after the first run over ssh");
+    let mut sshd = sshd;
+    dc.save(&src, "INBOX", &message("ssh-1", "over one session", 20));
+    dc.flags_add(&src, "INBOX", "1", "\\Answered");
+    wait_equal(&dc, &src, &dst, &watch, "after a delivery over ssh");
+    // Through a batch of one mailbox (RescanMany on the session), not a full run.
+    watch.wait_for("batch", |e| e["full"] == false && e["mailboxes"] == 1);
+    assert_idle(&watch);
+    let first_serve = serve_pid(sshd.dir());
+
+    // The far side dies while deliveries stream in: at some moment of a batch, or
+    // between two.
+    for n in 0..6 {
+        if n == 3 {
+            kill(Pid::from_raw(first_serve), Signal::SIGKILL).unwrap();
+        }
+        let id = format!("ssh-stream-{n}");
+        dc.save(&src, "INBOX", &message(&id, "while the far side dies", 20));
+    }
+    dc.expunge(&src, "INBOX", "1");
+    watch.wait_for("failed", |_| true);
+    watch.wait_for("reconnected", |_| true);
+    wait_equal(&dc, &src, &dst, &watch, "after the far side came back");
+    assert_ne!(serve_pid(sshd.dir()), first_serve, "a new session serves");
+
+    // It keeps going on the new session.
+    dc.create_mailbox(&src, "Later");
+    dc.save(&src, "Later", &message("ssh-3", "on the new session", 5));
+    wait_equal(&dc, &src, &dst, &watch, "on the new session");
+
+    // The whole host goes away for a while: every attempt fails, with growing delays,
+    // until sshd is back on the same port.
+    sshd.stop_for_now();
+    let failed_before = watch.events_of("failed").len();
+    dc.save(
+        &src,
+        "Later",
+        &message("ssh-4", "while the host is down", 5),
+    );
+    let deadline = Instant::now() + CONVERGE;
+    while watch.events_of("failed").len() < failed_before + 3 {
+        assert!(Instant::now() < deadline, "{}", watch.describe());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let delays: Vec<u64> = watch.events_of("failed")[failed_before..]
+        .iter()
+        .map(|e| e["retry_in_ms"].as_u64().unwrap())
+        .collect();
+    assert!(delays.windows(2).all(|w| w[1] >= w[0]), "{delays:?}");
+    sshd.start_again();
+    wait_equal(&dc, &src, &dst, &watch, "after the host came back");
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+}
+
+#[test]
+fn bad_starts_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("cur")).unwrap();
+    let src_text = src.display().to_string();
+    let inside = src.join("backup").display().to_string();
+    let missing = dir.path().join("missing").display().to_string();
+    let cases: [(&[&str], &str); 4] = [
+        (&["backup1:/srv/mail", "/tmp/x"], "source on this host"),
+        (&[&src_text, &inside], "overlap"),
+        (&[&missing, "/tmp/x"], "not a directory"),
+        (&["--max-delay", "10", &src_text, "/tmp/x"], "--max-delay"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["watch"];
+        full.extend_from_slice(args);
+        let run = support::tree::run_mdsync(&full);
+        run.assert_code(1);
+        assert!(run.stderr.contains(needle), "{}", run.describe());
+    }
+    assert!(!src.join("backup").exists(), "nothing was written");
+}
