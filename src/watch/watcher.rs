@@ -3,7 +3,7 @@
 //! `LAYOUT=fs` parent directories — never one per file and never `tmp/`. Turns raw events
 //! into [`Change`]s naming a mailbox. Never reads a mailbox and never writes anything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -74,6 +74,11 @@ pub struct TreeWatcher {
     root: PathBuf,
     inner: notify::RecommendedWatcher,
     watched: HashMap<PathBuf, Role>,
+    /// Watched directories that were moved or deleted since the last update: inotify (and
+    /// `notify`) dropped their watches and those of everything below them, even if the
+    /// same path is back by now (renamed away and back, deleted and created again).
+    /// Bounded by the number of watches.
+    stale: Mutex<HashSet<PathBuf>>,
     queue: Arc<Queue>,
 }
 
@@ -112,6 +117,7 @@ impl TreeWatcher {
             root: root.to_path_buf(),
             inner,
             watched: HashMap::new(),
+            stale: Mutex::new(HashSet::new()),
             queue,
         })
     }
@@ -143,6 +149,11 @@ impl TreeWatcher {
             let _ = self.inner.unwatch(&path);
             self.watched.remove(&path);
         }
+        // A stale watch that is still wanted is set again below, without removing it
+        // first: a watch that survived is only renewed, and nothing goes unseen meanwhile.
+        let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|p| p.into_inner()));
+        self.watched
+            .retain(|p, _| !stale.iter().any(|s| p.starts_with(s)));
         let mut failures = Vec::new();
         let mut wanted: Vec<(PathBuf, Role)> = wanted
             .into_iter()
@@ -216,7 +227,10 @@ impl TreeWatcher {
 
     fn change_of(&self, path: &Path) -> Option<Change> {
         if self.watched.contains_key(path) {
-            // The watched directory itself went away or was moved.
+            // The watched directory itself went away or was moved: its watch, and those
+            // below it, must be set again at the next update.
+            let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+            stale.insert(path.to_path_buf());
             return Some(Change::Structure);
         }
         let role = self.watched.get(path.parent()?)?;
@@ -538,6 +552,42 @@ mod tests {
         }
         assert!(seen.0.is_empty(), "{seen:?}");
         assert_eq!(seen.1, vec![Change::Mailbox(".Sent".into())]);
+    }
+
+    /// Classifies wake-ups until one gives `want`; false when none did within 5 s.
+    fn wait_for_change(watcher: &TreeWatcher, want: &Change) -> bool {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while let Some(wake) = watcher.wait(Some(deadline)) {
+            if let Wake::Fs(event) = wake
+                && watcher.classify(&event).contains(want)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_folder_renamed_away_and_back_before_the_update_is_watched_again() {
+        let (tree, mut watcher) = watched(&["cur", "new", "tmp", ".Sent/cur", ".Sent/new"]);
+        let root = tree.path();
+        // Within one batch window: inotify drops the watches of a directory moved away,
+        // and the path is back when the watches are next updated.
+        std::fs::rename(root.join(".Sent"), root.join(".Away")).unwrap();
+        std::fs::rename(root.join(".Away"), root.join(".Sent")).unwrap();
+        // Events arrive in order: once this one is in, so are those of the renames.
+        std::fs::write(root.join("new/marker"), b"").unwrap();
+        assert!(wait_for_change(&watcher, &Change::Mailbox(String::new())));
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
+        std::fs::write(root.join(".Sent/new/1.M1P1.h"), b"x").unwrap();
+        assert!(
+            wait_for_change(&watcher, &Change::Mailbox(".Sent".into())),
+            "a delivery into the folder that came back was not seen"
+        );
     }
 
     #[test]
