@@ -137,7 +137,24 @@ impl TreeWatcher {
     /// falls back to periodic full rescans for them. A directory that vanished meanwhile is
     /// not a failure; its parent's event already asks for another look.
     pub fn update(&mut self, layout: Layout, excluded: &dyn Fn(&str) -> bool) -> Vec<WatchFailure> {
-        let wanted = wanted_watches(&self.root, layout, excluded);
+        self.update_to(wanted_watches(&self.root, layout, excluded))
+    }
+
+    /// [`TreeWatcher::update`] to the directories `wanted`. When the tree could not be
+    /// listed (a `LAYOUT=fs` folder deleted while it was listed, no file descriptor left),
+    /// every watch stays as it is and the root is reported as a failure, so the caller
+    /// runs full rescans until an update succeeds; taking the listing for an empty tree
+    /// would drop the watches of every mailbox, INBOX's too.
+    fn update_to(&mut self, wanted: std::io::Result<HashMap<PathBuf, Role>>) -> Vec<WatchFailure> {
+        let wanted = match wanted {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                return vec![WatchFailure {
+                    path: self.root.clone(),
+                    why: format!("cannot list the folders: {e}"),
+                }];
+            }
+        };
         let gone: Vec<PathBuf> = self
             .watched
             .keys()
@@ -265,17 +282,16 @@ fn classify_entry(role: &Role, name: &str) -> Option<Change> {
     }
 }
 
-/// Every directory that should be watched, with its role.
+/// Every directory that should be watched, with its role; an error when the tree could
+/// not be listed.
 fn wanted_watches(
     root: &Path,
     layout: Layout,
     excluded: &dyn Fn(&str) -> bool,
-) -> HashMap<PathBuf, Role> {
+) -> std::io::Result<HashMap<PathBuf, Role>> {
     let mut wanted = HashMap::new();
     wanted.insert(root.to_path_buf(), Role::Mailbox(String::new()));
-    let Ok(found) = layout.list_mailboxes(root) else {
-        return wanted;
-    };
+    let found = layout.list_mailboxes(root)?;
     let mut dirs = found.dirs;
     if !dirs.iter().any(|d| d.is_empty()) {
         dirs.push(String::new());
@@ -305,7 +321,7 @@ fn wanted_watches(
             wanted.entry(dir).or_insert(Role::Parent);
         }
     }
-    wanted
+    Ok(wanted)
 }
 
 /// Directories that may become folders: Maildir++ `.name` directories in the root, or
@@ -588,6 +604,20 @@ mod tests {
             wait_for_change(&watcher, &Change::Mailbox(".Sent".into())),
             "a delivery into the folder that came back was not seen"
         );
+    }
+
+    #[test]
+    fn a_listing_that_fails_keeps_every_watch_and_says_so() {
+        let (tree, mut watcher) = watched(&["cur", "new", "tmp", ".Sent/cur", ".Sent/new"]);
+        let before = watcher.watch_count();
+        // As when an fs-layout folder is deleted while the tree is listed.
+        let vanished = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let failures = watcher.update_to(Err(vanished));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].why.contains("cannot list"), "{failures:?}");
+        assert_eq!(watcher.watch_count(), before);
+        std::fs::write(tree.path().join("new/1.M1P1.h"), b"x").unwrap();
+        assert!(wait_for_change(&watcher, &Change::Mailbox(String::new())));
     }
 
     #[test]
