@@ -474,6 +474,11 @@ impl LoopState {
             .chain(first)
             .min()
             .unwrap_or(now);
+        if dirty.everything {
+            // Lost events: a full run, which a stop interrupts and which counts as the
+            // last full run for the periodic one.
+            return Some(Work::Full { since: Some(since) });
+        }
         Some(Work::Batch { dirty, since })
     }
 
@@ -579,6 +584,27 @@ mod tests {
         state.watches_set(true);
         let deadline = state.deadline(&options).unwrap();
         assert!(deadline > Instant::now() + Duration::from_secs(590));
+    }
+
+    #[test]
+    fn lost_events_make_a_full_run_that_a_stop_can_interrupt() {
+        let options = WatchOptions::default();
+        let mut state = LoopState::new(&options);
+        state.done(
+            &Work::Full { since: None },
+            BatchReport::default(),
+            true,
+            &NoMonitor,
+        );
+        let t0 = Instant::now() - Duration::from_secs(1);
+        state.coalescer.note(Change::Mailbox(String::new()), t0);
+        state.coalescer.note(Change::Everything, t0);
+        // A full run, not a batch: `Control::stop` interrupts only a full run in flight.
+        match state.next_work(&options) {
+            Some(Work::Full { since: Some(since) }) => assert_eq!(since, t0),
+            other => panic!("{other:?}"),
+        }
+        assert!(state.next_work(&options).is_none());
     }
 
     #[test]
