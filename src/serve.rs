@@ -240,6 +240,9 @@ impl Session<'_> {
                     .par_iter()
                     .map(|m| self.ship(m, client.get(&m.dir).copied()))
                     .collect();
+                // As the client does: the baselines of mailboxes gone since are dropped.
+                let scanned = table.mailboxes.iter().map(|m| m.dir.as_str()).collect();
+                self.baselines.prune(&scanned);
                 let mut out = locked(&self.out);
                 for object in &objects {
                     out.object(object)?;
