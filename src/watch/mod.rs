@@ -586,10 +586,10 @@ mod tests {
         assert!(deadline > Instant::now() + Duration::from_secs(590));
     }
 
-    #[test]
-    fn lost_events_make_a_full_run_that_a_stop_can_interrupt() {
-        let options = WatchOptions::default();
-        let mut state = LoopState::new(&options);
+    /// A loop state after its first full run, with a change to INBOX noticed at the
+    /// returned instant, a second ago.
+    fn after_a_full_run_and_a_change(options: &WatchOptions) -> (LoopState, Instant) {
+        let mut state = LoopState::new(options);
         state.done(
             &Work::Full { since: None },
             BatchReport::default(),
@@ -598,6 +598,13 @@ mod tests {
         );
         let t0 = Instant::now() - Duration::from_secs(1);
         state.coalescer.note(Change::Mailbox(String::new()), t0);
+        (state, t0)
+    }
+
+    #[test]
+    fn lost_events_make_a_full_run_that_a_stop_can_interrupt() {
+        let options = WatchOptions::default();
+        let (mut state, t0) = after_a_full_run_and_a_change(&options);
         state.coalescer.note(Change::Everything, t0);
         // A full run, not a batch: `Control::stop` interrupts only a full run in flight.
         match state.next_work(&options) {
@@ -613,15 +620,7 @@ mod tests {
             retry_min: Duration::from_millis(200),
             ..WatchOptions::default()
         };
-        let mut state = LoopState::new(&options);
-        state.done(
-            &Work::Full { since: None },
-            BatchReport::default(),
-            true,
-            &NoMonitor,
-        );
-        let t0 = Instant::now() - Duration::from_secs(1);
-        state.coalescer.note(Change::Mailbox(String::new()), t0);
+        let (mut state, t0) = after_a_full_run_and_a_change(&options);
         let work = state.next_work(&options).unwrap();
         assert!(matches!(work, Work::Batch { .. }));
         state.failed(work, &Error::Interrupted, &options, &NoMonitor);
