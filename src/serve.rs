@@ -3,7 +3,7 @@
 //! brain on the other end. Never decides what to change — it carries out the plans it is
 //! sent — and never touches a path outside its root.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -240,6 +240,9 @@ impl Session<'_> {
                     .par_iter()
                     .map(|m| self.ship(m, client.get(&m.dir).copied()))
                     .collect();
+                // As the client does: the baselines of mailboxes gone since are dropped.
+                let scanned = table.mailboxes.iter().map(|m| m.dir.as_str()).collect();
+                self.baselines.prune(&scanned);
                 let mut out = locked(&self.out);
                 for object in &objects {
                     out.object(object)?;
@@ -312,18 +315,24 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// A mailbox table as an object payload: a delta against the client's baseline when
-    /// this side still holds the same one. What is sent becomes the baseline of both sides.
     /// Reads mailboxes again and sends them in the order asked, then `Rescanned`. Every dir
-    /// is checked before any is read: a bad one ends the session.
+    /// is checked before any is read: a bad one ends the session, and so does a dir named
+    /// twice, since all tables are held until they are sent (one big mailbox named over
+    /// and over would multiply its table in memory).
     fn rescan(
         &self,
         replica: &LocalReplica,
         layout: Layout,
         mailboxes: &[(String, Option<String>)],
     ) -> Result<(), WireError> {
+        let mut seen = HashSet::with_capacity(mailboxes.len());
         for (dir, _) in mailboxes {
             crate::wire::path::check_dir(dir).map_err(|e| WireError::protocol(e.to_string()))?;
+            if !seen.insert(dir.as_str()) {
+                return Err(WireError::protocol(format!(
+                    "mailbox {dir:?} named twice in one rescan"
+                )));
+            }
             no_symlink_on_the_way(replica.root(), dir)?;
         }
         let tables: Vec<MailboxTable> = mailboxes
@@ -339,6 +348,8 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// A mailbox table as an object payload: a delta against the client's baseline when
+    /// this side still holds the same one. What is sent becomes the baseline of both sides.
     fn ship(&self, table: &MailboxTable, client_baseline: Option<u128>) -> Vec<u8> {
         let encoding = wire_table::encode(table);
         if table.unchanged.is_some() {

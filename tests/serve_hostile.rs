@@ -247,3 +247,16 @@ fn rescans_through_a_symlink_or_of_too_many_mailboxes_are_refused() {
     )));
     assert_refused(&serve(&root, &input), "mailboxes in one rescan");
 }
+
+#[test]
+fn a_rescan_naming_a_mailbox_twice_is_refused() {
+    // Each name is read and held until all are sent: one big mailbox named 65,536 times
+    // would hold as many copies of its table in memory.
+    let (_dir, root) = served_root();
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(request(
+        r#"{"request":"rescan_many","layout":"MaildirPlusPlus","mailboxes":[["",null],[".A",null],["",null]]}"#,
+    ));
+    assert_refused(&serve(&root, &input), "twice");
+}

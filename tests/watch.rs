@@ -223,6 +223,23 @@ fn changes(dc: &Dovecot, src: &Path, dst: &Path, watch: &Watch) {
     );
     dc.delete_mailbox(src, "Work");
     wait_equal(dc, src, dst, watch, "after a folder was deleted");
+    // Renamed away and back within one batch (as rename(2) does for Dovecot): inotify
+    // dropped the folder's watches, so they must be set again for what comes next.
+    fs::rename(src.join(".Sent"), src.join(".Away")).unwrap();
+    fs::rename(src.join(".Away"), src.join(".Sent")).unwrap();
+    wait_equal(
+        dc,
+        src,
+        dst,
+        watch,
+        "after a folder went away and came back",
+    );
+    dc.save(
+        src,
+        "Sent",
+        &message("watch-4", "into the folder that came back", 5),
+    );
+    wait_equal(dc, src, dst, watch, "after a delivery into that folder");
 }
 
 #[test]

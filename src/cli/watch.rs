@@ -322,7 +322,8 @@ impl Monitor for Renderer<'_> {
             } => {
                 self.line(&format!(
                     "warning: {count} directories could not be watched ({first}); \
-                     a full run every {} s covers them (raise fs.inotify.max_user_watches)",
+                     a full run every {} s covers them (at the inotify watch limit, \
+                     raise fs.inotify.max_user_watches)",
                     rescan_every.as_secs()
                 ));
                 self.json(json!({"event": "watch_limit", "count": count, "first": first}));

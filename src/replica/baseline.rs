@@ -149,8 +149,12 @@ impl Baselines {
         }
     }
 
-    /// Drops the baselines of mailboxes not in `keep`.
+    /// Drops the baselines of mailboxes not in `keep`, staged ones too: a session that
+    /// lasts (`watch`) would otherwise hold the table of every folder renamed or deleted
+    /// since it began.
     pub fn prune(&self, keep: &HashSet<&str>) {
+        locked(&self.staged).retain(|dir, _| keep.contains(dir.as_str()));
+        locked(&self.on_disk).retain(|dir, _| keep.contains(dir.as_str()));
         let Some(dir) = &self.dir else {
             return;
         };
@@ -200,6 +204,11 @@ mod tests {
         b.persist();
         let again = Baselines::new(Some(dir.path()), "host:/srv/mail");
         assert_eq!(again.get(".A").unwrap(), b"newer");
+        // A session that lasts (watch) forgets the tables of mailboxes that went away.
+        b.stage(".Renamed", b"old name".to_vec());
+        b.prune(&[".A"].into_iter().collect());
+        assert!(b.get(".Renamed").is_none());
+        assert_eq!(b.get(".A").unwrap(), b"newer");
         let none = Baselines::new(None, "x");
         none.put("", b"t");
         assert!(none.get("").is_none() && none.load_all().is_empty());

@@ -229,16 +229,16 @@ impl<'a> WatchLoop<'a> {
         let mut state = LoopState::new(&self.options);
         let mut dst: Option<Box<dyn Replica>> = None;
         // Watches first, so nothing that changes during the first run goes unseen.
-        let mut degraded = self.set_watches(monitor);
+        state.watches_set(self.set_watches(monitor));
         loop {
-            let deadline = state.deadline(&self.options, degraded);
+            let deadline = state.deadline(&self.options);
             if !self.stop.load(Ordering::SeqCst) {
                 self.gather(deadline, &mut state.coalescer, monitor);
             }
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let Some(work) = state.next_work(&self.options, degraded) else {
+            let Some(work) = state.next_work(&self.options) else {
                 continue;
             };
             let dst_ref = match &dst {
@@ -260,7 +260,7 @@ impl<'a> WatchLoop<'a> {
             };
             if work.structure() {
                 // Before the tree is read, so nothing created in between goes unseen.
-                degraded |= self.set_watches(monitor);
+                state.watches_set(self.set_watches(monitor));
             }
             let started = Instant::now();
             let result = self.do_work(step, dst_ref.as_ref(), &work, progress);
@@ -318,7 +318,7 @@ impl<'a> WatchLoop<'a> {
         }
     }
 
-    /// Updates the watches to the tree's current folders; true when some could not be set.
+    /// Updates the watches to the tree's current folders; true when all could be set.
     fn set_watches(&mut self, monitor: &dyn Monitor) -> bool {
         let (layout, excluded) = (self.layout, self.excluded);
         let failures: Vec<_> = std::iter::once(&mut self.watcher)
@@ -333,10 +333,11 @@ impl<'a> WatchLoop<'a> {
             monitor.event(WatchEvent::WatchLimit {
                 count: failures.len(),
                 first: format!("{}: {}", first.path.display(), first.why),
-                rescan_every: self.options.degraded_rescan_interval,
+                rescan_every: (self.options.rescan_interval)
+                    .min(self.options.degraded_rescan_interval),
             });
         }
-        !failures.is_empty()
+        failures.is_empty()
     }
 
     /// Waits for changes until `deadline`, then takes whatever else is queued.
@@ -402,6 +403,8 @@ struct LoopState {
     failures: u32,
     /// The first change not yet covered by a successful run, kept across failures.
     pending_since: Option<Instant>,
+    /// Some directory could not be watched at the last update: full runs come more often.
+    degraded: bool,
 }
 
 impl LoopState {
@@ -413,11 +416,18 @@ impl LoopState {
             retry_at: None,
             failures: 0,
             pending_since: None,
+            degraded: false,
         }
     }
 
-    fn rescan_every(options: &WatchOptions, degraded: bool) -> Duration {
-        if degraded {
+    /// Records whether the last update of the watches set them all. Each update tries the
+    /// missing ones again, so one that succeeds ends the frequent full runs.
+    fn watches_set(&mut self, all: bool) {
+        self.degraded = !all;
+    }
+
+    fn rescan_every(&self, options: &WatchOptions) -> Duration {
+        if self.degraded {
             options
                 .rescan_interval
                 .min(options.degraded_rescan_interval)
@@ -427,23 +437,21 @@ impl LoopState {
     }
 
     /// When the loop must wake up even if nothing happens; `None` waits for a change.
-    fn deadline(&self, options: &WatchOptions, degraded: bool) -> Option<Instant> {
+    fn deadline(&self, options: &WatchOptions) -> Option<Instant> {
         if let Some(at) = self.retry_at {
             return Some(at);
         }
         if self.need_full {
             return Some(Instant::now());
         }
-        let rescan = self
-            .last_full
-            .map(|at| at + Self::rescan_every(options, degraded));
+        let rescan = self.last_full.map(|at| at + self.rescan_every(options));
         match (self.coalescer.due(), rescan) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    fn next_work(&mut self, options: &WatchOptions, degraded: bool) -> Option<Work> {
+    fn next_work(&mut self, options: &WatchOptions) -> Option<Work> {
         let now = Instant::now();
         if self.retry_at.is_some_and(|at| at > now) {
             return None;
@@ -451,7 +459,7 @@ impl LoopState {
         self.retry_at = None;
         let rescan_due = self
             .last_full
-            .is_some_and(|at| now >= at + Self::rescan_every(options, degraded));
+            .is_some_and(|at| now >= at + self.rescan_every(options));
         if self.need_full || rescan_due {
             // A full run covers whatever is pending too.
             let since = self.pending_since.take().or(self.coalescer.first_noticed());
@@ -466,6 +474,11 @@ impl LoopState {
             .chain(first)
             .min()
             .unwrap_or(now);
+        if dirty.everything {
+            // Lost events: a full run, which a stop interrupts and which counts as the
+            // last full run for the periodic one.
+            return Some(Work::Full { since: Some(since) });
+        }
         Some(Work::Batch { dirty, since })
     }
 
@@ -548,9 +561,9 @@ mod tests {
     fn the_first_work_is_a_full_run_then_batches_wait_for_changes() {
         let options = WatchOptions::default();
         let mut state = LoopState::new(&options);
-        assert!(state.deadline(&options, false).is_some());
+        assert!(state.deadline(&options).is_some());
         assert!(matches!(
-            state.next_work(&options, false),
+            state.next_work(&options),
             Some(Work::Full { since: None })
         ));
         state.done(
@@ -560,21 +573,23 @@ mod tests {
             &NoMonitor,
         );
         // Idle: only the periodic rescan is scheduled.
-        let deadline = state.deadline(&options, false).unwrap();
+        let deadline = state.deadline(&options).unwrap();
         assert!(deadline > Instant::now() + Duration::from_secs(590));
-        assert!(state.next_work(&options, false).is_none());
-        // Degraded watches bring the rescan closer.
-        let degraded = state.deadline(&options, true).unwrap();
+        assert!(state.next_work(&options).is_none());
+        // Missing watches bring the rescan closer...
+        state.watches_set(false);
+        let degraded = state.deadline(&options).unwrap();
         assert!(degraded < Instant::now() + Duration::from_secs(61));
+        // ...until an update sets them all (the watch limit was raised).
+        state.watches_set(true);
+        let deadline = state.deadline(&options).unwrap();
+        assert!(deadline > Instant::now() + Duration::from_secs(590));
     }
 
-    #[test]
-    fn a_failure_schedules_a_full_catch_up_after_the_backoff() {
-        let options = WatchOptions {
-            retry_min: Duration::from_millis(200),
-            ..WatchOptions::default()
-        };
-        let mut state = LoopState::new(&options);
+    /// A loop state after its first full run, with a change to INBOX noticed at the
+    /// returned instant, a second ago.
+    fn after_a_full_run_and_a_change(options: &WatchOptions) -> (LoopState, Instant) {
+        let mut state = LoopState::new(options);
         state.done(
             &Work::Full { since: None },
             BatchReport::default(),
@@ -583,15 +598,35 @@ mod tests {
         );
         let t0 = Instant::now() - Duration::from_secs(1);
         state.coalescer.note(Change::Mailbox(String::new()), t0);
-        let work = state.next_work(&options, false).unwrap();
+        (state, t0)
+    }
+
+    #[test]
+    fn lost_events_make_a_full_run_that_a_stop_can_interrupt() {
+        let options = WatchOptions::default();
+        let (mut state, t0) = after_a_full_run_and_a_change(&options);
+        state.coalescer.note(Change::Everything, t0);
+        // A full run, not a batch: `Control::stop` interrupts only a full run in flight.
+        match state.next_work(&options) {
+            Some(Work::Full { since: Some(since) }) => assert_eq!(since, t0),
+            other => panic!("{other:?}"),
+        }
+        assert!(state.next_work(&options).is_none());
+    }
+
+    #[test]
+    fn a_failure_schedules_a_full_catch_up_after_the_backoff() {
+        let options = WatchOptions {
+            retry_min: Duration::from_millis(200),
+            ..WatchOptions::default()
+        };
+        let (mut state, t0) = after_a_full_run_and_a_change(&options);
+        let work = state.next_work(&options).unwrap();
         assert!(matches!(work, Work::Batch { .. }));
         state.failed(work, &Error::Interrupted, &options, &NoMonitor);
-        assert!(
-            state.next_work(&options, false).is_none(),
-            "waits for the backoff"
-        );
+        assert!(state.next_work(&options).is_none(), "waits for the backoff");
         std::thread::sleep(Duration::from_millis(210));
-        match state.next_work(&options, false) {
+        match state.next_work(&options) {
             Some(Work::Full { since: Some(since) }) => assert_eq!(since, t0),
             other => panic!("{other:?}"),
         }

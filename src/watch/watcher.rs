@@ -3,7 +3,7 @@
 //! `LAYOUT=fs` parent directories — never one per file and never `tmp/`. Turns raw events
 //! into [`Change`]s naming a mailbox. Never reads a mailbox and never writes anything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -74,6 +74,11 @@ pub struct TreeWatcher {
     root: PathBuf,
     inner: notify::RecommendedWatcher,
     watched: HashMap<PathBuf, Role>,
+    /// Watched directories that were moved or deleted since the last update: inotify (and
+    /// `notify`) dropped their watches and those of everything below them, even if the
+    /// same path is back by now (renamed away and back, deleted and created again).
+    /// Bounded by the number of watches.
+    stale: Mutex<HashSet<PathBuf>>,
     queue: Arc<Queue>,
 }
 
@@ -112,6 +117,7 @@ impl TreeWatcher {
             root: root.to_path_buf(),
             inner,
             watched: HashMap::new(),
+            stale: Mutex::new(HashSet::new()),
             queue,
         })
     }
@@ -131,7 +137,24 @@ impl TreeWatcher {
     /// falls back to periodic full rescans for them. A directory that vanished meanwhile is
     /// not a failure; its parent's event already asks for another look.
     pub fn update(&mut self, layout: Layout, excluded: &dyn Fn(&str) -> bool) -> Vec<WatchFailure> {
-        let wanted = wanted_watches(&self.root, layout, excluded);
+        self.update_to(wanted_watches(&self.root, layout, excluded))
+    }
+
+    /// [`TreeWatcher::update`] to the directories `wanted`. When the tree could not be
+    /// listed (a `LAYOUT=fs` folder deleted while it was listed, no file descriptor left),
+    /// every watch stays as it is and the root is reported as a failure, so the caller
+    /// runs full rescans until an update succeeds; taking the listing for an empty tree
+    /// would drop the watches of every mailbox, INBOX's too.
+    fn update_to(&mut self, wanted: std::io::Result<HashMap<PathBuf, Role>>) -> Vec<WatchFailure> {
+        let wanted = match wanted {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                return vec![WatchFailure {
+                    path: self.root.clone(),
+                    why: format!("cannot list the folders: {e}"),
+                }];
+            }
+        };
         let gone: Vec<PathBuf> = self
             .watched
             .keys()
@@ -143,6 +166,11 @@ impl TreeWatcher {
             let _ = self.inner.unwatch(&path);
             self.watched.remove(&path);
         }
+        // A stale watch that is still wanted is set again below, without removing it
+        // first: a watch that survived is only renewed, and nothing goes unseen meanwhile.
+        let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|p| p.into_inner()));
+        self.watched
+            .retain(|p, _| !stale.iter().any(|s| p.starts_with(s)));
         let mut failures = Vec::new();
         let mut wanted: Vec<(PathBuf, Role)> = wanted
             .into_iter()
@@ -216,7 +244,10 @@ impl TreeWatcher {
 
     fn change_of(&self, path: &Path) -> Option<Change> {
         if self.watched.contains_key(path) {
-            // The watched directory itself went away or was moved.
+            // The watched directory itself went away or was moved: its watch, and those
+            // below it, must be set again at the next update.
+            let mut stale = self.stale.lock().unwrap_or_else(|p| p.into_inner());
+            stale.insert(path.to_path_buf());
             return Some(Change::Structure);
         }
         let role = self.watched.get(path.parent()?)?;
@@ -251,17 +282,16 @@ fn classify_entry(role: &Role, name: &str) -> Option<Change> {
     }
 }
 
-/// Every directory that should be watched, with its role.
+/// Every directory that should be watched, with its role; an error when the tree could
+/// not be listed.
 fn wanted_watches(
     root: &Path,
     layout: Layout,
     excluded: &dyn Fn(&str) -> bool,
-) -> HashMap<PathBuf, Role> {
+) -> std::io::Result<HashMap<PathBuf, Role>> {
     let mut wanted = HashMap::new();
     wanted.insert(root.to_path_buf(), Role::Mailbox(String::new()));
-    let Ok(found) = layout.list_mailboxes(root) else {
-        return wanted;
-    };
+    let found = layout.list_mailboxes(root)?;
     let mut dirs = found.dirs;
     if !dirs.iter().any(|d| d.is_empty()) {
         dirs.push(String::new());
@@ -291,7 +321,7 @@ fn wanted_watches(
             wanted.entry(dir).or_insert(Role::Parent);
         }
     }
-    wanted
+    Ok(wanted)
 }
 
 /// Directories that may become folders: Maildir++ `.name` directories in the root, or
@@ -538,6 +568,56 @@ mod tests {
         }
         assert!(seen.0.is_empty(), "{seen:?}");
         assert_eq!(seen.1, vec![Change::Mailbox(".Sent".into())]);
+    }
+
+    /// Classifies wake-ups until one gives `want`; false when none did within 5 s.
+    fn wait_for_change(watcher: &TreeWatcher, want: &Change) -> bool {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while let Some(wake) = watcher.wait(Some(deadline)) {
+            if let Wake::Fs(event) = wake
+                && watcher.classify(&event).contains(want)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_folder_renamed_away_and_back_before_the_update_is_watched_again() {
+        let (tree, mut watcher) = watched(&["cur", "new", "tmp", ".Sent/cur", ".Sent/new"]);
+        let root = tree.path();
+        // Within one batch window: inotify drops the watches of a directory moved away,
+        // and the path is back when the watches are next updated.
+        std::fs::rename(root.join(".Sent"), root.join(".Away")).unwrap();
+        std::fs::rename(root.join(".Away"), root.join(".Sent")).unwrap();
+        // Events arrive in order: once this one is in, so are those of the renames.
+        std::fs::write(root.join("new/marker"), b"").unwrap();
+        assert!(wait_for_change(&watcher, &Change::Mailbox(String::new())));
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
+        std::fs::write(root.join(".Sent/new/1.M1P1.h"), b"x").unwrap();
+        assert!(
+            wait_for_change(&watcher, &Change::Mailbox(".Sent".into())),
+            "a delivery into the folder that came back was not seen"
+        );
+    }
+
+    #[test]
+    fn a_listing_that_fails_keeps_every_watch_and_says_so() {
+        let (tree, mut watcher) = watched(&["cur", "new", "tmp", ".Sent/cur", ".Sent/new"]);
+        let before = watcher.watch_count();
+        // As when an fs-layout folder is deleted while the tree is listed.
+        let vanished = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let failures = watcher.update_to(Err(vanished));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].why.contains("cannot list"), "{failures:?}");
+        assert_eq!(watcher.watch_count(), before);
+        std::fs::write(tree.path().join("new/1.M1P1.h"), b"x").unwrap();
+        assert!(wait_for_change(&watcher, &Change::Mailbox(String::new())));
     }
 
     #[test]
