@@ -3,6 +3,7 @@
 
 mod output;
 mod scan_report;
+mod twoway;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ pub struct Args {
 enum Command {
     /// Make DST equal to SRC as Dovecot sees it (one-way; extra mail on DST is removed).
     Backup(Box<BackupArgs>),
+    /// Merge changes made on both A and B since their last sync (two-way, master-master).
+    Sync(Box<SyncArgs>),
     /// Print what the scanner sees in a Maildir tree.
     Scan(ScanArgs),
     /// Serve a replica on stdin/stdout for a remote mdsync (started by it through ssh).
@@ -69,6 +72,23 @@ struct BackupArgs {
     src: String,
     /// Destination Maildir root (created when missing), local or remote like SRC.
     dst: String,
+    #[command(flatten)]
+    o: RunArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct SyncArgs {
+    /// One Maildir root: PATH, [USER@]HOST:PATH or ssh://[USER@]HOST[:PORT]/PATH.
+    a: String,
+    /// The other Maildir root (created when missing), local or remote like A.
+    b: String,
+    #[command(flatten)]
+    o: RunArgs,
+}
+
+/// Options shared by `backup` and `sync`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Print the plan, change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
@@ -84,7 +104,7 @@ struct BackupArgs {
     /// When to fsync: batch (one filesystem sync per mailbox), file (every file), none.
     #[arg(long, value_enum, default_value_t = FsyncArg::Batch)]
     fsync: FsyncArg,
-    /// Allow expunging more than half of DST: a count (500) or a percentage (80%).
+    /// Allow expunging more than half of a side (DST): a count (500) or a percentage (80%).
     #[arg(long, value_name = "N|P%")]
     max_delete: Option<String>,
     /// Compare every message by content hash (xxh3-128), not only by GUID.
@@ -182,6 +202,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     match args.command {
         Command::Backup(a) => run_backup(*a),
+        Command::Sync(a) => twoway::run(*a),
         Command::Scan(a) => scan_report::run(&a.path, a.layout.layout(), a.json),
         Command::Serve(a) => run_serve(a),
     }
@@ -211,7 +232,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
 fn open_replica(
     text: &str,
     side: &str,
-    a: &BackupArgs,
+    a: &RunArgs,
 ) -> anyhow::Result<(Box<dyn Replica>, Option<PathBuf>)> {
     let location = parse_location(text).map_err(anyhow::Error::msg)?;
     let r = &a.remote;
@@ -255,7 +276,7 @@ fn open_replica(
 }
 
 /// Where scan caches, pair states and table baselines live; `None` with `--no-cache`.
-fn cache_dir(a: &BackupArgs) -> Option<PathBuf> {
+fn cache_dir(a: &RunArgs) -> Option<PathBuf> {
     if a.no_cache {
         return None;
     }
@@ -292,9 +313,9 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     if src_is_remote && dst_is_remote {
         bail!("both sides are remote; run mdsync on one of the two hosts");
     }
-    let options = backup_options(&a)?;
-    let (src, src_path) = open_replica(&a.src, "src", &a)?;
-    let (dst, dst_path) = open_replica(&a.dst, "dst", &a)?;
+    let options = backup_options(&a.o)?;
+    let (src, src_path) = open_replica(&a.src, "src", &a.o)?;
+    let (dst, dst_path) = open_replica(&a.dst, "dst", &a.o)?;
     if let (Some(src_path), Some(dst_path)) = (&src_path, &dst_path) {
         check_overlap(src_path, dst_path)?;
     }
@@ -303,8 +324,8 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     {
         bail!("{}: source is not a directory", src_path.display());
     }
-    let show_progress = !a.no_progress && !a.dry_run;
-    let progress = output::Renderer::new(a.verbose && !a.dry_run, a.json, show_progress);
+    let show_progress = !a.o.no_progress && !a.o.dry_run;
+    let progress = output::Renderer::new(a.o.verbose && !a.o.dry_run, a.o.json, show_progress);
     let outcome = backup::backup(src.as_ref(), dst.as_ref(), &options, &progress);
     progress.finish();
     let outcome = outcome.and_then(|outcome| {
@@ -331,7 +352,7 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {
+fn backup_options(a: &RunArgs) -> anyhow::Result<BackupOptions> {
     let exclude = a
         .exclude
         .iter()
@@ -438,14 +459,14 @@ fn report(outcome: &BackupOutcome, a: &BackupArgs) {
             outcome.report.vanished
         );
     }
-    if a.dry_run && !a.json {
+    if a.o.dry_run && !a.o.json {
         for line in &outcome.plan_lines {
             println!("{line}");
         }
     }
-    if a.json {
-        println!("{}", output::json_report(outcome, a.dry_run));
-    } else if !a.dry_run && (a.verbose || !a.no_progress) {
+    if a.o.json {
+        println!("{}", output::json_report(outcome, a.o.dry_run));
+    } else if !a.o.dry_run && (a.o.verbose || !a.o.no_progress) {
         eprintln!("{}", output::summary_line(outcome));
     }
 }

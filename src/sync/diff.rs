@@ -359,7 +359,7 @@ impl<'a> MailboxDiff<'a> {
         let s = self.s;
         let flags = s.msgs.flags[i];
         let translated = self.translate(flags);
-        if base == s.base(i) && translated == flags {
+        if base == s.base(i) && translated == flags && !s.has(i, status::STALE_NAME) {
             return s.name(i).to_string();
         }
         let mut name = filename::compose(base, translated, s.subdir(i) == Subdir::New);
@@ -486,6 +486,7 @@ impl<'a> MailboxDiff<'a> {
         // is settled without building a name.
         let unchanged = to_sub == d.subdir(j)
             && s.name(i) == d.name(j)
+            && !s.has(i, status::STALE_NAME)
             && self.translate(s.msgs.flags[i]) == s.msgs.flags[i];
         let to_name = if unchanged {
             None

@@ -4,7 +4,10 @@
 
 pub mod apply;
 pub mod backup;
+pub mod base;
 pub mod diff;
+pub mod merge;
 pub mod plan;
 pub mod predict;
 pub mod state;
+pub mod twoway;

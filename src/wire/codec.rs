@@ -263,7 +263,12 @@ pub fn check_plan(plan: &Plan) -> Result<(), WireError> {
         .chain(&plan.create_parents)
         .chain(&plan.remove_parents)
         .chain(&plan.sweep)
-        .chain(plan.mailboxes.iter().map(|m| &m.dir));
+        .chain(plan.mailboxes.iter().map(|m| &m.dir))
+        .chain(
+            plan.rename_mailboxes
+                .iter()
+                .flat_map(|r| [&r.from_dir, &r.to_dir]),
+        );
     for dir in dirs {
         check_dir(dir).map_err(unsafe_path)?;
     }
