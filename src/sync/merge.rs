@@ -42,7 +42,8 @@ pub enum ConflictKind {
     DeleteRefused,
     /// Renamed differently on both sides: side A's name is kept.
     RenamedTwice,
-    /// Two mailboxes want one name: both left alone.
+    /// Two mailboxes want one name: one keeps it, the other goes back to its old name or
+    /// gets a `-conflict-N` suffix.
     NameClash,
     /// Different UIDVALIDITY on the two sides: the base's (else A's) generation is kept,
     /// the other side's messages are renumbered into it.
@@ -88,9 +89,9 @@ pub fn merge(
     let groups = pair_mailboxes(base, a, b);
     let mut conflicts = Vec::new();
     let mut targets = Targets::default();
-    let claimed = claimed_dirs(&groups);
-    for g in &groups {
-        merge_group(g, a, b, &claimed, answers, &mut targets, &mut conflicts);
+    let places = place_groups(&groups);
+    for (g, place) in groups.iter().zip(places) {
+        merge_group(g, a, b, place, answers, &mut targets, &mut conflicts);
     }
     let subscriptions = merge_subscriptions(
         base.subscriptions.as_deref(),
@@ -109,8 +110,8 @@ pub fn merge(
     let answers_b: HashAnswers = targets.same_b.into_iter().map(|q| (q, true)).collect();
     let mut plan_a = diff::diff_backup(&t_a, &a_renamed, &answers_a, options);
     let mut plan_b = diff::diff_backup(&t_b, &b_renamed, &answers_b, options);
-    plan_a.rename_mailboxes = targets.renames_a;
-    plan_b.rename_mailboxes = targets.renames_b;
+    plan_a.rename_mailboxes = order_renames(targets.renames_a);
+    plan_b.rename_mailboxes = order_renames(targets.renames_b);
     // A side keeps its own root's mode and owner.
     plan_a.root_meta = pick_root_meta(a, b);
     plan_b.root_meta = pick_root_meta(b, a);
@@ -254,15 +255,83 @@ fn pair_mailboxes<'a>(base: &'a BaseState, a: &'a MailTable, b: &'a MailTable) -
     groups
 }
 
-/// How many groups want each directory.
-fn claimed_dirs(groups: &[Group<'_>]) -> HashMap<String, usize> {
-    let mut out: HashMap<String, usize> = HashMap::new();
-    for g in groups {
+/// Where a group's mailbox ends up.
+#[derive(Debug, Clone)]
+struct Place {
+    dir: String,
+    name: String,
+    /// Why it is not where one side wanted it (two mailboxes wanted one name).
+    moved: Option<String>,
+}
+
+/// Gives every group a directory of its own. When two groups want one directory (a
+/// mailbox renamed onto a name the other side created or renamed to), the one already
+/// there on both sides — else the first — keeps it; another goes back to its base name
+/// when that is free, else gets a `-conflict-N` suffix. Nothing is merged into a stranger.
+fn place_groups(groups: &[Group<'_>]) -> Vec<Place> {
+    let wanted: Vec<String> = groups
+        .iter()
+        .map(|g| g.target_dir().0.to_string())
+        .collect();
+    let mut claimants: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (k, g) in groups.iter().enumerate() {
         if g.a.is_some() || g.b.is_some() {
-            *out.entry(g.target_dir().0.to_string()).or_default() += 1;
+            claimants.entry(wanted[k].as_str()).or_default().push(k);
         }
     }
-    out
+    let mut used: HashSet<String> = claimants.keys().map(|d| d.to_string()).collect();
+    let mut places: Vec<Place> = groups
+        .iter()
+        .zip(&wanted)
+        .map(|(g, dir)| Place {
+            dir: dir.clone(),
+            name: g.name(),
+            moved: None,
+        })
+        .collect();
+    let mut clashes: Vec<(&str, Vec<usize>)> =
+        claimants.into_iter().filter(|(_, v)| v.len() > 1).collect();
+    clashes.sort();
+    for (dir, mut ks) in clashes {
+        let settled = |k: &usize| {
+            let g = &groups[*k];
+            [g.a, g.b].into_iter().flatten().all(|m| m.dir == dir)
+        };
+        ks.sort_by_key(|k| !settled(k));
+        for &k in &ks[1..] {
+            let g = &groups[k];
+            let back = g
+                .base
+                .map(|base| base.dir.clone())
+                .filter(|d| d != dir && !d.is_empty() && !used.contains(d));
+            let (new_dir, new_name) = match back {
+                Some(d) => (
+                    d.clone(),
+                    g.base.map(|b| b.name.clone()).unwrap_or_default(),
+                ),
+                None => {
+                    let mut n = 1;
+                    while used.contains(&format!("{dir}-conflict-{n}")) {
+                        n += 1;
+                    }
+                    (
+                        format!("{dir}-conflict-{n}"),
+                        format!("{}-conflict-{n}", places[k].name),
+                    )
+                }
+            };
+            used.insert(new_dir.clone());
+            places[k] = Place {
+                moved: Some(format!(
+                    "another mailbox took {}; this one is {new_name}",
+                    places[k].name
+                )),
+                dir: new_dir,
+                name: new_name,
+            };
+        }
+    }
+    places
 }
 
 /// What the merge builds up: each side's target mailboxes, renames, synthetic content
@@ -299,7 +368,7 @@ fn merge_group(
     g: &Group<'_>,
     a: &MailTable,
     b: &MailTable,
-    claimed: &HashMap<String, usize>,
+    place: Place,
     answers: &HashAnswers,
     t: &mut Targets,
     conflicts: &mut Vec<Conflict>,
@@ -307,9 +376,8 @@ fn merge_group(
     if g.a.is_none() && g.b.is_none() {
         return;
     }
-    let (dir, renamed_twice) = g.target_dir();
-    let dir = dir.to_string();
-    let name = g.name();
+    let renamed_twice = g.target_dir().1;
+    let Place { dir, name, moved } = place;
     let conflict = |conflicts: &mut Vec<Conflict>, kind, detail: String| {
         conflicts.push(Conflict {
             mailbox: name.clone(),
@@ -317,13 +385,8 @@ fn merge_group(
             detail,
         })
     };
-    if claimed.get(&dir).copied().unwrap_or(0) > 1 {
-        conflict(
-            conflicts,
-            ConflictKind::NameClash,
-            "two different mailboxes want this name; both left alone".into(),
-        );
-        return t.hold(g, "two different mailboxes want this name (conflict)");
+    if let Some(why) = moved {
+        conflict(conflicts, ConflictKind::NameClash, why);
     }
     if a.is_unfollowed(&dir) || b.is_unfollowed(&dir) {
         conflict(
@@ -753,8 +816,9 @@ impl<'a> MessageMerge<'a> {
     fn build(mut self, dir: &str, name: &str) -> Built {
         let highest = self.out.iter().map(|t| t.uid).max().unwrap_or(0);
         let mut next = [
-            self.g.a.filter(|_| self.a_uids).map_or(1, |m| m.next_uid),
-            self.g.b.filter(|_| self.b_uids).map_or(1, |m| m.next_uid),
+            // Also the other generation's: UIDNEXT must end up equal on both sides.
+            self.g.a.map_or(1, |m| m.next_uid),
+            self.g.b.map_or(1, |m| m.next_uid),
             self.g
                 .base
                 .filter(|_| self.base_valid)
@@ -1000,14 +1064,44 @@ fn union(a: Flags, b: Flags) -> Flags {
     }
 }
 
+/// Orders renames so that none lands on a directory another rename has yet to vacate; a
+/// cycle (two mailboxes swapping names) goes through a temporary name.
+fn order_renames(mut pending: Vec<RenameMailbox>) -> Vec<RenameMailbox> {
+    let mut out = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let free = (0..pending.len()).find(|&k| {
+            !pending
+                .iter()
+                .any(|other| other.from_dir == pending[k].to_dir)
+        });
+        match free {
+            Some(k) => out.push(pending.remove(k)),
+            None => {
+                let first = &mut pending[0];
+                let parked = format!("{}-mdsync-swap", first.from_dir);
+                out.push(RenameMailbox {
+                    from_dir: first.from_dir.clone(),
+                    to_dir: parked.clone(),
+                    name: first.name.clone(),
+                });
+                first.from_dir = parked;
+            }
+        }
+    }
+    out
+}
+
 /// A side's table with its mailboxes renamed as the merge decided, for the differ.
 fn renamed_table<'t>(t: &'t MailTable, renames: &[RenameMailbox]) -> Cow<'t, MailTable> {
     if renames.is_empty() {
         return Cow::Borrowed(t);
     }
     let mut out = t.clone();
-    for r in renames {
-        if let Some(m) = out.mailboxes.iter_mut().find(|m| m.dir == r.from_dir) {
+    // Simultaneous: every rename applies to the mailbox as scanned.
+    let moves: HashMap<&str, &RenameMailbox> =
+        renames.iter().map(|r| (r.from_dir.as_str(), r)).collect();
+    for m in &mut out.mailboxes {
+        if let Some(r) = moves.get(m.dir.as_str()) {
             m.dir = r.to_dir.clone();
             m.name = r.name.clone();
         }
