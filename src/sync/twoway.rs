@@ -490,3 +490,161 @@ impl Progress for Sided<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::replica::local::LocalReplica;
+    use crate::replica::{Body, BodyError, BodySource};
+    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
+    use std::fs;
+    use std::path::Path;
+
+    /// A tiny Maildir++ INBOX with three listed messages.
+    fn maildir(root: &Path) {
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let mut uidlist = String::from("3 V1700000000 N4 G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n");
+        for uid in 1..=3 {
+            let base = format!("1700000000.M{uid}P1.host,S=6");
+            fs::write(root.join("cur").join(format!("{base}:2,S")), b"hello\n").unwrap();
+            uidlist.push_str(&format!("{uid} :{base}\n"));
+        }
+        fs::write(root.join("dovecot-uidlist"), uidlist).unwrap();
+    }
+
+    /// A local replica whose whole-replica scan misses one file of INBOX, as `readdir` can
+    /// while Dovecot renames it (a flag change): the mailbox is not settled and its uidlist
+    /// still names the file. A rescan sees the truth.
+    struct Missing {
+        inner: LocalReplica,
+        base: String,
+    }
+
+    impl BodySource for Missing {
+        fn open_body(
+            &self,
+            dir: &str,
+            sub: crate::model::Subdir,
+            name: &str,
+        ) -> Result<Body<'_>, BodyError> {
+            self.inner.open_body(dir, sub, name)
+        }
+    }
+
+    impl Replica for Missing {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn detect_layout(&self) -> Result<Option<Layout>> {
+            self.inner.detect_layout()
+        }
+        fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
+            // Read every mailbox, so there is something to miss.
+            let options = ScanOptions {
+                unchanged_if: Default::default(),
+                ..options.clone()
+            };
+            let mut table = self.inner.scan(&options, progress)?;
+            let inbox = &mut table.mailboxes[0];
+            assert_eq!(inbox.len(), 3);
+            let mut kept = MailboxTable {
+                msgs: Default::default(),
+                arena: String::new(),
+                extras: Vec::new(),
+                settled: false,
+                ..inbox.clone()
+            };
+            for i in 0..inbox.len() {
+                if inbox.base(i) == self.base {
+                    let r = kept.intern(&self.base);
+                    kept.listed_missing.push((inbox.msgs.uid[i], r));
+                    continue;
+                }
+                let m = &inbox.msgs;
+                kept.push(
+                    m.uid[i],
+                    inbox.name(i),
+                    m.base_len[i] as usize,
+                    m.flags[i],
+                    m.size[i],
+                    None,
+                    m.status[i],
+                );
+            }
+            *inbox = kept;
+            Ok(table)
+        }
+        fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+            self.inner.rescan_mailbox(layout, dir)
+        }
+        fn content_hash(
+            &self,
+            dir: &str,
+            sub: crate::model::Subdir,
+            name: &str,
+        ) -> Result<u128, BodyError> {
+            self.inner.content_hash(dir, sub, name)
+        }
+        fn apply(
+            &self,
+            plan: &Plan,
+            source: &dyn crate::replica::BodySource,
+            options: &ApplyOptions,
+            progress: &dyn Progress,
+        ) -> Result<ApplyReport> {
+            self.inner.apply(plan, source, options, progress)
+        }
+    }
+
+    fn options(state: &Path) -> SyncOptions {
+        SyncOptions {
+            scan: ScanOptions {
+                layout: Some(Layout::MaildirPlusPlus),
+                ..ScanOptions::default()
+            },
+            diff: DiffOptions::default(),
+            apply: ApplyOptions {
+                fsync: FsyncPolicy::None,
+                ownership: Ownership::RunningUser,
+            },
+            dry_run: false,
+            max_delete: DeleteLimit::Percent(100),
+            state_dir: Some(state.to_path_buf()),
+        }
+    }
+
+    fn files(root: &Path) -> usize {
+        fs::read_dir(root.join("cur")).unwrap().count()
+    }
+
+    #[test]
+    fn a_file_missed_by_one_scan_is_confirmed_before_it_counts_as_expunged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, state) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("s"),
+        );
+        maildir(&a);
+        maildir(&b);
+        let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
+        let first = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        assert!(first.first_sync && first.is_noop());
+        let hiding = Missing {
+            inner: LocalReplica::new(&a),
+            base: "1700000000.M2P1.host,S=6".into(),
+        };
+        let outcome = sync(&hiding, &rb, &options(&state), &NoProgress).unwrap();
+        assert!(outcome.is_noop(), "{:?}", outcome.b.planned);
+        assert_eq!(files(&b), 3, "the phantom expunge did not reach B");
+        // A real expunge on A does reach B.
+        let gone = a.join("cur").join("1700000000.M2P1.host,S=6:2,S");
+        fs::remove_file(gone).unwrap();
+        let outcome = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        assert_eq!(outcome.b.report.expunged, 1);
+        assert_eq!(files(&b), 2);
+    }
+}
