@@ -199,31 +199,41 @@ fn pair_mailboxes<'a>(base: &'a BaseState, a: &'a MailTable, b: &'a MailTable) -
     let mut a_used = vec![false; a.mailboxes.len()];
     let mut b_used = vec![false; b.mailboxes.len()];
     let mut groups = Vec::new();
-    let find_for_base = |t: &'a MailTable, used: &mut Vec<bool>, e: &BaseMailbox| {
-        let by_guid = e.guid.and_then(|g| {
+    // First every base mailbox's GUID on each side (a renamed mailbox is found wherever it
+    // went), then, for what is still unpaired, the mailbox in its directory whatever its
+    // GUID (one deleted and created again under the same name; the message merge then
+    // trusts the base only where the GUID agrees).
+    let by_guid = |t: &MailTable, used: &mut Vec<bool>, e: &BaseMailbox| {
+        let i = e.guid.and_then(|g| {
             (0..t.mailboxes.len())
                 .find(|&i| !used[i] && t.mailboxes[i].guid_of_mailbox() == Some(g))
-        });
-        let found = by_guid.or_else(|| {
-            (0..t.mailboxes.len()).find(|&i| {
-                let m = &t.mailboxes[i];
-                !used[i]
-                    && m.dir == e.dir
-                    && (m.guid_of_mailbox().is_none() || e.guid.is_none() || m.unchanged.is_some())
-            })
-        });
-        found.map(|i| {
-            used[i] = true;
-            &t.mailboxes[i]
-        })
+        })?;
+        used[i] = true;
+        Some(i)
     };
-    for e in &base.mailboxes {
-        let ma = find_for_base(a, &mut a_used, e);
-        let mb = find_for_base(b, &mut b_used, e);
+    let by_dir = |t: &MailTable, used: &mut Vec<bool>, e: &BaseMailbox| {
+        let i = (0..t.mailboxes.len()).find(|&i| !used[i] && t.mailboxes[i].dir == e.dir)?;
+        used[i] = true;
+        Some(i)
+    };
+    let mut found: Vec<(Option<usize>, Option<usize>)> = base
+        .mailboxes
+        .iter()
+        .map(|e| (by_guid(a, &mut a_used, e), by_guid(b, &mut b_used, e)))
+        .collect();
+    for (e, (fa, fb)) in base.mailboxes.iter().zip(&mut found) {
+        if fa.is_none() {
+            *fa = by_dir(a, &mut a_used, e);
+        }
+        if fb.is_none() {
+            *fb = by_dir(b, &mut b_used, e);
+        }
+    }
+    for (e, (fa, fb)) in base.mailboxes.iter().zip(found) {
         groups.push(Group {
             base: Some(e),
-            a: ma,
-            b: mb,
+            a: fa.map(|i| &a.mailboxes[i]),
+            b: fb.map(|j| &b.mailboxes[j]),
         });
     }
     let mut b_left: Vec<usize> = (0..b.mailboxes.len()).filter(|&j| !b_used[j]).collect();
@@ -262,6 +272,8 @@ struct Place {
     name: String,
     /// Why it is not where one side wanted it (two mailboxes wanted one name).
     moved: Option<String>,
+    /// Why it must be left alone.
+    hold: Option<String>,
 }
 
 /// Gives every group a directory of its own. When two groups want one directory (a
@@ -287,19 +299,29 @@ fn place_groups(groups: &[Group<'_>]) -> Vec<Place> {
             dir: dir.clone(),
             name: g.name(),
             moved: None,
+            hold: None,
         })
         .collect();
     let mut clashes: Vec<(&str, Vec<usize>)> =
         claimants.into_iter().filter(|(_, v)| v.len() > 1).collect();
     clashes.sort();
     for (dir, mut ks) in clashes {
+        // INBOX never moves; a mailbox already in place on both sides keeps it.
+        let inbox = |k: &usize| {
+            let g = &groups[*k];
+            dir.is_empty() || [g.a, g.b].into_iter().flatten().any(|m| m.dir.is_empty())
+        };
         let settled = |k: &usize| {
             let g = &groups[*k];
             [g.a, g.b].into_iter().flatten().all(|m| m.dir == dir)
         };
-        ks.sort_by_key(|k| !settled(k));
+        ks.sort_by_key(|k| (!inbox(k), !settled(k)));
         for &k in &ks[1..] {
             let g = &groups[k];
+            if inbox(&k) {
+                places[k].hold = Some("INBOX is paired with another mailbox".into());
+                continue;
+            }
             let back = g
                 .base
                 .map(|base| base.dir.clone())
@@ -328,6 +350,7 @@ fn place_groups(groups: &[Group<'_>]) -> Vec<Place> {
                 )),
                 dir: new_dir,
                 name: new_name,
+                hold: None,
             };
         }
     }
@@ -377,7 +400,12 @@ fn merge_group(
         return;
     }
     let renamed_twice = g.target_dir().1;
-    let Place { dir, name, moved } = place;
+    let Place {
+        dir,
+        name,
+        moved,
+        hold,
+    } = place;
     let conflict = |conflicts: &mut Vec<Conflict>, kind, detail: String| {
         conflicts.push(Conflict {
             mailbox: name.clone(),
@@ -387,6 +415,10 @@ fn merge_group(
     };
     if let Some(why) = moved {
         conflict(conflicts, ConflictKind::NameClash, why);
+    }
+    if let Some(why) = hold {
+        conflict(conflicts, ConflictKind::NameClash, why.clone());
+        return t.hold(g, &why);
     }
     if a.is_unfollowed(&dir) || b.is_unfollowed(&dir) {
         conflict(
@@ -548,7 +580,17 @@ impl<'a> MessageMerge<'a> {
             (None, Some(y)) => (Some(y), true, true),
             (None, None) => (None, true, true),
         };
-        let base_valid = header.is_some_and(|h| h.uid_validity == base_v);
+        // The base speaks for a side only when that side still has the mailbox it recorded:
+        // same UIDVALIDITY and (where both know it) the same mailbox GUID.
+        let same_box = |m: Option<&MailboxTable>| {
+            m.is_none_or(|m| {
+                let guid = m.guid_of_mailbox();
+                let base_guid = g.base.and_then(|b| b.guid);
+                guid.is_none() || base_guid.is_none() || guid == base_guid
+            })
+        };
+        let base_valid =
+            header.is_some_and(|h| h.uid_validity == base_v) && same_box(g.a) && same_box(g.b);
         MessageMerge {
             map_a: map_of(g.a.map(|m| &m.keywords)),
             map_b: map_of(g.b.map(|m| &m.keywords)),
