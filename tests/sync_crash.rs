@@ -14,24 +14,13 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use support::corpus::write_corpus;
-use support::tree::{leftover_temps, mail_files, read_uidlist, run_mdsync};
+use support::tree::{leftover_temps, mail_files, read_uidlist};
 use support::{Dovecot, mdsync};
 
 const MESSAGES: usize = 150;
 
 fn sync_ok(a: &Path, b: &Path) -> serde_json::Value {
-    let (a, b) = (a.display().to_string(), b.display().to_string());
-    let run = run_mdsync(&[
-        "sync",
-        "--json",
-        "--no-progress",
-        "--max-delete",
-        "100%",
-        &a,
-        &b,
-    ]);
-    run.assert_ok();
-    run.json()
+    support::tree::sync_ok(a, b, &["--max-delete", "100%"])
 }
 
 /// Starts `mdsync sync A B`, SIGKILLs it after `delay` (if still running), reaps it.

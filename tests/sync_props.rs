@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use proptest::prelude::*;
-use support::tree::run_mdsync;
 use support::{Dovecot, copy_tree, message};
 
 const FOLDERS: [&str; 4] = ["INBOX", "Archive", "Work", "Lists"];
@@ -118,18 +117,7 @@ fn message_ids(dc: &Dovecot, root: &Path) -> BTreeMap<String, Vec<String>> {
 }
 
 fn sync(a: &Path, b: &Path) -> serde_json::Value {
-    let (a, b) = (a.display().to_string(), b.display().to_string());
-    let run = run_mdsync(&[
-        "sync",
-        "--json",
-        "--no-progress",
-        "--max-delete",
-        "100%",
-        &a,
-        &b,
-    ]);
-    run.assert_ok();
-    run.json()
+    support::tree::sync_ok(a, b, &["--max-delete", "100%"])
 }
 
 fn check(a_ops: &[Op], b_ops: &[Op]) {

@@ -306,50 +306,66 @@ fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    let (src_is_remote, dst_is_remote) = (
-        matches!(parse_location(&a.src), Ok(Location::Remote(_))),
-        matches!(parse_location(&a.dst), Ok(Location::Remote(_))),
-    );
-    if src_is_remote && dst_is_remote {
-        bail!("both sides are remote; run mdsync on one of the two hosts");
-    }
     let options = backup_options(&a.o)?;
-    let (src, src_path) = open_replica(&a.src, "src", &a.o)?;
-    let (dst, dst_path) = open_replica(&a.dst, "dst", &a.o)?;
-    if let (Some(src_path), Some(dst_path)) = (&src_path, &dst_path) {
-        check_overlap(src_path, dst_path)?;
-    }
-    if let Some(src_path) = &src_path
-        && !src_path.is_dir()
-    {
-        bail!("{}: source is not a directory", src_path.display());
-    }
-    let show_progress = !a.o.no_progress && !a.o.dry_run;
-    let progress = output::Renderer::new(a.o.verbose && !a.o.dry_run, a.o.json, show_progress);
-    let outcome = backup::backup(src.as_ref(), dst.as_ref(), &options, &progress);
-    progress.finish();
-    let outcome = outcome.and_then(|outcome| {
-        src.close()?;
-        dst.close()?;
-        Ok(outcome)
-    });
-    if mdsync::interrupt::requested() && outcome.is_err() {
-        eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
+    let outcome = run_pair(&a.src, &a.dst, &a.o, |src, dst, progress| {
+        backup::backup(src, dst, &options, progress)
+    })?;
+    let Some(outcome) = outcome else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
-    }
-    let outcome = match outcome {
-        Err(mdsync::Error::Interrupted) => {
-            eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        }
-        other => other?,
     };
     report(&outcome, &a);
-    Ok(match outcome.completion() {
+    Ok(exit_code(outcome.completion()))
+}
+
+/// The frame of a run between two replicas (`backup`, `sync`): refuses two remote sides,
+/// opens both, refuses overlapping local trees and a first side that is not a directory,
+/// runs `work` with a progress renderer, closes the sessions. `None`: interrupted (said on
+/// stderr).
+fn run_pair<T>(
+    first: &str,
+    second: &str,
+    o: &RunArgs,
+    work: impl FnOnce(&dyn Replica, &dyn Replica, &output::Renderer) -> mdsync::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    let remote = |t: &str| matches!(parse_location(t), Ok(Location::Remote(_)));
+    if remote(first) && remote(second) {
+        bail!("both sides are remote; run mdsync on one of the two hosts");
+    }
+    let (x, x_path) = open_replica(first, "src", o)?;
+    let (y, y_path) = open_replica(second, "dst", o)?;
+    if let (Some(x_path), Some(y_path)) = (&x_path, &y_path) {
+        check_overlap(x_path, y_path)?;
+    }
+    if let Some(x_path) = &x_path
+        && !x_path.is_dir()
+    {
+        bail!("{}: not a directory", x_path.display());
+    }
+    let show_progress = !o.no_progress && !o.dry_run;
+    let progress = output::Renderer::new(o.verbose && !o.dry_run, o.json, show_progress);
+    let outcome = work(x.as_ref(), y.as_ref(), &progress);
+    progress.finish();
+    let outcome = outcome.and_then(|outcome| {
+        x.close()?;
+        y.close()?;
+        Ok(outcome)
+    });
+    let interrupted = matches!(outcome, Err(mdsync::Error::Interrupted))
+        || (mdsync::interrupt::requested() && outcome.is_err());
+    if interrupted {
+        eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
+        return Ok(None);
+    }
+    Ok(Some(outcome?))
+}
+
+/// The exit code of a finished run.
+fn exit_code(completion: Completion) -> ExitCode {
+    match completion {
         Completion::Complete => ExitCode::SUCCESS,
         Completion::Partial => ExitCode::from(EXIT_PARTIAL),
         Completion::Errors => ExitCode::FAILURE,
-    })
+    }
 }
 
 fn backup_options(a: &RunArgs) -> anyhow::Result<BackupOptions> {

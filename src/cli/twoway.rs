@@ -3,69 +3,23 @@
 
 use std::process::ExitCode;
 
-use anyhow::bail;
-
-use mdsync::replica::local::check_overlap;
-use mdsync::sync::backup::Completion;
-use mdsync::sync::twoway::{self, SideOutcome, SyncOptions, SyncOutcome};
-use mdsync::transport::{Location, parse_location};
+use mdsync::sync::twoway::{self, SideOutcome, SyncOutcome};
 
 use super::{
-    EXIT_INTERRUPTED, EXIT_PARTIAL, SyncArgs, backup_options, collapse_repeats, open_replica,
-    output,
+    EXIT_INTERRUPTED, SyncArgs, backup_options, collapse_repeats, exit_code, output, run_pair,
 };
 
 /// Runs `mdsync sync`.
 pub(super) fn run(a: SyncArgs) -> anyhow::Result<ExitCode> {
-    let remote = |t: &str| matches!(parse_location(t), Ok(Location::Remote(_)));
-    if remote(&a.a) && remote(&a.b) {
-        bail!("both sides are remote; run mdsync on one of the two hosts");
-    }
-    let b = backup_options(&a.o)?;
-    let options = SyncOptions {
-        scan: b.scan,
-        diff: b.diff,
-        apply: b.apply,
-        dry_run: b.dry_run,
-        max_delete: b.max_delete,
-        state_dir: b.state_dir,
-    };
-    let (ra, a_path) = open_replica(&a.a, "src", &a.o)?;
-    let (rb, b_path) = open_replica(&a.b, "dst", &a.o)?;
-    if let (Some(x), Some(y)) = (&a_path, &b_path) {
-        check_overlap(x, y)?;
-    }
-    if let Some(x) = &a_path
-        && !x.is_dir()
-    {
-        bail!("{}: not a directory", x.display());
-    }
-    let show_progress = !a.o.no_progress && !a.o.dry_run;
-    let progress = output::Renderer::new(a.o.verbose && !a.o.dry_run, a.o.json, show_progress);
-    let outcome = twoway::sync(ra.as_ref(), rb.as_ref(), &options, &progress);
-    progress.finish();
-    let outcome = outcome.and_then(|o| {
-        ra.close()?;
-        rb.close()?;
-        Ok(o)
-    });
-    let interrupted = || {
-        eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
-        Ok(ExitCode::from(EXIT_INTERRUPTED))
-    };
-    if mdsync::interrupt::requested() && outcome.is_err() {
-        return interrupted();
-    }
-    let outcome = match outcome {
-        Err(mdsync::Error::Interrupted) => return interrupted(),
-        other => other?,
+    let options = backup_options(&a.o)?;
+    let outcome = run_pair(&a.a, &a.b, &a.o, |x, y, progress| {
+        twoway::sync(x, y, &options, progress)
+    })?;
+    let Some(outcome) = outcome else {
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
     };
     report(&outcome, &a);
-    Ok(match outcome.completion() {
-        Completion::Complete => ExitCode::SUCCESS,
-        Completion::Partial => ExitCode::from(EXIT_PARTIAL),
-        Completion::Errors => ExitCode::FAILURE,
-    })
+    Ok(exit_code(outcome.completion()))
 }
 
 fn report(o: &SyncOutcome, a: &SyncArgs) {

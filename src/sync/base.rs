@@ -10,7 +10,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::model::{Flags, MailboxGuid, MailboxStamps, Stamp};
+use crate::model::{Flags, MailboxGuid, MailboxStamps};
+use crate::scan::cache::{Reader, get_stamps, put_stamps, put_str, put_u32, put_u64};
 use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::writer;
 
@@ -169,11 +170,7 @@ fn encode_mailbox(out: &mut Vec<u8>, m: &BaseMailbox) {
         match stamps {
             Some((s, count)) => {
                 out.push(1);
-                for p in s.parts {
-                    for v in [p.mtime_ns as u64, p.ctime_ns as u64, p.ino, p.size] {
-                        put_u64(out, v);
-                    }
-                }
+                put_stamps(out, &s);
                 put_u64(out, count);
             }
             None => out.push(0),
@@ -198,19 +195,6 @@ fn encode_mailbox(out: &mut Vec<u8>, m: &BaseMailbox) {
     }
 }
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_u32(out, s.len() as u32);
-    out.extend_from_slice(s.as_bytes());
-}
-
 fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
     match b {
         Some(b) => {
@@ -228,14 +212,14 @@ fn decode(bytes: &[u8]) -> Option<BaseState> {
         return None;
     }
     let body = zstd::decode_all(packed).ok()?;
-    let mut r = Reader(&body);
+    let mut r = Reader { bytes: &body };
     let n = r.u32()? as usize;
     let mut mailboxes = Vec::with_capacity(n.min(1 << 16));
     for _ in 0..n {
         mailboxes.push(decode_mailbox(&mut r)?);
     }
-    let subscriptions = r.opt_bytes()?.map(<[u8]>::to_vec);
-    if !r.0.is_empty() || !mailboxes.is_sorted_by(|a, b| a.dir < b.dir) {
+    let subscriptions = opt_bytes(&mut r)?.map(<[u8]>::to_vec);
+    if !r.bytes.is_empty() || !mailboxes.is_sorted_by(|a, b| a.dir < b.dir) {
         return None;
     }
     Some(BaseState {
@@ -255,7 +239,7 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<BaseMailbox> {
     let next_uid = r.u32()?;
     let mut keywords = KeywordMap::default();
     for i in 0..LETTERS {
-        keywords.names[i] = match r.opt_bytes()? {
+        keywords.names[i] = match opt_bytes(r)? {
             Some(b) => Some(String::from_utf8(b.to_vec()).ok()?),
             None => None,
         };
@@ -263,20 +247,11 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<BaseMailbox> {
     let mut stamps = [None, None];
     for slot in &mut stamps {
         if r.u8()? == 1 {
-            let mut s = MailboxStamps::default();
-            for p in &mut s.parts {
-                *p = Stamp {
-                    mtime_ns: r.u64()? as i64,
-                    ctime_ns: r.u64()? as i64,
-                    ino: r.u64()?,
-                    size: r.u64()?,
-                };
-            }
-            *slot = Some((s, r.u64()?));
+            *slot = Some((get_stamps(r)?, r.u64()?));
         }
     }
     let n = r.u32()? as usize;
-    if n > r.0.len() / 4 {
+    if n > r.bytes.len() / 4 {
         return None;
     }
     let mut uids = Vec::with_capacity(n);
@@ -314,37 +289,10 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<BaseMailbox> {
     })
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-
-    fn string(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-
-    fn opt_bytes(&mut self) -> Option<Option<&'a [u8]>> {
-        match self.u32()? {
-            u32::MAX => Some(None),
-            n => Some(Some(self.take(n as usize)?)),
-        }
+fn opt_bytes<'a>(r: &mut Reader<'a>) -> Option<Option<&'a [u8]>> {
+    match r.u32()? {
+        u32::MAX => Some(None),
+        n => Some(Some(r.take(n as usize)?)),
     }
 }
 

@@ -633,11 +633,11 @@ impl<'a> MessageMerge<'a> {
     }
 
     fn flags_a(&self, i: usize) -> Flags {
-        translate(self.g.a.expect("row on A").msgs.flags[i], &self.map_a)
+        diff::translate_letters(self.g.a.expect("row on A").msgs.flags[i], &self.map_a)
     }
 
     fn flags_b(&self, j: usize) -> Flags {
-        translate(self.g.b.expect("row on B").msgs.flags[j], &self.map_b)
+        diff::translate_letters(self.g.b.expect("row on B").msgs.flags[j], &self.map_b)
     }
 
     fn new_a(&self, i: usize) -> bool {
@@ -693,7 +693,7 @@ impl<'a> MessageMerge<'a> {
             let ib = self
                 .find_b(uid)
                 .filter(|&j| guid_hash(self.g.b.expect("b").guid(j)) == gh);
-            let old = translate(base.flags[k], &self.map_base);
+            let old = diff::translate_letters(base.flags[k], &self.map_base);
             match (ia, ib) {
                 (Some(i), Some(j)) => {
                     self.a_done[i] = true;
@@ -1016,7 +1016,7 @@ fn push_row(
     t: &Target,
     guid: &str,
 ) -> Option<HashQuestion> {
-    let on_disk = translate(table.msgs.flags[row], map);
+    let on_disk = diff::translate_letters(table.msgs.flags[row], map);
     let in_new_now = table.subdir(row) == crate::model::Subdir::New;
     let mut bits = table.msgs.status[row] & !(status::IN_NEW | status::STALE_NAME);
     if t.in_new {
@@ -1072,22 +1072,6 @@ fn letter_map(from: Option<&KeywordMap>, to: &KeywordMap) -> [Option<u8>; LETTER
         Some(name) => to.index_of(name).map(|x| x as u8),
         None => to.name(i).is_none().then_some(i as u8),
     })
-}
-
-fn translate(flags: Flags, map: &[Option<u8>; LETTERS]) -> Flags {
-    let mut out = Flags {
-        system: flags.system,
-        keywords: 0,
-    };
-    let mut letters = flags.keywords;
-    while letters != 0 {
-        let i = letters.trailing_zeros() as usize;
-        letters &= letters - 1;
-        if let Some(to) = map[i] {
-            out.keywords |= 1 << to;
-        }
-    }
-    out
 }
 
 /// Per flag against the base: a bit either side changed is changed (both changing a bit

@@ -4,7 +4,6 @@
 //! Orchestrates; writes no mail itself (the replicas' appliers do) and prints nothing.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -15,30 +14,17 @@ use crate::replica::Replica;
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
-use crate::sync::backup::{self, Completion, DeleteLimit};
+use crate::sync::backup::{self, BackupOptions, Completion};
 use crate::sync::base::{self, BaseState, guid_hash};
-use crate::sync::diff::{self, DiffOptions};
+use crate::sync::diff;
 use crate::sync::merge::{self, Conflict, Merged};
 use crate::sync::plan::{Plan, PlanCounts, Skipped};
 use crate::table::{MailTable, MailboxTable};
 
-/// Everything a two-way run needs to know.
-#[derive(Debug, Clone)]
-pub struct SyncOptions {
-    /// What to scan (both sides).
-    pub scan: ScanOptions,
-    /// Differ knobs.
-    pub diff: DiffOptions,
-    /// How to write.
-    pub apply: ApplyOptions,
-    /// Plan only.
-    pub dry_run: bool,
-    /// Delete guard, per side.
-    pub max_delete: DeleteLimit,
-    /// Where pair bases live; `None` keeps no base (every run is a first sync: a union
-    /// that never expunges or deletes).
-    pub state_dir: Option<PathBuf>,
-}
+/// Everything a two-way run needs to know: the knobs of a backup, with `max_delete`
+/// guarding each side and `state_dir` holding the pair's base (`None`: no base, every run a
+/// first sync — a union that never expunges or deletes).
+pub type SyncOptions = BackupOptions;
 
 /// What one side of a run did.
 #[derive(Debug, Clone, Default)]
@@ -434,9 +420,8 @@ fn read_one_sided(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable) 
 
 /// A message the scan did not see may be one Dovecot was renaming during `readdir`. A
 /// mailbox that moved while it was read (or whose uidlist names files the scan did not
-/// find) and lacks a message the base or the other side has is listed again before the
-/// absence counts — a phantom expunge must never reach the other side, nor a phantom gap
-/// be filled with a duplicate.
+/// find) and lacks a message whose absence would count is listed again first — a phantom
+/// expunge must never reach the other side, nor a phantom gap be filled with a duplicate.
 fn confirm_missing(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable, base: &BaseState) {
     let layout = mine.layout;
     mine.mailboxes.par_iter_mut().for_each(|m| {
@@ -449,19 +434,26 @@ fn confirm_missing(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable,
     });
 }
 
+/// True when the absence of a message from `m` would count: the base has a message `m`
+/// lacks (it would be expunged on the other side), or the other side has a message whose
+/// file `m`'s uidlist names but the listing did not find (it would be copied here twice).
+/// Messages simply new on the other side need no second look.
 fn lacks_something(
     m: &MailboxTable,
     other: Option<&MailboxTable>,
     base: Option<&base::BaseMailbox>,
 ) -> bool {
-    let mine: HashSet<&str> = (0..m.len()).map(|i| m.guid(i)).collect();
     if let Some(base) = base {
-        let hashes: HashSet<u64> = mine.iter().map(|g| guid_hash(g)).collect();
+        let hashes: HashSet<u64> = (0..m.len()).map(|i| guid_hash(m.guid(i))).collect();
         if base.guids.iter().any(|g| !hashes.contains(g)) {
             return true;
         }
     }
-    other.is_some_and(|o| (0..o.len()).any(|j| !mine.contains(o.guid(j))))
+    if m.listed_missing.is_empty() {
+        return false;
+    }
+    let missing: HashSet<&str> = m.listed_missing.iter().map(|&(_, r)| m.str(r)).collect();
+    other.is_some_and(|o| (0..o.len()).any(|j| missing.contains(o.base(j))))
 }
 
 /// Progress of one side: its itemized lines carry the side's letter.
@@ -498,6 +490,8 @@ mod tests {
     use crate::replica::local::LocalReplica;
     use crate::replica::{Body, BodyError, BodySource};
     use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
+    use crate::sync::backup::DeleteLimit;
+    use crate::sync::diff::DiffOptions;
     use std::fs;
     use std::path::Path;
 
