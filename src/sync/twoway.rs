@@ -203,7 +203,11 @@ pub fn sync_tables(
     read_one_sided(b, &mut tb, &ta);
     confirm_missing(a, &mut ta, &tb, base);
     confirm_missing(b, &mut tb, &ta, base);
-    let questions = diff::hash_questions(&ta, &tb, &options.diff);
+    // Content comparisons settle the first sync of a mailbox (copies made by other tools
+    // carry other GUIDs). Against a base, the same UID under two GUIDs is two messages: a
+    // UID conflict, renumbered, never worth reading both bodies.
+    let mut questions = diff::hash_questions(&ta, &tb, &options.diff);
+    questions.retain(|q| options.diff.checksum || base.mailbox(&q.dir).is_none());
     let answers = if questions.is_empty() {
         Default::default()
     } else {
@@ -316,9 +320,22 @@ fn apply_both(
     };
     let plan_a = without_renames(&merged.plan_a);
     let plan_b = without_renames(&merged.plan_b);
-    outcome.a.report = a.apply(&plan_a, b, options, &pa)?;
     let keep = || keep_scans(sides, ta, tb, Some((&plan_a, &plan_b)), progress);
-    outcome.b.report = b.apply_overlapping(&plan_b, a, options, &pb, &keep)?;
+    // Neither plan renames or removes a file the other copies (a message is copied only to
+    // the side that lacks it, with the flags of the side that has it), so two local sides
+    // apply at once. A remote side's connection carries one exchange at a time.
+    let local = a.wire_bytes().is_none() && b.wire_bytes().is_none();
+    let (ra, rb) = if local {
+        rayon::join(
+            || a.apply(&plan_a, b, options, &pa),
+            || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
+        )
+    } else {
+        let ra = a.apply(&plan_a, b, options, &pa);
+        (ra, b.apply_overlapping(&plan_b, a, options, &pb, &keep))
+    };
+    outcome.a.report = ra?;
+    outcome.b.report = rb?;
     Ok(())
 }
 
