@@ -9,6 +9,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::model::{Flags, MailboxGuid, MailboxStamps};
 use crate::scan::cache::{Reader, get_stamps, put_stamps, put_str, put_u32, put_u64};
@@ -16,7 +17,7 @@ use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::writer;
 
 /// One mailbox as both sides held it after the last sync.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct BaseMailbox {
     /// Directory relative to the root (the same on both sides).
     pub dir: String,
@@ -28,13 +29,21 @@ pub struct BaseMailbox {
     pub uid_validity: u32,
     /// Next UID both sides had (every UID below it was handed out on both sides).
     pub next_uid: u32,
-    /// Keyword letters of [`BaseMailbox::flags`].
+    /// Keyword letters of the records' flags.
     pub keywords: KeywordMap,
     /// Stamps and message count of side A when both sides were found in sync, so an
     /// unchanged mailbox is not read next time.
     pub stamps_a: Option<(MailboxStamps, u64)>,
     /// The same for side B.
     pub stamps_b: Option<(MailboxStamps, u64)>,
+    /// The messages: kept compressed as read from the file until a run needs them, so a
+    /// mailbox unchanged on both sides costs its bytes and no decoding.
+    pub(crate) records: Records,
+}
+
+/// Per-message records of a base mailbox, as parallel columns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Columns {
     /// UIDs, ascending.
     pub uids: Vec<u32>,
     /// xxh3-64 of each message's GUID: 8 bytes instead of a 40-byte base name, compared
@@ -44,22 +53,73 @@ pub struct BaseMailbox {
     pub flags: Vec<Flags>,
 }
 
+/// The columns compressed (as stored), decoded, or both, each made from the other once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Records {
+    packed: OnceLock<Vec<u8>>,
+    open: OnceLock<Columns>,
+}
+
 impl BaseMailbox {
+    /// The mailbox with these records.
+    pub fn with_records(mut self, columns: Columns) -> BaseMailbox {
+        self.records = Records {
+            packed: OnceLock::new(),
+            open: OnceLock::from(columns),
+        };
+        self
+    }
+
+    /// The records, decoded on first use. Records that do not decode (impossible past the
+    /// file's checksum) are none: the merge then loses nothing.
+    pub fn records(&self) -> &Columns {
+        self.records.open.get_or_init(|| {
+            self.records
+                .packed
+                .get()
+                .and_then(|p| decode_columns(p))
+                .unwrap_or_default()
+        })
+    }
+
+    /// The records compressed, as stored.
+    fn packed(&self) -> &[u8] {
+        self.records
+            .packed
+            .get_or_init(|| encode_columns(self.records()))
+    }
+
     /// Index of the record with this UID.
     pub fn find_uid(&self, uid: u32) -> Option<usize> {
-        self.uids.binary_search(&uid).ok()
+        self.records().uids.binary_search(&uid).ok()
     }
 
     /// Number of messages.
     pub fn len(&self) -> usize {
-        self.uids.len()
+        self.records().uids.len()
     }
 
     /// True when no message is recorded.
     pub fn is_empty(&self) -> bool {
-        self.uids.is_empty()
+        self.len() == 0
     }
 }
+
+impl PartialEq for BaseMailbox {
+    fn eq(&self, other: &Self) -> bool {
+        self.dir == other.dir
+            && self.name == other.name
+            && self.guid == other.guid
+            && self.uid_validity == other.uid_validity
+            && self.next_uid == other.next_uid
+            && self.keywords == other.keywords
+            && self.stamps_a == other.stamps_a
+            && self.stamps_b == other.stamps_b
+            && self.packed() == other.packed()
+    }
+}
+
+impl Eq for BaseMailbox {}
 
 /// The hash a message GUID is recorded as.
 pub fn guid_hash(guid: &str) -> u64 {
@@ -75,8 +135,9 @@ pub struct BaseState {
     pub subscriptions: Option<Vec<u8>>,
 }
 
-/// Magic and format version; the xxh3-64 of the compressed body follows.
-const MAGIC: &[u8; 8] = b"MDSYNCB\x01";
+/// Magic and format version; the xxh3-64 of the body follows, then the body, whose
+/// per-mailbox records are zstd-compressed one mailbox at a time.
+const MAGIC: &[u8; 8] = b"MDSYNCB\x02";
 
 impl BaseState {
     /// The mailbox recorded in `dir`.
@@ -112,7 +173,7 @@ impl BaseState {
         })
     }
 
-    /// The file's bytes: magic, checksum, zstd-compressed body.
+    /// The file's bytes: magic, checksum, body.
     pub fn encode(&self) -> io::Result<Vec<u8>> {
         let mut body = Vec::new();
         put_u32(&mut body, self.mailboxes.len() as u32);
@@ -120,11 +181,10 @@ impl BaseState {
             encode_mailbox(&mut body, m);
         }
         put_opt_bytes(&mut body, self.subscriptions.as_deref());
-        let packed = zstd::encode_all(&body[..], 3)?;
-        let mut out = Vec::with_capacity(16 + packed.len());
+        let mut out = Vec::with_capacity(16 + body.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&packed).to_le_bytes());
-        out.extend_from_slice(&packed);
+        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
+        out.extend_from_slice(&body);
         Ok(out)
     }
 
@@ -176,23 +236,57 @@ fn encode_mailbox(out: &mut Vec<u8>, m: &BaseMailbox) {
             None => out.push(0),
         }
     }
-    put_u32(out, m.uids.len() as u32);
-    // Column by column, UIDs as deltas: runs of small numbers and zero flags compress to
-    // almost nothing, leaving the GUID hashes as the bulk.
+    put_opt_bytes(out, Some(m.packed()));
+}
+
+/// Column by column, UIDs as deltas, zstd-compressed: runs of small numbers and zero
+/// flags compress to almost nothing, leaving the GUID hashes as the bulk.
+fn encode_columns(c: &Columns) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(4 + c.uids.len() * 20);
+    put_u32(&mut raw, c.uids.len() as u32);
     let mut last = 0u32;
-    for &uid in &m.uids {
-        put_u32(out, uid.wrapping_sub(last));
+    for &uid in &c.uids {
+        put_u32(&mut raw, uid.wrapping_sub(last));
         last = uid;
     }
-    for &g in &m.guids {
-        put_u64(out, g);
+    for &g in &c.guids {
+        put_u64(&mut raw, g);
     }
-    for f in &m.flags {
-        put_u32(out, f.system);
+    for f in &c.flags {
+        put_u32(&mut raw, f.system);
     }
-    for f in &m.flags {
-        put_u32(out, f.keywords);
+    for f in &c.flags {
+        put_u32(&mut raw, f.keywords);
     }
+    zstd::encode_all(&raw[..], 3).expect("compressing into memory")
+}
+
+fn decode_columns(packed: &[u8]) -> Option<Columns> {
+    let raw = zstd::decode_all(packed).ok()?;
+    let mut r = Reader { bytes: &raw };
+    let n = r.u32()? as usize;
+    if n.checked_mul(20)? != r.bytes.len() {
+        return None;
+    }
+    let mut uids = Vec::with_capacity(n);
+    let mut last = 0u32;
+    for _ in 0..n {
+        last = last.wrapping_add(r.u32()?);
+        uids.push(last);
+    }
+    let guids = (0..n).map(|_| r.u64()).collect::<Option<Vec<_>>>()?;
+    let system = (0..n).map(|_| r.u32()).collect::<Option<Vec<_>>>()?;
+    let flags = system
+        .into_iter()
+        .map(|system| {
+            Some(Flags {
+                system,
+                keywords: r.u32()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    uids.is_sorted_by(|a, b| a < b)
+        .then_some(Columns { uids, guids, flags })
 }
 
 fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
@@ -207,12 +301,11 @@ fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
 
 fn decode(bytes: &[u8]) -> Option<BaseState> {
     let rest = bytes.strip_prefix(MAGIC)?;
-    let (sum, packed) = rest.split_at_checked(8)?;
-    if xxhash_rust::xxh3::xxh3_64(packed).to_le_bytes() != sum {
+    let (sum, body) = rest.split_at_checked(8)?;
+    if xxhash_rust::xxh3::xxh3_64(body).to_le_bytes() != sum {
         return None;
     }
-    let body = zstd::decode_all(packed).ok()?;
-    let mut r = Reader { bytes: &body };
+    let mut r = Reader { bytes: body };
     let n = r.u32()? as usize;
     let mut mailboxes = Vec::with_capacity(n.min(1 << 16));
     for _ in 0..n {
@@ -250,30 +343,7 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<BaseMailbox> {
             *slot = Some((get_stamps(r)?, r.u64()?));
         }
     }
-    let n = r.u32()? as usize;
-    if n > r.bytes.len() / 4 {
-        return None;
-    }
-    let mut uids = Vec::with_capacity(n);
-    let mut last = 0u32;
-    for _ in 0..n {
-        last = last.wrapping_add(r.u32()?);
-        uids.push(last);
-    }
-    let guids = (0..n).map(|_| r.u64()).collect::<Option<Vec<_>>>()?;
-    let system = (0..n).map(|_| r.u32()).collect::<Option<Vec<_>>>()?;
-    let flags = system
-        .into_iter()
-        .map(|system| {
-            Some(Flags {
-                system,
-                keywords: r.u32()?,
-            })
-        })
-        .collect::<Option<Vec<_>>>()?;
-    if !uids.is_sorted_by(|a, b| a < b) {
-        return None;
-    }
+    let packed = opt_bytes(r)?.unwrap_or_default().to_vec();
     Some(BaseMailbox {
         dir,
         name,
@@ -283,9 +353,10 @@ fn decode_mailbox(r: &mut Reader<'_>) -> Option<BaseMailbox> {
         keywords,
         stamps_a: stamps[0],
         stamps_b: stamps[1],
-        uids,
-        guids,
-        flags,
+        records: Records {
+            packed: OnceLock::from(packed),
+            open: OnceLock::new(),
+        },
     })
 }
 
@@ -303,7 +374,7 @@ mod tests {
     fn sample(n: u32) -> BaseState {
         let mut keywords = KeywordMap::default();
         keywords.assign("$Label1");
-        let mut m = BaseMailbox {
+        let m = BaseMailbox {
             dir: ".Archive".into(),
             name: "Archive".into(),
             guid: MailboxGuid::parse_hex("0f1e2d3c4b5a69788796a5b4c3d2e1f0"),
@@ -313,18 +384,19 @@ mod tests {
             stamps_a: Some((MailboxStamps::default(), u64::from(n))),
             ..BaseMailbox::default()
         };
+        let mut c = Columns::default();
         for uid in 1..=n {
             let guid = format!("1700{uid:06}.M{uid}P4711.mx1,S=2048,W=2090");
-            m.uids.push(uid);
-            m.guids.push(guid_hash(&guid));
+            c.uids.push(uid);
+            c.guids.push(guid_hash(&guid));
             // Typical mail: most seen, some answered, a few with a keyword.
-            m.flags.push(Flags {
+            c.flags.push(Flags {
                 system: if uid % 3 == 0 { 0 } else { 1 << (b'S' - b'A') },
                 keywords: u32::from(uid % 50 == 0),
             });
         }
         BaseState {
-            mailboxes: vec![m],
+            mailboxes: vec![m.with_records(c)],
             subscriptions: Some(b"V\t2\n\nArchive\n".to_vec()),
         }
     }

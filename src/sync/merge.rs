@@ -508,7 +508,7 @@ fn added_since(base: &BaseMailbox, m: &MailboxTable) -> usize {
     (0..m.len())
         .filter(|&i| {
             base.find_uid(m.msgs.uid[i])
-                .is_none_or(|k| base.guids[k] != guid_hash(m.guid(i)))
+                .is_none_or(|k| base.records().guids[k] != guid_hash(m.guid(i)))
         })
         .count()
 }
@@ -685,15 +685,16 @@ impl<'a> MessageMerge<'a> {
             return;
         };
         let (has_a, has_b) = (self.g.a.is_some(), self.g.b.is_some());
-        for k in 0..base.len() {
-            let (uid, gh) = (base.uids[k], base.guids[k]);
+        let records = base.records();
+        for k in 0..records.uids.len() {
+            let (uid, gh) = (records.uids[k], records.guids[k]);
             let ia = self
                 .find_a(uid)
                 .filter(|&i| guid_hash(self.g.a.expect("a").guid(i)) == gh);
             let ib = self
                 .find_b(uid)
                 .filter(|&j| guid_hash(self.g.b.expect("b").guid(j)) == gh);
-            let old = diff::translate_letters(base.flags[k], &self.map_base);
+            let old = diff::translate_letters(records.flags[k], &self.map_base);
             match (ia, ib) {
                 (Some(i), Some(j)) => {
                     self.a_done[i] = true;
@@ -914,6 +915,7 @@ impl<'a> MessageMerge<'a> {
                 ..BaseMailbox::default()
             },
         };
+        let mut columns = crate::sync::base::Columns::default();
         for t in &self.out {
             let row_broken =
                 t.a.is_some_and(|i| self.g.a.expect("a").has(i, status::BROKEN))
@@ -922,10 +924,11 @@ impl<'a> MessageMerge<'a> {
             if t.uid == 0 || row_broken {
                 continue;
             }
-            built.next.uids.push(t.uid);
-            built.next.guids.push(guid_hash(self.guid_of(t)));
-            built.next.flags.push(t.flags);
+            columns.uids.push(t.uid);
+            columns.guids.push(guid_hash(self.guid_of(t)));
+            columns.flags.push(t.flags);
         }
+        built.next = std::mem::take(&mut built.next).with_records(columns);
         self.fill_rows(&mut built);
         built
     }

@@ -31,6 +31,9 @@ pub type SyncOptions = BackupOptions;
 pub struct SideOutcome {
     /// Counts of the side's plan.
     pub planned: PlanCounts,
+    /// True when the side's plan had nothing to do (no message, mailbox, uidlist, keyword
+    /// or subscription change).
+    pub nothing_to_do: bool,
     /// Its itemized lines (filled for dry runs).
     pub plan_lines: Vec<String>,
     /// What its applier did (empty for dry runs).
@@ -77,7 +80,7 @@ impl SyncOutcome {
 
     /// True when neither side needed a change.
     pub fn is_noop(&self) -> bool {
-        self.a.planned == PlanCounts::default() && self.b.planned == PlanCounts::default()
+        self.a.nothing_to_do && self.b.nothing_to_do
     }
 
     fn applied_cleanly(&self) -> bool {
@@ -221,11 +224,13 @@ pub fn sync_tables(
     let mut outcome = SyncOutcome {
         a: SideOutcome {
             planned: planned_a,
+            nothing_to_do: merged.plan_a.is_empty(),
             messages: ta.message_count(),
             ..SideOutcome::default()
         },
         b: SideOutcome {
             planned: planned_b,
+            nothing_to_do: merged.plan_b.is_empty(),
             messages: tb.message_count(),
             ..SideOutcome::default()
         },
@@ -462,7 +467,7 @@ fn lacks_something(
 ) -> bool {
     if let Some(base) = base {
         let hashes: HashSet<u64> = (0..m.len()).map(|i| guid_hash(m.guid(i))).collect();
-        if base.guids.iter().any(|g| !hashes.contains(g)) {
+        if base.records().guids.iter().any(|g| !hashes.contains(g)) {
             return true;
         }
     }
@@ -524,6 +529,11 @@ mod tests {
             uidlist.push_str(&format!("{uid} :{base}\n"));
         }
         fs::write(root.join("dovecot-uidlist"), uidlist).unwrap();
+        fs::write(
+            root.join("dovecot-uidvalidity"),
+            format!("{:08x}", 1_700_000_001),
+        )
+        .unwrap();
     }
 
     /// A local replica whose whole-replica scan misses one file of INBOX, as `readdir` can
