@@ -13,10 +13,13 @@ use support::sshd::Sshd;
 use support::tree::{Run, run_mdsync};
 use support::{Dovecot, copy_tree, message};
 
-/// How a test reaches side B: a local path, or over ssh to 127.0.0.1.
+/// How a test reaches the sides: both local, or one of them over ssh to 127.0.0.1.
 enum Via<'a> {
     Local,
+    /// B is remote.
     Ssh(&'a Sshd),
+    /// A is remote.
+    SshA(&'a Sshd),
 }
 
 fn sync_run(via: &Via<'_>, a: &Path, b: &Path, options: &[&str]) -> Run {
@@ -30,12 +33,16 @@ fn sync_run(via: &Via<'_>, a: &Path, b: &Path, options: &[&str]) -> Run {
             args.push(&a);
             args.push(&b);
         }
-        Via::Ssh(sshd) => {
+        Via::Ssh(sshd) | Via::SshA(sshd) => {
             rsh = sshd.rsh();
-            remote = format!("{}:{b}", sshd.host());
+            let a_remote = matches!(via, Via::SshA(_));
+            remote = format!("{}:{}", sshd.host(), if a_remote { &a } else { &b });
             args.extend(["-e", &rsh, "--remote-mdsync", env!("CARGO_BIN_EXE_mdsync")]);
-            args.push(&a);
-            args.push(&remote);
+            if a_remote {
+                args.extend([remote.as_str(), b.as_str()]);
+            } else {
+                args.extend([a.as_str(), remote.as_str()]);
+            }
         }
     }
     run_mdsync(&args)
@@ -330,6 +337,11 @@ fn over_ssh() {
     scenario_first_sync_is_a_union(&via);
     scenario_flags_merge_per_flag(&via);
     scenario_expunges(&via);
+    scenario_new_mail_on_both_sides(&via);
+    scenario_mailboxes(&via);
+    // The other way round: A on the far side.
+    let via = Via::SshA(&sshd);
+    scenario_flags_merge_per_flag(&via);
     scenario_new_mail_on_both_sides(&via);
     scenario_mailboxes(&via);
 }
