@@ -104,15 +104,14 @@ pub fn merge(
     };
     let b_renamed = renamed_table(b, &targets.renames_b);
     let a_renamed = renamed_table(a, &targets.renames_a);
-    let t_a = target_table(a, b, targets.for_a, subscriptions.clone());
-    let t_b = target_table(b, a, targets.for_b, subscriptions);
+    let t_a = target_table(&a_renamed, &b_renamed, targets.for_a, subscriptions.clone());
+    let t_b = target_table(&b_renamed, &a_renamed, targets.for_b, subscriptions);
     let answers_a: HashAnswers = targets.same_a.into_iter().map(|q| (q, true)).collect();
     let answers_b: HashAnswers = targets.same_b.into_iter().map(|q| (q, true)).collect();
     let mut plan_a = diff::diff_backup(&t_a, &a_renamed, &answers_a, options);
     let mut plan_b = diff::diff_backup(&t_b, &b_renamed, &answers_b, options);
     plan_a.rename_mailboxes = order_renames(targets.renames_a);
     plan_b.rename_mailboxes = order_renames(targets.renames_b);
-    // A side keeps its own root's mode and owner.
     plan_a.root_meta = pick_root_meta(a, b);
     plan_b.root_meta = pick_root_meta(b, a);
     Merged {
@@ -123,11 +122,14 @@ pub fn merge(
     }
 }
 
+/// A side keeps its own root's mode and owner; a side with no mail yet (a root created by
+/// this run) takes the other's, as a backup's destination does.
 fn pick_root_meta(own: &MailTable, other: &MailTable) -> crate::table::DirMeta {
-    if own.root_meta.mode != 0 {
-        own.root_meta
-    } else {
+    let empty = own.mailboxes.is_empty() && own.subscriptions.is_none();
+    if empty && !other.mailboxes.is_empty() {
         other.root_meta
+    } else {
+        own.root_meta
     }
 }
 
@@ -581,12 +583,16 @@ impl<'a> MessageMerge<'a> {
             (None, None) => (None, true, true),
         };
         // The base speaks for a side only when that side still has the mailbox it recorded:
-        // same UIDVALIDITY and (where both know it) the same mailbox GUID.
+        // same UIDVALIDITY, (where both know it) the same mailbox GUID, and a next UID not
+        // below the base's — Dovecot never lowers it, so a lower one is a side restored from
+        // an older copy, or a run that did not finish there, and its missing messages were
+        // never expunged by anyone.
         let same_box = |m: Option<&MailboxTable>| {
             m.is_none_or(|m| {
                 let guid = m.guid_of_mailbox();
                 let base_guid = g.base.and_then(|b| b.guid);
-                guid.is_none() || base_guid.is_none() || guid == base_guid
+                let not_behind = g.base.is_none_or(|b| m.next_uid >= b.next_uid);
+                not_behind && (guid.is_none() || base_guid.is_none() || guid == base_guid)
             })
         };
         let base_valid =
@@ -1093,9 +1099,13 @@ fn union(a: Flags, b: Flags) -> Flags {
     }
 }
 
-/// Orders renames so that none lands on a directory another rename has yet to vacate; a
-/// cycle (two mailboxes swapping names) goes through a temporary name.
+/// Orders renames so that none lands on a directory another rename has yet to vacate, and
+/// parents before their children; a cycle (two mailboxes swapping names) goes through a
+/// temporary name.
 fn order_renames(mut pending: Vec<RenameMailbox>) -> Vec<RenameMailbox> {
+    // Parents first: with the fs layout a parent's rename moves its children, whose own
+    // renames then find themselves done.
+    pending.sort_by(|x, y| x.from_dir.cmp(&y.from_dir));
     let mut out = Vec::with_capacity(pending.len());
     while !pending.is_empty() {
         let free = (0..pending.len()).find(|&k| {
@@ -1135,6 +1145,17 @@ fn renamed_table<'t>(t: &'t MailTable, renames: &[RenameMailbox]) -> Cow<'t, Mai
             m.name = r.name.clone();
         }
     }
+    // fs layout: a renamed folder takes the parent-only directories below it along.
+    for p in &mut out.parents {
+        let moved = renames.iter().find_map(|r| {
+            let rest = p.strip_prefix(r.from_dir.as_str())?;
+            rest.starts_with('/').then(|| format!("{}{rest}", r.to_dir))
+        });
+        if let Some(moved) = moved {
+            *p = moved;
+        }
+    }
+    out.parents.sort();
     out.mailboxes.sort_by(|x, y| x.dir.cmp(&y.dir));
     Cow::Owned(out)
 }

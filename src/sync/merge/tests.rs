@@ -519,3 +519,20 @@ fn subscriptions_merge_by_name() {
         b
     );
 }
+
+#[test]
+fn a_side_restored_from_an_older_copy_expunges_nothing() {
+    let start = initial(2);
+    let (_, _, first) = sync_round(&BaseState::default(), &start.table(), &start.table());
+    let mut later = start.clone();
+    later.side = 'b';
+    later.apply(&Op::Deliver(0));
+    later.apply(&Op::Deliver(1));
+    let (a1, b1, second) = sync_round(&first.next, &start.table(), &later.table());
+    assert_eq!(view(&a1), view(&b1));
+    // A comes back from a copy older than the last sync: its next UIDs are lower.
+    let (a2, b2, third) = sync_round(&second.next, &start.table(), &b1);
+    assert_eq!(view(&a2), view(&b2));
+    assert_eq!(view(&b2), view(&b1), "nothing of B's expunged");
+    assert!(third.plan_b.mailboxes.iter().all(|m| m.expunges.is_empty()));
+}
