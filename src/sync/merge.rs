@@ -809,53 +809,41 @@ impl<'a> MessageMerge<'a> {
         let a_next = self.g.a.filter(|_| self.a_uids).map_or(0, |m| m.next_uid);
         let b_next = self.g.b.filter(|_| self.b_uids).map_or(0, |m| m.next_uid);
         let mut placed = Vec::new();
-        for i in 0..self.a_done.len() {
-            if self.a_done[i] {
-                continue;
+        for on_a in [true, false] {
+            let done = if on_a { &self.a_done } else { &self.b_done };
+            let (me, other, other_next) = if on_a {
+                ("A", "B", b_next)
+            } else {
+                ("B", "A", a_next)
+            };
+            for k in (0..done.len()).filter(|&k| !done[k]) {
+                let (u, flags, in_new, on_other) = if on_a {
+                    let u = self.uid_a(k);
+                    (u, self.flags_a(k), self.new_a(k), self.find_b(u).is_some())
+                } else {
+                    let u = self.uid_b(k);
+                    (u, self.flags_b(k), self.new_b(k), self.find_a(u).is_some())
+                };
+                let clash = u != 0 && (taken.contains(&u) || on_other || u < other_next);
+                if clash {
+                    note(
+                        ConflictKind::UidRenumbered,
+                        format!(
+                            "uid {u} on {me}: used (or passed) on {other} for another message; \
+                             renumbered on both sides"
+                        ),
+                    );
+                }
+                placed.push(Target {
+                    uid: if clash { 0 } else { u },
+                    renumber: (clash || u == 0) && self.header.is_some(),
+                    a: on_a.then_some(k),
+                    b: (!on_a).then_some(k),
+                    guid_from_a: on_a,
+                    flags,
+                    in_new,
+                });
             }
-            let u = self.uid_a(i);
-            let clash = u != 0 && (taken.contains(&u) || self.find_b(u).is_some() || u < b_next);
-            if clash {
-                note(
-                    ConflictKind::UidRenumbered,
-                    format!(
-                        "uid {u} on A: used on B for another message; renumbered on both sides"
-                    ),
-                );
-            }
-            placed.push(Target {
-                uid: if clash { 0 } else { u },
-                renumber: (clash || u == 0) && self.header.is_some(),
-                a: Some(i),
-                b: None,
-                guid_from_a: true,
-                flags: self.flags_a(i),
-                in_new: self.new_a(i),
-            });
-        }
-        for j in 0..self.b_done.len() {
-            if self.b_done[j] {
-                continue;
-            }
-            let u = self.uid_b(j);
-            let clash = u != 0 && (taken.contains(&u) || self.find_a(u).is_some() || u < a_next);
-            if clash {
-                note(
-                    ConflictKind::UidRenumbered,
-                    format!(
-                        "uid {u} on B: used on A for another message; renumbered on both sides"
-                    ),
-                );
-            }
-            placed.push(Target {
-                uid: if clash { 0 } else { u },
-                renumber: (clash || u == 0) && self.header.is_some(),
-                a: None,
-                b: Some(j),
-                guid_from_a: false,
-                flags: self.flags_b(j),
-                in_new: self.new_b(j),
-            });
         }
         self.out.extend(placed);
     }
