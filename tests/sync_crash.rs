@@ -1,9 +1,8 @@
 //! Crash safety of `mdsync sync`: runs SIGKILLed at points spread over a whole two-way run
 //! (a union of two different trees whose UIDs all clash, locally and with B over ssh, and
 //! an incremental run with changes on both sides), then a run to completion, must leave
-//! both sides equal as Dovecot
-//! sees them, with every message of either side, no GUID twice in a mailbox and no
-//! `mdsync-tmp.*` leftovers; a further run has nothing to do.
+//! both sides equal as Dovecot sees them, with every message of either side, no GUID twice
+//! in a mailbox and no `mdsync-tmp.*` leftovers; a further run has nothing to do.
 
 mod support;
 
