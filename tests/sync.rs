@@ -143,8 +143,15 @@ fn scenario_flags_merge_per_flag(via: &Via<'_>) {
     dovecot.flags_add(&b, "INBOX", "1", "\\Answered");
     dovecot.flags_add(&a, "INBOX", "2", "$Label1");
     dovecot.flags_add(&b, "INBOX", "3", "\\Flagged $Work");
+    // Subscriptions merge by name too.
+    dovecot.subscribe(&a, "Archive");
+    dovecot.subscribe(&b, "INBOX");
     sync_ok(via, &a, &b);
-    assert_equal(&dovecot, &a, &b);
+    let oracle = assert_equal(&dovecot, &a, &b);
+    assert!(
+        oracle.contains("subscribed Archive\n") && oracle.contains("subscribed INBOX\n"),
+        "{oracle}"
+    );
     let inbox = fetch(&dovecot, &b, "INBOX");
     assert_eq!(inbox[0].2, "\\Answered");
     assert_eq!(inbox[1].2, "$Label1");
