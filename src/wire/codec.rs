@@ -409,6 +409,21 @@ mod tests {
             ..Default::default()
         });
         assert!(check_plan(&plan).is_err());
+        for (from, to) in [(".A", "../B"), ("/etc", ".B"), (".A", ".B")] {
+            let plan = Plan {
+                rename_mailboxes: vec![crate::sync::plan::RenameMailbox {
+                    from_dir: from.into(),
+                    to_dir: to.into(),
+                    name: "B".into(),
+                }],
+                ..Plan::default()
+            };
+            assert_eq!(
+                check_plan(&plan).is_ok(),
+                to == ".B" && from == ".A",
+                "{from} -> {to}"
+            );
+        }
     }
 
     proptest::proptest! {
