@@ -124,7 +124,7 @@ pub fn sync(
         unchanged_if: base.hints(false),
         ..scan_a.clone()
     };
-    progress.event(Event::ScanStarted { side: "A" });
+    progress.event(Event::ScanStarted { side: "A and B" });
     let (ta, tb) = rayon::join(
         || {
             if options.scan.layout.is_none() {
