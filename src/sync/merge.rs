@@ -816,6 +816,7 @@ impl<'a> MessageMerge<'a> {
             } else {
                 ("B", "A", a_next)
             };
+            let mut renumbered = Vec::new();
             for k in (0..done.len()).filter(|&k| !done[k]) {
                 let (u, flags, in_new, on_other) = if on_a {
                     let u = self.uid_a(k);
@@ -826,13 +827,7 @@ impl<'a> MessageMerge<'a> {
                 };
                 let clash = u != 0 && (taken.contains(&u) || on_other || u < other_next);
                 if clash {
-                    note(
-                        ConflictKind::UidRenumbered,
-                        format!(
-                            "uid {u} on {me}: used (or passed) on {other} for another message; \
-                             renumbered on both sides"
-                        ),
-                    );
+                    renumbered.push(u);
                 }
                 placed.push(Target {
                     uid: if clash { 0 } else { u },
@@ -843,6 +838,17 @@ impl<'a> MessageMerge<'a> {
                     flags,
                     in_new,
                 });
+            }
+            if !renumbered.is_empty() {
+                note(
+                    ConflictKind::UidRenumbered,
+                    format!(
+                        "{} new on {me} (UID {}) renumbered on both sides: {other} used or \
+                         passed those UIDs",
+                        renumbered.len(),
+                        uid_ranges(&renumbered)
+                    ),
+                );
             }
         }
         self.out.extend(placed);
@@ -1001,6 +1007,32 @@ impl<'a> MessageMerge<'a> {
             }
         }
     }
+}
+
+/// Sorted UIDs as ranges, `3:5,9`, the first ten ranges only.
+fn uid_ranges(uids: &[u32]) -> String {
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for &u in uids {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == u => *end = u,
+            _ => ranges.push((u, u)),
+        }
+    }
+    let mut text: Vec<String> = ranges
+        .iter()
+        .take(10)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}:{b}")
+            }
+        })
+        .collect();
+    if ranges.len() > 10 {
+        text.push("…".into());
+    }
+    text.join(",")
 }
 
 /// Appends `t` to a target table, using `table`'s row `row` for the file. Returns the

@@ -536,3 +536,10 @@ fn a_side_restored_from_an_older_copy_expunges_nothing() {
     assert_eq!(view(&b2), view(&b1), "nothing of B's expunged");
     assert!(third.plan_b.mailboxes.iter().all(|m| m.expunges.is_empty()));
 }
+
+#[test]
+fn renumbered_uids_are_reported_as_ranges() {
+    assert_eq!(uid_ranges(&[3, 4, 5, 9, 11, 12]), "3:5,9,11:12");
+    let many: Vec<u32> = (0..30).map(|n| n * 2).collect();
+    assert!(uid_ranges(&many).ends_with(",…"));
+}
