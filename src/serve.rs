@@ -291,7 +291,12 @@ impl Session<'_> {
                     .chain(plan.delete_mailboxes.iter().map(|d| &d.dir))
                     .chain(&plan.create_parents)
                     .chain(&plan.remove_parents)
-                    .chain(&plan.sweep);
+                    .chain(&plan.sweep)
+                    .chain(
+                        plan.rename_mailboxes
+                            .iter()
+                            .flat_map(|r| [&r.from_dir, &r.to_dir]),
+                    );
                 for dir in dirs {
                     no_symlink_on_the_way(replica.root(), dir)?;
                 }

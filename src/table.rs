@@ -29,6 +29,10 @@ pub mod status {
     pub const BROKEN: u8 = 4;
     /// The size is unknown (no `,S=` and not stat'ed).
     pub const SIZE_UNKNOWN: u8 = 8;
+    /// Only in a two-way merge's target tables: the flags column and `IN_NEW` are what the
+    /// message should have, while the name is still the file's real name on the side it
+    /// comes from (so a copy can open it); the differ composes the wanted name.
+    pub const STALE_NAME: u8 = 16;
 }
 
 /// Hasher for the name maps of the scanner, the differ and the applier: one one-shot xxh3

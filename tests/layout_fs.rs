@@ -223,3 +223,51 @@ fn fs_layout_empty_parent_left_by_a_delete_is_mirrored() {
         "fresh mirror of a tree with an empty parent",
     );
 }
+
+/// Two-way sync on the fs layout: a folder with children renamed through Dovecot on one
+/// side is renamed (one `rename()`, children moving along) on the other, mail and all.
+#[test]
+fn fs_layout_two_way_sync_follows_a_rename_with_children() {
+    let dc = Dovecot::new();
+    let a = build_fs_tree(&dc, "a");
+    let b = dc.path().join("b");
+    support::tree::sync_ok(&a, &b, &[]);
+    assert_same_fs_oracle(&dc, &a, &b, "after the first sync");
+    dc.doveadm_fs(&a, &["mailbox", "rename", "Work", "Job"]);
+    dc.save_in(
+        &b,
+        Layout::Fs,
+        "Work/Project/Specs",
+        &message("spec-b", "new on b", 2),
+    );
+    let json = support::tree::sync_ok(&a, &b, &[]);
+    assert_eq!(
+        json["b"]["messages_copied"], 0,
+        "renamed, not copied: {json}"
+    );
+    assert!(!b.join("Work").exists(), "the old hierarchy is gone from B");
+    assert_same_lines(
+        &dc.oracle_in(&b, Layout::Fs),
+        &dc.oracle_in(&a, Layout::Fs),
+        "after renaming Work to Job on A",
+    );
+    let listed = dc.doveadm_fs(
+        &a,
+        &[
+            "-f",
+            "tab",
+            "fetch",
+            "uid",
+            "mailbox",
+            "Job/Project/Specs",
+            "all",
+        ],
+    );
+    assert_eq!(
+        listed.lines().count() - 1,
+        4,
+        "B's new message reached A's renamed folder:\n{listed}"
+    );
+    let again = support::tree::sync_ok(&a, &b, &[]);
+    assert_eq!(again["in_sync"], true, "{again}");
+}

@@ -3,6 +3,7 @@
 
 mod output;
 mod scan_report;
+mod twoway;
 mod watch;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub struct Args {
 enum Command {
     /// Make DST equal to SRC as Dovecot sees it (one-way; extra mail on DST is removed).
     Backup(Box<BackupArgs>),
+    /// Merge changes made on both A and B since their last sync (two-way, master-master).
+    Sync(Box<SyncArgs>),
     /// Print what the scanner sees in a Maildir tree.
     Scan(ScanArgs),
     /// Serve a replica on stdin/stdout for a remote mdsync (started by it through ssh).
@@ -72,6 +75,23 @@ struct BackupArgs {
     src: String,
     /// Destination Maildir root (created when missing), local or remote like SRC.
     dst: String,
+    #[command(flatten)]
+    o: RunArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct SyncArgs {
+    /// One Maildir root: PATH, [USER@]HOST:PATH or ssh://[USER@]HOST[:PORT]/PATH.
+    a: String,
+    /// The other Maildir root (created when missing), local or remote like A.
+    b: String,
+    #[command(flatten)]
+    o: RunArgs,
+}
+
+/// Options shared by `backup` and `sync`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Print the plan, change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
@@ -97,7 +117,7 @@ struct MirrorArgs {
     /// When to fsync: batch (one filesystem sync per mailbox), file (every file), none.
     #[arg(long, value_enum, default_value_t = FsyncArg::Batch)]
     fsync: FsyncArg,
-    /// Allow expunging more than half of DST: a count (500) or a percentage (80%).
+    /// Allow expunging more than half of a side (DST): a count (500) or a percentage (80%).
     #[arg(long, value_name = "N|P%")]
     max_delete: Option<String>,
     /// Compare every message by content hash (xxh3-128), not only by GUID.
@@ -196,6 +216,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     match args.command {
         Command::Backup(a) => run_backup(*a),
+        Command::Sync(a) => twoway::run(*a),
         Command::Scan(a) => scan_report::run(&a.path, a.layout.layout(), a.json),
         Command::Serve(a) => run_serve(a),
         Command::Watch(_) => unreachable!("handled above"),
@@ -301,37 +322,56 @@ fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    check_sides(&a.src, &a.dst)?;
-    let options = backup_options(&a.mirror, a.dry_run)?;
-    let (src, src_path) = open_replica(&a.src, "src", &a.mirror, a.verbose)?;
-    let (dst, dst_path) = open_replica(&a.dst, "dst", &a.mirror, a.verbose)?;
-    check_paths(src_path.as_deref(), dst_path.as_deref())?;
-    let show_progress = !a.no_progress && !a.dry_run;
-    let progress = output::Renderer::new(a.verbose && !a.dry_run, a.json, show_progress);
-    let outcome = backup::backup(src.as_ref(), dst.as_ref(), &options, &progress);
-    progress.finish();
-    let outcome = outcome.and_then(|outcome| {
-        src.close()?;
-        dst.close()?;
-        Ok(outcome)
-    });
-    if mdsync::interrupt::requested() && outcome.is_err() {
-        eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
+    let options = backup_options(&a.o.mirror, a.o.dry_run)?;
+    let outcome = run_pair(&a.src, &a.dst, &a.o, |src, dst, progress| {
+        backup::backup(src, dst, &options, progress)
+    })?;
+    let Some(outcome) = outcome else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
-    }
-    let outcome = match outcome {
-        Err(mdsync::Error::Interrupted) => {
-            eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        }
-        other => other?,
     };
     report(&outcome, &a);
-    Ok(match outcome.completion() {
+    Ok(exit_code(outcome.completion()))
+}
+
+/// The frame of a run between two replicas (`backup`, `sync`): refuses two remote sides,
+/// opens both, refuses overlapping local trees and a first side that is not a directory,
+/// runs `work` with a progress renderer, closes the sessions. `None`: interrupted (said on
+/// stderr).
+fn run_pair<T>(
+    first: &str,
+    second: &str,
+    o: &RunArgs,
+    work: impl FnOnce(&dyn Replica, &dyn Replica, &output::Renderer) -> mdsync::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    check_sides(first, second)?;
+    let (x, x_path) = open_replica(first, "src", &o.mirror, o.verbose)?;
+    let (y, y_path) = open_replica(second, "dst", &o.mirror, o.verbose)?;
+    check_paths(x_path.as_deref(), y_path.as_deref())?;
+    let show_progress = !o.no_progress && !o.dry_run;
+    let progress = output::Renderer::new(o.verbose && !o.dry_run, o.json, show_progress);
+    let outcome = work(x.as_ref(), y.as_ref(), &progress);
+    progress.finish();
+    let outcome = outcome.and_then(|outcome| {
+        x.close()?;
+        y.close()?;
+        Ok(outcome)
+    });
+    let interrupted = matches!(outcome, Err(mdsync::Error::Interrupted))
+        || (mdsync::interrupt::requested() && outcome.is_err());
+    if interrupted {
+        eprintln!("mdsync: interrupted; nothing half-done is visible, re-run to finish");
+        return Ok(None);
+    }
+    Ok(Some(outcome?))
+}
+
+/// The exit code of a finished run.
+fn exit_code(completion: Completion) -> ExitCode {
+    match completion {
         Completion::Complete => ExitCode::SUCCESS,
         Completion::Partial => ExitCode::from(EXIT_PARTIAL),
         Completion::Errors => ExitCode::FAILURE,
-    })
+    }
 }
 
 /// At most one side may be remote.
@@ -463,14 +503,14 @@ fn report(outcome: &BackupOutcome, a: &BackupArgs) {
             outcome.report.vanished
         );
     }
-    if a.dry_run && !a.json {
+    if a.o.dry_run && !a.o.json {
         for line in &outcome.plan_lines {
             println!("{line}");
         }
     }
-    if a.json {
-        println!("{}", output::json_report(outcome, a.dry_run));
-    } else if !a.dry_run && (a.verbose || !a.no_progress) {
+    if a.o.json {
+        println!("{}", output::json_report(outcome, a.o.dry_run));
+    } else if !a.o.dry_run && (a.o.verbose || !a.o.no_progress) {
         eprintln!("{}", output::summary_line(outcome));
     }
 }

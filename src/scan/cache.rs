@@ -176,15 +176,18 @@ pub fn default_cache_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache").join("mdsync"))
 }
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
+/// Shared with the two-way base's encoding.
+pub(crate) fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_u64(out: &mut Vec<u8>, v: u64) {
+/// Shared with the two-way base's encoding.
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// Shared with the two-way base's encoding.
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_u32(out, s.len() as u32);
     out.extend_from_slice(s.as_bytes());
 }
@@ -200,7 +203,8 @@ fn put_column<T: Copy, const N: usize>(
     }
 }
 
-fn put_stamps(out: &mut Vec<u8>, stamps: &MailboxStamps) {
+/// Shared with the two-way base's encoding.
+pub(crate) fn put_stamps(out: &mut Vec<u8>, stamps: &MailboxStamps) {
     for s in &stamps.parts {
         put_u64(out, s.mtime_ns as u64);
         put_u64(out, s.ctime_ns as u64);
@@ -271,12 +275,13 @@ fn encode_mailbox(out: &mut Vec<u8>, m: &MailboxTable) {
 }
 
 /// A bounds-checked reader over the cache bytes.
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// A little-endian reader over a byte slice (also the two-way base's).
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if n > self.bytes.len() {
             return None;
         }
@@ -285,19 +290,19 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn u8(&mut self) -> Option<u8> {
+    pub(crate) fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Option<u32> {
+    pub(crate) fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
 
-    fn u64(&mut self) -> Option<u64> {
+    pub(crate) fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 
-    fn string(&mut self) -> Option<String> {
+    pub(crate) fn string(&mut self) -> Option<String> {
         let len = self.u32()? as usize;
         String::from_utf8(self.take(len)?.to_vec()).ok()
     }
@@ -314,7 +319,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn get_stamps(r: &mut Reader<'_>) -> Option<MailboxStamps> {
+/// Shared with the two-way base's encoding.
+pub(crate) fn get_stamps(r: &mut Reader<'_>) -> Option<MailboxStamps> {
     let mut stamps = MailboxStamps::default();
     for s in &mut stamps.parts {
         *s = Stamp {

@@ -107,6 +107,7 @@ fn apply_inner(
     meanwhile: &(dyn Fn() + Sync),
 ) -> Result<ApplyReport> {
     prepare_root(root, plan, options)?;
+    rename_mailboxes(root, plan, progress)?;
     sweep(root, plan);
     for parent in &plan.create_parents {
         let path = root.join(parent);
@@ -255,6 +256,33 @@ fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()> {
     source
         .announce(&keys)
         .map_err(|e| Error::Usage(format!("cannot ask the source for bodies: {e}")))
+}
+
+/// Renames whole mailbox directories, in plan order, each with one non-replacing rename
+/// (what Dovecot's own RENAME does). A rename whose directory is already gone while the
+/// new one exists is done: a killed run did it, or (fs layout) the parent's rename moved it.
+fn rename_mailboxes(root: &Path, plan: &Plan, progress: &dyn Progress) -> Result<()> {
+    for r in &plan.rename_mailboxes {
+        if r.from_dir.is_empty() || r.to_dir.is_empty() {
+            continue;
+        }
+        let (from, to) = (
+            mailbox_path(root, &r.from_dir),
+            mailbox_path(root, &r.to_dir),
+        );
+        if fs::symlink_metadata(&from).is_err() && fs::symlink_metadata(&to).is_ok() {
+            continue;
+        }
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        writer::rename_noreplace(&from, &to).map_err(|e| Error::io(&from, e))?;
+        progress.event(Event::Applied {
+            line: crate::sync::plan::rename_mailbox_line(r),
+            bytes: 0,
+        });
+    }
+    Ok(())
 }
 
 /// Creates the root (and its `tmp/`, the staging area for new directories) when missing.

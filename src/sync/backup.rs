@@ -315,7 +315,7 @@ pub fn converge(
 }
 
 /// Wire bytes of both sides together (sent, received), when either is remote.
-fn wire_bytes(src: &dyn Replica, dst: &dyn Replica) -> Option<(u64, u64)> {
+pub(crate) fn wire_bytes(src: &dyn Replica, dst: &dyn Replica) -> Option<(u64, u64)> {
     match (src.wire_bytes(), dst.wire_bytes()) {
         (None, None) => None,
         (a, b) => {
@@ -368,7 +368,11 @@ impl Scans<'_> {
 /// One layout for both sides: the one asked for, else the source's. A destination whose
 /// folders show another layout is refused, since reading it the wrong way would make its
 /// folders look deleted.
-fn check_destination_layout(src: &dyn Replica, dst: &dyn Replica, layout: Layout) -> Result<()> {
+pub(crate) fn check_destination_layout(
+    src: &dyn Replica,
+    dst: &dyn Replica,
+    layout: Layout,
+) -> Result<()> {
     match dst.detect_layout()? {
         Some(other) if other != layout => Err(Error::Usage(format!(
             "{} looks like a {} tree but {} like a {} tree; pass --layout to choose",
@@ -436,7 +440,11 @@ fn confirm_missing(src: &dyn Replica, src_table: &mut MailTable, dst_table: &Mai
 /// Compares contents for the pairs the differ asked about: one batch per side, both sides
 /// at once. A pair that cannot be read counts as different (the copy is redone, never
 /// dropped).
-fn answer(src: &dyn Replica, dst: &dyn Replica, questions: Vec<HashQuestion>) -> HashAnswers {
+pub(crate) fn answer(
+    src: &dyn Replica,
+    dst: &dyn Replica,
+    questions: Vec<HashQuestion>,
+) -> HashAnswers {
     let keys = |side: fn(&HashQuestion) -> &(crate::model::Subdir, String)| -> Vec<Key> {
         questions
             .iter()
@@ -462,7 +470,11 @@ fn answer(src: &dyn Replica, dst: &dyn Replica, questions: Vec<HashQuestion>) ->
         .collect()
 }
 
-fn check_delete_guard(planned: &PlanCounts, dst: &MailTable, limit: DeleteLimit) -> Result<()> {
+pub(crate) fn check_delete_guard(
+    planned: &PlanCounts,
+    dst: &MailTable,
+    limit: DeleteLimit,
+) -> Result<()> {
     let total = dst.message_count();
     let allowed = limit.allowed(total);
     if planned.expunges > allowed {

@@ -190,6 +190,25 @@ fn uidvalidity_floor(src: &MailTable, dst: &MailTable) -> Option<u32> {
     (wanted > 0 && dst.uidvalidity_next.is_none_or(|d| d < wanted)).then_some(wanted)
 }
 
+/// Flags with keyword letters moved by `map` (letter index → letter index); letters mapped
+/// to `None` are dropped, system flags are kept.
+pub(crate) fn translate_letters(flags: Flags, map: &[Option<u8>; LETTERS]) -> Flags {
+    let mut out = Flags {
+        system: flags.system,
+        keywords: 0,
+    };
+    // Only the letters that are set: most messages carry none or one.
+    let mut letters = flags.keywords;
+    while letters != 0 {
+        let i = letters.trailing_zeros() as usize;
+        letters &= letters - 1;
+        if let Some(to) = map[i] {
+            out.keywords |= 1 << to;
+        }
+    }
+    out
+}
+
 /// Working state of one mailbox's diff.
 struct MailboxDiff<'a> {
     s: &'a MailboxTable,
@@ -337,20 +356,7 @@ impl<'a> MailboxDiff<'a> {
     }
 
     fn translate(&self, flags: Flags) -> Flags {
-        let mut out = Flags {
-            system: flags.system,
-            keywords: 0,
-        };
-        // Only the letters that are set: most messages carry none or one.
-        let mut letters = flags.keywords;
-        while letters != 0 {
-            let i = letters.trailing_zeros() as usize;
-            letters &= letters - 1;
-            if let Some(to) = self.letter_map.get(i).copied().flatten() {
-                out.keywords |= 1 << to;
-            }
-        }
-        out
+        translate_letters(flags, &self.letter_map)
     }
 
     /// The name a source message should have on the destination, given the base it has
@@ -359,7 +365,7 @@ impl<'a> MailboxDiff<'a> {
         let s = self.s;
         let flags = s.msgs.flags[i];
         let translated = self.translate(flags);
-        if base == s.base(i) && translated == flags {
+        if base == s.base(i) && translated == flags && !s.has(i, status::STALE_NAME) {
             return s.name(i).to_string();
         }
         let mut name = filename::compose(base, translated, s.subdir(i) == Subdir::New);
@@ -486,6 +492,7 @@ impl<'a> MailboxDiff<'a> {
         // is settled without building a name.
         let unchanged = to_sub == d.subdir(j)
             && s.name(i) == d.name(j)
+            && !s.has(i, status::STALE_NAME)
             && self.translate(s.msgs.flags[i]) == s.msgs.flags[i];
         let to_name = if unchanged {
             None

@@ -1,10 +1,13 @@
 //! The brain: diff two replica tables into a plan (pure), guard it, and have the replicas
-//! apply it. One-way backup today; two-way sync and watch are further plans over the same
-//! tables.
+//! apply it — one-way (`backup`), or two-way (`twoway`: a three-way merge against the pair's
+//! `base`, one plan per side). Watch is a further plan over the same tables.
 
 pub mod apply;
 pub mod backup;
+pub mod base;
 pub mod diff;
+pub mod merge;
 pub mod plan;
 pub mod predict;
 pub mod state;
+pub mod twoway;

@@ -133,6 +133,19 @@ pub struct DeleteMailbox {
     pub messages: u64,
 }
 
+/// Rename a whole mailbox directory: the other side of a two-way sync renamed it (same
+/// mailbox GUID, new name). Done first, so the mailbox's own plan already names the new
+/// directory; its messages are moved, never copied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RenameMailbox {
+    /// Directory now, relative to the root.
+    pub from_dir: String,
+    /// Directory afterwards.
+    pub to_dir: String,
+    /// User-visible name afterwards.
+    pub name: String,
+}
+
 /// A source item the run cannot copy, reported and counted in the exit code.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
@@ -145,6 +158,9 @@ pub struct Skipped {
 /// The whole plan for one destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
+    /// Mailboxes to rename (done first, in order; a two-way sync's only).
+    #[serde(default)]
+    pub rename_mailboxes: Vec<RenameMailbox>,
     /// Mailboxes to remove (done last).
     pub delete_mailboxes: Vec<DeleteMailbox>,
     /// fs layout: parent-only directories to create (the source lists them as `\NoSelect`).
@@ -175,6 +191,8 @@ pub struct PlanCounts {
     pub mailboxes_created: u64,
     /// Mailboxes deleted.
     pub mailboxes_deleted: u64,
+    /// Mailboxes renamed.
+    pub mailboxes_renamed: u64,
     /// Messages copied.
     pub copies: u64,
     /// Bytes copied.
@@ -191,6 +209,7 @@ impl Plan {
     /// True when the destination already matches.
     pub fn is_empty(&self) -> bool {
         self.delete_mailboxes.is_empty()
+            && self.rename_mailboxes.is_empty()
             && self.create_parents.is_empty()
             && self.remove_parents.is_empty()
             && self.mailboxes.iter().all(MailboxPlan::is_empty)
@@ -202,6 +221,7 @@ impl Plan {
     pub fn counts(&self) -> PlanCounts {
         let mut c = PlanCounts {
             mailboxes_deleted: self.delete_mailboxes.len() as u64,
+            mailboxes_renamed: self.rename_mailboxes.len() as u64,
             expunges: self.delete_mailboxes.iter().map(|d| d.messages).sum(),
             ..PlanCounts::default()
         };
@@ -224,6 +244,9 @@ impl Plan {
     /// One line per operation, as `--dry-run` and `-v` print them.
     pub fn lines(&self) -> Vec<String> {
         let mut out = Vec::new();
+        for r in &self.rename_mailboxes {
+            out.push(rename_mailbox_line(r));
+        }
         for m in &self.mailboxes {
             out.extend(mailbox_lines(m));
         }
@@ -265,6 +288,11 @@ pub fn mailbox_lines(m: &MailboxPlan) -> Vec<String> {
         out.push(format!("uidlist  {}", m.name));
     }
     out
+}
+
+/// The itemized line of one mailbox rename.
+pub fn rename_mailbox_line(r: &RenameMailbox) -> String {
+    format!("rename   {} -> {}", r.from_dir, r.name)
 }
 
 /// The itemized line of one copy.

@@ -43,6 +43,11 @@ pub fn predict(before: &MailboxTable, plan: &MailboxPlan) -> MailboxTable {
                 .collect()
         })
         .unwrap_or_default();
+    // A record for an existing file under a new UID (a two-way sync's renumbering) names
+    // the file by its base.
+    let renumbered: HashMap<&str, u32> = edit
+        .map(|e| e.upsert.iter().map(|r| (r.base.as_str(), r.uid)).collect())
+        .unwrap_or_default();
     let mut after = MailboxTable {
         dir: before.dir.clone(),
         name: if plan.name.is_empty() {
@@ -74,7 +79,9 @@ pub fn predict(before: &MailboxTable, plan: &MailboxPlan) -> MailboxTable {
         }
         let (sub, name) = renamed.get(&key).copied().unwrap_or(key);
         let mut uid = before.msgs.uid[i];
-        if removed.contains(&uid) && !upserts.contains_key(&uid) {
+        if let Some(&to) = renumbered.get(before.base(i)) {
+            uid = to;
+        } else if removed.contains(&uid) && !upserts.contains_key(&uid) {
             uid = 0;
         }
         let extras = match upserts.get(&uid) {

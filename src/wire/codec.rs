@@ -263,7 +263,12 @@ pub fn check_plan(plan: &Plan) -> Result<(), WireError> {
         .chain(&plan.create_parents)
         .chain(&plan.remove_parents)
         .chain(&plan.sweep)
-        .chain(plan.mailboxes.iter().map(|m| &m.dir));
+        .chain(plan.mailboxes.iter().map(|m| &m.dir))
+        .chain(
+            plan.rename_mailboxes
+                .iter()
+                .flat_map(|r| [&r.from_dir, &r.to_dir]),
+        );
     for dir in dirs {
         check_dir(dir).map_err(unsafe_path)?;
     }
@@ -404,6 +409,21 @@ mod tests {
             ..Default::default()
         });
         assert!(check_plan(&plan).is_err());
+        for (from, to) in [(".A", "../B"), ("/etc", ".B"), (".A", ".B")] {
+            let plan = Plan {
+                rename_mailboxes: vec![crate::sync::plan::RenameMailbox {
+                    from_dir: from.into(),
+                    to_dir: to.into(),
+                    name: "B".into(),
+                }],
+                ..Plan::default()
+            };
+            assert_eq!(
+                check_plan(&plan).is_ok(),
+                to == ".B" && from == ".A",
+                "{from} -> {to}"
+            );
+        }
     }
 
     proptest::proptest! {

@@ -134,6 +134,18 @@ pub fn run_mdsync(args: &[&str]) -> Run {
     Run::from_output(cmdline, out)
 }
 
+/// Runs `mdsync sync --json --no-progress OPTIONS A B` to completion, asserting exit 0;
+/// returns the JSON report.
+pub fn sync_ok(a: &Path, b: &Path, options: &[&str]) -> serde_json::Value {
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let mut args = vec!["sync", "--json", "--no-progress"];
+    args.extend_from_slice(options);
+    args.extend([a.as_str(), b.as_str()]);
+    let run = run_mdsync(&args);
+    run.assert_ok();
+    run.json()
+}
+
 /// `backup` with `--json`, asserting exit 0.
 pub fn backup_ok(src: &Path, dst: &Path, options: &[&str]) -> Run {
     let mut all = vec!["--json"];

@@ -1,0 +1,669 @@
+//! Two-way sync: scan both replicas, read again what one side did not list, confirm
+//! apparent expunges, settle GUID disagreements by content, merge against the pair's base
+//! ([`crate::sync::merge`]), guard, apply one plan to each side, and keep the new base.
+//! Orchestrates; writes no mail itself (the replicas' appliers do) and prints nothing.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::progress::{Event, Progress};
+use crate::replica::Replica;
+use crate::scan::ScanOptions;
+use crate::storage::maildir::layout::Layout;
+use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::backup::{self, BackupOptions, Completion};
+use crate::sync::base::{self, BaseState, guid_hash};
+use crate::sync::diff;
+use crate::sync::merge::{self, Conflict, Merged};
+use crate::sync::plan::{Plan, PlanCounts, Skipped};
+use crate::table::{MailTable, MailboxTable};
+
+/// Everything a two-way run needs to know: the knobs of a backup, with `max_delete`
+/// guarding each side and `state_dir` holding the pair's base (`None`: no base, every run a
+/// first sync — a union that never expunges or deletes).
+pub type SyncOptions = BackupOptions;
+
+/// What one side of a run did.
+#[derive(Debug, Clone, Default)]
+pub struct SideOutcome {
+    /// Counts of the side's plan.
+    pub planned: PlanCounts,
+    /// True when the side's plan had nothing to do (no message, mailbox, uidlist, keyword
+    /// or subscription change).
+    pub nothing_to_do: bool,
+    /// Its itemized lines (filled for dry runs).
+    pub plan_lines: Vec<String>,
+    /// What its applier did (empty for dry runs).
+    pub report: ApplyReport,
+    /// Messages on this side before the run.
+    pub messages: u64,
+}
+
+/// What a two-way run did.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOutcome {
+    /// Side A (the first argument).
+    pub a: SideOutcome,
+    /// Side B.
+    pub b: SideOutcome,
+    /// Disagreements and how they were settled.
+    pub conflicts: Vec<Conflict>,
+    /// Items left alone (errors).
+    pub skipped: Vec<Skipped>,
+    /// Oddities copied anyway (warnings).
+    pub warnings: Vec<Skipped>,
+    /// Mailboxes not read: unchanged on both sides since the last sync.
+    pub unchanged_mailboxes: u64,
+    /// True when the pair had no base: a first sync (a union).
+    pub first_sync: bool,
+    /// Wall time.
+    pub seconds: f64,
+    /// Bytes on the wire, when a side is remote.
+    pub wire: Option<(u64, u64)>,
+}
+
+impl SyncOutcome {
+    /// Classifies the run, as for a backup.
+    pub fn completion(&self) -> Completion {
+        let errors = !self.a.report.errors.is_empty() || !self.b.report.errors.is_empty();
+        if errors || !self.skipped.is_empty() {
+            Completion::Errors
+        } else if self.a.report.vanished + self.b.report.vanished > 0 {
+            Completion::Partial
+        } else {
+            Completion::Complete
+        }
+    }
+
+    /// True when neither side needed a change.
+    pub fn is_noop(&self) -> bool {
+        self.a.nothing_to_do && self.b.nothing_to_do
+    }
+
+    fn applied_cleanly(&self) -> bool {
+        self.a.report.errors.is_empty()
+            && self.b.report.errors.is_empty()
+            && self.a.report.vanished + self.b.report.vanished == 0
+    }
+}
+
+/// Runs a two-way sync of `a` and `b`: loads the pair's base, scans, merges, applies, and
+/// saves the new base.
+pub fn sync(
+    a: &dyn Replica,
+    b: &dyn Replica,
+    options: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<SyncOutcome> {
+    let started = Instant::now();
+    let base_path = options
+        .state_dir
+        .as_deref()
+        .map(|dir| base::base_file(dir, &a.location(), &b.location()));
+    let base = base_path
+        .as_deref()
+        .map(BaseState::load)
+        .unwrap_or_default();
+    let layout = match options.scan.layout {
+        Some(layout) => layout,
+        None => a
+            .detect_layout()?
+            .or(b.detect_layout()?)
+            .unwrap_or(Layout::MaildirPlusPlus),
+    };
+    let scan_a = ScanOptions {
+        layout: Some(layout),
+        unchanged_if: base.hints(true),
+        defer_cache_writes: true,
+        ..options.scan.clone()
+    };
+    let scan_b = ScanOptions {
+        unchanged_if: base.hints(false),
+        ..scan_a.clone()
+    };
+    progress.event(Event::ScanStarted { side: "A and B" });
+    let (ta, tb) = rayon::join(
+        || {
+            if options.scan.layout.is_none() {
+                backup::check_destination_layout(b, a, layout)?;
+            }
+            a.scan(&scan_a, progress)
+        },
+        || {
+            if options.scan.layout.is_none() {
+                backup::check_destination_layout(a, b, layout)?;
+            }
+            b.scan(&scan_b, progress)
+        },
+    );
+    let (ta, tb) = (ta?, tb?);
+    let round = sync_tables(
+        &Sides {
+            a,
+            b,
+            scan_a: &scan_a,
+            scan_b: &scan_b,
+        },
+        ta,
+        tb,
+        &base,
+        options,
+        progress,
+    )?;
+    if let (Some(path), Some(next)) = (base_path, &round.next_base)
+        && *next != base
+        && let Err(e) = next.save(&path)
+    {
+        progress.event(Event::Warning {
+            message: format!("sync base {}: {e}", path.display()),
+        });
+    }
+    let mut outcome = round.outcome;
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+/// The two replicas of a run and the scan options their tables were made with (for
+/// rescans and scan caches).
+pub struct Sides<'a> {
+    /// Side A.
+    pub a: &'a dyn Replica,
+    /// Side B.
+    pub b: &'a dyn Replica,
+    /// A's scan options.
+    pub scan_a: &'a ScanOptions,
+    /// B's scan options.
+    pub scan_b: &'a ScanOptions,
+}
+
+/// One two-way round's result: the outcome, and the base to keep (`None`: keep the old
+/// one, the run did not complete; a dry run).
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// What happened.
+    pub outcome: SyncOutcome,
+    /// The pair's next base.
+    pub next_base: Option<BaseState>,
+}
+
+/// One two-way round on tables already scanned (possibly with `unchanged_if` hints from
+/// `base`): the entry point for callers that keep their own scans and base, such as a
+/// watcher. Reads again what it must (one-sided skips, apparent expunges), merges, guards,
+/// applies both plans (unless a dry run) and returns the next base.
+pub fn sync_tables(
+    sides: &Sides<'_>,
+    mut ta: MailTable,
+    mut tb: MailTable,
+    base: &BaseState,
+    options: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<Round> {
+    let (a, b) = (sides.a, sides.b);
+    read_one_sided(a, &mut ta, &tb);
+    read_one_sided(b, &mut tb, &ta);
+    confirm_missing(a, &mut ta, &tb, base);
+    confirm_missing(b, &mut tb, &ta, base);
+    // Content comparisons settle the first sync of a mailbox (copies made by other tools
+    // carry other GUIDs). Against a base, the same UID under two GUIDs is two messages: a
+    // UID conflict, renumbered, never worth reading both bodies.
+    let mut questions = diff::hash_questions(&ta, &tb, &options.diff);
+    questions.retain(|q| options.diff.checksum || base.mailbox(&q.dir).is_none());
+    let answers = if questions.is_empty() {
+        Default::default()
+    } else {
+        backup::answer(a, b, questions)
+    };
+    let merged = merge::merge(base, &ta, &tb, &answers, &options.diff);
+    let planned_a = merged.plan_a.counts();
+    let planned_b = merged.plan_b.counts();
+    let guard = backup::check_delete_guard(&planned_a, &ta, options.max_delete)
+        .and_then(|()| backup::check_delete_guard(&planned_b, &tb, options.max_delete));
+    let mut outcome = SyncOutcome {
+        a: SideOutcome {
+            planned: planned_a,
+            nothing_to_do: merged.plan_a.is_empty(),
+            messages: ta.message_count(),
+            ..SideOutcome::default()
+        },
+        b: SideOutcome {
+            planned: planned_b,
+            nothing_to_do: merged.plan_b.is_empty(),
+            messages: tb.message_count(),
+            ..SideOutcome::default()
+        },
+        conflicts: merged.conflicts.clone(),
+        skipped: merged
+            .plan_a
+            .skipped
+            .iter()
+            .chain(&merged.plan_b.skipped)
+            .cloned()
+            .collect(),
+        warnings: merged
+            .plan_a
+            .warnings
+            .iter()
+            .chain(&merged.plan_b.warnings)
+            .cloned()
+            .collect(),
+        unchanged_mailboxes: ta
+            .mailboxes
+            .iter()
+            .filter(|m| m.unchanged.is_some())
+            .count() as u64,
+        first_sync: base.mailboxes.is_empty(),
+        ..SyncOutcome::default()
+    };
+    if let Err(e) = guard {
+        keep_scans(sides, &ta, &tb, None, progress);
+        return Err(e);
+    }
+    if options.dry_run {
+        outcome.a.plan_lines = merged.plan_a.lines();
+        outcome.b.plan_lines = merged.plan_b.lines();
+        keep_scans(sides, &ta, &tb, None, progress);
+        outcome.wire = backup::wire_bytes(a, b);
+        return Ok(Round {
+            outcome,
+            next_base: None,
+        });
+    }
+    apply_both(
+        sides,
+        &merged,
+        &ta,
+        &tb,
+        &options.apply,
+        progress,
+        &mut outcome,
+    )?;
+    let next_base = outcome
+        .applied_cleanly()
+        .then(|| with_stamps(merged.next, &ta, &tb, &merged.plan_a, &merged.plan_b));
+    outcome.wire = backup::wire_bytes(a, b);
+    Ok(Round { outcome, next_base })
+}
+
+/// Applies mailbox renames on both sides first (copies then find every mailbox where the
+/// other side's plan names it), then A's plan with B as the body source, then B's with A.
+#[allow(clippy::too_many_arguments)]
+fn apply_both(
+    sides: &Sides<'_>,
+    merged: &Merged,
+    ta: &MailTable,
+    tb: &MailTable,
+    options: &ApplyOptions,
+    progress: &dyn Progress,
+    outcome: &mut SyncOutcome,
+) -> Result<()> {
+    let (a, b) = (sides.a, sides.b);
+    let (pa, pb) = (Sided::new(progress, "A"), Sided::new(progress, "B"));
+    let work = |c: &PlanCounts| c.copies + c.flag_changes + c.moves + c.expunges;
+    let total = work(&outcome.a.planned) + work(&outcome.b.planned);
+    if total > 0 {
+        progress.event(Event::PlanReady {
+            operations: total,
+            bytes: outcome.a.planned.bytes + outcome.b.planned.bytes,
+        });
+    }
+    for (replica, plan, p) in [(a, &merged.plan_a, &pa), (b, &merged.plan_b, &pb)] {
+        if !plan.rename_mailboxes.is_empty() {
+            let renames = Plan {
+                rename_mailboxes: plan.rename_mailboxes.clone(),
+                root_meta: plan.root_meta,
+                ..Plan::default()
+            };
+            replica.apply(&renames, replica, options, p)?;
+        }
+    }
+    let without_renames = |plan: &Plan| Plan {
+        rename_mailboxes: Vec::new(),
+        ..plan.clone()
+    };
+    let plan_a = without_renames(&merged.plan_a);
+    let plan_b = without_renames(&merged.plan_b);
+    let keep = || keep_scans(sides, ta, tb, Some((&plan_a, &plan_b)), progress);
+    // Neither plan renames or removes a file the other copies (a message is copied only to
+    // the side that lacks it, with the flags of the side that has it), so two local sides
+    // apply at once. A remote side's connection carries one exchange at a time.
+    let local = a.wire_bytes().is_none() && b.wire_bytes().is_none();
+    let (ra, rb) = if local {
+        rayon::join(
+            || a.apply(&plan_a, b, options, &pa),
+            || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
+        )
+    } else {
+        let ra = a.apply(&plan_a, b, options, &pa);
+        (ra, b.apply_overlapping(&plan_b, a, options, &pb, &keep))
+    };
+    outcome.a.report = ra?;
+    outcome.b.report = rb?;
+    Ok(())
+}
+
+/// Stores the freshly listed mailboxes in both scan caches, except those a plan changed.
+fn keep_scans(
+    sides: &Sides<'_>,
+    ta: &MailTable,
+    tb: &MailTable,
+    plans: Option<(&Plan, &Plan)>,
+    progress: &dyn Progress,
+) {
+    let changed =
+        |plan: Option<&Plan>| -> HashSet<String> { plan.map(touched_dirs).unwrap_or_default() };
+    let (ca, cb) = (changed(plans.map(|p| p.0)), changed(plans.map(|p| p.1)));
+    let (ka, kb) = rayon::join(
+        || {
+            sides
+                .a
+                .save_scan_cache(sides.scan_a, ta, &|d| ca.contains(d))
+        },
+        || {
+            sides
+                .b
+                .save_scan_cache(sides.scan_b, tb, &|d| cb.contains(d))
+        },
+    );
+    for e in [ka, kb].into_iter().filter_map(Result::err) {
+        progress.event(Event::Warning {
+            message: format!("scan cache: {e}"),
+        });
+    }
+}
+
+/// Directories a plan writes to, deletes or renames (both names).
+fn touched_dirs(plan: &Plan) -> HashSet<String> {
+    plan.mailboxes
+        .iter()
+        .filter(|m| !m.is_empty())
+        .map(|m| m.dir.clone())
+        .chain(plan.delete_mailboxes.iter().map(|d| d.dir.clone()))
+        .chain(
+            plan.rename_mailboxes
+                .iter()
+                .flat_map(|r| [r.from_dir.clone(), r.to_dir.clone()]),
+        )
+        .collect()
+}
+
+/// The merge's next base with the stamps of every mailbox both plans left alone and both
+/// scans can vouch for, so the next run need not read it.
+fn with_stamps(
+    mut next: BaseState,
+    ta: &MailTable,
+    tb: &MailTable,
+    plan_a: &Plan,
+    plan_b: &Plan,
+) -> BaseState {
+    let touched: HashSet<String> = touched_dirs(plan_a)
+        .into_iter()
+        .chain(touched_dirs(plan_b))
+        .collect();
+    for m in &mut next.mailboxes {
+        if m.stamps_a.is_some() && m.stamps_b.is_some() {
+            continue; // carried over: not read this time
+        }
+        let (Some(x), Some(y)) = (ta.mailbox(&m.dir), tb.mailbox(&m.dir)) else {
+            continue;
+        };
+        if touched.contains(&m.dir) || !trustworthy(x) || !trustworthy(y) {
+            continue;
+        }
+        m.stamps_a = Some((x.stamps, x.message_count()));
+        m.stamps_b = Some((y.stamps, y.message_count()));
+    }
+    next
+}
+
+/// Read cleanly, and settled: stamps not racy and not moved while it was read.
+fn trustworthy(m: &MailboxTable) -> bool {
+    m.broken.is_none() && m.anomalies.is_empty() && m.unchanged.is_none() && m.settled
+}
+
+/// A mailbox skipped as unchanged on this side must be read after all when the other side
+/// read its copy (or has none under that name): only a pair unchanged on both sides is
+/// known to be in sync.
+fn read_one_sided(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable) {
+    let layout = mine.layout;
+    mine.mailboxes.par_iter_mut().for_each(|m| {
+        let both = theirs
+            .mailbox(&m.dir)
+            .is_some_and(|t| t.unchanged.is_some());
+        if m.unchanged.is_some() && !both {
+            *m = side.rescan_mailbox(layout, &m.dir);
+        }
+    });
+}
+
+/// A message the scan did not see may be one Dovecot was renaming during `readdir`. A
+/// mailbox that moved while it was read (or whose uidlist names files the scan did not
+/// find) and lacks a message whose absence would count is listed again first — a phantom
+/// expunge must never reach the other side, nor a phantom gap be filled with a duplicate.
+fn confirm_missing(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable, base: &BaseState) {
+    let layout = mine.layout;
+    mine.mailboxes.par_iter_mut().for_each(|m| {
+        if m.unchanged.is_some() || (m.settled && m.listed_missing.is_empty()) {
+            return;
+        }
+        if lacks_something(m, theirs.mailbox(&m.dir), base.mailbox(&m.dir)) {
+            *m = side.rescan_mailbox(layout, &m.dir);
+        }
+    });
+}
+
+/// True when the absence of a message from `m` would count: the base has a message `m`
+/// lacks (it would be expunged on the other side), or the other side has a message whose
+/// file `m`'s uidlist names but the listing did not find (it would be copied here twice).
+/// Messages simply new on the other side need no second look.
+fn lacks_something(
+    m: &MailboxTable,
+    other: Option<&MailboxTable>,
+    base: Option<&base::BaseMailbox>,
+) -> bool {
+    if let Some(base) = base {
+        let hashes: HashSet<u64> = (0..m.len()).map(|i| guid_hash(m.guid(i))).collect();
+        if base.records().guids.iter().any(|g| !hashes.contains(g)) {
+            return true;
+        }
+    }
+    if m.listed_missing.is_empty() {
+        return false;
+    }
+    let missing: HashSet<&str> = m.listed_missing.iter().map(|&(_, r)| m.str(r)).collect();
+    other.is_some_and(|o| (0..o.len()).any(|j| missing.contains(o.base(j))))
+}
+
+/// Progress of one side: its itemized lines carry the side's letter.
+struct Sided<'a> {
+    inner: &'a dyn Progress,
+    prefix: &'static str,
+}
+
+impl<'a> Sided<'a> {
+    fn new(inner: &'a dyn Progress, side: &'static str) -> Self {
+        Sided {
+            inner,
+            prefix: if side == "A" { "A: " } else { "B: " },
+        }
+    }
+}
+
+impl Progress for Sided<'_> {
+    fn event(&self, event: Event) {
+        match event {
+            Event::Applied { line, bytes } => self.inner.event(Event::Applied {
+                line: format!("{}{line}", self.prefix),
+                bytes,
+            }),
+            other => self.inner.event(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::replica::local::LocalReplica;
+    use crate::replica::{Body, BodyError, BodySource};
+    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
+    use crate::sync::backup::DeleteLimit;
+    use crate::sync::diff::DiffOptions;
+    use std::fs;
+    use std::path::Path;
+
+    /// A tiny Maildir++ INBOX with three listed messages.
+    fn maildir(root: &Path) {
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let mut uidlist = String::from("3 V1700000000 N4 G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n");
+        for uid in 1..=3 {
+            let base = format!("1700000000.M{uid}P1.host,S=6");
+            fs::write(root.join("cur").join(format!("{base}:2,S")), b"hello\n").unwrap();
+            uidlist.push_str(&format!("{uid} :{base}\n"));
+        }
+        fs::write(root.join("dovecot-uidlist"), uidlist).unwrap();
+        fs::write(
+            root.join("dovecot-uidvalidity"),
+            format!("{:08x}", 1_700_000_001),
+        )
+        .unwrap();
+    }
+
+    /// A local replica whose whole-replica scan misses one file of INBOX, as `readdir` can
+    /// while Dovecot renames it (a flag change): the mailbox is not settled and its uidlist
+    /// still names the file. A rescan sees the truth.
+    struct Missing {
+        inner: LocalReplica,
+        base: String,
+    }
+
+    impl BodySource for Missing {
+        fn open_body(
+            &self,
+            dir: &str,
+            sub: crate::model::Subdir,
+            name: &str,
+        ) -> Result<Body<'_>, BodyError> {
+            self.inner.open_body(dir, sub, name)
+        }
+    }
+
+    impl Replica for Missing {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn detect_layout(&self) -> Result<Option<Layout>> {
+            self.inner.detect_layout()
+        }
+        fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
+            // Read every mailbox, so there is something to miss.
+            let options = ScanOptions {
+                unchanged_if: Default::default(),
+                ..options.clone()
+            };
+            let mut table = self.inner.scan(&options, progress)?;
+            let inbox = &mut table.mailboxes[0];
+            assert_eq!(inbox.len(), 3);
+            let mut kept = MailboxTable {
+                msgs: Default::default(),
+                arena: String::new(),
+                extras: Vec::new(),
+                settled: false,
+                ..inbox.clone()
+            };
+            for i in 0..inbox.len() {
+                if inbox.base(i) == self.base {
+                    let r = kept.intern(&self.base);
+                    kept.listed_missing.push((inbox.msgs.uid[i], r));
+                    continue;
+                }
+                let m = &inbox.msgs;
+                kept.push(
+                    m.uid[i],
+                    inbox.name(i),
+                    m.base_len[i] as usize,
+                    m.flags[i],
+                    m.size[i],
+                    None,
+                    m.status[i],
+                );
+            }
+            *inbox = kept;
+            Ok(table)
+        }
+        fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+            self.inner.rescan_mailbox(layout, dir)
+        }
+        fn content_hash(
+            &self,
+            dir: &str,
+            sub: crate::model::Subdir,
+            name: &str,
+        ) -> Result<u128, BodyError> {
+            self.inner.content_hash(dir, sub, name)
+        }
+        fn apply(
+            &self,
+            plan: &Plan,
+            source: &dyn crate::replica::BodySource,
+            options: &ApplyOptions,
+            progress: &dyn Progress,
+        ) -> Result<ApplyReport> {
+            self.inner.apply(plan, source, options, progress)
+        }
+    }
+
+    fn options(state: &Path) -> SyncOptions {
+        SyncOptions {
+            scan: ScanOptions {
+                layout: Some(Layout::MaildirPlusPlus),
+                ..ScanOptions::default()
+            },
+            diff: DiffOptions::default(),
+            apply: ApplyOptions {
+                fsync: FsyncPolicy::None,
+                ownership: Ownership::RunningUser,
+            },
+            dry_run: false,
+            max_delete: DeleteLimit::Percent(100),
+            state_dir: Some(state.to_path_buf()),
+        }
+    }
+
+    fn files(root: &Path) -> usize {
+        fs::read_dir(root.join("cur")).unwrap().count()
+    }
+
+    #[test]
+    fn a_file_missed_by_one_scan_is_confirmed_before_it_counts_as_expunged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, state) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("s"),
+        );
+        maildir(&a);
+        maildir(&b);
+        let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
+        let first = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        assert!(first.first_sync && first.is_noop());
+        let hiding = Missing {
+            inner: LocalReplica::new(&a),
+            base: "1700000000.M2P1.host,S=6".into(),
+        };
+        let outcome = sync(&hiding, &rb, &options(&state), &NoProgress).unwrap();
+        assert!(outcome.is_noop(), "{:?}", outcome.b.planned);
+        assert_eq!(files(&b), 3, "the phantom expunge did not reach B");
+        // A real expunge on A does reach B.
+        let gone = a.join("cur").join("1700000000.M2P1.host,S=6:2,S");
+        fs::remove_file(gone).unwrap();
+        let outcome = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        assert_eq!(outcome.b.report.expunged, 1);
+        assert_eq!(files(&b), 2);
+    }
+}
