@@ -24,7 +24,8 @@ const MAGIC: &[u8; 8] = b"MDSYNCC\x02";
 /// Magic, four stamps of four u64 fields, checksum.
 const HEAD_LEN: usize = MAGIC.len() + 4 * 4 * 8 + 8;
 
-fn stamp_of(path: &Path) -> Stamp {
+/// Stat stamp of one path (all zero when it is missing).
+pub fn stamp_of(path: &Path) -> Stamp {
     match fs::symlink_metadata(path) {
         Ok(m) => Stamp {
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),

@@ -4,11 +4,13 @@
 //! only; never writes, locks or repairs a file.
 
 pub mod dbox;
+pub mod health;
 pub mod index;
 pub mod layout;
 pub mod log;
 pub mod mailbox;
 pub mod map;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 
