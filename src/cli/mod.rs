@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use mdsync::replica::Replica;
 use mdsync::replica::local::{LocalReplica, check_overlap};
+use mdsync::replica::mdbox::MdboxReplica;
 use mdsync::replica::remote::{RemoteOptions, RemoteReplica};
 use mdsync::scan::ScanOptions;
 use mdsync::storage::maildir::layout::Layout;
 use mdsync::storage::maildir::writer::{FsyncPolicy, Ownership};
+use mdsync::storage::mdbox::layout as mdbox_layout;
 use mdsync::sync::apply::ApplyOptions;
 use mdsync::sync::backup::{self, BackupOptions, BackupOutcome, Completion, DeleteLimit};
 use mdsync::sync::diff::DiffOptions;
@@ -235,6 +237,16 @@ fn open_replica(
             let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
             let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options);
             Ok((Box::new(replica), Some(path)))
+        }
+        Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
+            if side == "dst" {
+                bail!(
+                    "{}: writing into an mdbox tree is not supported yet; mdbox works as a \
+                     source (mdbox to Maildir)",
+                    path.display()
+                );
+            }
+            Ok((Box::new(MdboxReplica::new(&path)), Some(path)))
         }
         Location::Local(path) => Ok((Box::new(LocalReplica::new(&path)), Some(path))),
         Location::Remote(spec) => {
