@@ -8,7 +8,10 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::tree::{assert_same_lines, assert_same_snapshot, backup, backup_ok, snapshot};
+use support::sshd::{Sshd, remote_wrapper};
+use support::tree::{
+    assert_same_lines, assert_same_snapshot, backup, backup_ok, run_mdsync, snapshot,
+};
 use support::{Dovecot, Layout, chown_tree, mdsync, message, vmail_ids};
 
 fn fixture(name: &str) -> PathBuf {
@@ -213,4 +216,36 @@ fn writing_into_an_mdbox_tree_is_refused() {
         run.describe()
     );
     assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
+}
+
+/// mdbox → Maildir over ssh: the table goes over the wire, bodies are streamed from the
+/// mapped m.N files; the remote copy is what Dovecot sees in the source.
+#[test]
+fn mdbox_to_a_remote_maildir_over_ssh() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    let dst = dovecot.maildir("dst");
+    let sshd = Sshd::start();
+    let wrapper = remote_wrapper(sshd.dir());
+    let target = format!("{}:{}", sshd.host(), dst.display());
+    let args = [
+        "backup",
+        "--json",
+        "--no-progress",
+        "-e",
+        &sshd.rsh(),
+        "--remote-mdsync",
+        wrapper.to_str().unwrap(),
+        src.to_str().unwrap(),
+        &target,
+    ];
+    let run = run_mdsync(&args);
+    run.assert_ok();
+    assert_eq!(run.count("messages_copied"), 10, "{}", run.describe());
+    assert_same_lines(
+        &dovecot.oracle_in(&dst, Layout::MaildirPlusPlus),
+        &dovecot.oracle_in(&src, Layout::Mdbox),
+        "remote Maildir copy vs mdbox source",
+    );
+    run_mdsync(&args).assert_no_work();
 }
