@@ -249,3 +249,77 @@ fn mdbox_to_a_remote_maildir_over_ssh() {
     );
     run_mdsync(&args).assert_no_work();
 }
+
+/// `--to-format mdbox --offline` into a new destination, from Maildir and from mdbox:
+/// Dovecot sees the same mailboxes, UIDs, UIDVALIDITYs, GUIDs, flags, keywords and
+/// received dates in the new mdbox tree; `doveadm force-resync` changes nothing; the
+/// storage health of the new tree is clean.
+#[test]
+fn migration_into_a_new_mdbox_is_what_dovecot_sees() {
+    let dovecot = Dovecot::new();
+    let maildir = dovecot.sample("maildir-src");
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox-src");
+    for (src, layout) in [(&maildir, Layout::MaildirPlusPlus), (&mdbox, Layout::Mdbox)] {
+        let dst = dovecot.path().join(format!(
+            "new-{}",
+            src.file_name().unwrap().to_str().unwrap()
+        ));
+        let run = backup_ok(
+            src,
+            &dst,
+            &["--no-cache", "--to-format", "mdbox", "--offline"],
+        );
+        assert!(run.count("messages_copied") > 0, "{}", run.describe());
+        let want = dovecot.oracle_in(src, layout);
+        assert_same_lines(
+            &dovecot.oracle_in(&dst, Layout::Mdbox),
+            &want,
+            "new mdbox vs source",
+        );
+        assert_eq!(
+            received_dates(&dovecot, &dst, Layout::Mdbox),
+            received_dates(&dovecot, src, layout),
+            "received dates"
+        );
+        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
+        assert_same_lines(
+            &dovecot.oracle_in(&dst, Layout::Mdbox),
+            &want,
+            "after force-resync",
+        );
+        let (scan, code) = scan_json(&dst);
+        assert_eq!(code, Some(0), "{scan}");
+        assert_eq!(
+            scan["health"]["refcount_mismatch"],
+            serde_json::json!([]),
+            "{scan}"
+        );
+    }
+}
+
+#[test]
+fn mdbox_writes_need_offline_and_an_empty_destination() {
+    let dovecot = Dovecot::new();
+    let src = dovecot.sample("src");
+    let dst = dovecot.path().join("dst");
+    let run = backup(&src, &dst, &["--to-format", "mdbox"]);
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("--offline"), "{}", run.describe());
+    assert!(!dst.exists(), "nothing written without --offline");
+    let existing = copy_fixture(&dovecot, "live", "existing");
+    let before = snapshot(&existing);
+    let run = backup(&src, &existing, &["--to-format", "mdbox", "--offline"]);
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("not empty"), "{}", run.describe());
+    assert_same_snapshot(
+        &before,
+        &snapshot(&existing),
+        "a refused run writes nothing",
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dovecot.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("mdsync-new"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp trees left: {leftovers:?}");
+}

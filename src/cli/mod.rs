@@ -107,8 +107,21 @@ struct BackupArgs {
     /// Where scan caches live (default: $XDG_CACHE_HOME/mdsync or ~/.cache/mdsync).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Format of a new destination: maildir (default), or mdbox (DST must be absent or
+    /// empty; needs --offline).
+    #[arg(long, value_enum, default_value_t = FormatArg::Maildir)]
+    to_format: FormatArg,
+    /// Assert that no Dovecot uses DST for the run (required to write mdbox).
+    #[arg(long)]
+    offline: bool,
     #[command(flatten)]
     remote: RemoteArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    Maildir,
+    Mdbox,
 }
 
 /// How to reach a remote side.
@@ -241,8 +254,8 @@ fn open_replica(
         Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
             if side == "dst" {
                 bail!(
-                    "{}: writing into an mdbox tree is not supported yet; mdbox works as a \
-                     source (mdbox to Maildir)",
+                    "{}: writing into an existing mdbox tree is not supported yet; mdbox works \
+                     as a source, and --to-format mdbox --offline writes a new one",
                     path.display()
                 );
             }
@@ -297,6 +310,9 @@ fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    if a.to_format == FormatArg::Mdbox {
+        return run_to_mdbox(a);
+    }
     let (src_is_remote, dst_is_remote) = (
         matches!(parse_location(&a.src), Ok(Location::Remote(_))),
         matches!(parse_location(&a.dst), Ok(Location::Remote(_))),
@@ -341,6 +357,65 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         Completion::Partial => ExitCode::from(EXIT_PARTIAL),
         Completion::Errors => ExitCode::FAILURE,
     })
+}
+
+/// `backup --to-format mdbox`: the source scanned as for a Maildir destination, then
+/// written as a whole new mdbox tree.
+fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    if !a.offline {
+        bail!(
+            "--to-format mdbox needs --offline: mdsync does not take Dovecot's index locks, \
+             so no Dovecot may use {} during the run",
+            a.dst
+        );
+    }
+    if a.dry_run {
+        bail!("--dry-run is not supported with --to-format mdbox");
+    }
+    let Ok(Location::Local(dst)) = parse_location(&a.dst) else {
+        bail!(
+            "{}: --to-format mdbox writes only to a local destination",
+            a.dst
+        );
+    };
+    let (src, src_path) = open_replica(&a.src, "src", &a)?;
+    if let Some(src_path) = &src_path {
+        check_overlap(src_path, &dst)?;
+    }
+    let options = backup_options(&a)?;
+    let layout = match options.scan.layout {
+        Some(layout) => layout,
+        None => src.detect_layout()?.unwrap_or(Layout::MaildirPlusPlus),
+    };
+    let scan = ScanOptions {
+        layout: Some(layout),
+        ..options.scan.clone()
+    };
+    let progress = output::Renderer::new(false, a.json, !a.no_progress);
+    let table = src.scan(&scan, &progress)?;
+    let report = mdsync::sync::mdbox_new::write_new_tree(&dst, &table, src.as_ref(), &progress);
+    progress.finish();
+    let report = report?;
+    src.close()?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "format": "mdbox",
+                "mailboxes_created": report.mailboxes,
+                "messages_copied": report.messages,
+                "bytes_copied": report.bytes,
+                "files": report.files,
+                "seconds": report.seconds,
+            })
+        );
+    } else {
+        println!(
+            "mdsync: {} messages ({} bytes) in {} mailboxes written as mdbox ({} m.N files) in {:.2} s",
+            report.messages, report.bytes, report.mailboxes, report.files, report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn backup_options(a: &BackupArgs) -> anyhow::Result<BackupOptions> {

@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod backup;
 pub mod diff;
+pub mod mdbox_new;
 pub mod plan;
 pub mod predict;
 pub mod state;

@@ -13,7 +13,7 @@ use super::{Corrupt, align_up, le16, le32};
 const LOG_HEADER_MIN: usize = 24;
 
 /// Record types (low 28 bits of the type word).
-mod kind {
+pub(crate) mod kind {
     pub const EXPUNGE: u32 = 0x1;
     pub const APPEND: u32 = 0x2;
     pub const FLAG_UPDATE: u32 = 0x4;
@@ -524,17 +524,7 @@ fn keyword_update(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Encodes a record size like Dovecot does.
-    pub(crate) fn encode_size(size: usize) -> [u8; 4] {
-        let v = (size / 4) as u32;
-        [
-            0x80 | (v >> 21 & 0x7f) as u8,
-            0x80 | (v >> 14 & 0x7f) as u8,
-            0x80 | (v >> 7 & 0x7f) as u8,
-            0x80 | (v & 0x7f) as u8,
-        ]
-    }
+    use crate::storage::mdbox::log_writer::encode_size;
 
     fn rec(kind: u32, payload: &[u8]) -> Vec<u8> {
         let mut out = encode_size(8 + payload.len()).to_vec();

@@ -8,6 +8,7 @@ pub mod health;
 pub mod index;
 pub mod layout;
 pub mod log;
+pub mod log_writer;
 pub mod mailbox;
 pub mod map;
 pub mod store;
@@ -58,9 +59,38 @@ fn align_up(n: usize, align: usize) -> usize {
     (n + align - 1) & !(align - 1)
 }
 
+/// The 128-bit form of a message GUID string, as Dovecot stores it in the `guid`
+/// extension: 32 hex digits parsed directly, anything else (a Maildir base name) hashed
+/// with SHA-1, keeping the last 16 bytes of the digest.
+pub fn guid_128(text: &str) -> [u8; 16] {
+    if let Some(g) = crate::model::MailboxGuid::parse_hex(text) {
+        return g.0;
+    }
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(text.as_bytes());
+    digest[4..20].try_into().expect("16 bytes")
+}
+
 /// 32 lowercase hex digits of a 128-bit GUID, as doveadm prints it.
 pub fn guid_hex(guid: &[u8; 16]) -> String {
     guid.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod guid_tests {
+    use super::*;
+
+    #[test]
+    fn guids_become_128_bits_like_dovecot_does() {
+        // Observed: mdbox stored this for a message dsync'ed from Maildir.
+        let name = "1795388138.M203114P9617.vm,S=132,W=139";
+        assert_eq!(
+            guid_hex(&guid_128(name)),
+            "6632e09c06c4daa14ec294e4e05b3668"
+        );
+        let hex = "c98c60300ad5036b2e75000083ecc375";
+        assert_eq!(guid_hex(&guid_128(hex)), hex);
+    }
 }
 
 #[cfg(test)]
