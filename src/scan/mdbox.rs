@@ -266,6 +266,13 @@ fn push_message(
                 .message(entry.file_id, entry.offset, entry.size)
                 .map(|(_, msg)| (entry, msg))
                 .map_err(|e| e.to_string())
+        })
+        .and_then(|(entry, msg)| match msg.meta.external_parts {
+            true => Err(format!(
+                "m.{}@{}: attachments stored outside the file (X metadata) are not supported",
+                entry.file_id, entry.offset
+            )),
+            false => Ok((entry, msg)),
         });
     let (guid, size, file_id, offset, bits) = match &located {
         Ok((entry, msg)) => (

@@ -76,6 +76,9 @@ pub struct Metadata {
     pub orig_mailbox: Option<String>,
     /// `P`: POP3 UIDL.
     pub pop3_uidl: Option<String>,
+    /// `X`: the body refers to attachments stored elsewhere (single-instance attachment
+    /// storage); the bytes in the file are not the whole message.
+    pub external_parts: bool,
 }
 
 /// One message record found in a dbox file.
@@ -157,6 +160,7 @@ fn parse_metadata(bytes: &[u8]) -> Option<(Metadata, usize)> {
             b'V' => meta.virtual_size = u64::from_str_radix(&text, 16).ok(),
             b'B' => meta.orig_mailbox = Some(text.into_owned()),
             b'P' => meta.pop3_uidl = Some(text.into_owned()),
+            b'X' => meta.external_parts = true,
             _ => {}
         }
     }
@@ -276,6 +280,31 @@ pub(crate) mod tests {
         assert_eq!(all[0].meta.virtual_size, Some(20));
         assert_eq!(all[0].meta.received, Some(0x6553f100));
         assert_eq!(all[0].record.end, data.len());
+    }
+
+    #[test]
+    fn external_attachment_references_are_noticed() {
+        let mut data = file_header(1);
+        let plain = data.len();
+        data.extend(record("Subject: a\n\nhi\n", "g1"));
+        let with_x = data.len();
+        let mut x = record("Subject: b\n\nstub\n", "g2");
+        x.pop(); // the empty line ending the block
+        x.extend_from_slice(b"X0 100 0 ab/cd\n\n");
+        data.extend(x);
+        let path = Path::new("m.1");
+        assert!(
+            !read_message(path, &data, plain, 0)
+                .unwrap()
+                .meta
+                .external_parts
+        );
+        assert!(
+            read_message(path, &data, with_x, 0)
+                .unwrap()
+                .meta
+                .external_parts
+        );
     }
 
     #[test]
