@@ -359,16 +359,10 @@ fn dir_meta(path: &Path) -> Result<DirMeta> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
     use crate::progress::NoProgress;
+    use crate::storage::mdbox::fixture;
 
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("testdata/mdbox")
-            .join(name)
-    }
 
     #[test]
     fn maildir_dirs_follow_the_layout() {

@@ -155,15 +155,9 @@ fn check_refcounts(root: &Path, map: &MapIndex, health: &mut Health) -> crate::R
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
+    use super::super::fixture;
     use super::*;
 
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("testdata/mdbox")
-            .join(name)
-    }
 
     #[test]
     fn live_tree_waits_for_purge_and_purged_tree_does_not() {

@@ -76,6 +76,14 @@ pub fn guid_hex(guid: &[u8; 16]) -> String {
     guid.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A fixture tree of testdata/mdbox (written by Dovecot; see its README).
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/mdbox")
+        .join(name)
+}
+
 #[cfg(test)]
 mod guid_tests {
     use super::*;
@@ -98,18 +106,11 @@ mod fixture_tests {
     //! The readers against trees Dovecot wrote (testdata/mdbox, see its README): each must
     //! report exactly what `doveadm` reported about the same tree.
 
-    use std::path::PathBuf;
-
     use super::layout::list_mailboxes;
     use super::mailbox::MailboxIndex;
     use super::map::MapIndex;
     use super::*;
 
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("testdata/mdbox")
-            .join(name)
-    }
 
     fn expected(name: &str, ext: &str) -> Vec<String> {
         let text = std::fs::read_to_string(fixture(&format!("{name}.{ext}"))).unwrap();
