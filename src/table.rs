@@ -179,6 +179,9 @@ pub struct MailboxTable {
     pub fresh: bool,
     /// Body locations when the mailbox comes from an mdbox store.
     pub dbox: DboxColumns,
+    /// True when the store has no `new/` and `cur/` (mdbox): every row is in `cur/`, and a
+    /// source message in `new/` matches it without a move.
+    pub flat: bool,
 }
 
 impl MailboxTable {

@@ -306,7 +306,7 @@ fn mdbox_writes_need_offline_and_an_empty_destination() {
     assert_ne!(run.code, Some(0));
     assert!(run.stderr.contains("--offline"), "{}", run.describe());
     assert!(!dst.exists(), "nothing written without --offline");
-    let existing = copy_fixture(&dovecot, "live", "existing");
+    let existing = dovecot.sample("existing");
     let before = snapshot(&existing);
     let run = backup(&src, &existing, &["--to-format", "mdbox", "--offline"]);
     assert_ne!(run.code, Some(0));
@@ -322,4 +322,65 @@ fn mdbox_writes_need_offline_and_an_empty_destination() {
         .filter(|e| e.file_name().to_string_lossy().contains("mdsync-new"))
         .collect();
     assert!(leftovers.is_empty(), "temp trees left: {leftovers:?}");
+}
+
+/// An existing mdbox destination, updated with `--offline` after changes made through
+/// Dovecot on the source (mdbox or Maildir): flags and keywords set and cleared, an
+/// expunge, new mail, a new and a deleted mailbox. Dovecot then sees the source's state in
+/// the destination, also after `doveadm force-resync`; refcounts agree with the mailboxes;
+/// a further run has nothing to do.
+#[test]
+fn offline_updates_of_an_existing_mdbox_follow_the_source() {
+    let dovecot = Dovecot::new();
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox-src");
+    let maildir = dovecot.sample("maildir-src");
+    for (src, layout) in [(&mdbox, Layout::Mdbox), (&maildir, Layout::MaildirPlusPlus)] {
+        let name = src.file_name().unwrap().to_str().unwrap();
+        let dst = dovecot.path().join(format!("dst-{name}"));
+        backup_ok(src, &dst, &["--to-format", "mdbox", "--offline"]);
+        let da = |args: &[&str]| dovecot.doveadm_in(src, layout, args);
+        da(&[
+            "flags",
+            "add",
+            "\\Seen $label2",
+            "mailbox",
+            "INBOX",
+            "uid",
+            "3",
+        ]);
+        da(&["flags", "remove", "\\Seen", "mailbox", "INBOX", "uid", "1"]);
+        da(&["expunge", "mailbox", "Archive", "uid", "2"]);
+        da(&["mailbox", "create", "Later"]);
+        dovecot.save_in(src, layout, "Later", &message("later-1", "Later 1", 3));
+        dovecot.save_in(src, layout, "INBOX", &message("inbox-new", "Inbox new", 3));
+        da(&["mailbox", "delete", "Sent"]);
+        let refused = backup(src, &dst, &[]);
+        assert_ne!(refused.code, Some(0), "{}", refused.describe());
+        assert!(
+            refused.stderr.contains("--offline"),
+            "{}",
+            refused.describe()
+        );
+        let run = backup_ok(src, &dst, &["--offline"]);
+        assert_eq!(
+            run.count("messages_copied"),
+            2,
+            "{name}: {}",
+            run.describe()
+        );
+        assert_eq!(
+            run.count("mailboxes_deleted"),
+            1,
+            "{name}: {}",
+            run.describe()
+        );
+        let want = dovecot.oracle_in(src, layout);
+        assert_same_lines(&dovecot.oracle_in(&dst, Layout::Mdbox), &want, name);
+        let (scan, code) = scan_json(&dst);
+        assert_eq!(code, Some(0), "{name}: {scan}");
+        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
+        let after = dovecot.oracle_in(&dst, Layout::Mdbox);
+        assert_same_lines(&after, &want, &format!("{name}: after force-resync"));
+        backup_ok(src, &dst, &["--offline"]).assert_no_work();
+    }
 }

@@ -252,12 +252,15 @@ fn open_replica(
             Ok((Box::new(replica), Some(path)))
         }
         Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
-            if side == "dst" {
+            if side == "dst" && !a.offline {
                 bail!(
-                    "{}: writing into an existing mdbox tree is not supported yet; mdbox works \
-                     as a source, and --to-format mdbox --offline writes a new one",
+                    "{}: writing into an mdbox tree needs --offline: mdsync takes none of \
+                     Dovecot's index locks, so no Dovecot may use it during the run",
                     path.display()
                 );
+            }
+            if side == "dst" {
+                return Ok((Box::new(MdboxReplica::offline(&path)), Some(path)));
             }
             Ok((Box::new(MdboxReplica::new(&path)), Some(path)))
         }
@@ -310,7 +313,9 @@ fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    if a.to_format == FormatArg::Mdbox {
+    let dst_is_mdbox =
+        matches!(parse_location(&a.dst), Ok(Location::Local(ref p)) if mdbox_layout::is_mdbox(p));
+    if a.to_format == FormatArg::Mdbox && !dst_is_mdbox {
         return run_to_mdbox(a);
     }
     let (src_is_remote, dst_is_remote) = (

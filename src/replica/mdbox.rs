@@ -1,6 +1,7 @@
-//! A local mdbox root as a source replica: scanned by the mdbox scanner, bodies handed out
-//! as byte ranges of the mapped `m.N` files with the received date as mtime. Applying a
-//! plan to it (writing mdbox) is refused: this replica only reads.
+//! A local mdbox root as a replica: scanned by the mdbox scanner, bodies handed out as byte
+//! ranges of the mapped `m.N` files with the received date as mtime. Plans are applied by
+//! the mdbox applier only when the replica was opened offline (the caller asserted that no
+//! Dovecot uses the tree); otherwise it only reads.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -28,15 +29,29 @@ pub struct MdboxReplica {
     store: Store,
     /// Mailbox directory (as the table names it) → its body locations, from the last scan.
     locations: Mutex<HashMap<String, Locations>>,
+    /// The layout the last scan named mailbox directories in (plans use it too).
+    layout: Mutex<Layout>,
+    /// True when plans may be applied (no Dovecot uses the tree).
+    offline: bool,
 }
 
 impl MdboxReplica {
-    /// The mdbox root `root`.
+    /// The mdbox root `root`, read-only.
     pub fn new(root: &Path) -> MdboxReplica {
         MdboxReplica {
             root: root.to_path_buf(),
             store: Store::new(root),
             locations: Mutex::new(HashMap::new()),
+            layout: Mutex::new(Layout::MaildirPlusPlus),
+            offline: false,
+        }
+    }
+
+    /// The mdbox root `root`, writable: the caller asserts that no Dovecot uses it.
+    pub fn offline(root: &Path) -> MdboxReplica {
+        MdboxReplica {
+            offline: true,
+            ..MdboxReplica::new(root)
         }
     }
 
@@ -103,6 +118,7 @@ impl Replica for MdboxReplica {
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
         self.store.clear();
         let table = scan::mdbox::scan(&self.root, options, progress, &self.store)?;
+        *self.layout.lock().expect("layout lock") = table.layout;
         table.mailboxes.iter().for_each(|m| self.remember(m));
         Ok(table)
     }
@@ -125,15 +141,18 @@ impl Replica for MdboxReplica {
 
     fn apply(
         &self,
-        _plan: &Plan,
-        _source: &dyn BodySource,
+        plan: &Plan,
+        source: &dyn BodySource,
         _options: &ApplyOptions,
-        _progress: &dyn Progress,
+        progress: &dyn Progress,
     ) -> Result<ApplyReport> {
-        Err(Error::Usage(format!(
-            "{}: writing into an mdbox tree is not supported yet; mdbox works as a source \
-             (mdbox to Maildir)",
-            self.root.display()
-        )))
+        if !self.offline {
+            return Err(Error::Usage(format!(
+                "{}: writing into an mdbox tree needs --offline (no Dovecot may use it)",
+                self.root.display()
+            )));
+        }
+        let layout = *self.layout.lock().expect("layout lock");
+        crate::sync::apply_mdbox::apply(&self.root, layout, plan, source, progress)
     }
 }

@@ -186,6 +186,7 @@ fn read_mailbox(
         dir: dir.to_string(),
         name: mb.name.clone(),
         stamps,
+        flat: true,
         ..MailboxTable::default()
     };
     table.dir_meta = dir_meta(&mb.index_dir).unwrap_or_default();
@@ -362,7 +363,6 @@ mod tests {
     use super::*;
     use crate::progress::NoProgress;
     use crate::storage::mdbox::fixture;
-
 
     #[test]
     fn maildir_dirs_follow_the_layout() {

@@ -9,20 +9,18 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::progress::{Event, Progress};
 use crate::replica::BodySource;
 use crate::storage::maildir::layout::Layout;
-use crate::storage::mdbox::dbox::{self, Metadata};
+use crate::storage::mdbox::append::Appender;
+use crate::storage::mdbox::dbox::Metadata;
 use crate::storage::mdbox::log_writer::LogWriter;
 use crate::storage::mdbox::{guid_128, layout as mdbox_layout};
 use crate::table::{MailTable, MailboxTable, status};
-
-/// Dovecot's default `mdbox_rotate_size`: a file is not appended to past this size.
-const ROTATE_SIZE: usize = 10 * 1024 * 1024;
 
 /// What a migration wrote.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -115,7 +113,7 @@ fn build(
     mkdir(tmp, owner)?;
     mkdir(&tmp.join("storage"), owner)?;
     mkdir(&tmp.join("mailboxes"), owner)?;
-    let mut storage = Storage::new(tmp.join("storage"), owner, now);
+    let mut storage = Appender::new(tmp.join("storage"), owner, now, 1, 1);
     let mut placed_by_mailbox = Vec::new();
     let mut report = NewTreeReport::default();
     for mailbox in table.mailboxes.iter().filter(|m| m.broken.is_none()) {
@@ -128,11 +126,12 @@ fn build(
     report.files = storage.finish()?;
     // Data is on disk; now the map, then the mailbox indexes.
     let map_validity = now.max(1);
-    write_file(
-        &tmp.join("storage/dovecot.map.index.log"),
-        &storage.map_log(map_validity, now),
-        owner,
-    )?;
+    let mut map_log = LogWriter::new(now, now);
+    map_log.header_update(24, &map_validity.to_le_bytes());
+    map_log.commit();
+    storage.map_records(&mut map_log);
+    let map_path = tmp.join("storage/dovecot.map.index.log");
+    write_file(&map_path, &map_log.finish(), owner)?;
     for (mailbox, placed) in &placed_by_mailbox {
         let dir = tmp
             .join("mailboxes")
@@ -156,7 +155,7 @@ fn build(
 fn place_mailbox(
     mailbox: &MailboxTable,
     source: &dyn BodySource,
-    storage: &mut Storage,
+    storage: &mut Appender,
     report: &mut NewTreeReport,
 ) -> Result<Vec<Placed>> {
     let mut next_uid = mailbox.next_uid.max(1);
@@ -204,7 +203,7 @@ fn place_mailbox(
 }
 
 /// Maildir system flag letters → Dovecot index flag bits.
-fn index_flags(system: u32) -> u8 {
+pub(crate) fn index_flags(system: u32) -> u8 {
     let has = |letter: u8| system & (1 << (letter - b'A')) != 0;
     [
         (b'R', 0x01),
@@ -219,7 +218,7 @@ fn index_flags(system: u32) -> u8 {
 }
 
 /// `mailboxes/<this>` for a table directory (`""` is INBOX; names stay modified UTF-7).
-fn mdbox_dir(layout: Layout, dir: &str) -> Result<String> {
+pub(crate) fn mdbox_dir(layout: Layout, dir: &str) -> Result<String> {
     let rel = match (dir, layout) {
         ("", _) => "INBOX".to_string(),
         (d, Layout::MaildirPlusPlus) => d.trim_start_matches('.').replace('.', "/"),
@@ -296,119 +295,6 @@ fn fresh_guid(name: &str) -> [u8; 16] {
     xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes()
 }
 
-/// The `m.N` files being written and the map entries for them.
-struct Storage {
-    dir: PathBuf,
-    owner: (u32, u32),
-    now: u32,
-    file_id: u32,
-    current: Option<(File, usize)>,
-    /// (file_id, offset, size) by map UID − 1.
-    entries: Vec<(u32, u32, u32)>,
-}
-
-impl Storage {
-    fn new(dir: PathBuf, owner: (u32, u32), now: u32) -> Storage {
-        Storage {
-            dir,
-            owner,
-            now,
-            file_id: 0,
-            current: None,
-            entries: Vec::new(),
-        }
-    }
-
-    /// Appends one record; returns its map UID.
-    fn append(&mut self, body: &[u8], meta: &Metadata) -> Result<u32> {
-        let mut record = Vec::with_capacity(body.len() + 128);
-        dbox::write_record(&mut record, body, meta);
-        let full = self
-            .current
-            .as_ref()
-            .is_some_and(|(_, len)| *len > 16 && len + record.len() > ROTATE_SIZE);
-        if self.current.is_none() || full {
-            self.rotate()?;
-        }
-        let path = self.path(self.file_id);
-        let (file, len) = self.current.as_mut().expect("an open m.N file");
-        file.write_all(&record).map_err(|e| Error::io(&path, e))?;
-        let offset = u32::try_from(*len)
-            .map_err(|_| Error::Usage(format!("{}: larger than 4 GiB", path.display())))?;
-        *len += record.len();
-        let size = u32::try_from(record.len()).unwrap_or(0);
-        self.entries.push((self.file_id, offset, size));
-        Ok(self.entries.len() as u32)
-    }
-
-    fn path(&self, id: u32) -> PathBuf {
-        self.dir.join(format!("m.{id}"))
-    }
-
-    /// Closes the current file (fsynced) and starts the next.
-    fn rotate(&mut self) -> Result<()> {
-        self.close_current()?;
-        self.file_id += 1;
-        let path = self.path(self.file_id);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        chown(&path, self.owner)?;
-        let header = dbox::file_header(self.now);
-        file.write_all(&header).map_err(|e| Error::io(&path, e))?;
-        self.current = Some((file, header.len()));
-        Ok(())
-    }
-
-    fn close_current(&mut self) -> Result<()> {
-        if let Some((file, _)) = self.current.take() {
-            let path = self.path(self.file_id);
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
-        }
-        Ok(())
-    }
-
-    /// Flushes the last file; returns how many files were written.
-    fn finish(&mut self) -> Result<u32> {
-        self.close_current()?;
-        Ok(self.file_id)
-    }
-
-    /// The map index as one log: map UIDs, locations, refcount 1 each.
-    fn map_log(&self, validity: u32, now: u32) -> Vec<u8> {
-        let mut log = LogWriter::new(now, now);
-        log.header_update(24, &validity.to_le_bytes());
-        log.commit();
-        log.ext_intro("map", 8, 12, 4);
-        log.ext_hdr_update(0, &self.file_id.to_le_bytes());
-        if !self.entries.is_empty() {
-            let uids: Vec<(u32, u8)> = (1..=self.entries.len() as u32).map(|u| (u, 0)).collect();
-            log.append(&uids);
-            let locs: Vec<(u32, Vec<u8>)> = self
-                .entries
-                .iter()
-                .enumerate()
-                .map(|(i, &(file, offset, size))| {
-                    let mut d = file.to_le_bytes().to_vec();
-                    d.extend(offset.to_le_bytes());
-                    d.extend(size.to_le_bytes());
-                    (i as u32 + 1, d)
-                })
-                .collect();
-            log.ext_rec_update(&locs);
-            log.ext_intro("ref", 0, 2, 2);
-            let refs: Vec<(u32, Vec<u8>)> = (1..=self.entries.len() as u32)
-                .map(|u| (u, 1u16.to_le_bytes().to_vec()))
-                .collect();
-            log.ext_rec_update(&refs);
-        }
-        log.finish()
-    }
-}
-
 /// `subscriptions` and `dovecot-uidvalidity`, as the source had them.
 fn write_root_files(tmp: &Path, table: &MailTable, owner: (u32, u32)) -> Result<()> {
     if let Some(subs) = &table.subscriptions {
@@ -432,7 +318,7 @@ fn write_root_files(tmp: &Path, table: &MailTable, owner: (u32, u32)) -> Result<
     write_file(&path, format!("{next:x}").as_bytes(), owner)
 }
 
-fn write_file(path: &Path, bytes: &[u8], owner: (u32, u32)) -> Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], owner: (u32, u32)) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -444,7 +330,7 @@ fn write_file(path: &Path, bytes: &[u8], owner: (u32, u32)) -> Result<()> {
     chown(path, owner)
 }
 
-fn mkdir(path: &Path, owner: (u32, u32)) -> Result<()> {
+pub(crate) fn mkdir(path: &Path, owner: (u32, u32)) -> Result<()> {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(path)
@@ -453,7 +339,7 @@ fn mkdir(path: &Path, owner: (u32, u32)) -> Result<()> {
 }
 
 /// Creates `path` and its missing parents below `top`, each owned by `owner`.
-fn mkdir_all(path: &Path, top: &Path, owner: (u32, u32)) -> Result<()> {
+pub(crate) fn mkdir_all(path: &Path, top: &Path, owner: (u32, u32)) -> Result<()> {
     if path.is_dir() || path == top {
         return Ok(());
     }
@@ -463,14 +349,14 @@ fn mkdir_all(path: &Path, top: &Path, owner: (u32, u32)) -> Result<()> {
     mkdir(path, owner)
 }
 
-fn chown(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+pub(crate) fn chown(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
     if nix::unistd::geteuid().is_root() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| Error::io(path, e))?;
     }
     Ok(())
 }
 
-fn fsync_path(path: &Path) -> Result<()> {
+pub(crate) fn fsync_path(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(path, e))
@@ -487,7 +373,7 @@ fn fsync_tree(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn now_secs() -> u32 {
+pub(crate) fn now_secs() -> u32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_secs() as u32)

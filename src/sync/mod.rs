@@ -3,6 +3,7 @@
 //! tables.
 
 pub mod apply;
+pub mod apply_mdbox;
 pub mod backup;
 pub mod diff;
 pub mod mdbox_new;

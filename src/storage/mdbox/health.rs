@@ -158,7 +158,6 @@ mod tests {
     use super::super::fixture;
     use super::*;
 
-
     #[test]
     fn live_tree_waits_for_purge_and_purged_tree_does_not() {
         let live = check(&fixture("live")).unwrap();

@@ -474,7 +474,8 @@ fn atomic_inc(state: &mut IndexState, cursor: &Cursor, items: &[&[u8]]) {
 }
 
 /// `KEYWORD_UPDATE`: `{u8 modify (0 add, 1 remove), pad, u16 name_size, name, pad→4,
-/// {uid1, uid2}[]}`. Unknown names join the keyword list in order of appearance.
+/// {uid1, uid2}[]}`. Unknown names join the keyword list in order of appearance (also
+/// when removed, as in Dovecot).
 fn keyword_update(
     path: &Path,
     payload: &[u8],
@@ -499,6 +500,14 @@ fn keyword_update(
                 ));
             }
             state.keyword_names.push(name);
+            // Like Dovecot, the first keyword creates the `keywords` extension, at the end
+            // of the list: later intros count it when they name extensions by position.
+            if state.ext_id("keywords").is_none() {
+                state.exts.push(super::index::Ext {
+                    name: "keywords".into(),
+                    ..Default::default()
+                });
+            }
             state.keyword_names.len() - 1
         }
     };
@@ -606,6 +615,31 @@ mod tests {
         assert!(done.torn_tail);
         assert_eq!(done.end, 0);
         assert!(state.uids.is_empty());
+    }
+
+    #[test]
+    fn the_first_keyword_creates_the_keywords_extension_in_id_order() {
+        let mut log = append(1, 0);
+        let mut kw = vec![0, 0, 5, 0];
+        kw.extend(b"$Junk\0\0\0");
+        kw.extend(1u32.to_le_bytes());
+        kw.extend(1u32.to_le_bytes());
+        log.extend(rec(kind::KEYWORD_UPDATE, &kw));
+        // An intro by position: id 1 is the extension after `keywords` (id 0).
+        let mut intro = u32::MAX.to_le_bytes().to_vec();
+        intro.extend([0; 8]);
+        intro.extend([2, 0, 2, 0, 0, 0, 3, 0]);
+        intro.extend(b"ref\0");
+        log.extend(rec(kind::EXT_INTRO, &intro));
+        let mut by_id = 1u32.to_le_bytes().to_vec();
+        by_id.extend([0; 8]);
+        by_id.extend([2, 0, 2, 0, 0, 0, 0, 0]);
+        log.extend(rec(kind::EXT_INTRO, &by_id));
+        let mut state = IndexState::empty();
+        replay(Path::new("x.log"), &log, 0, &mut state).unwrap();
+        let names: Vec<&str> = state.exts.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["keywords", "ref"]);
+        assert_eq!(state.keywords, vec![1]);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct LogWriter {
     bytes: Vec<u8>,
     txn: Vec<u8>,
     txn_records: usize,
+    /// Length of the file these bytes will follow (0 for a new log).
+    base: usize,
 }
 
 impl LogWriter {
@@ -36,6 +38,17 @@ impl LogWriter {
             bytes,
             txn: Vec::new(),
             txn_records: 0,
+            base: 0,
+        }
+    }
+
+    /// Records to append to an existing log of `existing_len` bytes (no header).
+    pub fn continuing(existing_len: usize) -> LogWriter {
+        LogWriter {
+            bytes: Vec::new(),
+            txn: Vec::new(),
+            txn_records: 0,
+            base: existing_len,
         }
     }
 
@@ -113,7 +126,11 @@ impl LogWriter {
 
     /// Adds keyword `name` to the messages with these UIDs.
     pub fn keyword_add(&mut self, name: &str, uids: &[u32]) {
-        let mut p = vec![0, 0];
+        self.keyword_update(0, name, uids);
+    }
+
+    fn keyword_update(&mut self, modify: u8, name: &str, uids: &[u32]) {
+        let mut p = vec![modify, 0];
         p.extend((name.len() as u16).to_le_bytes());
         p.extend(name.as_bytes());
         p.resize(align4(p.len()), 0);
@@ -124,13 +141,44 @@ impl LogWriter {
         self.record(kind::KEYWORD_UPDATE, &p);
     }
 
+    /// Sets system flags: adds `add`, removes `remove` (index flag bits) for one UID.
+    pub fn flag_update(&mut self, uid: u32, add: u8, remove: u8) {
+        let mut p = uid.to_le_bytes().to_vec();
+        p.extend(uid.to_le_bytes());
+        p.extend([add, remove, 0, 0]);
+        self.record(kind::FLAG_UPDATE, &p);
+    }
+
+    /// Removes keyword `name` from the messages with these UIDs.
+    pub fn keyword_remove(&mut self, name: &str, uids: &[u32]) {
+        self.keyword_update(1, name, uids);
+    }
+
+    /// Expunges one message (already gone from the backend's point of view), naming its GUID
+    /// as Dovecot does.
+    pub fn expunge_guid(&mut self, uid: u32, guid: &[u8; 16]) {
+        let mut p = uid.to_le_bytes().to_vec();
+        p.extend(guid);
+        self.record(kind::EXPUNGE_GUID | kind::EXPUNGE_PROT, &p);
+    }
+
+    /// Adds `diff` to the current extension's counter of each UID (map refcounts).
+    pub fn atomic_inc(&mut self, items: &[(u32, i32)]) {
+        let mut p = Vec::with_capacity(items.len() * 8);
+        for &(uid, diff) in items {
+            p.extend(uid.to_le_bytes());
+            p.extend(diff.to_le_bytes());
+        }
+        self.record(kind::EXT_ATOMIC_INC, &p);
+    }
+
     /// The finished log; an open transaction is committed first. It ends with the header
     /// update Dovecot writes once the backend has applied everything: `log_file_tail_offset`
     /// = the end of the log. Dovecot's map sync refuses a map log whose tail lags its head
     /// ("Inconsistency in map index") and rebuilds the whole map.
     pub fn finish(mut self) -> Vec<u8> {
         self.commit();
-        let end = (self.bytes.len() + 16) as u32;
+        let end = (self.base + self.bytes.len() + 16) as u32;
         self.header_update(TAIL_OFFSET, &end.to_le_bytes());
         self.commit();
         self.bytes
@@ -169,6 +217,10 @@ mod tests {
         log.append(&[(1, 0x08), (3, 0)]);
         log.ext_rec_update(&[(1, vec![7; 16]), (3, vec![9; 16])]);
         log.keyword_add("$Junk", &[3]);
+        log.commit();
+        log.flag_update(1, 0x02, 0x08);
+        log.keyword_remove("$Junk", &[3]);
+        log.expunge_guid(3, &[9; 16]);
         let bytes = log.finish();
         let path = Path::new("dovecot.index.log");
         let head = parse_header(path, &bytes).unwrap();
@@ -179,11 +231,26 @@ mod tests {
         assert_eq!(done.end, bytes.len());
         assert_eq!(state.uid_validity(), 5);
         assert_eq!(state.uids, vec![1, 3]);
+        assert_eq!(state.alive, vec![true, false]);
         assert_eq!(state.next_uid(), 4);
         assert_eq!(state.keyword_names, vec!["$Junk"]);
-        assert_eq!(state.keywords, vec![0, 1]);
+        assert_eq!(state.keywords, vec![0, 0]);
+        assert_eq!(state.flags[0], 0x02);
         let guid = state.ext("guid").unwrap();
         assert_eq!(state.ext_record(guid, 1), &[9; 16]);
+        let mut more = LogWriter::continuing(bytes.len());
+        more.ext_intro("guid", 0, 16, 1);
+        more.atomic_inc(&[(1, 1)]);
+        let more = more.finish();
+        let mut whole = bytes.clone();
+        whole.extend(&more);
+        let done = replay(path, &whole, 40, &mut IndexState::empty()).unwrap();
+        assert_eq!(done.end, whole.len());
+        // The tail offset written last is the end of the whole file.
+        assert_eq!(
+            &whole[whole.len() - 4..],
+            &(whole.len() as u32).to_le_bytes()
+        );
         for size in [8, 12, 1 << 16] {
             assert_eq!(decode_size(encode_size(size)), Some(size));
         }

@@ -29,6 +29,8 @@ pub struct MapIndex {
     pub uid_validity: u32,
     /// Highest `m.N` the map ever assigned.
     pub highest_file_id: u32,
+    /// The map UID the next stored message gets.
+    pub next_uid: u32,
     /// Entries by ascending map UID.
     pub entries: Vec<MapEntry>,
 }
@@ -73,6 +75,7 @@ impl MapIndex {
         Ok(MapIndex {
             uid_validity: state.uid_validity(),
             highest_file_id,
+            next_uid: state.next_uid().max(1),
             entries,
         })
     }

@@ -3,6 +3,7 @@
 //! `storage/` and one index per mailbox), and the folder tree under `mailboxes/`. Reads
 //! only; never writes, locks or repairs a file.
 
+pub mod append;
 pub mod dbox;
 pub mod health;
 pub mod index;
@@ -110,7 +111,6 @@ mod fixture_tests {
     use super::mailbox::MailboxIndex;
     use super::map::MapIndex;
     use super::*;
-
 
     fn expected(name: &str, ext: &str) -> Vec<String> {
         let text = std::fs::read_to_string(fixture(&format!("{name}.{ext}"))).unwrap();
