@@ -21,25 +21,17 @@ use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::{SUBSCRIPTIONS, UIDVALIDITY_FILE};
 use crate::storage::mdbox::append::Appender;
-use crate::storage::mdbox::dbox::Metadata;
 use crate::storage::mdbox::guid_128;
 use crate::storage::mdbox::index;
 use crate::storage::mdbox::layout::{DBOX_MAILS, list_files};
-use crate::storage::mdbox::log_writer::LogWriter;
+use crate::storage::mdbox::log_writer::{LogWriter, MailRecord};
 use crate::storage::mdbox::mailbox::MailboxIndex;
 use crate::storage::mdbox::map::MapIndex;
 use crate::sync::apply::ApplyReport;
-use crate::sync::mdbox_new::{chown, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs};
+use crate::sync::mdbox_new::{
+    chown, fresh_guid, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs, store_body,
+};
 use crate::sync::plan::{MailboxPlan, Plan, UidlistChange};
-
-/// One message to add to a mailbox index.
-struct NewRecord {
-    uid: u32,
-    flags: u8,
-    keywords: Vec<String>,
-    map_uid: u32,
-    guid: [u8; 16],
-}
 
 /// Applies `plan` to the mdbox root `root`, whose mailbox directories the plan names in
 /// `layout`.
@@ -129,7 +121,7 @@ fn stage_copies(
     source: &dyn BodySource,
     appender: &mut Appender,
     report: &mut ApplyReport,
-) -> Result<Vec<NewRecord>> {
+) -> Result<Vec<MailRecord>> {
     let keywords = letter_names(mp, index);
     let guids: HashMap<u32, Option<String>> = match &mp.uidlist {
         Some(UidlistChange::Write(edit)) => edit
@@ -151,7 +143,7 @@ fn stage_copies(
             .cloned()
             .flatten()
             .unwrap_or_else(|| parsed.base.to_string());
-        let mut body = match source.open_body(&mp.dir, op.src_sub, &op.src_name) {
+        let body = match source.open_body(&mp.dir, op.src_sub, &op.src_name) {
             Ok(body) => body,
             Err(crate::replica::BodyError::Vanished(what)) => {
                 report.vanished += 1;
@@ -160,21 +152,10 @@ fn stage_copies(
             }
             Err(e) => return Err(Error::Usage(e.to_string())),
         };
-        let mut bytes = Vec::with_capacity(body.meta.len as usize);
-        body.data
-            .as_read()
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::Usage(format!("{}: {e}", body.origin)))?;
-        let meta = Metadata {
-            guid: guid.clone(),
-            received: Some(body.meta.mtime.0.max(0) as u64),
-            orig_mailbox: Some(mp.name.clone()),
-            ..Metadata::default()
-        };
-        let map_uid = appender.append(&bytes, &meta)?;
+        let (map_uid, len) = store_body(appender, body, &guid, &mp.name)?;
         report.messages_copied += 1;
-        report.bytes_copied += bytes.len() as u64;
-        out.push(NewRecord {
+        report.bytes_copied += len;
+        out.push(MailRecord {
             uid,
             flags: index_flags(parsed.flags.system),
             keywords: names_of(&keywords, parsed.flags.keywords),
@@ -231,7 +212,7 @@ fn update_mailbox(
     mp: &MailboxPlan,
     dir: &Path,
     index: Option<&MailboxIndex>,
-    records: &[NewRecord],
+    records: &[MailRecord],
     map_validity: u32,
     owner: (u32, u32),
     now: u32,
@@ -261,16 +242,13 @@ fn update_mailbox(
                 }
                 let guid = h.guid.map(|g| g.0);
                 if index.is_none() || guid.is_some() && index.and_then(|i| i.mailbox_guid) != guid {
-                    let mut hdr = map_validity.to_le_bytes().to_vec();
-                    hdr.extend(guid.unwrap_or_else(|| fresh_guid(now)));
-                    hdr.extend([0; 4]);
-                    log.ext_intro("mdbox-hdr", 24, 0, 0);
-                    log.ext_hdr_update(0, &hdr);
+                    let guid = guid.unwrap_or_else(|| fresh_guid(&mp.name));
+                    log.mdbox_hdr(map_validity, guid);
                 }
                 log.commit();
             }
             if !records.is_empty() {
-                write_appends(log, records, now);
+                log.mdbox_appends(records, now);
             }
             for r in &mp.renames {
                 let (Ok(from), Ok(to)) =
@@ -308,41 +286,6 @@ fn update_mailbox(
         },
     )?;
     Ok(expunged_maps)
-}
-
-/// Appends of new messages with their `mdbox` (map UID, save date), `guid` and keywords.
-fn write_appends(log: &mut LogWriter, records: &[NewRecord], now: u32) {
-    let appends: Vec<(u32, u8)> = records.iter().map(|r| (r.uid, r.flags)).collect();
-    log.append(&appends);
-    log.ext_intro("mdbox", 0, 8, 4);
-    let recs: Vec<(u32, Vec<u8>)> = records
-        .iter()
-        .map(|r| {
-            let mut d = r.map_uid.to_le_bytes().to_vec();
-            d.extend(now.to_le_bytes());
-            (r.uid, d)
-        })
-        .collect();
-    log.ext_rec_update(&recs);
-    log.ext_intro("guid", 0, 16, 1);
-    let guids: Vec<(u32, Vec<u8>)> = records.iter().map(|r| (r.uid, r.guid.to_vec())).collect();
-    log.ext_rec_update(&guids);
-    let mut by_keyword: HashMap<&str, Vec<u32>> = HashMap::new();
-    for r in records {
-        for k in &r.keywords {
-            by_keyword.entry(k).or_default().push(r.uid);
-        }
-    }
-    let mut names: Vec<&&str> = by_keyword.keys().collect();
-    names.sort();
-    for name in names {
-        log.keyword_add(name, &by_keyword[*name]);
-    }
-    log.commit();
-}
-
-fn fresh_guid(now: u32) -> [u8; 16] {
-    xxhash_rust::xxh3::xxh3_128(format!("{now}\0{}", std::process::id()).as_bytes()).to_le_bytes()
 }
 
 /// Appends what `fill` writes to the log at `path`: after checking that the log ends with

@@ -15,10 +15,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 use crate::progress::{Event, Progress};
 use crate::replica::BodySource;
+use crate::storage::maildir::keywords::LETTERS;
 use crate::storage::maildir::layout::Layout;
 use crate::storage::mdbox::append::Appender;
 use crate::storage::mdbox::dbox::Metadata;
-use crate::storage::mdbox::log_writer::LogWriter;
+use crate::storage::mdbox::log_writer::{LogWriter, MailRecord};
 use crate::storage::mdbox::{guid_128, layout as mdbox_layout};
 use crate::table::{MailTable, MailboxTable, status};
 
@@ -35,15 +36,6 @@ pub struct NewTreeReport {
     pub files: u32,
     /// Wall time.
     pub seconds: f64,
-}
-
-/// One message placed in `storage/`.
-struct Placed {
-    uid: u32,
-    flags: u8,
-    keywords: u32,
-    map_uid: u32,
-    guid: [u8; 16],
 }
 
 /// Writes the mdbox tree `dst` (absent or an empty directory) from the scanned `table`,
@@ -157,7 +149,7 @@ fn place_mailbox(
     source: &dyn BodySource,
     storage: &mut Appender,
     report: &mut NewTreeReport,
-) -> Result<Vec<Placed>> {
+) -> Result<Vec<MailRecord>> {
     let mut next_uid = mailbox.next_uid.max(1);
     let mut placed = Vec::with_capacity(mailbox.len());
     for i in 0..mailbox.len() {
@@ -171,35 +163,49 @@ fn place_mailbox(
             }
             uid => uid,
         };
-        let mut body = source
+        let body = source
             .open_body(&mailbox.dir, mailbox.subdir(i), mailbox.name(i))
             .map_err(|e| Error::Usage(e.to_string()))?;
-        let mut bytes = Vec::with_capacity(body.meta.len as usize);
-        body.data
-            .as_read()
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::Usage(format!("{}: {e}", body.origin)))?;
         let guid = mailbox.guid(i).to_string();
-        let meta = Metadata {
-            guid: guid.clone(),
-            received: Some(body.meta.mtime.0.max(0) as u64),
-            orig_mailbox: Some(mailbox.name.clone()),
-            ..Metadata::default()
-        };
-        let map_uid = storage.append(&bytes, &meta)?;
+        let (map_uid, len) = store_body(storage, body, &guid, &mailbox.name)?;
         report.messages += 1;
-        report.bytes += bytes.len() as u64;
+        report.bytes += len;
         let flags = mailbox.msgs.flags[i];
-        placed.push(Placed {
+        placed.push(MailRecord {
             uid,
             flags: index_flags(flags.system),
-            keywords: flags.keywords,
+            keywords: (0..LETTERS)
+                .filter(|k| flags.keywords & (1 << k) != 0)
+                .filter_map(|k| mailbox.keywords.names[k].clone())
+                .collect(),
             map_uid,
             guid: guid_128(&guid),
         });
     }
     placed.sort_by_key(|p| p.uid);
     Ok(placed)
+}
+
+/// Reads one body and appends it with its metadata (GUID, received date = the body's
+/// mtime, original mailbox); returns its map UID and length.
+pub(crate) fn store_body(
+    appender: &mut Appender,
+    mut body: crate::replica::Body<'_>,
+    guid: &str,
+    mailbox: &str,
+) -> Result<(u32, u64)> {
+    let mut bytes = Vec::with_capacity(body.meta.len as usize);
+    body.data
+        .as_read()
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::Usage(format!("{}: {e}", body.origin)))?;
+    let meta = Metadata {
+        guid: guid.to_string(),
+        received: Some(body.meta.mtime.0.max(0) as u64),
+        orig_mailbox: Some(mailbox.to_string()),
+        ..Metadata::default()
+    };
+    Ok((appender.append(&bytes, &meta)?, bytes.len() as u64))
 }
 
 /// Maildir system flag letters → Dovecot index flag bits.
@@ -236,7 +242,12 @@ pub(crate) fn mdbox_dir(layout: Layout, dir: &str) -> Result<String> {
 }
 
 /// The mailbox index as one log: identity, messages, their map UIDs and GUIDs, keywords.
-fn mailbox_log(mailbox: &MailboxTable, placed: &[Placed], map_validity: u32, now: u32) -> Vec<u8> {
+fn mailbox_log(
+    mailbox: &MailboxTable,
+    placed: &[MailRecord],
+    map_validity: u32,
+    now: u32,
+) -> Vec<u8> {
     let header = mailbox.header.as_ref();
     let validity = header.map_or(now, |h| h.uid_validity).max(1);
     let guid = header
@@ -245,40 +256,10 @@ fn mailbox_log(mailbox: &MailboxTable, placed: &[Placed], map_validity: u32, now
     let mut log = LogWriter::new(now, now);
     log.header_update(24, &validity.to_le_bytes());
     log.commit();
-    let mut hdr = map_validity.to_le_bytes().to_vec();
-    hdr.extend(guid);
-    hdr.extend([0; 4]);
-    log.ext_intro("mdbox-hdr", 24, 0, 0);
-    log.ext_hdr_update(0, &hdr);
+    log.mdbox_hdr(map_validity, guid);
     log.commit();
     if !placed.is_empty() {
-        let records: Vec<(u32, u8)> = placed.iter().map(|p| (p.uid, p.flags)).collect();
-        log.append(&records);
-        log.ext_intro("mdbox", 0, 8, 4);
-        let recs: Vec<(u32, Vec<u8>)> = placed
-            .iter()
-            .map(|p| {
-                let mut d = p.map_uid.to_le_bytes().to_vec();
-                d.extend(now.to_le_bytes());
-                (p.uid, d)
-            })
-            .collect();
-        log.ext_rec_update(&recs);
-        log.ext_intro("guid", 0, 16, 1);
-        let guids: Vec<(u32, Vec<u8>)> = placed.iter().map(|p| (p.uid, p.guid.to_vec())).collect();
-        log.ext_rec_update(&guids);
-        for (letter, name) in mailbox.keywords.names.iter().enumerate() {
-            let Some(name) = name else { continue };
-            let uids: Vec<u32> = placed
-                .iter()
-                .filter(|p| p.keywords & (1 << letter) != 0)
-                .map(|p| p.uid)
-                .collect();
-            if !uids.is_empty() {
-                log.keyword_add(name, &uids);
-            }
-        }
-        log.commit();
+        log.mdbox_appends(placed, now);
     }
     let last = placed.last().map_or(0, |p| p.uid);
     let next_uid = mailbox.next_uid.max(last + 1).max(1);
@@ -287,7 +268,7 @@ fn mailbox_log(mailbox: &MailboxTable, placed: &[Placed], map_validity: u32, now
 }
 
 /// A mailbox GUID for a source that has none: 16 bytes hashed from the name and the clock.
-fn fresh_guid(name: &str) -> [u8; 16] {
+pub(crate) fn fresh_guid(name: &str) -> [u8; 16] {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());

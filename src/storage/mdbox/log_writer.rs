@@ -185,6 +185,67 @@ impl LogWriter {
     }
 }
 
+/// One message for a mailbox index: what Dovecot's mdbox save records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailRecord {
+    /// IMAP UID.
+    pub uid: u32,
+    /// Index flag bits.
+    pub flags: u8,
+    /// Keyword names.
+    pub keywords: Vec<String>,
+    /// The map UID locating the body.
+    pub map_uid: u32,
+    /// The 128-bit message GUID.
+    pub guid: [u8; 16],
+}
+
+impl LogWriter {
+    /// The mailbox identity header (`mdbox-hdr`): the map's UIDVALIDITY and the mailbox GUID.
+    pub fn mdbox_hdr(&mut self, map_validity: u32, guid: [u8; 16]) {
+        let mut hdr = map_validity.to_le_bytes().to_vec();
+        hdr.extend(guid);
+        hdr.extend([0; 4]);
+        self.ext_intro("mdbox-hdr", 24, 0, 0);
+        self.ext_hdr_update(0, &hdr);
+    }
+
+    /// One transaction appending `records` (UIDs ascending) with their `mdbox` (map UID,
+    /// save date), `guid` and keyword records.
+    pub fn mdbox_appends(&mut self, records: &[MailRecord], save_date: u32) {
+        let appends: Vec<(u32, u8)> = records.iter().map(|r| (r.uid, r.flags)).collect();
+        self.append(&appends);
+        self.ext_intro("mdbox", 0, 8, 4);
+        let recs: Vec<(u32, Vec<u8>)> = records
+            .iter()
+            .map(|r| {
+                let mut d = r.map_uid.to_le_bytes().to_vec();
+                d.extend(save_date.to_le_bytes());
+                (r.uid, d)
+            })
+            .collect();
+        self.ext_rec_update(&recs);
+        self.ext_intro("guid", 0, 16, 1);
+        let guids: Vec<(u32, Vec<u8>)> = records.iter().map(|r| (r.uid, r.guid.to_vec())).collect();
+        self.ext_rec_update(&guids);
+        let mut names: Vec<&str> = records
+            .iter()
+            .flat_map(|r| r.keywords.iter().map(String::as_str))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let uids: Vec<u32> = records
+                .iter()
+                .filter(|r| r.keywords.iter().any(|k| k == name))
+                .map(|r| r.uid)
+                .collect();
+            self.keyword_add(name, &uids);
+        }
+        self.commit();
+    }
+}
+
 fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
