@@ -47,6 +47,26 @@ fn received_dates(dovecot: &Dovecot, root: &Path, layout: Layout) -> String {
     lines.join("\n")
 }
 
+/// Changes made through Dovecot: a flag and a keyword set on INBOX 3, `\Seen` cleared on
+/// INBOX 1, Archive 2 expunged, a new mailbox `Later` with one message, a new INBOX message.
+fn change_through_dovecot(dovecot: &Dovecot, root: &Path, layout: Layout) {
+    let da = |args: &[&str]| dovecot.doveadm_in(root, layout, args);
+    da(&[
+        "flags",
+        "add",
+        "\\Seen $label2",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "3",
+    ]);
+    da(&["flags", "remove", "\\Seen", "mailbox", "INBOX", "uid", "1"]);
+    da(&["expunge", "mailbox", "Archive", "uid", "2"]);
+    da(&["mailbox", "create", "Later"]);
+    dovecot.save_in(root, layout, "Later", &message("later-1", "Later 1", 3));
+    dovecot.save_in(root, layout, "INBOX", &message("inbox-new", "Inbox new", 3));
+}
+
 fn scan_json(root: &Path) -> (serde_json::Value, Option<i32>) {
     let out = mdsync()
         .arg("scan")
@@ -156,40 +176,21 @@ fn incremental_backup_follows_changes_made_by_dovecot() {
     let src = copy_fixture(&dovecot, "live", "src");
     let dst = dovecot.maildir("dst");
     backup_ok(&src, &dst, &[]);
-    let da = |args: &[&str]| dovecot.doveadm_in(&src, Layout::Mdbox, args);
-    da(&[
-        "flags",
-        "add",
-        "\\Seen $label2",
-        "mailbox",
-        "INBOX",
-        "uid",
-        "3",
-    ]);
-    da(&[
-        "flags",
-        "remove",
-        "\\Flagged",
-        "mailbox",
-        "INBOX",
-        "uid",
-        "1",
-    ]);
-    da(&["expunge", "mailbox", "Archive", "uid", "2"]);
-    da(&["mailbox", "create", "Later"]);
-    dovecot.save_in(
+    change_through_dovecot(&dovecot, &src, Layout::Mdbox);
+    dovecot.doveadm_in(
         &src,
         Layout::Mdbox,
-        "Later",
-        &message("later-1", "Later 1", 3),
+        &[
+            "flags",
+            "remove",
+            "\\Flagged",
+            "mailbox",
+            "INBOX",
+            "uid",
+            "1",
+        ],
     );
-    dovecot.save_in(
-        &src,
-        Layout::Mdbox,
-        "INBOX",
-        &message("inbox-9", "Inbox 9", 3),
-    );
-    da(&["purge"]);
+    dovecot.doveadm_in(&src, Layout::Mdbox, &["purge"]);
     let run = backup_ok(&src, &dst, &[]);
     assert_eq!(run.count("messages_copied"), 2, "{}", run.describe());
     assert_eq!(run.count("expunged"), 1, "{}", run.describe());
@@ -338,22 +339,8 @@ fn offline_updates_of_an_existing_mdbox_follow_the_source() {
         let name = src.file_name().unwrap().to_str().unwrap();
         let dst = dovecot.path().join(format!("dst-{name}"));
         backup_ok(src, &dst, &["--to-format", "mdbox", "--offline"]);
-        let da = |args: &[&str]| dovecot.doveadm_in(src, layout, args);
-        da(&[
-            "flags",
-            "add",
-            "\\Seen $label2",
-            "mailbox",
-            "INBOX",
-            "uid",
-            "3",
-        ]);
-        da(&["flags", "remove", "\\Seen", "mailbox", "INBOX", "uid", "1"]);
-        da(&["expunge", "mailbox", "Archive", "uid", "2"]);
-        da(&["mailbox", "create", "Later"]);
-        dovecot.save_in(src, layout, "Later", &message("later-1", "Later 1", 3));
-        dovecot.save_in(src, layout, "INBOX", &message("inbox-new", "Inbox new", 3));
-        da(&["mailbox", "delete", "Sent"]);
+        change_through_dovecot(&dovecot, src, layout);
+        dovecot.doveadm_in(src, layout, &["mailbox", "delete", "Sent"]);
         let refused = backup(src, &dst, &[]);
         assert_ne!(refused.code, Some(0), "{}", refused.describe());
         assert!(
