@@ -371,3 +371,28 @@ fn offline_updates_of_an_existing_mdbox_follow_the_source() {
         backup_ok(src, &dst, &["--offline"]).assert_no_work();
     }
 }
+
+/// A message expunged on the mdbox destination alone cannot be appended again under its
+/// old UID (Dovecot would take the index for corrupt): the run is refused, and writes
+/// nothing.
+#[test]
+fn re_adding_a_uid_below_next_uid_is_refused_without_writing() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    let dst = dovecot.path().join("dst");
+    backup_ok(&src, &dst, &["--to-format", "mdbox", "--offline"]);
+    dovecot.doveadm_in(
+        &dst,
+        Layout::Mdbox,
+        &["expunge", "mailbox", "INBOX", "uid", "3"],
+    );
+    let before = snapshot(&dst);
+    let run = backup(&src, &dst, &["--offline"]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(
+        run.stderr.contains("UID 3 lies below"),
+        "{}",
+        run.describe()
+    );
+    assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
+}

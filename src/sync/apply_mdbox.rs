@@ -54,21 +54,31 @@ pub fn apply(
         + 1;
     let mut appender = Appender::new(storage.clone(), owner, now, first_file, map.next_uid);
     let mut report = ApplyReport::default();
-    // 1. Bodies into new m.N files.
+    // 0. Read every mailbox index and check that the plan fits Dovecot's rules.
     let mut staged = Vec::new();
     for mp in plan.mailboxes.iter().filter(|m| !m.is_empty()) {
         let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
         let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
-        let records = stage_copies(mp, index.as_ref(), source, &mut appender, &mut report)?;
-        staged.push((mp, dir, index, records));
+        check_uids(mp, index.as_ref())?;
+        staged.push((mp, dir, index, Vec::new()));
     }
-    appender.finish()?;
-    // 2. Their map records.
+    // 1. Bodies into new m.N files; 2. their map records. Files of a failed step go again.
     let map_log = storage.join("dovecot.map.index.log");
-    if !appender.is_empty() {
-        append_log(&map_log, owner, now, map.uid_validity.max(now), |log| {
-            appender.map_records(log)
-        })?;
+    let stored = (|| {
+        for (mp, _, index, records) in &mut staged {
+            *records = stage_copies(mp, index.as_ref(), source, &mut appender, &mut report)?;
+        }
+        appender.finish()?;
+        if !appender.is_empty() {
+            append_log(&map_log, owner, now, map.uid_validity.max(now), |log| {
+                appender.map_records(log)
+            })?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = stored {
+        appender.discard();
+        return Err(e);
     }
     // 3. The mailbox indexes.
     let mut unref: Vec<(u32, i32)> = Vec::new();
@@ -112,6 +122,27 @@ pub fn apply(
     }
     write_root_files(root, plan, owner)?;
     Ok(report)
+}
+
+/// Refuses copies Dovecot would take for corruption: an append below the mailbox's next
+/// UID (a message expunged on the destination alone, or a changed UIDVALIDITY).
+fn check_uids(mp: &MailboxPlan, index: Option<&MailboxIndex>) -> Result<()> {
+    let Some(index) = index else {
+        return Ok(());
+    };
+    match mp
+        .copies
+        .iter()
+        .find(|c| c.uid != 0 && c.uid < index.next_uid)
+    {
+        Some(c) => Err(Error::Usage(format!(
+            "{}: UID {} lies below the destination's next UID {}: an mdbox index cannot take \
+             it back (was it expunged on the destination, or did UIDVALIDITY change?); \
+             delete the destination mailbox and run again",
+            mp.name, c.uid, index.next_uid
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Reads the bodies of a mailbox plan's copies and appends them to `appender`.

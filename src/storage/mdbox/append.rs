@@ -28,6 +28,8 @@ pub struct Appender {
     entries: Vec<(u32, u32, u32)>,
     last_file_id: u32,
     files: u32,
+    /// Every file this appender created (temporary or numbered), for [`Appender::discard`].
+    created: Vec<PathBuf>,
 }
 
 impl Appender {
@@ -50,6 +52,7 @@ impl Appender {
             entries: Vec::new(),
             last_file_id: first_file_id.saturating_sub(1),
             files: 0,
+            created: Vec::new(),
         }
     }
 
@@ -89,6 +92,7 @@ impl Appender {
             .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
+        self.created.push(path.clone());
         crate::sync::mdbox_new::chown(&path, self.owner)?;
         let header = dbox::file_header(self.now);
         file.write_all(&header).map_err(|e| Error::io(&path, e))?;
@@ -106,6 +110,7 @@ impl Appender {
         let id = self.next_file_id - 1;
         let target = self.dir.join(format!("m.{id}"));
         fs::hard_link(&temp, &target).map_err(|e| Error::io(&target, e))?;
+        self.created.push(target.clone());
         fs::remove_file(&temp).map_err(|e| Error::io(&temp, e))?;
         self.last_file_id = id;
         self.files += 1;
@@ -117,6 +122,14 @@ impl Appender {
         self.close_current()?;
         crate::sync::mdbox_new::fsync_path(&self.dir)?;
         Ok(self.files)
+    }
+
+    /// Removes every file this appender created: the map never named them. Best effort.
+    pub fn discard(&mut self) {
+        self.current = None;
+        for path in self.created.drain(..) {
+            let _ = fs::remove_file(path);
+        }
     }
 
     /// True when nothing was appended.
