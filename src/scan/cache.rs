@@ -66,6 +66,11 @@ pub struct ScanCache {
 }
 
 impl ScanCache {
+    /// The directory of this root's cache.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The cache of `root` under `cache_dir`: `<cache_dir>/<xxh3 of the canonical root>/`.
     pub fn for_root(cache_dir: &Path, root: &Path) -> ScanCache {
         let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());

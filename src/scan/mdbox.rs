@@ -14,13 +14,15 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::{Flags, MailboxGuid, MailboxStamps};
 use crate::progress::{Event, Progress};
+use crate::scan::dbox_cache::{DboxCache, RecordFacts};
 use crate::scan::{ScanOptions, cache, read_optional};
 use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::uidlist::Header;
 use crate::storage::maildir::{SUBSCRIPTIONS, UIDVALIDITY_FILE};
+use crate::storage::mdbox::dbox;
 use crate::storage::mdbox::guid_hex;
-use crate::storage::mdbox::layout::{MailboxDir, list_mailboxes};
+use crate::storage::mdbox::layout::{MailboxDir, list_files, list_mailboxes};
 use crate::storage::mdbox::mailbox::{MailboxIndex, MailboxMessage};
 use crate::storage::mdbox::map::MapIndex;
 use crate::storage::mdbox::store::Store;
@@ -72,10 +74,11 @@ pub fn scan(
             }),
         }
     }
+    let records = record_cache(root, options);
     let mut mailboxes: Vec<MailboxTable> = chosen
         .par_iter()
         .map(|(dir, mb)| {
-            let table = read_or_skip(root, dir, mb, &map, store, options);
+            let table = read_or_skip(root, dir, mb, &map, store, &records, options);
             progress.event(Event::MailboxScanned {
                 messages: table.message_count(),
             });
@@ -83,6 +86,17 @@ pub fn scan(
         })
         .collect();
     mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
+    let live: Vec<u32> = list_files(root)
+        .map_err(|e| Error::io(&root.join("storage"), e))?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    if let Err(e) = records.save(&live) {
+        // A cache that cannot be written only costs speed next time.
+        progress.event(Event::Warning {
+            message: format!("dbox record cache: {e}"),
+        });
+    }
     let parents = match layout {
         Layout::Fs => parent_dirs(&mailboxes),
         Layout::MaildirPlusPlus => Vec::new(),
@@ -102,6 +116,15 @@ pub fn scan(
         scanned_at_ns,
         anomalies,
     })
+}
+
+/// The record cache of `root` (none without a cache directory).
+fn record_cache(root: &Path, options: &ScanOptions) -> DboxCache {
+    let dir = options
+        .cache_dir
+        .as_deref()
+        .map(|d| cache::ScanCache::for_root(d, root).dir().to_path_buf());
+    DboxCache::load(dir.as_deref())
 }
 
 /// Scans the one mailbox whose Maildir directory is `dir` again.
@@ -124,7 +147,7 @@ pub fn rescan_mailbox(root: &Path, layout: Layout, dir: &str, store: &Store) -> 
         .iter()
         .find(|mb| maildir_dir(layout, &mb.dir).as_deref() == Some(dir))
     {
-        Some(mb) => read_mailbox(root, dir, mb, &map, store),
+        Some(mb) => read_mailbox(root, dir, mb, &map, store, &DboxCache::load(None)),
         None => MailboxTable {
             dir: dir.to_string(),
             name: layout.display_name(dir),
@@ -153,6 +176,7 @@ fn read_or_skip(
     mb: &MailboxDir,
     map: &MapIndex,
     store: &Store,
+    records: &DboxCache,
     options: &ScanOptions,
 ) -> MailboxTable {
     let stamps = take_stamps(&mb.index_dir);
@@ -169,7 +193,7 @@ fn read_or_skip(
             ..MailboxTable::default()
         };
     }
-    read_mailbox(root, dir, mb, map, store)
+    read_mailbox(root, dir, mb, map, store, records)
 }
 
 /// Reads one mailbox; problems become `broken` or anomalies, never an error.
@@ -179,6 +203,7 @@ fn read_mailbox(
     mb: &MailboxDir,
     map: &MapIndex,
     store: &Store,
+    records: &DboxCache,
 ) -> MailboxTable {
     let started_ns = cache::now_ns();
     let stamps = take_stamps(&mb.index_dir);
@@ -202,7 +227,7 @@ fn read_mailbox(
             return table;
         }
     };
-    if let Err(why) = fill(&mut table, &index, map, store, root) {
+    if let Err(why) = fill(&mut table, &index, map, store, records, root) {
         table.broken = Some(why);
         return table;
     }
@@ -216,6 +241,7 @@ fn fill(
     index: &MailboxIndex,
     map: &MapIndex,
     store: &Store,
+    records: &DboxCache,
     root: &Path,
 ) -> Result<(), String> {
     table.header = Some(Header {
@@ -242,7 +268,7 @@ fn fill(
     table.msgs.reserve(index.messages.len());
     let mut bases: HashSet<String> = HashSet::with_capacity(index.messages.len());
     for m in &index.messages {
-        push_message(table, m, map, store, root, &mut bases);
+        push_message(table, m, map, (store, records), root, &mut bases);
     }
     Ok(())
 }
@@ -253,7 +279,7 @@ fn push_message(
     table: &mut MailboxTable,
     m: &MailboxMessage,
     map: &MapIndex,
-    store: &Store,
+    (store, records): (&Store, &DboxCache),
     root: &Path,
     bases: &mut HashSet<String>,
 ) {
@@ -263,30 +289,15 @@ fn push_message(
         .get(m.map_uid)
         .ok_or_else(|| format!("map UID {} is not in the map index", m.map_uid))
         .and_then(|entry| {
-            store
-                .message(entry.file_id, entry.offset, entry.size)
-                .map(|(_, msg)| (entry, msg))
-                .map_err(|e| e.to_string())
-        })
-        .and_then(|(entry, msg)| match msg.meta.external_parts {
-            true => Err(format!(
-                "m.{}@{}: attachments stored outside the file (X metadata) are not supported",
-                entry.file_id, entry.offset
-            )),
-            false => Ok((entry, msg)),
+            record_facts(store, records, entry.file_id, entry.offset, entry.size)
+                .map(|facts| (entry, facts))
         });
-    let (guid, size, file_id, offset, bits) = match &located {
-        Ok((entry, msg)) => (
-            msg.meta.guid.clone(),
-            msg.body.len().min(u32::MAX as usize) as u32,
-            entry.file_id,
-            entry.offset,
-            0,
-        ),
+    let (guid, size, file_id, offset, bits) = match located {
+        Ok((entry, facts)) => (facts.guid, facts.body_len, entry.file_id, entry.offset, 0),
         Err(why) => {
             table.anomalies.push(Anomaly {
                 path: format!("{} uid {}", root.join("storage").display(), m.uid),
-                what: why.clone(),
+                what: why,
                 serious: true,
             });
             (guid_hex(&m.guid), 0, 0, 0, status::BROKEN)
@@ -318,6 +329,36 @@ fn push_message(
 
 fn letters(flags: Flags) -> String {
     flags.to_letters()
+}
+
+/// GUID and body size of the record at (`file_id`, `offset`): from the cache, else read
+/// from the mapped file (and cached). A record with attachments stored elsewhere (`X`
+/// metadata) is an error: its bytes are not the whole message.
+fn record_facts(
+    store: &Store,
+    records: &DboxCache,
+    file_id: u32,
+    offset: u32,
+    size: u32,
+) -> Result<RecordFacts, String> {
+    let file = store.file(file_id).map_err(|e| e.to_string())?;
+    let ident = (file.meta.ino(), file.created);
+    if let Some(facts) = records.get(file_id, ident, offset) {
+        return Ok(facts);
+    }
+    let msg = dbox::read_message(&file.path, &file.data, offset as usize, size)
+        .map_err(|e| e.to_string())?;
+    if msg.meta.external_parts {
+        return Err(format!(
+            "m.{file_id}@{offset}: attachments stored outside the file (X metadata) are not supported"
+        ));
+    }
+    let facts = RecordFacts {
+        body_len: msg.body.len().min(u32::MAX as usize) as u32,
+        guid: msg.meta.guid,
+    };
+    records.put(file_id, ident, offset, facts.clone());
+    Ok(facts)
 }
 
 /// True when `name` can be a Maildir base name as it is.

@@ -5,6 +5,7 @@
 //! in a mail tree.
 
 pub mod cache;
+pub mod dbox_cache;
 pub mod mdbox;
 
 use std::collections::HashMap;

@@ -18,6 +18,8 @@ pub struct DboxFile {
     pub path: PathBuf,
     /// Its metadata when mapped.
     pub meta: std::fs::Metadata,
+    /// Creation time from its header line.
+    pub created: u32,
 }
 
 /// The `m.N` files of a root, mapped on first use.
@@ -45,8 +47,13 @@ impl Store {
         let handle = File::open(&path).map_err(io)?;
         let meta = handle.metadata().map_err(io)?;
         let data = mmap::map_dbox_file(&handle).map_err(io)?;
-        dbox::parse_file_header(&path, &data)?;
-        let file = Arc::new(DboxFile { data, path, meta });
+        let created = dbox::parse_file_header(&path, &data)?.created;
+        let file = Arc::new(DboxFile {
+            data,
+            path,
+            meta,
+            created,
+        });
         self.files
             .lock()
             .expect("store lock")
