@@ -396,3 +396,19 @@ fn re_adding_a_uid_below_next_uid_is_refused_without_writing() {
     );
     assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
 }
+
+/// `mdsync serve` refuses an mdbox tree (read as Maildir it would look empty, and a plan
+/// would put Maildir folders into it): the run fails naming the path, nothing is written.
+#[test]
+fn a_served_mdbox_tree_is_refused() {
+    let dovecot = Dovecot::new();
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox");
+    let maildir = dovecot.sample("maildir");
+    let before = snapshot(&mdbox);
+    for (src, dst, side) in [(&maildir, &mdbox, "dst"), (&mdbox, &maildir, "src")] {
+        let run = backup(src, dst, &["--via-pipe", side]);
+        assert_ne!(run.code, Some(0), "{}", run.describe());
+        assert!(run.stderr.contains("an mdbox tree"), "{}", run.describe());
+    }
+    assert_same_snapshot(&before, &snapshot(&mdbox), "a refused run writes nothing");
+}
