@@ -75,10 +75,16 @@ pub fn scan(
         }
     }
     let records = record_cache(root, options);
+    let sources = Sources {
+        root,
+        map: &map,
+        store,
+        records: &records,
+    };
     let mut mailboxes: Vec<MailboxTable> = chosen
         .par_iter()
         .map(|(dir, mb)| {
-            let table = read_or_skip(root, dir, mb, &map, store, &records, options);
+            let table = read_or_skip(&sources, dir, mb, options);
             progress.event(Event::MailboxScanned {
                 messages: table.message_count(),
             });
@@ -147,7 +153,16 @@ pub fn rescan_mailbox(root: &Path, layout: Layout, dir: &str, store: &Store) -> 
         .iter()
         .find(|mb| maildir_dir(layout, &mb.dir).as_deref() == Some(dir))
     {
-        Some(mb) => read_mailbox(root, dir, mb, &map, store, &DboxCache::load(None)),
+        Some(mb) => {
+            let records = DboxCache::load(None);
+            let sources = Sources {
+                root,
+                map: &map,
+                store,
+                records: &records,
+            };
+            read_mailbox(&sources, dir, mb)
+        }
         None => MailboxTable {
             dir: dir.to_string(),
             name: layout.display_name(dir),
@@ -169,16 +184,17 @@ pub fn take_stamps(index_dir: &Path) -> MailboxStamps {
     }
 }
 
+/// What reading a mailbox needs besides its own index: the root, the map, the mapped
+/// `m.N` files and the record cache.
+struct Sources<'a> {
+    root: &'a Path,
+    map: &'a MapIndex,
+    store: &'a Store,
+    records: &'a DboxCache,
+}
+
 /// A placeholder when the pair state says the mailbox is unchanged, else a fresh read.
-fn read_or_skip(
-    root: &Path,
-    dir: &str,
-    mb: &MailboxDir,
-    map: &MapIndex,
-    store: &Store,
-    records: &DboxCache,
-    options: &ScanOptions,
-) -> MailboxTable {
+fn read_or_skip(src: &Sources, dir: &str, mb: &MailboxDir, options: &ScanOptions) -> MailboxTable {
     let stamps = take_stamps(&mb.index_dir);
     if let Some((_, count)) = options
         .unchanged_if
@@ -193,18 +209,11 @@ fn read_or_skip(
             ..MailboxTable::default()
         };
     }
-    read_mailbox(root, dir, mb, map, store, records)
+    read_mailbox(src, dir, mb)
 }
 
 /// Reads one mailbox; problems become `broken` or anomalies, never an error.
-fn read_mailbox(
-    root: &Path,
-    dir: &str,
-    mb: &MailboxDir,
-    map: &MapIndex,
-    store: &Store,
-    records: &DboxCache,
-) -> MailboxTable {
+fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
     let started_ns = cache::now_ns();
     let stamps = take_stamps(&mb.index_dir);
     let mut table = MailboxTable {
@@ -227,7 +236,7 @@ fn read_mailbox(
             return table;
         }
     };
-    if let Err(why) = fill(&mut table, &index, map, store, records, root) {
+    if let Err(why) = fill(&mut table, &index, src) {
         table.broken = Some(why);
         return table;
     }
@@ -236,14 +245,8 @@ fn read_mailbox(
 }
 
 /// Header, keyword letters and one row per message.
-fn fill(
-    table: &mut MailboxTable,
-    index: &MailboxIndex,
-    map: &MapIndex,
-    store: &Store,
-    records: &DboxCache,
-    root: &Path,
-) -> Result<(), String> {
+fn fill(table: &mut MailboxTable, index: &MailboxIndex, src: &Sources) -> Result<(), String> {
+    let map = src.map;
     table.header = Some(Header {
         uid_validity: index.uid_validity,
         next_uid: index.next_uid,
@@ -268,7 +271,7 @@ fn fill(
     table.msgs.reserve(index.messages.len());
     let mut bases: HashSet<String> = HashSet::with_capacity(index.messages.len());
     for m in &index.messages {
-        push_message(table, m, map, (store, records), root, &mut bases);
+        push_message(table, m, src, &mut bases);
     }
     Ok(())
 }
@@ -278,11 +281,15 @@ fn fill(
 fn push_message(
     table: &mut MailboxTable,
     m: &MailboxMessage,
-    map: &MapIndex,
-    (store, records): (&Store, &DboxCache),
-    root: &Path,
+    src: &Sources,
     bases: &mut HashSet<String>,
 ) {
+    let Sources {
+        root,
+        map,
+        store,
+        records,
+    } = *src;
     let mut flags = m.system_flags();
     flags.keywords = m.keywords as u32;
     let located = map
