@@ -46,6 +46,14 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A file does not hold what its format promises (a truncated `m.N`, a torn index).
+    #[error("{path}: {what}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
     /// The run was interrupted by a signal.
     #[error("interrupted")]
     Interrupted,

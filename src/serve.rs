@@ -183,6 +183,14 @@ impl Session<'_> {
         let resolved = resolve_path(path, self.options.root.as_deref())
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
+        if crate::storage::mdbox::layout::is_mdbox(&resolved) {
+            // Read as Maildir it would look empty, and a plan would put Maildir folders
+            // into it: refuse, naming the path.
+            return Err(WireError::protocol(format!(
+                "{location}: an mdbox tree; mdsync serve handles Maildir only (run mdsync on \
+                 the host that has the mdbox tree)"
+            )));
+        }
         let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
         self.baselines = Baselines::new(
             self.options.cache_dir.as_deref().filter(|_| use_cache),

@@ -106,6 +106,19 @@ impl Messages {
 /// Bytes one message costs in [`Messages`], excluding its name in the arena.
 pub const RECORD_BYTES: usize = 4 + 4 + 2 + 2 + 8 + 4 + 4 + 1;
 
+/// Where each message's body lives in an mdbox store (`m.<file_id>` at `offset`), parallel
+/// to [`Messages`]; empty for a Maildir table, whose bodies are the named files.
+#[derive(Debug, Clone, Default)]
+pub struct DboxColumns {
+    /// `N` of the `m.N` file.
+    pub file_id: Vec<u32>,
+    /// Offset of the message record in that file.
+    pub offset: Vec<u32>,
+}
+
+/// Extra bytes one mdbox message costs in [`DboxColumns`].
+pub const DBOX_RECORD_BYTES: usize = 4 + 4;
+
 /// Where a mailbox directory came from on disk: mode and owner, recreated on the mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DirMeta {
@@ -168,6 +181,11 @@ pub struct MailboxTable {
     /// True when the whole-replica scan listed this mailbox from disk: it was neither
     /// skipped as unchanged nor taken from the scan cache (see `scan::save_cache`).
     pub fresh: bool,
+    /// Body locations when the mailbox comes from an mdbox store.
+    pub dbox: DboxColumns,
+    /// True when the store has no `new/` and `cur/` (mdbox): every row is in `cur/`, and a
+    /// source message in `new/` matches it without a move.
+    pub flat: bool,
 }
 
 impl MailboxTable {
@@ -335,6 +353,12 @@ impl MailboxTable {
             extras: pick(&order, &m.extras),
             status: pick(&order, &m.status),
         };
+        if !self.dbox.file_id.is_empty() {
+            self.dbox = DboxColumns {
+                file_id: pick(&order, &self.dbox.file_id),
+                offset: pick(&order, &self.dbox.offset),
+            };
+        }
     }
 
     /// Index of the message with this UID.
@@ -381,6 +405,7 @@ impl MailboxTable {
             + m.size.capacity() * 4
             + m.extras.capacity() * 4
             + m.status.capacity()
+            + (self.dbox.file_id.capacity() + self.dbox.offset.capacity()) * 4
             + self.arena.capacity()
             + self.extras.capacity() * std::mem::size_of::<Extras>()
     }
@@ -454,6 +479,22 @@ mod tests {
         // uid + name offset + name len + base len + flags + size + extras id + status
         assert_eq!(RECORD_BYTES, 29);
         assert_eq!(std::mem::size_of::<Flags>(), 8);
+        // An mdbox message adds its body location: file id + offset.
+        assert_eq!(DBOX_RECORD_BYTES, 8);
+    }
+
+    #[test]
+    fn dbox_columns_follow_the_sort_and_count_in_heap_bytes() {
+        let mut mb = MailboxTable::default();
+        mb.push(9, "b", 1, Flags::default(), 1, None, 0);
+        mb.push(2, "a", 1, Flags::default(), 1, None, 0);
+        let before = mb.heap_bytes();
+        mb.dbox.file_id = vec![7, 3];
+        mb.dbox.offset = vec![700, 300];
+        assert!(mb.heap_bytes() >= before + 2 * DBOX_RECORD_BYTES);
+        mb.sort_by_uid();
+        assert_eq!(mb.dbox.file_id, vec![3, 7]);
+        assert_eq!(mb.dbox.offset, vec![300, 700]);
     }
 
     #[test]

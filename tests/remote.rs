@@ -7,14 +7,13 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::sshd::Sshd;
+use support::sshd::{Sshd, remote_wrapper};
 use support::tree::{Run, inode_of, mail_files, run_mdsync};
-use support::{Dovecot, cache_home, message};
+use support::{Dovecot, message};
 
 /// How the far side is reached.
 #[derive(Clone, Copy, Debug)]
@@ -30,20 +29,6 @@ enum Direction {
     Push,
     /// The source is remote.
     Pull,
-}
-
-/// A script that runs this build's mdsync with the test's cache home: sshd starts
-/// commands with a bare environment, so the far side would otherwise cache in /root.
-fn remote_wrapper(dir: &Path) -> PathBuf {
-    let path = dir.join("mdsync-remote");
-    let text = format!(
-        "#!/bin/sh\nexport XDG_CACHE_HOME='{home}/remote' HOME='{home}/remote'\nexec '{bin}' \"$@\"\n",
-        home = cache_home().display(),
-        bin = env!("CARGO_BIN_EXE_mdsync"),
-    );
-    fs::write(&path, text).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 /// The arguments of one backup run from `src` to `dst` over `via`.

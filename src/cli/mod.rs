@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use mdsync::replica::Replica;
 use mdsync::replica::local::{LocalReplica, check_overlap};
+use mdsync::replica::mdbox::MdboxReplica;
 use mdsync::replica::remote::{RemoteOptions, RemoteReplica};
 use mdsync::scan::ScanOptions;
 use mdsync::storage::maildir::layout::Layout;
 use mdsync::storage::maildir::writer::{FsyncPolicy, Ownership};
+use mdsync::storage::mdbox::layout as mdbox_layout;
 use mdsync::sync::apply::ApplyOptions;
 use mdsync::sync::backup::{self, BackupOptions, BackupOutcome, Completion, DeleteLimit};
 use mdsync::sync::diff::DiffOptions;
@@ -135,8 +137,21 @@ struct MirrorArgs {
     /// Where scan caches live (default: $XDG_CACHE_HOME/mdsync or ~/.cache/mdsync).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Format of a new destination: maildir (default), or mdbox (DST must be absent or
+    /// empty; needs --offline).
+    #[arg(long, value_enum, default_value_t = FormatArg::Maildir)]
+    to_format: FormatArg,
+    /// Assert that no Dovecot uses DST for the run (required to write mdbox).
+    #[arg(long)]
+    offline: bool,
     #[command(flatten)]
     remote: RemoteArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    Maildir,
+    Mdbox,
 }
 
 /// How to reach a remote side.
@@ -273,6 +288,19 @@ fn open_replica(
             let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options);
             Ok((Box::new(replica), Some(path)))
         }
+        Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
+            if side == "dst" && !a.offline {
+                bail!(
+                    "{}: writing into an mdbox tree needs --offline: mdsync takes none of \
+                     Dovecot's index locks, so no Dovecot may use it during the run",
+                    path.display()
+                );
+            }
+            if side == "dst" {
+                return Ok((Box::new(MdboxReplica::offline(&path)), Some(path)));
+            }
+            Ok((Box::new(MdboxReplica::new(&path)), Some(path)))
+        }
         Location::Local(path) => Ok((Box::new(LocalReplica::new(&path)), Some(path))),
         Location::Remote(spec) => {
             let options = ConnectOptions {
@@ -322,6 +350,11 @@ fn parse_rate(text: &str) -> anyhow::Result<u64> {
 }
 
 fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    let dst_is_mdbox =
+        matches!(parse_location(&a.dst), Ok(Location::Local(ref p)) if mdbox_layout::is_mdbox(p));
+    if a.o.mirror.to_format == FormatArg::Mdbox && !dst_is_mdbox {
+        return run_to_mdbox(a);
+    }
     let options = backup_options(&a.o.mirror, a.o.dry_run)?;
     let outcome = run_pair(&a.src, &a.dst, &a.o, |src, dst, progress| {
         backup::backup(src, dst, &options, progress)
@@ -394,6 +427,65 @@ fn check_paths(src: Option<&Path>, dst: Option<&Path>) -> anyhow::Result<()> {
         bail!("{}: source is not a directory", src_path.display());
     }
     Ok(())
+}
+
+/// `backup --to-format mdbox`: the source scanned as for a Maildir destination, then
+/// written as a whole new mdbox tree.
+fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
+    if !a.o.mirror.offline {
+        bail!(
+            "--to-format mdbox needs --offline: mdsync does not take Dovecot's index locks, \
+             so no Dovecot may use {} during the run",
+            a.dst
+        );
+    }
+    if a.o.dry_run {
+        bail!("--dry-run is not supported with --to-format mdbox");
+    }
+    let Ok(Location::Local(dst)) = parse_location(&a.dst) else {
+        bail!(
+            "{}: --to-format mdbox writes only to a local destination",
+            a.dst
+        );
+    };
+    let (src, src_path) = open_replica(&a.src, "src", &a.o.mirror, a.o.verbose)?;
+    if let Some(src_path) = &src_path {
+        check_overlap(src_path, &dst)?;
+    }
+    let options = backup_options(&a.o.mirror, a.o.dry_run)?;
+    let layout = match options.scan.layout {
+        Some(layout) => layout,
+        None => src.detect_layout()?.unwrap_or(Layout::MaildirPlusPlus),
+    };
+    let scan = ScanOptions {
+        layout: Some(layout),
+        ..options.scan.clone()
+    };
+    let progress = output::Renderer::new(false, a.o.json, !a.o.no_progress);
+    let table = src.scan(&scan, &progress)?;
+    let report = mdsync::sync::mdbox_new::write_new_tree(&dst, &table, src.as_ref(), &progress);
+    progress.finish();
+    let report = report?;
+    src.close()?;
+    if a.o.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "format": "mdbox",
+                "mailboxes_created": report.mailboxes,
+                "messages_copied": report.messages,
+                "bytes_copied": report.bytes,
+                "files": report.files,
+                "seconds": report.seconds,
+            })
+        );
+    } else {
+        println!(
+            "mdsync: {} messages ({} bytes) in {} mailboxes written as mdbox ({} m.N files) in {:.2} s",
+            report.messages, report.bytes, report.mailboxes, report.files, report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn backup_options(a: &MirrorArgs, dry_run: bool) -> anyhow::Result<BackupOptions> {

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use mdsync::progress::NoProgress;
 use mdsync::scan::{self, ScanOptions};
 use mdsync::storage::maildir::layout::Layout;
+use mdsync::storage::mdbox::health::{self, Health};
+use mdsync::storage::mdbox::layout as mdbox_layout;
+use mdsync::storage::mdbox::store::Store;
 use mdsync::table::{MailTable, MailboxTable};
 
 /// Runs `mdsync scan`.
@@ -17,13 +20,34 @@ pub fn run(path: &Path, layout: Option<Layout>, json: bool) -> anyhow::Result<Ex
         layout,
         ..ScanOptions::default()
     };
-    let table = scan::scan(path, &options, &NoProgress)?;
-    if json {
-        println!("{}", to_json(path, &table));
+    let mdbox = mdbox_layout::is_mdbox(path);
+    let (table, health) = if mdbox {
+        let store = Store::new(path);
+        let table = scan::mdbox::scan(path, &options, &NoProgress, &store)?;
+        (table, Some(health::check(path)?))
     } else {
-        print_text(path, &table);
+        (scan::scan(path, &options, &NoProgress)?, None)
+    };
+    if json {
+        let mut value = to_json(path, &table);
+        value["format"] = if mdbox { "mdbox" } else { "maildir" }.into();
+        if let Some(h) = &health {
+            value["health"] = serde_json::to_value(h)?;
+        }
+        println!("{value}");
+    } else {
+        let kind = if mdbox {
+            "mdbox".to_string()
+        } else {
+            format!("{} layout", table.layout.as_str())
+        };
+        print_text(path, &table, &kind);
+        if let Some(h) = &health {
+            print_health(h);
+        }
     }
-    let troubled = table.mailboxes.iter().any(|m| m.broken.is_some());
+    let troubled = table.mailboxes.iter().any(|m| m.broken.is_some())
+        || health.as_ref().is_some_and(|h| !h.is_clean());
     Ok(if troubled {
         ExitCode::FAILURE
     } else {
@@ -69,8 +93,8 @@ fn to_json(path: &Path, table: &MailTable) -> serde_json::Value {
     })
 }
 
-fn print_text(path: &Path, table: &MailTable) {
-    println!("{} ({} layout)", path.display(), table.layout.as_str());
+fn print_text(path: &Path, table: &MailTable, kind: &str) {
+    println!("{} ({kind})", path.display());
     println!(
         "{:<32} {:>8} {:>12} {:>12} {:>10}  guid",
         "mailbox", "messages", "bytes", "uidvalidity", "uidnext"
@@ -108,4 +132,29 @@ fn print_text(path: &Path, table: &MailTable) {
         table.message_count(),
         bytes
     );
+}
+
+fn print_health(h: &Health) {
+    println!(
+        "storage: {} m.N files, {} bytes; {} messages stored, {} bytes referenced, \
+         {} bytes wasted (doveadm purge reclaims them), {} with refcount 0",
+        h.files, h.file_bytes, h.map_entries, h.referenced_bytes, h.wasted_bytes, h.refcount_zero
+    );
+    let problems = [
+        ("map entry past a file's end", &h.past_end),
+        ("unreadable file", &h.unreadable),
+        ("refcount mismatch", &h.refcount_mismatch),
+        ("mailbox record without map entry", &h.dangling),
+    ];
+    for (what, items) in problems {
+        for item in items {
+            println!("  {what}: {item}");
+        }
+    }
+    for (at, guid) in &h.unreferenced {
+        println!("  record no index references: {at} guid {guid}");
+    }
+    if h.is_clean() {
+        println!("storage: healthy");
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod baseline;
 pub mod local;
+pub mod mdbox;
 pub mod remote;
 
 use std::collections::HashMap;

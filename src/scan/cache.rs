@@ -25,7 +25,8 @@ const MAGIC: &[u8; 8] = b"MDSYNCC\x02";
 /// Magic, four stamps of four u64 fields, checksum.
 const HEAD_LEN: usize = MAGIC.len() + 4 * 4 * 8 + 8;
 
-fn stamp_of(path: &Path) -> Stamp {
+/// Stat stamp of one path (all zero when it is missing).
+pub fn stamp_of(path: &Path) -> Stamp {
     match fs::symlink_metadata(path) {
         Ok(m) => Stamp {
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
@@ -88,6 +89,11 @@ pub struct ScanCache {
 }
 
 impl ScanCache {
+    /// The directory of this root's cache.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The cache of `root` under `cache_dir`: `<cache_dir>/<xxh3 of the canonical root>/`.
     pub fn for_root(cache_dir: &Path, root: &Path) -> ScanCache {
         let canonical = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());

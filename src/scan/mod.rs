@@ -5,6 +5,8 @@
 //! in a mail tree.
 
 pub mod cache;
+pub mod dbox_cache;
+pub mod mdbox;
 
 use std::collections::HashMap;
 use std::fs;

@@ -361,14 +361,18 @@ impl<'a> MailboxDiff<'a> {
 
     /// The name a source message should have on the destination, given the base it has
     /// there. Verbatim when nothing needs translating, so odd names survive.
-    fn target_name(&self, i: usize, base: &str) -> String {
+    fn target_name(&self, i: usize, base: &str, in_new: bool) -> String {
         let s = self.s;
         let flags = s.msgs.flags[i];
         let translated = self.translate(flags);
-        if base == s.base(i) && translated == flags && !s.has(i, status::STALE_NAME) {
+        if base == s.base(i)
+            && translated == flags
+            && !s.has(i, status::STALE_NAME)
+            && in_new == (s.subdir(i) == Subdir::New)
+        {
             return s.name(i).to_string();
         }
-        let mut name = filename::compose(base, translated, s.subdir(i) == Subdir::New);
+        let mut name = filename::compose(base, translated, in_new);
         if s.has(i, status::ODD_NAME) {
             // Keep an opaque tail after the flag letters (`:2,Sa,tail`) as it was.
             name.push_str(filename::info_tail(s.name(i)));
@@ -487,7 +491,9 @@ impl<'a> MailboxDiff<'a> {
         removes: &mut Vec<u32>,
     ) {
         let (s, d) = (self.s, self.d.expect("matched implies destination"));
-        let to_sub = s.subdir(i);
+        // A flat destination (mdbox) has no `new/`: where the source keeps a message is
+        // not a difference there.
+        let to_sub = if d.flat { d.subdir(j) } else { s.subdir(i) };
         // The common case — same name, same folder, keyword letters that mean the same —
         // is settled without building a name.
         let unchanged = to_sub == d.subdir(j)
@@ -497,7 +503,7 @@ impl<'a> MailboxDiff<'a> {
         let to_name = if unchanged {
             None
         } else {
-            Some(self.target_name(i, d.base(j)))
+            Some(self.target_name(i, d.base(j), to_sub == Subdir::New))
         };
         if let Some(to_name) = to_name.filter(|n| n != d.name(j) || to_sub != d.subdir(j)) {
             self.plan.renames.push(RenameOp {
@@ -545,7 +551,7 @@ impl<'a> MailboxDiff<'a> {
         } else {
             s.base(i).to_string()
         };
-        let dst_name = self.target_name(i, &base);
+        let dst_name = self.target_name(i, &base, s.subdir(i) == Subdir::New);
         if s.msgs.uid[i] != 0 {
             upserts.push(self.record_for(i, &base));
         }

@@ -3,9 +3,11 @@
 //! `base`, one plan per side). Watch is a further plan over the same tables.
 
 pub mod apply;
+pub mod apply_mdbox;
 pub mod backup;
 pub mod base;
 pub mod diff;
+pub mod mdbox_new;
 pub mod merge;
 pub mod plan;
 pub mod predict;

@@ -32,6 +32,8 @@ pub enum Layout {
     MaildirPlusPlus,
     /// `LAYOUT=fs` (`Archive/2023/` under the root).
     Fs,
+    /// Not a Maildir: an mdbox root (`storage/`, `mailboxes/`).
+    Mdbox,
 }
 
 impl Layout {
@@ -40,6 +42,7 @@ impl Layout {
         match self {
             Layout::MaildirPlusPlus => format!("maildir:{}", root.display()),
             Layout::Fs => format!("maildir:{}:LAYOUT=fs", root.display()),
+            Layout::Mdbox => format!("mdbox:{}", root.display()),
         }
     }
 }

@@ -576,3 +576,17 @@ fn stat_of(pid: u32) -> Option<(u32, u64)> {
     }
     Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }
+
+/// A script that runs this build's mdsync with the test's cache home: sshd starts
+/// commands with a bare environment, so the far side would otherwise cache in /root.
+pub fn remote_wrapper(dir: &Path) -> PathBuf {
+    let path = dir.join("mdsync-remote");
+    let text = format!(
+        "#!/bin/sh\nexport XDG_CACHE_HOME='{home}/remote' HOME='{home}/remote'\nexec '{bin}' \"$@\"\n",
+        home = super::cache_home().display(),
+        bin = env!("CARGO_BIN_EXE_mdsync"),
+    );
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}

@@ -75,6 +75,29 @@ fn flag_change_is_a_rename_only() {
 }
 
 #[test]
+fn a_flat_destination_takes_new_mail_without_a_move() {
+    // mdbox has no new/: the destination lists every message in cur/ with a `:2,` name.
+    let src = table(vec![mailbox(
+        "",
+        7,
+        3,
+        &[(1, "a", "", true), (2, "b", "S", true)],
+    )]);
+    let mut flat = mailbox("", 7, 3, &[(1, "a", "", false), (2, "b", "", false)]);
+    flat.flat = true;
+    let plan = plan_of(&src, &table(vec![flat.clone()]));
+    let m = &plan.mailboxes[0];
+    assert_eq!(m.renames.len(), 1, "{plan:?}");
+    assert_eq!(
+        (m.renames[0].uid, m.renames[0].to_name.as_str()),
+        (2, "b:2,S")
+    );
+    assert_eq!(m.renames[0].to_sub, Subdir::Cur);
+    flat.flat = false;
+    assert_eq!(plan_of(&src, &table(vec![flat])).counts().moves, 1);
+}
+
+#[test]
 fn new_to_cur_is_a_move() {
     let src = table(vec![mailbox("", 7, 2, &[(1, "a", "", false)])]);
     let dst = table(vec![mailbox("", 7, 2, &[(1, "a", "", true)])]);

@@ -1,0 +1,414 @@
+//! End-to-end runs on mdbox trees that Dovecot wrote (testdata/mdbox): `mdsync scan` with
+//! its storage health report, and mdbox → Maildir backups checked with Dovecot's own view
+//! of both trees (the oracle), before and after `doveadm force-resync`, incremental runs
+//! after changes made through doveadm, and the refusal to write into an mdbox tree.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::sshd::{Sshd, remote_wrapper};
+use support::tree::{
+    assert_same_lines, assert_same_snapshot, backup, backup_ok, run_mdsync, snapshot,
+};
+use support::{Dovecot, Layout, chown_tree, mdsync, message, vmail_ids};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/mdbox")
+        .join(name)
+}
+
+/// A copy of fixture `name` at `dest` inside the Dovecot temp dir, owned by vmail.
+fn copy_fixture(dovecot: &Dovecot, name: &str, dest: &str) -> PathBuf {
+    let to = dovecot.path().join(dest);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(fixture(name))
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a {name}");
+    let (uid, gid) = vmail_ids();
+    chown_tree(&to, uid, gid);
+    to
+}
+
+/// `uid date.received` of every message, per mailbox, as doveadm reports them.
+fn received_dates(dovecot: &Dovecot, root: &Path, layout: Layout) -> String {
+    let out = dovecot.doveadm_in(
+        root,
+        layout,
+        &["-f", "tab", "fetch", "mailbox uid date.received", "all"],
+    );
+    let mut lines: Vec<&str> = out.lines().skip(1).collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Changes made through Dovecot: a flag and a keyword set on INBOX 3, `\Seen` cleared on
+/// INBOX 1, Archive 2 expunged, a new mailbox `Later` with one message, a new INBOX message.
+fn change_through_dovecot(dovecot: &Dovecot, root: &Path, layout: Layout) {
+    let da = |args: &[&str]| dovecot.doveadm_in(root, layout, args);
+    da(&[
+        "flags",
+        "add",
+        "\\Seen $label2",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "3",
+    ]);
+    da(&["flags", "remove", "\\Seen", "mailbox", "INBOX", "uid", "1"]);
+    da(&["expunge", "mailbox", "Archive", "uid", "2"]);
+    da(&["mailbox", "create", "Later"]);
+    dovecot.save_in(root, layout, "Later", &message("later-1", "Later 1", 3));
+    dovecot.save_in(root, layout, "INBOX", &message("inbox-new", "Inbox new", 3));
+}
+
+fn scan_json(root: &Path) -> (serde_json::Value, Option<i32>) {
+    let out = mdsync()
+        .arg("scan")
+        .arg("--json")
+        .arg(root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "scan --json: {e}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (json, out.status.code())
+}
+
+#[test]
+fn scan_reports_messages_and_storage_health() {
+    let (live, code) = scan_json(&fixture("live"));
+    assert_eq!(code, Some(0), "{live}");
+    assert_eq!(live["format"], "mdbox");
+    assert_eq!(live["messages"], 10);
+    let health = &live["health"];
+    assert_eq!(health["refcount_zero"], 2, "{health}");
+    assert_eq!(health["map_entries"], 11, "{health}");
+    assert!(health["wasted_bytes"].as_u64().unwrap() > 0, "{health}");
+    let (purged, code) = scan_json(&fixture("purged"));
+    assert_eq!(code, Some(0));
+    assert_eq!(purged["messages"], 10);
+    assert_eq!(purged["health"]["refcount_zero"], 0);
+    assert_eq!(
+        purged["health"]["referenced_bytes"],
+        health["referenced_bytes"]
+    );
+}
+
+#[test]
+fn scan_of_a_damaged_tree_fails_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("live");
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(fixture("live"))
+            .arg(&root)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let log = root.join("storage/dovecot.map.index.log");
+    let mut data = std::fs::read(&log).unwrap();
+    data.extend([0x12, 0x34, 0x56, 0x78, 1, 2, 3, 4, 5, 6, 7, 8]);
+    std::fs::write(&log, &data).unwrap();
+    let before = snapshot(&root);
+    let out = mdsync().arg("scan").arg(&root).output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("dovecot.map.index.log"), "{stderr}");
+    assert_same_snapshot(&before, &snapshot(&root), "a failed scan writes nothing");
+}
+
+/// mdbox → Maildir for every fixture: Dovecot sees the same mailboxes, UIDs, UIDVALIDITYs,
+/// GUIDs, flags, keywords and received dates on both sides; a force-resync of the copy
+/// changes nothing; a second run has nothing to do.
+#[test]
+fn mdbox_to_maildir_backup_is_what_dovecot_sees() {
+    for (tree, layout, args) in [
+        ("live", Layout::MaildirPlusPlus, &[][..]),
+        ("purged", Layout::MaildirPlusPlus, &[][..]),
+        ("resynced", Layout::Fs, &["--layout", "fs"][..]),
+    ] {
+        let dovecot = Dovecot::new();
+        let src = copy_fixture(&dovecot, tree, "src");
+        let dst = dovecot.maildir("dst");
+        let mut options = vec!["--no-cache"];
+        options.extend_from_slice(args);
+        let run = backup_ok(&src, &dst, &options);
+        let fetched = std::fs::read_to_string(fixture(&format!("{tree}.fetch"))).unwrap();
+        let messages = fetched.lines().count() as u64;
+        let copied = run.count("messages_copied");
+        assert_eq!(copied, messages, "{tree}: {}", run.describe());
+        let want = dovecot.oracle_in(&src, Layout::Mdbox);
+        let got = dovecot.oracle_in(&dst, layout);
+        assert_same_lines(
+            &got,
+            &want,
+            &format!("{tree}: Maildir copy vs mdbox source"),
+        );
+        assert_eq!(
+            received_dates(&dovecot, &dst, layout),
+            received_dates(&dovecot, &src, Layout::Mdbox),
+            "{tree}: received dates"
+        );
+        dovecot.doveadm_in(&dst, layout, &["force-resync", "*"]);
+        let resynced = dovecot.oracle_in(&dst, layout);
+        assert_same_lines(&resynced, &want, &format!("{tree}: after force-resync"));
+        backup_ok(&src, &dst, &options).assert_no_work();
+    }
+}
+
+/// Changes made through Dovecot on the mdbox source (flags, keywords, expunge, a new
+/// message, a new folder) reach the Maildir copy on the next run.
+#[test]
+fn incremental_backup_follows_changes_made_by_dovecot() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    let dst = dovecot.maildir("dst");
+    backup_ok(&src, &dst, &[]);
+    change_through_dovecot(&dovecot, &src, Layout::Mdbox);
+    dovecot.doveadm_in(
+        &src,
+        Layout::Mdbox,
+        &[
+            "flags",
+            "remove",
+            "\\Flagged",
+            "mailbox",
+            "INBOX",
+            "uid",
+            "1",
+        ],
+    );
+    dovecot.doveadm_in(&src, Layout::Mdbox, &["purge"]);
+    let run = backup_ok(&src, &dst, &[]);
+    assert_eq!(run.count("messages_copied"), 2, "{}", run.describe());
+    assert_eq!(run.count("expunged"), 1, "{}", run.describe());
+    assert_same_lines(
+        &dovecot.oracle_in(&dst, Layout::MaildirPlusPlus),
+        &dovecot.oracle_in(&src, Layout::Mdbox),
+        "after changes made through doveadm",
+    );
+    backup_ok(&src, &dst, &[]).assert_no_work();
+}
+
+#[test]
+fn writing_into_an_mdbox_tree_is_refused() {
+    let dovecot = Dovecot::new();
+    let dst = copy_fixture(&dovecot, "live", "dst");
+    let src = dovecot.sample("src");
+    let before = snapshot(&dst);
+    let run = backup(&src, &dst, &["--no-cache"]);
+    assert_ne!(run.code, Some(0), "{}", run.describe());
+    assert!(run.stderr.contains("mdbox"), "{}", run.describe());
+    assert!(
+        run.stderr.contains(&dst.display().to_string()),
+        "{}",
+        run.describe()
+    );
+    assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
+}
+
+/// mdbox → Maildir over ssh: the table goes over the wire, bodies are streamed from the
+/// mapped m.N files; the remote copy is what Dovecot sees in the source.
+#[test]
+fn mdbox_to_a_remote_maildir_over_ssh() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    let dst = dovecot.maildir("dst");
+    let sshd = Sshd::start();
+    let wrapper = remote_wrapper(sshd.dir());
+    let target = format!("{}:{}", sshd.host(), dst.display());
+    let args = [
+        "backup",
+        "--json",
+        "--no-progress",
+        "-e",
+        &sshd.rsh(),
+        "--remote-mdsync",
+        wrapper.to_str().unwrap(),
+        src.to_str().unwrap(),
+        &target,
+    ];
+    let run = run_mdsync(&args);
+    run.assert_ok();
+    assert_eq!(run.count("messages_copied"), 10, "{}", run.describe());
+    assert_same_lines(
+        &dovecot.oracle_in(&dst, Layout::MaildirPlusPlus),
+        &dovecot.oracle_in(&src, Layout::Mdbox),
+        "remote Maildir copy vs mdbox source",
+    );
+    run_mdsync(&args).assert_no_work();
+}
+
+/// `--to-format mdbox --offline` into a new destination, from Maildir and from mdbox:
+/// Dovecot sees the same mailboxes, UIDs, UIDVALIDITYs, GUIDs, flags, keywords and
+/// received dates in the new mdbox tree; `doveadm force-resync` changes nothing; the
+/// storage health of the new tree is clean.
+#[test]
+fn migration_into_a_new_mdbox_is_what_dovecot_sees() {
+    let dovecot = Dovecot::new();
+    let maildir = dovecot.sample("maildir-src");
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox-src");
+    for (src, layout) in [(&maildir, Layout::MaildirPlusPlus), (&mdbox, Layout::Mdbox)] {
+        let dst = dovecot.path().join(format!(
+            "new-{}",
+            src.file_name().unwrap().to_str().unwrap()
+        ));
+        let run = backup_ok(
+            src,
+            &dst,
+            &["--no-cache", "--to-format", "mdbox", "--offline"],
+        );
+        assert!(run.count("messages_copied") > 0, "{}", run.describe());
+        let want = dovecot.oracle_in(src, layout);
+        assert_same_lines(
+            &dovecot.oracle_in(&dst, Layout::Mdbox),
+            &want,
+            "new mdbox vs source",
+        );
+        assert_eq!(
+            received_dates(&dovecot, &dst, Layout::Mdbox),
+            received_dates(&dovecot, src, layout),
+            "received dates"
+        );
+        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
+        assert_same_lines(
+            &dovecot.oracle_in(&dst, Layout::Mdbox),
+            &want,
+            "after force-resync",
+        );
+        let (scan, code) = scan_json(&dst);
+        assert_eq!(code, Some(0), "{scan}");
+        assert_eq!(
+            scan["health"]["refcount_mismatch"],
+            serde_json::json!([]),
+            "{scan}"
+        );
+    }
+}
+
+#[test]
+fn mdbox_writes_need_offline_and_an_empty_destination() {
+    let dovecot = Dovecot::new();
+    let src = dovecot.sample("src");
+    let dst = dovecot.path().join("dst");
+    let run = backup(&src, &dst, &["--to-format", "mdbox"]);
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("--offline"), "{}", run.describe());
+    assert!(!dst.exists(), "nothing written without --offline");
+    let existing = dovecot.sample("existing");
+    let before = snapshot(&existing);
+    let run = backup(&src, &existing, &["--to-format", "mdbox", "--offline"]);
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("not empty"), "{}", run.describe());
+    assert_same_snapshot(
+        &before,
+        &snapshot(&existing),
+        "a refused run writes nothing",
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dovecot.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("mdsync-new"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp trees left: {leftovers:?}");
+}
+
+/// An existing mdbox destination, updated with `--offline` after changes made through
+/// Dovecot on the source (mdbox or Maildir): flags and keywords set and cleared, an
+/// expunge, new mail, a new and a deleted mailbox. Dovecot then sees the source's state in
+/// the destination, also after `doveadm force-resync`; refcounts agree with the mailboxes;
+/// a further run has nothing to do.
+#[test]
+fn offline_updates_of_an_existing_mdbox_follow_the_source() {
+    let dovecot = Dovecot::new();
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox-src");
+    let maildir = dovecot.sample("maildir-src");
+    for (src, layout) in [(&mdbox, Layout::Mdbox), (&maildir, Layout::MaildirPlusPlus)] {
+        let name = src.file_name().unwrap().to_str().unwrap();
+        let dst = dovecot.path().join(format!("dst-{name}"));
+        backup_ok(src, &dst, &["--to-format", "mdbox", "--offline"]);
+        change_through_dovecot(&dovecot, src, layout);
+        dovecot.doveadm_in(src, layout, &["mailbox", "delete", "Sent"]);
+        let refused = backup(src, &dst, &[]);
+        assert_ne!(refused.code, Some(0), "{}", refused.describe());
+        assert!(
+            refused.stderr.contains("--offline"),
+            "{}",
+            refused.describe()
+        );
+        let run = backup_ok(src, &dst, &["--offline"]);
+        assert_eq!(
+            run.count("messages_copied"),
+            2,
+            "{name}: {}",
+            run.describe()
+        );
+        assert_eq!(
+            run.count("mailboxes_deleted"),
+            1,
+            "{name}: {}",
+            run.describe()
+        );
+        let want = dovecot.oracle_in(src, layout);
+        assert_same_lines(&dovecot.oracle_in(&dst, Layout::Mdbox), &want, name);
+        let (scan, code) = scan_json(&dst);
+        assert_eq!(code, Some(0), "{name}: {scan}");
+        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
+        let after = dovecot.oracle_in(&dst, Layout::Mdbox);
+        assert_same_lines(&after, &want, &format!("{name}: after force-resync"));
+        backup_ok(src, &dst, &["--offline"]).assert_no_work();
+    }
+}
+
+/// A message expunged on the mdbox destination alone cannot be appended again under its
+/// old UID (Dovecot would take the index for corrupt): the run is refused, and writes
+/// nothing.
+#[test]
+fn re_adding_a_uid_below_next_uid_is_refused_without_writing() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    let dst = dovecot.path().join("dst");
+    backup_ok(&src, &dst, &["--to-format", "mdbox", "--offline"]);
+    dovecot.doveadm_in(
+        &dst,
+        Layout::Mdbox,
+        &["expunge", "mailbox", "INBOX", "uid", "3"],
+    );
+    let before = snapshot(&dst);
+    let run = backup(&src, &dst, &["--offline"]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(
+        run.stderr.contains("UID 3 lies below"),
+        "{}",
+        run.describe()
+    );
+    assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
+}
+
+/// `mdsync serve` refuses an mdbox tree (read as Maildir it would look empty, and a plan
+/// would put Maildir folders into it): the run fails naming the path, nothing is written.
+#[test]
+fn a_served_mdbox_tree_is_refused() {
+    let dovecot = Dovecot::new();
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox");
+    let maildir = dovecot.sample("maildir");
+    let before = snapshot(&mdbox);
+    for (src, dst, side) in [(&maildir, &mdbox, "dst"), (&mdbox, &maildir, "src")] {
+        let run = backup(src, dst, &["--via-pipe", side]);
+        assert_ne!(run.code, Some(0), "{}", run.describe());
+        assert!(run.stderr.contains("an mdbox tree"), "{}", run.describe());
+    }
+    assert_same_snapshot(&before, &snapshot(&mdbox), "a refused run writes nothing");
+}
