@@ -75,6 +75,12 @@ pub struct Merged {
     /// The base to keep once both plans are applied completely (without stamps for the
     /// mailboxes the merge read; the caller adds those it can trust).
     pub next: BaseState,
+    /// Directories of base mailboxes the merge did not trust (a side behind the base, a
+    /// mailbox recreated): merged as a union. Their entries must leave the stored base
+    /// before either plan is applied, because a run killed halfway can leave both sides
+    /// looking like the base again (next UIDs raised past it) without holding its
+    /// messages, and the stale entries would then read as expunges.
+    pub untrusted_base: Vec<String>,
 }
 
 /// Merges `a` and `b` against `base`. `answers` are the content comparisons of
@@ -119,6 +125,7 @@ pub fn merge(
         plan_b,
         conflicts,
         next,
+        untrusted_base: targets.untrusted_base,
     }
 }
 
@@ -370,6 +377,7 @@ struct Targets {
     same_a: Vec<HashQuestion>,
     same_b: Vec<HashQuestion>,
     next: Vec<BaseMailbox>,
+    untrusted_base: Vec<String>,
 }
 
 impl Targets {
@@ -496,6 +504,11 @@ fn merge_group(
         }
     }
     let mut mm = MessageMerge::new(g, answers);
+    if let Some(base) = g.base
+        && !mm.base_valid
+    {
+        t.untrusted_base.push(base.dir.clone());
+    }
     mm.run(conflicts, &name);
     let built = mm.build(&dir, &name);
     t.for_a.push(built.for_a);

@@ -271,6 +271,7 @@ pub fn sync_tables(
             next_base: None,
         });
     }
+    forget_untrusted(sides, base, &merged.untrusted_base, options)?;
     apply_both(
         sides,
         &merged,
@@ -285,6 +286,36 @@ pub fn sync_tables(
         .then(|| with_stamps(merged.next, &ta, &tb, &merged.plan_a, &merged.plan_b));
     outcome.wire = backup::wire_bytes(a, b);
     Ok(Round { outcome, next_base })
+}
+
+/// Removes from the stored base, durably and before anything is applied, the mailboxes the
+/// merge did not trust. A run killed after applying part of a union could otherwise leave
+/// both sides with next UIDs past the stale entry's, which would make it look trustworthy
+/// to the next run, whose merge would then read its messages' absence as expunges.
+fn forget_untrusted(
+    sides: &Sides<'_>,
+    base: &BaseState,
+    untrusted: &[String],
+    options: &SyncOptions,
+) -> Result<()> {
+    let Some(dir) = options.state_dir.as_deref() else {
+        return Ok(());
+    };
+    if untrusted.is_empty() {
+        return Ok(());
+    }
+    let path = base::base_file(dir, &sides.a.location(), &sides.b.location());
+    let kept = BaseState {
+        mailboxes: base
+            .mailboxes
+            .iter()
+            .filter(|m| !untrusted.contains(&m.dir))
+            .cloned()
+            .collect(),
+        subscriptions: base.subscriptions.clone(),
+    };
+    kept.save(&path)
+        .map_err(|e| crate::error::Error::io(&path, e))
 }
 
 /// Applies mailbox renames on both sides first (copies then find every mailbox where the

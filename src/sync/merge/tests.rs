@@ -535,6 +535,12 @@ fn a_side_restored_from_an_older_copy_expunges_nothing() {
     assert_eq!(view(&a2), view(&b2));
     assert_eq!(view(&b2), view(&b1), "nothing of B's expunged");
     assert!(third.plan_b.mailboxes.iter().all(|m| m.expunges.is_empty()));
+    // The stale entries are named, so that the stored base loses them before any apply.
+    assert!(!third.untrusted_base.is_empty());
+    for dir in &third.untrusted_base {
+        assert!(second.next.mailbox(dir).is_some(), "{dir} is a base mailbox");
+    }
+    assert!(second.untrusted_base.is_empty(), "a current base is trusted");
 }
 
 #[test]
