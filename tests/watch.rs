@@ -493,3 +493,139 @@ fn bad_starts_are_refused_with_a_clear_error() {
     }
     assert!(!src.join("backup").exists(), "nothing was written");
 }
+
+/// The flags Dovecot reports for the message with `uid` in `mailbox`.
+fn flags_of(dc: &Dovecot, root: &Path, mailbox: &str, uid: &str) -> String {
+    dc.fetch(root, mailbox, "uid flags")
+        .into_iter()
+        .find(|row| row.get("uid").map(String::as_str) == Some(uid))
+        .and_then(|row| row.get("flags").cloned())
+        .unwrap_or_default()
+}
+
+/// Every kind of change Dovecot makes on `from`, each merged into `to` before the next;
+/// `tag` keeps the message ids and folder names of two rounds apart.
+fn two_way_changes(
+    dc: &Dovecot,
+    (from, to): (&Path, &Path),
+    watch: &Watch,
+    (tag, expunged): (&str, &str),
+) {
+    let what = |s: &str| format!("{s} on {tag}");
+    dc.save(
+        from,
+        "INBOX",
+        &message(&format!("{tag}-1"), "delivered while watching", 20),
+    );
+    wait_equal(dc, from, to, watch, &what("after a delivery"));
+    dc.flags_add(from, "INBOX", "1", "\\Seen $Important");
+    wait_equal(dc, from, to, watch, &what("after flags were added"));
+    dc.flags_remove(from, "INBOX", "1", "\\Seen");
+    wait_equal(dc, from, to, watch, &what("after a flag was removed"));
+    dc.expunge(from, "INBOX", expunged);
+    wait_equal(dc, from, to, watch, &what("after an expunge"));
+    let folder = format!("Projects-{tag}");
+    dc.create_mailbox(from, &folder);
+    dc.subscribe(from, &folder);
+    dc.save(
+        from,
+        &folder,
+        &message(&format!("{tag}-2"), "in a new folder", 5),
+    );
+    wait_equal(dc, from, to, watch, &what("after a folder was created"));
+    let renamed = format!("Work-{tag}");
+    dc.rename_mailbox(from, &folder, &renamed);
+    wait_equal(dc, from, to, watch, &what("after a folder was renamed"));
+    dc.save(
+        from,
+        &renamed,
+        &message(&format!("{tag}-3"), "in the renamed folder", 5),
+    );
+    wait_equal(dc, from, to, watch, &what("after a delivery there"));
+}
+
+#[test]
+fn two_way_local_watch_merges_changes_from_both_sides() {
+    let dc = Dovecot::new();
+    let a = dc.sample("a");
+    let b = dc.maildir("b");
+    // A long debounce, so that the two flag changes below land in one batch.
+    let args: Vec<String> = [
+        "--two-way",
+        "--debounce",
+        "400",
+        "--max-delay",
+        "1500",
+        &a.display().to_string(),
+        &b.display().to_string(),
+    ]
+    .map(String::from)
+    .into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
+    wait_equal(&dc, &a, &b, &watch, "after the first run");
+
+    two_way_changes(&dc, (&a, &b), &watch, ("A", "2"));
+    let before_b = watch.events_of("batch").len();
+    two_way_changes(&dc, (&b, &a), &watch, ("B", "3"));
+    // Changes on B went through batches of the dirty mailboxes, not full runs.
+    let from_b = &watch.events_of("batch")[before_b..];
+    for kind in ["copies", "flag_changes", "expunges"] {
+        assert!(
+            from_b.iter().any(|e| e["full"] == false && e[kind] == 1),
+            "no batch with {kind}\n{}",
+            watch.describe()
+        );
+    }
+
+    // One flag added on each side to the same message, within one batch: both kept.
+    let batches = watch.events_of("batch").len();
+    std::thread::scope(|s| {
+        s.spawn(|| dc.flags_add(&a, "INBOX", "5", "\\Flagged"));
+        s.spawn(|| dc.flags_add(&b, "INBOX", "5", "\\Answered"));
+    });
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let (fa, fb) = (
+            flags_of(&dc, &a, "INBOX", "5"),
+            flags_of(&dc, &b, "INBOX", "5"),
+        );
+        let both = |f: &str| f.contains("\\Flagged") && f.contains("\\Answered");
+        if both(&fa) && both(&fb) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A: {fa}, B: {fb}\n{}",
+            watch.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_equal(&dc, &a, &b, &watch, "after flags added on both sides");
+    // Merged in one batch: each side got the other's flag.
+    assert!(
+        watch.events_of("batch")[batches..]
+            .iter()
+            .any(|e| e["full"] == false && e["flag_changes"] == 2),
+        "{}",
+        watch.describe()
+    );
+
+    // Idle: the appliers' own writes raised one more batch, which changed nothing and so
+    // raised nothing; then no batch at all, and no CPU.
+    std::thread::sleep(Duration::from_secs(2));
+    let batches = watch.events_of("batch").len();
+    assert_idle(&watch);
+    assert_eq!(
+        watch.events_of("batch").len(),
+        batches,
+        "batches while idle\n{}",
+        watch.describe()
+    );
+    let last = watch.events_of("batch").pop().unwrap();
+    assert_eq!(last["copies"], 0, "{}", watch.describe());
+    assert_eq!(last["flag_changes"], 0, "{}", watch.describe());
+
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+}
