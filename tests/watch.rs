@@ -629,3 +629,54 @@ fn two_way_local_watch_merges_changes_from_both_sides() {
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
     assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
 }
+
+#[test]
+fn two_way_ssh_watch_pushes_a_at_once_and_merges_b_at_the_periodic_run() {
+    let dc = Dovecot::new();
+    let sshd = Sshd::start();
+    let wrapper = remote_wrapper(sshd.dir());
+    let a = dc.sample("a");
+    let b = dc.maildir("b");
+    let args: Vec<String> = [
+        "--two-way".into(),
+        "-e".into(),
+        sshd.rsh(),
+        "--remote-mdsync".into(),
+        wrapper.display().to_string(),
+        "--rescan-interval".into(),
+        "3".into(),
+        a.display().to_string(),
+        format!("{}:{}", sshd.host(), b.display()),
+    ]
+    .into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
+    wait_equal(&dc, &a, &b, &watch, "after the first run over ssh");
+
+    // A's changes go in batches of the dirty mailbox, over the session.
+    let batches = watch.events_of("batch").len();
+    dc.save(&a, "INBOX", &message("ssh-2way-1", "from A", 20));
+    dc.flags_add(&a, "INBOX", "1", "\\Answered");
+    wait_equal(&dc, &a, &b, &watch, "after changes on A");
+    assert!(
+        watch.events_of("batch")[batches..]
+            .iter()
+            .any(|e| e["full"] == false && e["copies"] == 1),
+        "{}",
+        watch.describe()
+    );
+
+    // Nothing watches B: its change is merged by the periodic full run.
+    dc.flags_add(&b, "Sent", "1", "\\Flagged");
+    dc.save(&b, "Archive", &message("ssh-2way-2", "from B", 5));
+    wait_equal(&dc, &a, &b, &watch, "after changes on B");
+    assert!(
+        watch
+            .events_of("batch")
+            .iter()
+            .any(|e| e["full"] == true && e["latency_ms"].is_null() && e["copies"] == 1),
+        "{}",
+        watch.describe()
+    );
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+}

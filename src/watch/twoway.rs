@@ -22,6 +22,9 @@ use crate::table::{MailTable, MailboxTable};
 use crate::watch::coalesce::Dirty;
 use crate::watch::{BatchReport, Step};
 
+/// Mailboxes read in a batch, by directory.
+type Read = HashMap<String, MailboxTable>;
+
 /// What a batch needs besides the base: both sides' root as the last full run read it.
 #[derive(Debug, Clone)]
 struct Roots {
@@ -91,7 +94,7 @@ impl TwoWay {
         (a, b): (&dyn Replica, &dyn Replica),
         layout: Layout,
         dirty: &Dirty,
-    ) -> Result<Option<(HashMap<String, MailboxTable>, HashMap<String, MailboxTable>)>> {
+    ) -> Result<Option<(Read, Read)>> {
         let Some(base) = &self.base else {
             return Ok(None);
         };
@@ -99,13 +102,13 @@ impl TwoWay {
         if dirs.iter().any(|d| base.mailbox(d).is_none()) {
             return Ok(None);
         }
-        let read = |replica: &dyn Replica| -> Result<HashMap<String, MailboxTable>> {
+        let read = |replica: &dyn Replica| -> Result<Read> {
             let tables = replica.rescan_mailboxes(layout, &dirs)?;
             Ok(dirs.iter().cloned().zip(tables).collect())
         };
         let (ra, rb) = rayon::join(|| read(a), || read(b));
         let (ra, rb) = (ra?, rb?);
-        let settles = |read: &HashMap<String, MailboxTable>| {
+        let settles = |read: &Read| {
             read.values().all(|m| {
                 let known = base.mailbox(&m.dir).expect("checked above");
                 m.broken.is_none() && m.guid_of_mailbox() == known.guid
@@ -228,12 +231,7 @@ fn root_of(table: &MailTable) -> MailTable {
 /// One side as a batch's merge sees it: every mailbox of the base, the ones in `read` as
 /// read and every other one a placeholder "unchanged since the base" (as the scanner
 /// reports a mailbox its hints vouch for).
-fn view(
-    root: &MailTable,
-    base: &BaseState,
-    read: &HashMap<String, MailboxTable>,
-    side_a: bool,
-) -> MailTable {
+fn view(root: &MailTable, base: &BaseState, read: &Read, side_a: bool) -> MailTable {
     let mailboxes = base
         .mailboxes
         .iter()
@@ -277,13 +275,14 @@ fn same_root(ta: &mut MailTable, tb: &mut MailTable, base: &BaseState) {
     }
 }
 
-/// A base mailbox as a side's unread, unchanged mailbox.
+/// A base mailbox as a side's unread, unchanged mailbox. Its count comes from the stamps
+/// when the base has them, so the records of a big base are not decoded for every batch.
 fn placeholder(m: &BaseMailbox, side_a: bool) -> MailboxTable {
     let stamps = if side_a { m.stamps_a } else { m.stamps_b };
     MailboxTable {
         dir: m.dir.clone(),
         name: m.name.clone(),
-        unchanged: Some(m.len() as u64),
+        unchanged: Some(stamps.map_or_else(|| m.len() as u64, |(_, n)| n)),
         stamps: stamps.map(|(s, _)| s).unwrap_or_default(),
         ..MailboxTable::default()
     }
@@ -344,5 +343,233 @@ fn add_counts(x: &PlanCounts, y: &PlanCounts) -> PlanCounts {
         flag_changes: x.flag_changes + y.flag_changes,
         moves: x.moves + y.moves,
         expunges: x.expunges + y.expunges,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::replica::local::LocalReplica;
+    use crate::storage::maildir::uidlist::Header;
+    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
+    use crate::sync::apply::ApplyOptions;
+    use crate::sync::backup::DeleteLimit;
+    use crate::sync::diff::DiffOptions;
+    use std::fs;
+    use std::path::Path;
+
+    /// A Maildir++ mailbox at `dir` with three listed messages, all `\Seen`.
+    fn mailbox(dir: &Path, guid: &str) {
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let mut uidlist = format!("3 V1700000000 N4 G{guid}\n");
+        for uid in 1..=3 {
+            let base = format!("1700000000.M{uid}P1.host,S=6");
+            fs::write(dir.join("cur").join(format!("{base}:2,S")), b"hello\n").unwrap();
+            uidlist.push_str(&format!("{uid} :{base}\n"));
+        }
+        fs::write(dir.join("dovecot-uidlist"), uidlist).unwrap();
+    }
+
+    /// A tree with INBOX and Sent.
+    fn tree(root: &Path) {
+        mailbox(root, "0f1e2d3c4b5a69788796a5b4c3d2e1f0");
+        mailbox(&root.join(".Sent"), "1f1e2d3c4b5a69788796a5b4c3d2e1f0");
+        fs::write(root.join(".Sent/maildirfolder"), b"").unwrap();
+        fs::write(root.join("dovecot-uidvalidity"), "6553f101").unwrap();
+    }
+
+    fn options(state: &Path) -> SyncOptions {
+        SyncOptions {
+            scan: ScanOptions {
+                layout: Some(Layout::MaildirPlusPlus),
+                ..ScanOptions::default()
+            },
+            diff: DiffOptions::default(),
+            apply: ApplyOptions {
+                fsync: FsyncPolicy::None,
+                ownership: Ownership::RunningUser,
+            },
+            dry_run: false,
+            max_delete: DeleteLimit::Percent(100),
+            state_dir: Some(state.to_path_buf()),
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join("cur"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn dirty(dirs: &[&str]) -> Dirty {
+        Dirty {
+            mailboxes: dirs.iter().map(|d| d.to_string()).collect(),
+            ..Dirty::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_merges_the_dirty_mailbox_and_leaves_the_unread_ones_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, state) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("state"),
+        );
+        tree(&a);
+        tree(&b);
+        let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
+        let mut step = TwoWay::new(options(&state));
+        let first = step.full(&ra, &rb, &NoProgress).unwrap();
+        assert!(first.full && first.outcome.planned.flag_changes == 0);
+        let path = twoway::base_path(&ra, &rb, &step.options).unwrap();
+        assert!(!BaseState::load(&path).mailboxes.is_empty(), "base saved");
+
+        // A flags a message in INBOX; meanwhile, unseen by the batch (as on an unwatched
+        // side), B expunges one in Sent.
+        let msg = "1700000000.M2P1.host,S=6";
+        fs::rename(
+            a.join(format!("cur/{msg}:2,S")),
+            a.join(format!("cur/{msg}:2,FS")),
+        )
+        .unwrap();
+        fs::remove_file(b.join(".Sent/cur/1700000000.M1P1.host,S=6:2,S")).unwrap();
+        let batch = step.batch(&ra, &rb, &dirty(&[""]), &NoProgress).unwrap();
+        assert!(!batch.full);
+        assert_eq!(batch.mailboxes_read, 1);
+        assert_eq!(batch.outcome.report.flag_changes, 1);
+        assert_eq!(names(&b), names(&a), "INBOX merged");
+        // Sent was not read: neither expunged on A nor brought back on B.
+        assert_eq!(names(&a.join(".Sent")).len(), 3);
+        assert_eq!(names(&b.join(".Sent")).len(), 2);
+
+        // The batch the applier's own writes raise changes nothing, and writes nothing.
+        let uidlists = |root: &Path| {
+            [
+                root.join("dovecot-uidlist"),
+                root.join("dovecot-uidvalidity"),
+            ]
+            .map(|p| fs::read(p).unwrap())
+        };
+        let before = (uidlists(&a), uidlists(&b), names(&a), names(&b));
+        let again = step.batch(&ra, &rb, &dirty(&[""]), &NoProgress).unwrap();
+        let planned = again.outcome.planned;
+        assert_eq!(planned, PlanCounts::default(), "{planned:?}");
+        assert_eq!((uidlists(&a), uidlists(&b), names(&a), names(&b)), before);
+
+        // The next full run reads Sent, and B's expunge reaches A.
+        let full = step.full(&ra, &rb, &NoProgress).unwrap();
+        assert_eq!(full.outcome.report.expunged, 1);
+        assert_eq!(names(&a.join(".Sent")), names(&b.join(".Sent")));
+    }
+
+    #[test]
+    fn a_batch_falls_back_to_a_full_run_for_what_the_base_does_not_know() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, state) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("state"),
+        );
+        tree(&a);
+        tree(&b);
+        let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
+        let mut step = TwoWay::new(options(&state));
+        // Nothing known yet: the first batch is a full run.
+        assert!(
+            step.batch(&ra, &rb, &dirty(&[""]), &NoProgress)
+                .unwrap()
+                .full
+        );
+        // A mailbox the base does not know.
+        mailbox(&a.join(".New"), "2f1e2d3c4b5a69788796a5b4c3d2e1f0");
+        let batch = step
+            .batch(&ra, &rb, &dirty(&[".New"]), &NoProgress)
+            .unwrap();
+        assert!(batch.full);
+        assert_eq!(names(&b.join(".New")).len(), 3);
+        // One deleted on a side meanwhile (unreadable there).
+        fs::remove_dir_all(b.join(".New")).unwrap();
+        let batch = step
+            .batch(&ra, &rb, &dirty(&[".New"]), &NoProgress)
+            .unwrap();
+        assert!(batch.full);
+        assert!(!a.join(".New").exists(), "the deletion was merged");
+    }
+
+    fn header(uid_validity: u32) -> Header {
+        Header {
+            uid_validity,
+            ..Header::default()
+        }
+    }
+
+    #[test]
+    fn both_views_get_one_root_so_a_batch_writes_no_root_file() {
+        let root = |subs: &[u8], next: u32, parents: &[&str]| MailTable {
+            layout: Layout::MaildirPlusPlus,
+            mailboxes: Vec::new(),
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+            unfollowed: Vec::new(),
+            subscriptions: Some(subs.to_vec()),
+            uidvalidity_next: Some(next),
+            root_meta: Default::default(),
+            scanned_at_ns: 0,
+            anomalies: Vec::new(),
+        };
+        let base = BaseState {
+            mailboxes: vec![
+                BaseMailbox {
+                    dir: String::new(),
+                    name: "INBOX".into(),
+                    ..BaseMailbox::default()
+                },
+                BaseMailbox {
+                    dir: ".Sent".into(),
+                    name: "Sent".into(),
+                    stamps_a: Some((Default::default(), 3)),
+                    ..BaseMailbox::default()
+                },
+            ],
+            subscriptions: Some(b"INBOX\nSent\n".to_vec()),
+        };
+        let read = HashMap::from([(
+            String::new(),
+            MailboxTable {
+                dir: String::new(),
+                header: Some(header(900)),
+                ..MailboxTable::default()
+            },
+        )]);
+        let mut ta = view(&root(b"stale A", 500, &["x"]), &base, &read, true);
+        let mut tb = view(
+            &root(b"stale B", 700, &["y"]),
+            &base,
+            &HashMap::new(),
+            false,
+        );
+        same_root(&mut ta, &mut tb, &base);
+        for t in [&ta, &tb] {
+            assert_eq!(t.subscriptions, base.subscriptions);
+            assert_eq!(t.parents, vec!["x".to_string(), "y".to_string()]);
+            assert_eq!(
+                t.uidvalidity_next,
+                Some(900),
+                "above every UIDVALIDITY used"
+            );
+            let dirs: Vec<&str> = t.mailboxes.iter().map(|m| m.dir.as_str()).collect();
+            assert_eq!(dirs, ["", ".Sent"], "every base mailbox, nothing else");
+        }
+        // Read where read; elsewhere a placeholder for the merge's "unchanged on both".
+        assert_eq!(ta.mailboxes[0].unchanged, None);
+        assert_eq!(tb.mailboxes[0].unchanged, Some(0));
+        assert_eq!(ta.mailboxes[1].unchanged, Some(3), "counted by the stamps");
+        assert_eq!(ta.mailboxes[1].name, "Sent");
     }
 }
