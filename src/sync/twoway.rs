@@ -545,15 +545,33 @@ impl Progress for Sided<'_> {
     }
 }
 
+/// Options for tests: Maildir++, no fsync, files owned by whoever runs them, the base in
+/// `state`.
+#[cfg(test)]
+pub(crate) fn test_options(state: &Path) -> SyncOptions {
+    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
+    SyncOptions {
+        scan: ScanOptions {
+            layout: Some(Layout::MaildirPlusPlus),
+            ..ScanOptions::default()
+        },
+        diff: crate::sync::diff::DiffOptions::default(),
+        apply: ApplyOptions {
+            fsync: FsyncPolicy::None,
+            ownership: Ownership::RunningUser,
+        },
+        dry_run: false,
+        max_delete: crate::sync::backup::DeleteLimit::Percent(100),
+        state_dir: Some(state.to_path_buf()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::progress::NoProgress;
     use crate::replica::local::LocalReplica;
     use crate::replica::{Body, BodyError, BodySource};
-    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
-    use crate::sync::backup::DeleteLimit;
-    use crate::sync::diff::DiffOptions;
     use std::fs;
     use std::path::Path;
 
@@ -660,23 +678,6 @@ mod tests {
         }
     }
 
-    fn options(state: &Path) -> SyncOptions {
-        SyncOptions {
-            scan: ScanOptions {
-                layout: Some(Layout::MaildirPlusPlus),
-                ..ScanOptions::default()
-            },
-            diff: DiffOptions::default(),
-            apply: ApplyOptions {
-                fsync: FsyncPolicy::None,
-                ownership: Ownership::RunningUser,
-            },
-            dry_run: false,
-            max_delete: DeleteLimit::Percent(100),
-            state_dir: Some(state.to_path_buf()),
-        }
-    }
-
     fn files(root: &Path) -> usize {
         fs::read_dir(root.join("cur")).unwrap().count()
     }
@@ -692,19 +693,19 @@ mod tests {
         maildir(&a);
         maildir(&b);
         let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
-        let first = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        let first = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap();
         assert!(first.first_sync && first.is_noop());
         let hiding = Missing {
             inner: LocalReplica::new(&a),
             base: "1700000000.M2P1.host,S=6".into(),
         };
-        let outcome = sync(&hiding, &rb, &options(&state), &NoProgress).unwrap();
+        let outcome = sync(&hiding, &rb, &test_options(&state), &NoProgress).unwrap();
         assert!(outcome.is_noop(), "{:?}", outcome.b.planned);
         assert_eq!(files(&b), 3, "the phantom expunge did not reach B");
         // A real expunge on A does reach B.
         let gone = a.join("cur").join("1700000000.M2P1.host,S=6:2,S");
         fs::remove_file(gone).unwrap();
-        let outcome = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        let outcome = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap();
         assert_eq!(outcome.b.report.expunged, 1);
         assert_eq!(files(&b), 2);
     }

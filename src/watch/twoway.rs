@@ -14,6 +14,7 @@ use crate::progress::Progress;
 use crate::replica::Replica;
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
+use crate::sync::apply::ApplyReport;
 use crate::sync::backup::BackupOutcome;
 use crate::sync::base::{BaseMailbox, BaseState};
 use crate::sync::plan::PlanCounts;
@@ -291,19 +292,16 @@ fn placeholder(m: &BaseMailbox, side_a: bool) -> MailboxTable {
 /// A two-way outcome as the loop's report: both sides' counts added up, each side's errors
 /// named by its letter, conflicts as lines.
 fn report(o: SyncOutcome, mailboxes_read: u64, full: bool) -> BatchReport {
-    let mut applied = o.a.report.clone();
-    let b = &o.b.report;
-    applied.mailboxes_created += b.mailboxes_created;
-    applied.mailboxes_deleted += b.mailboxes_deleted;
-    applied.messages_copied += b.messages_copied;
-    applied.bytes_copied += b.bytes_copied;
-    applied.flag_changes += b.flag_changes;
-    applied.moves += b.moves;
-    applied.expunged += b.expunged;
-    applied.vanished += b.vanished;
-    applied.errors = (o.a.report.errors.iter().map(|e| format!("A: {e}")))
-        .chain(b.errors.iter().map(|e| format!("B: {e}")))
-        .collect();
+    let named = |side: &str, report: &ApplyReport| ApplyReport {
+        errors: report
+            .errors
+            .iter()
+            .map(|e| format!("{side}: {e}"))
+            .collect(),
+        ..report.clone()
+    };
+    let mut applied = named("A", &o.a.report);
+    applied.absorb(named("B", &o.b.report));
     let conflicts = o
         .conflicts
         .iter()
@@ -352,10 +350,6 @@ mod tests {
     use crate::progress::NoProgress;
     use crate::replica::local::LocalReplica;
     use crate::storage::maildir::uidlist::Header;
-    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
-    use crate::sync::apply::ApplyOptions;
-    use crate::sync::backup::DeleteLimit;
-    use crate::sync::diff::DiffOptions;
     use std::fs;
     use std::path::Path;
 
@@ -381,23 +375,6 @@ mod tests {
         fs::write(root.join("dovecot-uidvalidity"), "6553f101").unwrap();
     }
 
-    fn options(state: &Path) -> SyncOptions {
-        SyncOptions {
-            scan: ScanOptions {
-                layout: Some(Layout::MaildirPlusPlus),
-                ..ScanOptions::default()
-            },
-            diff: DiffOptions::default(),
-            apply: ApplyOptions {
-                fsync: FsyncPolicy::None,
-                ownership: Ownership::RunningUser,
-            },
-            dry_run: false,
-            max_delete: DeleteLimit::Percent(100),
-            state_dir: Some(state.to_path_buf()),
-        }
-    }
-
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir.join("cur"))
             .unwrap()
@@ -414,18 +391,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_batch_merges_the_dirty_mailbox_and_leaves_the_unread_ones_alone() {
+    /// Two equal trees `a` and `b` in a temp dir, their replicas, and a step keeping its
+    /// base in the temp dir too.
+    fn pair() -> (tempfile::TempDir, (LocalReplica, LocalReplica), TwoWay) {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b, state) = (
-            dir.path().join("a"),
-            dir.path().join("b"),
-            dir.path().join("state"),
-        );
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         tree(&a);
         tree(&b);
-        let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
-        let mut step = TwoWay::new(options(&state));
+        let replicas = (LocalReplica::new(&a), LocalReplica::new(&b));
+        let step = TwoWay::new(twoway::test_options(&dir.path().join("state")));
+        (dir, replicas, step)
+    }
+
+    #[test]
+    fn a_batch_merges_the_dirty_mailbox_and_leaves_the_unread_ones_alone() {
+        let (dir, (ra, rb), mut step) = pair();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         let first = step.full(&ra, &rb, &NoProgress).unwrap();
         assert!(first.full && first.outcome.planned.flag_changes == 0);
         let path = twoway::base_path(&ra, &rb, &step.options).unwrap();
@@ -471,16 +452,8 @@ mod tests {
 
     #[test]
     fn a_batch_falls_back_to_a_full_run_for_what_the_base_does_not_know() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b, state) = (
-            dir.path().join("a"),
-            dir.path().join("b"),
-            dir.path().join("state"),
-        );
-        tree(&a);
-        tree(&b);
-        let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
-        let mut step = TwoWay::new(options(&state));
+        let (dir, (ra, rb), mut step) = pair();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         // Nothing known yet: the first batch is a full run.
         assert!(
             step.batch(&ra, &rb, &dirty(&[""]), &NoProgress)
