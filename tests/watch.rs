@@ -396,6 +396,26 @@ fn serve_pid(dir: &Path) -> i32 {
         .unwrap()
 }
 
+/// `watch` arguments for a local `src` and `dst` on the far side of `sshd`, served by
+/// `wrapper`, with `options` first.
+fn ssh_args(
+    sshd: &Sshd,
+    wrapper: &Path,
+    options: &[&str],
+    (src, dst): (&Path, &Path),
+) -> Vec<String> {
+    let mut args: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+    args.extend([
+        "-e".into(),
+        sshd.rsh(),
+        "--remote-mdsync".into(),
+        wrapper.display().to_string(),
+        src.display().to_string(),
+        format!("{}:{}", sshd.host(), dst.display()),
+    ]);
+    args
+}
+
 #[test]
 fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     let dc = Dovecot::new();
@@ -403,17 +423,7 @@ fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     let wrapper = remote_wrapper(sshd.dir());
     let src = dc.sample("src");
     let dst = dc.path().join("dst");
-    let args: Vec<String> = [
-        "-e".into(),
-        sshd.rsh(),
-        "--remote-mdsync".into(),
-        wrapper.display().to_string(),
-        "--retry-min".into(),
-        "0.2".into(),
-        src.display().to_string(),
-        format!("{}:{}", sshd.host(), dst.display()),
-    ]
-    .into();
+    let args = ssh_args(&sshd, &wrapper, &["--retry-min", "0.2"], (&src, &dst));
     let mut watch = Watch::start(&args, dc.path());
     watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
     wait_equal(&dc, &src, &dst, &watch, "after the first run over ssh");
@@ -637,18 +647,8 @@ fn two_way_ssh_watch_pushes_a_at_once_and_merges_b_at_the_periodic_run() {
     let wrapper = remote_wrapper(sshd.dir());
     let a = dc.sample("a");
     let b = dc.maildir("b");
-    let args: Vec<String> = [
-        "--two-way".into(),
-        "-e".into(),
-        sshd.rsh(),
-        "--remote-mdsync".into(),
-        wrapper.display().to_string(),
-        "--rescan-interval".into(),
-        "3".into(),
-        a.display().to_string(),
-        format!("{}:{}", sshd.host(), b.display()),
-    ]
-    .into();
+    let options = ["--two-way", "--rescan-interval", "3"];
+    let args = ssh_args(&sshd, &wrapper, &options, (&a, &b));
     let mut watch = Watch::start(&args, dc.path());
     watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
     wait_equal(&dc, &a, &b, &watch, "after the first run over ssh");

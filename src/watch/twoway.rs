@@ -22,6 +22,7 @@ use crate::sync::twoway::{self, Round, ScannedPair, Sides, SyncOptions, SyncOutc
 use crate::table::{MailTable, MailboxTable};
 use crate::watch::coalesce::Dirty;
 use crate::watch::{BatchReport, Step};
+use crate::wire::messages::RootFacts;
 
 /// Mailboxes read in a batch, by directory.
 type Read = HashMap<String, MailboxTable>;
@@ -214,19 +215,12 @@ impl Step for TwoWay {
     }
 }
 
-/// A table without its mailboxes: what a batch's views are built on.
+/// A table without its mailboxes: what a batch's views are built on. Without its
+/// anomalies too: the full run reported them.
 fn root_of(table: &MailTable) -> MailTable {
-    MailTable {
-        layout: table.layout,
-        mailboxes: Vec::new(),
-        parents: table.parents.clone(),
-        unfollowed: table.unfollowed.clone(),
-        subscriptions: table.subscriptions.clone(),
-        uidvalidity_next: table.uidvalidity_next,
-        root_meta: table.root_meta,
-        scanned_at_ns: table.scanned_at_ns,
-        anomalies: Vec::new(),
-    }
+    let mut root = RootFacts::of(table).into_table(Vec::new());
+    root.anomalies.clear();
+    root
 }
 
 /// One side as a batch's merge sees it: every mailbox of the base, the ones in `read` as
