@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench-watch.sh -- delivery-to-visible latency and CPU of `mdsync watch`, against an
-# lsyncd-style `inotifywait -m -r` + `rsync -a --delete` loop, in the same run.
+# lsyncd-style `inotifywait -m -r` + `rsync -a --delete` loop, in the same run; and of
+# `mdsync watch --two-way` (deliveries into A, latency to B, B local and watched too).
 #
 # Usage: scripts/bench-watch.sh [--rate N] [--duration S] [--messages N] [--idle S]
 #                               [--tools LIST] [--out FILE] [--keep]
@@ -8,7 +9,7 @@
 #   --duration S  seconds of delivery per tool (default 60)
 #   --messages N  size of the generated source tree before deliveries (default 20000)
 #   --idle S      seconds of idle CPU measurement after the deliveries (default 10)
-#   --tools LIST  comma-separated subset of mdsync,lsyncd (default: both)
+#   --tools LIST  comma-separated subset of mdsync,lsyncd,mdsync-two-way (default: all three)
 #   --out FILE    markdown report, also printed on stdout (default benches/runs/<date>-watch.md)
 #   --keep        keep the scratch directory (its path is printed)
 #   BENCH_DIR     parent of the scratch directory (default: the system temp dir)
@@ -27,7 +28,8 @@
 # The "lsyncd" contender is `inotifywait -m -r -e close_write,moved_to,moved_from,create,delete
 # SRC | while read; do (gather events until 50 ms of quiet, at most 200 ms); rsync -a --delete
 # SRC/ DST/; done`: the shape of an lsyncd rsync setup with mdsync's batching window
-# (lsyncd's own default waits 15 s).
+# (lsyncd's own default waits 15 s). "mdsync-two-way" runs last (it may write into SRC:
+# the uidlist of what it merged), into an empty DST that it watches too.
 #
 # It installs inotify-tools and rsync when missing (apt), never writes outside its scratch
 # directory, the --out file and cargo's target directory, and stops only the processes it
@@ -38,7 +40,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 bench_name=bench-watch
 # shellcheck source=scripts/bench-common.sh
 source "$repo/scripts/bench-common.sh"
-rate=50 duration=60 messages=20000 idle=10 tools="mdsync,lsyncd" out="" keep=0
+rate=50 duration=60 messages=20000 idle=10 tools="mdsync,lsyncd,mdsync-two-way" out="" keep=0
 while [ $# -gt 0 ]; do
   case $1 in
     --rate) rate=$2; shift 2 ;;
@@ -54,7 +56,7 @@ while [ $# -gt 0 ]; do
 done
 out=${out:-$repo/benches/runs/$(date +%Y-%m-%d-%H%M%S)-watch.md}
 for t in ${tools//,/ }; do
-  case $t in mdsync|lsyncd) ;; *) log "unknown tool $t"; exit 2 ;; esac
+  case $t in mdsync|lsyncd|mdsync-two-way) ;; *) log "unknown tool $t"; exit 2 ;; esac
 done
 
 bench_prerequisites
@@ -75,7 +77,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if has mdsync; then
+if has mdsync || has mdsync-two-way; then
   build_mdsync "$W/build.log"
   [ -n "$mdsync" ] || exit 1
 fi
@@ -222,6 +224,16 @@ SH
   measure lsyncd "$pid"
   kill -TERM -- "-$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
 fi
+if has mdsync-two-way; then
+  log "mdsync watch --two-way: first sync, then $duration s at $rate messages/s"
+  mkdir -p "$W/dst-mdsync-two-way"
+  setsid "$mdsync" watch --two-way --json --no-cache "$W/src" "$W/dst-mdsync-two-way" \
+    >"$W/mdsync-two-way.jsonl" 2>"$W/mdsync-two-way.log" &
+  pid=$!; started_pgids+=("$pid")
+  wait_for "$W/mdsync-two-way.jsonl" '"full":true' 600
+  measure mdsync-two-way "$pid"
+  kill -TERM "$pid"; wait "$pid" || log "mdsync watch --two-way exited with $?"
+fi
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 mkdir -p "$(dirname "$out")"
@@ -229,7 +241,8 @@ python3 - "$W/results.jsonl" "$rate" "$duration" "$messages" "$load_before" "$lo
   "$(nproc)" >"$out" <<'PY'
 import json, sys
 path, rate, duration, messages, lb, la, cores = sys.argv[1:]
-names = {"mdsync": "mdsync watch", "lsyncd": "inotifywait + rsync loop"}
+names = {"mdsync": "mdsync watch", "lsyncd": "inotifywait + rsync loop",
+         "mdsync-two-way": "mdsync watch --two-way"}
 print(f"Delivering {rate} messages/s for {duration} s into a {messages}-message tree "
       f"(MDA-style: tmp/ then rename into new/); {cores} cores; load average "
       f"{lb} before, {la} after.\n")

@@ -396,6 +396,26 @@ fn serve_pid(dir: &Path) -> i32 {
         .unwrap()
 }
 
+/// `watch` arguments for a local `src` and `dst` on the far side of `sshd`, served by
+/// `wrapper`, with `options` first.
+fn ssh_args(
+    sshd: &Sshd,
+    wrapper: &Path,
+    options: &[&str],
+    (src, dst): (&Path, &Path),
+) -> Vec<String> {
+    let mut args: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+    args.extend([
+        "-e".into(),
+        sshd.rsh(),
+        "--remote-mdsync".into(),
+        wrapper.display().to_string(),
+        src.display().to_string(),
+        format!("{}:{}", sshd.host(), dst.display()),
+    ]);
+    args
+}
+
 #[test]
 fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     let dc = Dovecot::new();
@@ -403,17 +423,7 @@ fn ssh_watch_survives_the_far_side_killed_and_the_host_going_away() {
     let wrapper = remote_wrapper(sshd.dir());
     let src = dc.sample("src");
     let dst = dc.path().join("dst");
-    let args: Vec<String> = [
-        "-e".into(),
-        sshd.rsh(),
-        "--remote-mdsync".into(),
-        wrapper.display().to_string(),
-        "--retry-min".into(),
-        "0.2".into(),
-        src.display().to_string(),
-        format!("{}:{}", sshd.host(), dst.display()),
-    ]
-    .into();
+    let args = ssh_args(&sshd, &wrapper, &["--retry-min", "0.2"], (&src, &dst));
     let mut watch = Watch::start(&args, dc.path());
     watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
     wait_equal(&dc, &src, &dst, &watch, "after the first run over ssh");
@@ -492,4 +502,182 @@ fn bad_starts_are_refused_with_a_clear_error() {
         assert!(run.stderr.contains(needle), "{}", run.describe());
     }
     assert!(!src.join("backup").exists(), "nothing was written");
+}
+
+/// The flags Dovecot reports for the message with `uid` in `mailbox`.
+fn flags_of(dc: &Dovecot, root: &Path, mailbox: &str, uid: &str) -> String {
+    dc.fetch(root, mailbox, "uid flags")
+        .into_iter()
+        .find(|row| row.get("uid").map(String::as_str) == Some(uid))
+        .and_then(|row| row.get("flags").cloned())
+        .unwrap_or_default()
+}
+
+/// Every kind of change Dovecot makes on `from`, each merged into `to` before the next;
+/// `tag` keeps the message ids and folder names of two rounds apart.
+fn two_way_changes(
+    dc: &Dovecot,
+    (from, to): (&Path, &Path),
+    watch: &Watch,
+    (tag, expunged): (&str, &str),
+) {
+    let what = |s: &str| format!("{s} on {tag}");
+    dc.save(
+        from,
+        "INBOX",
+        &message(&format!("{tag}-1"), "delivered while watching", 20),
+    );
+    wait_equal(dc, from, to, watch, &what("after a delivery"));
+    dc.flags_add(from, "INBOX", "1", "\\Seen $Important");
+    wait_equal(dc, from, to, watch, &what("after flags were added"));
+    dc.flags_remove(from, "INBOX", "1", "\\Seen");
+    wait_equal(dc, from, to, watch, &what("after a flag was removed"));
+    dc.expunge(from, "INBOX", expunged);
+    wait_equal(dc, from, to, watch, &what("after an expunge"));
+    let folder = format!("Projects-{tag}");
+    dc.create_mailbox(from, &folder);
+    dc.subscribe(from, &folder);
+    dc.save(
+        from,
+        &folder,
+        &message(&format!("{tag}-2"), "in a new folder", 5),
+    );
+    wait_equal(dc, from, to, watch, &what("after a folder was created"));
+    let renamed = format!("Work-{tag}");
+    dc.rename_mailbox(from, &folder, &renamed);
+    wait_equal(dc, from, to, watch, &what("after a folder was renamed"));
+    dc.save(
+        from,
+        &renamed,
+        &message(&format!("{tag}-3"), "in the renamed folder", 5),
+    );
+    wait_equal(dc, from, to, watch, &what("after a delivery there"));
+}
+
+#[test]
+fn two_way_local_watch_merges_changes_from_both_sides() {
+    let dc = Dovecot::new();
+    let a = dc.sample("a");
+    let b = dc.maildir("b");
+    // A long debounce, so that the two flag changes below land in one batch.
+    let args: Vec<String> = [
+        "--two-way",
+        "--debounce",
+        "400",
+        "--max-delay",
+        "1500",
+        &a.display().to_string(),
+        &b.display().to_string(),
+    ]
+    .map(String::from)
+    .into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
+    wait_equal(&dc, &a, &b, &watch, "after the first run");
+
+    two_way_changes(&dc, (&a, &b), &watch, ("A", "2"));
+    let before_b = watch.events_of("batch").len();
+    two_way_changes(&dc, (&b, &a), &watch, ("B", "3"));
+    // Changes on B went through batches of the dirty mailboxes, not full runs.
+    let from_b = &watch.events_of("batch")[before_b..];
+    for kind in ["copies", "flag_changes", "expunges"] {
+        assert!(
+            from_b.iter().any(|e| e["full"] == false && e[kind] == 1),
+            "no batch with {kind}\n{}",
+            watch.describe()
+        );
+    }
+
+    // One flag added on each side to the same message, within one batch: both kept.
+    let batches = watch.events_of("batch").len();
+    std::thread::scope(|s| {
+        s.spawn(|| dc.flags_add(&a, "INBOX", "5", "\\Flagged"));
+        s.spawn(|| dc.flags_add(&b, "INBOX", "5", "\\Answered"));
+    });
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let (fa, fb) = (
+            flags_of(&dc, &a, "INBOX", "5"),
+            flags_of(&dc, &b, "INBOX", "5"),
+        );
+        let both = |f: &str| f.contains("\\Flagged") && f.contains("\\Answered");
+        if both(&fa) && both(&fb) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A: {fa}, B: {fb}\n{}",
+            watch.describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_equal(&dc, &a, &b, &watch, "after flags added on both sides");
+    // Merged in one batch: each side got the other's flag.
+    assert!(
+        watch.events_of("batch")[batches..]
+            .iter()
+            .any(|e| e["full"] == false && e["flag_changes"] == 2),
+        "{}",
+        watch.describe()
+    );
+
+    // Idle: the appliers' own writes raised one more batch, which changed nothing and so
+    // raised nothing; then no batch at all, and no CPU.
+    std::thread::sleep(Duration::from_secs(2));
+    let batches = watch.events_of("batch").len();
+    assert_idle(&watch);
+    assert_eq!(
+        watch.events_of("batch").len(),
+        batches,
+        "batches while idle\n{}",
+        watch.describe()
+    );
+    let last = watch.events_of("batch").pop().unwrap();
+    assert_eq!(last["copies"], 0, "{}", watch.describe());
+    assert_eq!(last["flag_changes"], 0, "{}", watch.describe());
+
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+}
+
+#[test]
+fn two_way_ssh_watch_merges_b_with_a_change_of_a_or_at_the_periodic_run() {
+    let dc = Dovecot::new();
+    let sshd = Sshd::start();
+    let wrapper = remote_wrapper(sshd.dir());
+    let a = dc.sample("a");
+    let b = dc.maildir("b");
+    let options = ["--two-way", "--rescan-interval", "6"];
+    let args = ssh_args(&sshd, &wrapper, &options, (&a, &b));
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true && e["copies"] == 25);
+    wait_equal(&dc, &a, &b, &watch, "after the first run over ssh");
+
+    // A's changes go in batches of the dirty mailbox, over the session, and a batch reads
+    // that mailbox on B too: B's change there comes along, before any periodic run.
+    let batches = watch.events_of("batch").len();
+    dc.flags_add(&b, "INBOX", "5", "\\Flagged");
+    dc.save(&a, "INBOX", &message("ssh-2way-1", "from A", 20));
+    wait_equal(&dc, &a, &b, &watch, "after changes on A");
+    assert!(
+        watch.events_of("batch")[batches..]
+            .iter()
+            .any(|e| e["full"] == false && e["copies"] == 1 && e["flag_changes"] == 1),
+        "{}",
+        watch.describe()
+    );
+
+    // Nothing watches B: its change is merged by the periodic full run.
+    dc.flags_add(&b, "Sent", "1", "\\Flagged");
+    dc.save(&b, "Archive", &message("ssh-2way-2", "from B", 5));
+    wait_equal(&dc, &a, &b, &watch, "after changes on B");
+    assert!(
+        watch
+            .events_of("batch")
+            .iter()
+            .any(|e| e["full"] == true && e["latency_ms"].is_null() && e["copies"] == 1),
+        "{}",
+        watch.describe()
+    );
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }

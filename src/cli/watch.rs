@@ -20,8 +20,9 @@ use mdsync::storage::maildir::layout::Layout;
 use mdsync::transport::{Location, parse_location};
 use mdsync::watch::coalesce::Timing;
 use mdsync::watch::oneway::OneWay;
+use mdsync::watch::twoway::TwoWay;
 use mdsync::watch::watcher::TreeWatcher;
-use mdsync::watch::{Monitor, WatchEvent, WatchLoop, WatchOptions};
+use mdsync::watch::{Monitor, Step, WatchEvent, WatchLoop, WatchOptions};
 
 use super::{MirrorArgs, backup_options, check_paths, check_sides, open_replica};
 
@@ -31,6 +32,11 @@ pub(super) struct WatchArgs {
     src: String,
     /// Destination Maildir root, local or remote ([USER@]HOST:PATH, ssh://...).
     dst: String,
+    /// Merge both ways with `sync` semantics (against the pair's sync state) instead of
+    /// mirroring SRC to DST; a local DST is watched too, a remote one is read where SRC
+    /// changed and at every full run.
+    #[arg(long)]
+    two_way: bool,
     /// Itemize every change in the log (copy, flags, move, expunge, create, delete).
     #[arg(short, long)]
     verbose: bool,
@@ -95,7 +101,20 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         None => Layout::detect(&src_path)
             .with_context(|| format!("{}: cannot read", src_path.display()))?,
     };
-    let watch = WatchLoop::new(watcher, &src, &connect, options, (layout, &excluded));
+    // Two-way, a local DST's changes go into the same batches; nothing watches a remote
+    // one (see the README: it is read where SRC changed and at every full run).
+    let dst_watcher = match (&dst_path, a.two_way) {
+        (Some(path), true) => Some(
+            watcher
+                .alongside(path)
+                .with_context(|| format!("{}: cannot start inotify", path.display()))?,
+        ),
+        _ => None,
+    };
+    let mut watch = WatchLoop::new(watcher, &src, &connect, options, (layout, &excluded));
+    if let Some(dst_watcher) = dst_watcher {
+        watch = watch.also_watching(dst_watcher);
+    }
     let control = watch.control();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -108,7 +127,8 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         log: &log,
         json: a.json,
         verbose: a.verbose,
-        dst: a.dst.clone(),
+        // Two-way lines already say which side ("A: ", "B: ").
+        dst: if a.two_way { None } else { Some(a.dst.clone()) },
     };
     std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -121,8 +141,12 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         });
-        let mut step = OneWay::new(backup);
-        watch.run(&mut step, &renderer, &renderer);
+        let mut step: Box<dyn Step> = if a.two_way {
+            Box::new(TwoWay::new(backup))
+        } else {
+            Box::new(OneWay::new(backup))
+        };
+        watch.run(step.as_mut(), &renderer, &renderer);
         handle.close();
     });
     renderer.json(json!({"event": "stopped"}));
@@ -228,7 +252,7 @@ struct Renderer<'a> {
     log: &'a Log,
     json: bool,
     verbose: bool,
-    dst: String,
+    dst: Option<String>,
 }
 
 impl Renderer<'_> {
@@ -278,6 +302,9 @@ impl Monitor for Renderer<'_> {
                 for e in &r.errors {
                     self.line(&format!("error: {e}"));
                 }
+                for c in &report.conflicts {
+                    self.line(&format!("conflict: {c}"));
+                }
                 self.json(json!({
                     "event": "batch",
                     "full": report.full,
@@ -292,6 +319,7 @@ impl Monitor for Renderer<'_> {
                     "vanished": r.vanished,
                     "skipped": o.skipped.len(),
                     "errors": r.errors,
+                    "conflicts": report.conflicts,
                     "latency_ms": latency_ms,
                     "seconds": o.seconds,
                     "time": timestamp(),
@@ -343,10 +371,10 @@ impl Monitor for Renderer<'_> {
 impl Progress for Renderer<'_> {
     fn event(&self, event: Event) {
         match event {
-            Event::Applied { line, .. } if self.verbose => {
-                self.log
-                    .write(&format!("{} {} {line}", timestamp(), self.dst))
-            }
+            Event::Applied { line, .. } if self.verbose => match &self.dst {
+                Some(dst) => self.log.write(&format!("{} {dst} {line}", timestamp())),
+                None => self.log.write(&format!("{} {line}", timestamp())),
+            },
             Event::Warning { message } => self.line(&format!("warning: {message}")),
             _ => {}
         }

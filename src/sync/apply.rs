@@ -57,7 +57,8 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
-    fn absorb(&mut self, other: ApplyReport) {
+    /// Adds `other`'s counts and errors to these.
+    pub(crate) fn absorb(&mut self, other: ApplyReport) {
         self.mailboxes_created += other.mailboxes_created;
         self.mailboxes_deleted += other.mailboxes_deleted;
         self.messages_copied += other.messages_copied;

@@ -4,6 +4,7 @@
 //! Orchestrates; writes no mail itself (the replicas' appliers do) and prints nothing.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -99,14 +100,74 @@ pub fn sync(
     progress: &dyn Progress,
 ) -> Result<SyncOutcome> {
     let started = Instant::now();
-    let base_path = options
-        .state_dir
-        .as_deref()
-        .map(|dir| base::base_file(dir, &a.location(), &b.location()));
+    let base_path = base_path(a, b, options);
     let base = base_path
         .as_deref()
         .map(BaseState::load)
         .unwrap_or_default();
+    let ScannedPair {
+        ta,
+        tb,
+        scan_a,
+        scan_b,
+    } = scan_pair(a, b, &base, options, progress)?;
+    let sides = Sides {
+        a,
+        b,
+        scan_a: &scan_a,
+        scan_b: &scan_b,
+    };
+    let round = sync_tables(&sides, ta, tb, &base, options, progress)?;
+    if let Some(next) = &round.next_base {
+        save_base(base_path.as_deref(), &base, next, progress);
+    }
+    let mut outcome = round.outcome;
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+/// Where the pair's base lives (`None`: no state directory, no base kept).
+pub fn base_path(a: &dyn Replica, b: &dyn Replica, options: &SyncOptions) -> Option<PathBuf> {
+    options
+        .state_dir
+        .as_deref()
+        .map(|dir| base::base_file(dir, &a.location(), &b.location()))
+}
+
+/// Saves `next` atomically at `path` when it differs from `old`; a failure is a warning
+/// (the next run merges against the older base, which loses nothing).
+pub fn save_base(path: Option<&Path>, old: &BaseState, next: &BaseState, progress: &dyn Progress) {
+    if let Some(path) = path
+        && next != old
+        && let Err(e) = next.save(path)
+    {
+        progress.event(Event::Warning {
+            message: format!("sync base {}: {e}", path.display()),
+        });
+    }
+}
+
+/// Both sides scanned for a round, with the options they were scanned with.
+pub struct ScannedPair {
+    /// Side A's table.
+    pub ta: MailTable,
+    /// Side B's table.
+    pub tb: MailTable,
+    /// A's scan options.
+    pub scan_a: ScanOptions,
+    /// B's scan options.
+    pub scan_b: ScanOptions,
+}
+
+/// Settles the layout (given, else detected on A, else on B) and scans both sides at
+/// once, skipping every mailbox `base` vouches for on that side.
+pub fn scan_pair(
+    a: &dyn Replica,
+    b: &dyn Replica,
+    base: &BaseState,
+    options: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<ScannedPair> {
     let layout = match options.scan.layout {
         Some(layout) => layout,
         None => a
@@ -139,31 +200,12 @@ pub fn sync(
             b.scan(&scan_b, progress)
         },
     );
-    let (ta, tb) = (ta?, tb?);
-    let round = sync_tables(
-        &Sides {
-            a,
-            b,
-            scan_a: &scan_a,
-            scan_b: &scan_b,
-        },
-        ta,
-        tb,
-        &base,
-        options,
-        progress,
-    )?;
-    if let (Some(path), Some(next)) = (base_path, &round.next_base)
-        && *next != base
-        && let Err(e) = next.save(&path)
-    {
-        progress.event(Event::Warning {
-            message: format!("sync base {}: {e}", path.display()),
-        });
-    }
-    let mut outcome = round.outcome;
-    outcome.seconds = started.elapsed().as_secs_f64();
-    Ok(outcome)
+    Ok(ScannedPair {
+        ta: ta?,
+        tb: tb?,
+        scan_a,
+        scan_b,
+    })
 }
 
 /// The two replicas of a run and the scan options their tables were made with (for
@@ -534,15 +576,33 @@ impl Progress for Sided<'_> {
     }
 }
 
+/// Options for tests: Maildir++, no fsync, files owned by whoever runs them, the base in
+/// `state`.
+#[cfg(test)]
+pub(crate) fn test_options(state: &Path) -> SyncOptions {
+    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
+    SyncOptions {
+        scan: ScanOptions {
+            layout: Some(Layout::MaildirPlusPlus),
+            ..ScanOptions::default()
+        },
+        diff: crate::sync::diff::DiffOptions::default(),
+        apply: ApplyOptions {
+            fsync: FsyncPolicy::None,
+            ownership: Ownership::RunningUser,
+        },
+        dry_run: false,
+        max_delete: crate::sync::backup::DeleteLimit::Percent(100),
+        state_dir: Some(state.to_path_buf()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::progress::NoProgress;
     use crate::replica::local::LocalReplica;
     use crate::replica::{Body, BodyError, BodySource};
-    use crate::storage::maildir::writer::{FsyncPolicy, Ownership};
-    use crate::sync::backup::DeleteLimit;
-    use crate::sync::diff::DiffOptions;
     use std::fs;
     use std::path::Path;
 
@@ -649,23 +709,6 @@ mod tests {
         }
     }
 
-    fn options(state: &Path) -> SyncOptions {
-        SyncOptions {
-            scan: ScanOptions {
-                layout: Some(Layout::MaildirPlusPlus),
-                ..ScanOptions::default()
-            },
-            diff: DiffOptions::default(),
-            apply: ApplyOptions {
-                fsync: FsyncPolicy::None,
-                ownership: Ownership::RunningUser,
-            },
-            dry_run: false,
-            max_delete: DeleteLimit::Percent(100),
-            state_dir: Some(state.to_path_buf()),
-        }
-    }
-
     fn files(root: &Path) -> usize {
         fs::read_dir(root.join("cur")).unwrap().count()
     }
@@ -681,19 +724,19 @@ mod tests {
         maildir(&a);
         maildir(&b);
         let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
-        let first = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        let first = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap();
         assert!(first.first_sync && first.is_noop());
         let hiding = Missing {
             inner: LocalReplica::new(&a),
             base: "1700000000.M2P1.host,S=6".into(),
         };
-        let outcome = sync(&hiding, &rb, &options(&state), &NoProgress).unwrap();
+        let outcome = sync(&hiding, &rb, &test_options(&state), &NoProgress).unwrap();
         assert!(outcome.is_noop(), "{:?}", outcome.b.planned);
         assert_eq!(files(&b), 3, "the phantom expunge did not reach B");
         // A real expunge on A does reach B.
         let gone = a.join("cur").join("1700000000.M2P1.host,S=6:2,S");
         fs::remove_file(gone).unwrap();
-        let outcome = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
+        let outcome = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap();
         assert_eq!(outcome.b.report.expunged, 1);
         assert_eq!(files(&b), 2);
     }

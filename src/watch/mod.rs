@@ -1,12 +1,13 @@
 //! `watch`: a near-realtime mirror. Watches the source tree with inotify, gathers what
-//! changed into batches of dirty mailboxes ([`coalesce`]), and runs a batch step ([`Step`];
-//! [`oneway::OneWay`] today) over one long-lived pair of replicas: a full run first and
+//! changed into batches of dirty mailboxes ([`coalesce`]), and runs a batch step ([`Step`]:
+//! [`oneway::OneWay`] or [`twoway::TwoWay`]) over one long-lived pair of replicas: a full run first and
 //! after anything goes wrong, then only the dirty mailboxes. Reconnects with exponential
 //! backoff and stops cleanly between batches. Blocks while idle; never prints (reports
 //! through [`Monitor`]); never writes mail itself (the step's applier does).
 
 pub mod coalesce;
 pub mod oneway;
+pub mod twoway;
 pub mod watcher;
 
 use std::sync::Arc;
@@ -31,11 +32,13 @@ pub struct BatchReport {
     pub mailboxes_read: u64,
     /// True for a full run (start, catch-up, overflow, periodic rescan).
     pub full: bool,
+    /// Two-way disagreements and how they were settled, one line each.
+    pub conflicts: Vec<String>,
 }
 
 /// One batch of work over two replicas. The loop knows nothing of how the two sides are
-/// brought together: one-way backup is [`oneway::OneWay`]; a two-way step implements the
-/// same trait with sync semantics.
+/// brought together: one-way backup is [`oneway::OneWay`], two-way sync is
+/// [`twoway::TwoWay`].
 pub trait Step {
     /// Brings everything together (the first run, after a reconnect or an overflow, and
     /// every rescan interval).

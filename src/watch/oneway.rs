@@ -146,6 +146,7 @@ impl OneWay {
             outcome: applied.outcome,
             mailboxes_read: read as u64,
             full: false,
+            conflicts: Vec::new(),
         })
     }
 }
@@ -233,6 +234,7 @@ impl Step for OneWay {
             outcome: run.outcome,
             mailboxes_read: read as u64,
             full: true,
+            conflicts: Vec::new(),
         })
     }
 
