@@ -101,7 +101,7 @@ pub fn sync(
 ) -> Result<SyncOutcome> {
     let started = Instant::now();
     let base_path = base_path(a, b, options);
-    let base = base_path
+    let mut base = base_path
         .as_deref()
         .map(BaseState::load)
         .unwrap_or_default();
@@ -117,7 +117,7 @@ pub fn sync(
         scan_a: &scan_a,
         scan_b: &scan_b,
     };
-    let round = sync_tables(&sides, ta, tb, &base, options, progress)?;
+    let round = sync_tables(&sides, ta, tb, &mut base, options, progress)?;
     if let Some(next) = &round.next_base {
         save_base(base_path.as_deref(), &base, next, progress);
     }
@@ -239,7 +239,7 @@ pub fn sync_tables(
     sides: &Sides<'_>,
     mut ta: MailTable,
     mut tb: MailTable,
-    base: &BaseState,
+    base: &mut BaseState,
     options: &SyncOptions,
     progress: &dyn Progress,
 ) -> Result<Round> {
@@ -330,33 +330,25 @@ pub fn sync_tables(
     Ok(Round { outcome, next_base })
 }
 
-/// Removes from the stored base, durably and before anything is applied, the mailboxes the
-/// merge did not trust. A run killed after applying part of a union could otherwise leave
-/// both sides with next UIDs past the stale entry's, which would make it look trustworthy
-/// to the next run, whose merge would then read its messages' absence as expunges.
+/// Removes from the base, in memory and (durably) on disk, before anything is applied, the
+/// mailboxes the merge did not trust. A run killed or failing after applying part of a
+/// union could otherwise leave both sides with next UIDs past the stale entry's, which would
+/// make it look trustworthy to the next round, whose merge would then read its messages'
+/// absence as expunges.
 fn forget_untrusted(
     sides: &Sides<'_>,
-    base: &BaseState,
+    base: &mut BaseState,
     untrusted: &[String],
     options: &SyncOptions,
 ) -> Result<()> {
-    let Some(dir) = options.state_dir.as_deref() else {
-        return Ok(());
-    };
     if untrusted.is_empty() {
         return Ok(());
     }
-    let path = base::base_file(dir, &sides.a.location(), &sides.b.location());
-    let kept = BaseState {
-        mailboxes: base
-            .mailboxes
-            .iter()
-            .filter(|m| !untrusted.contains(&m.dir))
-            .cloned()
-            .collect(),
-        subscriptions: base.subscriptions.clone(),
+    base.mailboxes.retain(|m| !untrusted.contains(&m.dir));
+    let Some(path) = base_path(sides.a, sides.b, options) else {
+        return Ok(());
     };
-    kept.save(&path)
+    base.save(&path)
         .map_err(|e| crate::error::Error::io(&path, e))
 }
 

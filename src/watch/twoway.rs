@@ -128,7 +128,7 @@ impl Step for TwoWay {
         progress: &dyn Progress,
     ) -> Result<BatchReport> {
         let path = twoway::base_path(a, b, &self.options);
-        let base = self.take_base(path.as_deref());
+        let mut base = self.take_base(path.as_deref());
         // Should the scan fail, the base stays as it was.
         let pair = match twoway::scan_pair(a, b, &base, &self.options, progress) {
             Ok(pair) => pair,
@@ -160,7 +160,7 @@ impl Step for TwoWay {
             scan_a: &scan_a,
             scan_b: &scan_b,
         };
-        let round = twoway::sync_tables(&sides, ta, tb, &base, &self.options, progress);
+        let round = twoway::sync_tables(&sides, ta, tb, &mut base, &self.options, progress);
         match round {
             Ok(round) => Ok(self.finish(round, (base, path), roots, (read, true), progress)),
             Err(e) => {
@@ -188,7 +188,7 @@ impl Step for TwoWay {
             return self.full(a, b, progress);
         };
         let path = twoway::base_path(a, b, &self.options);
-        let base = self.take_base(path.as_deref());
+        let mut base = self.take_base(path.as_deref());
         let mut ta = view(&roots.a, &base, &ra, true);
         let mut tb = view(&roots.b, &base, &rb, false);
         same_root(&mut ta, &mut tb, &base);
@@ -204,7 +204,7 @@ impl Step for TwoWay {
             scan_b: &no_cache,
         };
         let read = ra.len() as u64;
-        match twoway::sync_tables(&sides, ta, tb, &base, &self.options, progress) {
+        match twoway::sync_tables(&sides, ta, tb, &mut base, &self.options, progress) {
             Ok(round) => Ok(self.finish(round, (base, path), roots, (read, false), progress)),
             Err(e) => {
                 self.base = Some(base);

@@ -538,9 +538,15 @@ fn a_side_restored_from_an_older_copy_expunges_nothing() {
     // The stale entries are named, so that the stored base loses them before any apply.
     assert!(!third.untrusted_base.is_empty());
     for dir in &third.untrusted_base {
-        assert!(second.next.mailbox(dir).is_some(), "{dir} is a base mailbox");
+        assert!(
+            second.next.mailbox(dir).is_some(),
+            "{dir} is a base mailbox"
+        );
     }
-    assert!(second.untrusted_base.is_empty(), "a current base is trusted");
+    assert!(
+        second.untrusted_base.is_empty(),
+        "a current base is trusted"
+    );
 }
 
 #[test]
