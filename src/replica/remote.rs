@@ -218,11 +218,14 @@ impl RemoteReplica {
             self.stop_watchdog.clone(),
             self.timed_out.clone(),
         );
+        // A tenth of the timeout between looks (50 ms to 5 s): a kill comes at most 10 %
+        // late, and an idle session (a `watch` between batches) wakes rarely.
+        let step = (timeout / 10).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let _ = std::thread::Builder::new()
             .name("mdsync-watchdog".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(200));
+                    std::thread::sleep(step);
                     if stats.stalled_for() > timeout {
                         timed_out.store(true, Ordering::Relaxed);
                         crate::transport::kill_tree(pid);
