@@ -48,7 +48,8 @@ pub enum ConflictKind {
     /// Different UIDVALIDITY on the two sides: the base's (else A's) generation is kept,
     /// the other side's messages are renumbered into it.
     UidValidity,
-    /// A mailbox that cannot be read on one side (or is a symlink there): left alone.
+    /// A mailbox that cannot be read on one side (or is a symlink there, or was changing
+    /// while read): left alone.
     LeftAlone,
 }
 
@@ -465,6 +466,13 @@ fn merge_group(
         // The caller reads a mailbox unchanged on one side only; if it did not, wait.
         return t.hold(g, "not read on one side; next run");
     }
+    if let Some(side) = phantom_side(g) {
+        let why = format!(
+            "changing on {side} while read: a file its uidlist names was not listed; next run"
+        );
+        conflict(conflicts, ConflictKind::LeftAlone, why.clone());
+        return t.hold(g, &why);
+    }
     // Deleted on one side since the last sync.
     if let Some(base) = g.base
         && (g.a.is_none() || g.b.is_none())
@@ -503,6 +511,31 @@ fn merge_group(
     t.same_a.extend(built.same_a);
     t.same_b.extend(built.same_b);
     t.next.push(built.next);
+}
+
+/// The side (`"A"`, `"B"`) whose listing may have missed a file Dovecot was renaming, when
+/// the miss would count: its mailbox moved while it was read (even on the caller's second
+/// look) and its uidlist names a file not listed that the base knows (an expunge would reach
+/// the other side) or the other side holds (a copy would land beside the file). Such a
+/// mailbox is left alone until a run reads it settled.
+fn phantom_side(g: &Group<'_>) -> Option<&'static str> {
+    let doubtful = |m: Option<&MailboxTable>, other: Option<&MailboxTable>| {
+        let Some(m) = m.filter(|m| !m.settled && !m.listed_missing.is_empty()) else {
+            return false;
+        };
+        let other_bases: HashSet<&str> =
+            other.map_or_else(HashSet::new, |o| (0..o.len()).map(|j| o.base(j)).collect());
+        m.listed_missing.iter().any(|&(uid, r)| {
+            g.base.is_some_and(|b| b.find_uid(uid).is_some()) || other_bases.contains(m.str(r))
+        })
+    };
+    if doubtful(g.a, g.b) {
+        Some("A")
+    } else if doubtful(g.b, g.a) {
+        Some("B")
+    } else {
+        None
+    }
 }
 
 /// Messages of `m` that the base does not know (by UID and GUID).

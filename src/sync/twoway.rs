@@ -442,17 +442,33 @@ fn read_one_sided(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable) 
 /// mailbox that moved while it was read (or whose uidlist names files the scan did not
 /// find) and lacks a message whose absence would count is listed again first — a phantom
 /// expunge must never reach the other side, nor a phantom gap be filled with a duplicate.
+/// While the second look still finds it moving, it looks again after the stamps' racy
+/// margin (a mailbox just changed, then quiet, settles); one still moving after that is
+/// left alone by the merge for this run.
 fn confirm_missing(side: &dyn Replica, mine: &mut MailTable, theirs: &MailTable, base: &BaseState) {
     let layout = mine.layout;
     mine.mailboxes.par_iter_mut().for_each(|m| {
         if m.unchanged.is_some() || (m.settled && m.listed_missing.is_empty()) {
             return;
         }
-        if lacks_something(m, theirs.mailbox(&m.dir), base.mailbox(&m.dir)) {
+        let (other, base) = (theirs.mailbox(&m.dir), base.mailbox(&m.dir));
+        if !lacks_something(m, other, base) {
+            return;
+        }
+        *m = side.rescan_mailbox(layout, &m.dir);
+        for wait_ms in CONFIRM_WAITS_MS {
+            if m.settled || !lacks_something(m, other, base) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(wait_ms));
             *m = side.rescan_mailbox(layout, &m.dir);
         }
     });
 }
+
+/// Pauses before each further look at a mailbox still moving: past the fine (0.1 s) and
+/// then the coarse (2 s) racy margin of the scanner's stamps.
+const CONFIRM_WAITS_MS: [u64; 2] = [150, 2100];
 
 /// True when the absence of a message from `m` would count: the base has a message `m`
 /// lacks (it would be expunged on the other side), or the other side has a message whose

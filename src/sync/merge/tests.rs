@@ -543,3 +543,80 @@ fn renumbered_uids_are_reported_as_ranges() {
     let many: Vec<u32> = (0..30).map(|n| n * 2).collect();
     assert!(uid_ranges(&many).ends_with(",…"));
 }
+
+/// `t` with message `uid` of mailbox `dir` gone from the listing but still named by the
+/// uidlist, as a scan that raced a rename by Dovecot sees it; `settled` as the scan found.
+fn missed_by_readdir(t: &MailTable, dir: &str, uid: u32, settled: bool) -> MailTable {
+    let mut out = t.clone();
+    let m = out.mailboxes.iter_mut().find(|m| m.dir == dir).unwrap();
+    let mut kept = MailboxTable {
+        msgs: Default::default(),
+        arena: String::new(),
+        extras: Vec::new(),
+        settled,
+        ..m.clone()
+    };
+    for i in 0..m.len() {
+        if m.msgs.uid[i] == uid {
+            let r = kept.intern(m.base(i));
+            kept.listed_missing.push((uid, r));
+            continue;
+        }
+        let msgs = &m.msgs;
+        kept.push(
+            msgs.uid[i],
+            m.name(i),
+            msgs.base_len[i] as usize,
+            msgs.flags[i],
+            msgs.size[i],
+            None,
+            msgs.status[i],
+        );
+    }
+    *m = kept;
+    out
+}
+
+#[test]
+fn a_file_missed_while_the_mailbox_moved_is_neither_expunged_nor_copied_back() {
+    let start = initial(2);
+    let t0 = start.table();
+    let (_, _, first) = sync_round(&BaseState::default(), &t0, &t0);
+    // B's listing raced a rename of Archive's UID 2 (still in B's uidlist): not an expunge.
+    let b = missed_by_readdir(&t0, ".Archive", 2, false);
+    let merged = merge(
+        &first.next,
+        &t0,
+        &b,
+        &HashAnswers::new(),
+        &DiffOptions::default(),
+    );
+    assert!(merged.plan_a.is_empty(), "{:?}", merged.plan_a.lines());
+    assert!(merged.plan_b.is_empty(), "{:?}", merged.plan_b.lines());
+    assert_eq!(merged.next, first.next, "the base still speaks for Archive");
+    // Without a base either: A's copy is not brought to B beside the file B has.
+    let none = merge(
+        &BaseState::default(),
+        &t0,
+        &b,
+        &HashAnswers::new(),
+        &DiffOptions::default(),
+    );
+    assert!(none.plan_b.is_empty(), "{:?}", none.plan_b.lines());
+    // Once B's mailbox is read settled, the record without a file is a real expunge.
+    let settled = missed_by_readdir(&t0, ".Archive", 2, true);
+    let merged = merge(
+        &first.next,
+        &t0,
+        &settled,
+        &HashAnswers::new(),
+        &DiffOptions::default(),
+    );
+    let archive = merged
+        .plan_a
+        .mailboxes
+        .iter()
+        .find(|m| m.dir == ".Archive")
+        .unwrap();
+    assert_eq!(archive.expunges.len(), 1, "{:?}", merged.plan_a.lines());
+}
