@@ -691,10 +691,19 @@ fn apply_locked(
     if let Some(map) = &m.keywords {
         write_keywords(path, &map.render(), owner, options).map_err(|e| Error::io(path, e))?;
     }
+    let raced = match &m.uidlist {
+        Some(UidlistChange::Write(edit)) if !edit.upsert.is_empty() => taken_meanwhile(path, edit),
+        _ => Default::default(),
+    };
+    report.vanished += raced.upserts;
     let mut landed: std::collections::HashSet<u32> = std::collections::HashSet::new();
     for (n, s) in staged.iter().enumerate() {
         if n % 1024 == 0 {
             lock.touch_if_due();
+        }
+        if s.op.uid != 0 && raced.uids.contains(&s.op.uid) {
+            let _ = fs::remove_file(&s.tmp);
+            continue;
         }
         let target = path.join(s.op.dst_sub.as_str()).join(&s.op.dst_name);
         match writer::rename_noreplace(&s.tmp, &target) {
@@ -733,11 +742,13 @@ fn apply_locked(
     }
     // A copy that did not land (vanished source, I/O error) leaves its UID as it was: the
     // file it was to replace stays, and its uidlist record is not rewritten.
+    // Nor does a UID Dovecot gave away since the scan: the message keeps its old record.
     let failed: std::collections::HashSet<u32> = m
         .copies
         .iter()
         .map(|c| c.uid)
         .filter(|&uid| uid != 0 && !landed.contains(&uid))
+        .chain(raced.uids)
         .collect();
     for e in m
         .expunges
@@ -790,6 +801,47 @@ fn apply_locked(
         }
     }
     Ok(())
+}
+
+/// UIDs of an edit that a live Dovecot numbered since the scan, to be left as they are.
+#[derive(Default)]
+struct Raced {
+    /// The upserts' UIDs held now by a record the plan did not know of, and the UIDs the
+    /// same messages have now (their records stay).
+    uids: std::collections::HashSet<u32>,
+    /// How many upserts are left out (the run is then not complete: a re-run settles them).
+    upserts: u64,
+}
+
+/// Finds the upserts whose UID the uidlist, as it is under the lock, gives to another
+/// file and the plan neither removes nor knew of: Dovecot delivered and numbered a message
+/// after the scan. Writing the upsert would take that UID from it (its IMAP clients have
+/// seen it), so those upserts wait for the next run, which sees Dovecot's record. An
+/// unreadable uidlist finds none; writing it reports the problem.
+fn taken_meanwhile(path: &Path, edit: &UidlistEdit) -> Raced {
+    let mut raced = Raced::default();
+    let Ok(Some(text)) = read_uidlist_text(&path.join(uidlist::FILE_NAME)) else {
+        return raced;
+    };
+    let Ok(current) = uidlist::parse(&text) else {
+        return raced;
+    };
+    if current.header.uid_validity != edit.header.uid_validity {
+        return raced;
+    }
+    let holder: std::collections::HashMap<u32, &str> =
+        current.records.iter().map(|r| (r.uid, r.base)).collect();
+    for r in &edit.upsert {
+        let foreign = holder.get(&r.uid).is_some_and(|&base| base != r.base);
+        if !foreign || edit.remove.binary_search(&r.uid).is_ok() {
+            continue;
+        }
+        raced.upserts += 1;
+        raced.uids.insert(r.uid);
+        let own = current.records.iter().filter(|c| c.base == r.base);
+        raced.uids.extend(own.map(|c| c.uid));
+    }
+    raced
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
@@ -1299,6 +1351,65 @@ mod tests {
             speculate_uidlist(path, &plan, &batch()).is_none(),
             "a torn uidlist is left to the locked path"
         );
+    }
+
+    #[test]
+    fn a_uid_dovecot_gave_away_after_the_scan_is_not_taken_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        for root in [&src, &dst] {
+            for sub in ["cur", "new", "tmp"] {
+                fs::create_dir_all(root.join(sub)).unwrap();
+            }
+        }
+        fs::write(src.join("cur/theirs:2,"), "body\n").unwrap();
+        for base in ["a", "b"] {
+            fs::write(dst.join("cur").join(format!("{base}:2,")), "x\n").unwrap();
+        }
+        // As scanned: UIDs 1 and 2, next 3. The plan copies `theirs` as 3 and, for a UID
+        // conflict, renumbers `a` from 1 to 4.
+        let plan = Plan {
+            mailboxes: vec![MailboxPlan {
+                copies: vec![CopyOp {
+                    uid: 3,
+                    src_sub: crate::model::Subdir::Cur,
+                    src_name: "theirs:2,".into(),
+                    dst_sub: crate::model::Subdir::Cur,
+                    dst_name: "theirs:2,".into(),
+                    size: 5,
+                }],
+                uidlist: Some(UidlistChange::Write(UidlistEdit {
+                    header: Header {
+                        uid_validity: 7,
+                        next_uid: 5,
+                        guid: None,
+                        extra: String::new(),
+                    },
+                    remove: vec![1],
+                    upsert: vec![rec(3, "theirs"), rec(4, "a")],
+                })),
+                ..MailboxPlan::default()
+            }],
+            ..Plan::default()
+        };
+        // Meanwhile Dovecot delivered two messages and numbered them 3 and 4.
+        for base in ["late", "later"] {
+            fs::write(dst.join("new").join(base), "y\n").unwrap();
+        }
+        let uidlist = "3 V7 N5\n1 :a\n2 :b\n3 :late\n4 :later\n";
+        fs::write(dst.join("dovecot-uidlist"), uidlist).unwrap();
+        let source = crate::replica::local::LocalReplica::new(&src);
+        let report = apply(&dst, &plan, &source, &batch(), &NoProgress).unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.join("dovecot-uidlist")).unwrap(),
+            uidlist,
+            "Dovecot's records stay, and so does a's"
+        );
+        assert!(
+            !dst.join("cur/theirs:2,").exists(),
+            "not landed without a UID"
+        );
+        assert!(report.vanished > 0, "the run is not complete: {report:?}");
     }
 
     #[test]
