@@ -232,6 +232,23 @@ fn pair_mailboxes<'a>(base: &'a BaseState, a: &'a MailTable, b: &'a MailTable) -
             *fb = by_dir(b, &mut b_used, e);
         }
     }
+    // A mailbox found on one side only, renamed there, may be on the other side under its
+    // new name without a GUID yet: a run killed while creating it there (directories,
+    // perhaps files, no uidlist). It is the same mailbox, not a stranger to rename away.
+    let unnumbered_at = |t: &MailTable, used: &mut Vec<bool>, dir: &str| {
+        let i = (0..t.mailboxes.len()).find(|&i| {
+            !used[i] && t.mailboxes[i].dir == dir && t.mailboxes[i].guid_of_mailbox().is_none()
+        })?;
+        used[i] = true;
+        Some(i)
+    };
+    for (fa, fb) in &mut found {
+        match (*fa, *fb) {
+            (Some(i), None) => *fb = unnumbered_at(b, &mut b_used, &a.mailboxes[i].dir),
+            (None, Some(j)) => *fa = unnumbered_at(a, &mut a_used, &b.mailboxes[j].dir),
+            _ => {}
+        }
+    }
     for (e, (fa, fb)) in base.mailboxes.iter().zip(found) {
         groups.push(Group {
             base: Some(e),

@@ -11,6 +11,7 @@ use super::*;
 use crate::model::MailboxGuid;
 use crate::storage::maildir::filename;
 use crate::storage::maildir::layout::Layout;
+use crate::sync::plan::MailboxPlan;
 use crate::sync::predict::predict;
 
 /// One message of the model: GUID (also the base name), system flags, keyword names.
@@ -183,7 +184,10 @@ impl Model {
             Op::Create(n, seed) => {
                 let name = ["Work", "Lists", "Old"][n % 3].to_string();
                 self.boxes.entry(name).or_insert(ModelBox {
-                    guid: u128::from(seed) << 64 | u128::from(self.side as u32),
+                    // Unique per name: two mailboxes with one GUID are a copied directory.
+                    guid: u128::from(seed) << 64
+                        | ((n % 3) as u128) << 32
+                        | u128::from(self.side as u32),
                     uid_validity: 1000 + seed,
                     next: 1,
                     msgs: BTreeMap::new(),
@@ -619,4 +623,180 @@ fn a_file_missed_while_the_mailbox_moved_is_neither_expunged_nor_copied_back() {
         .find(|m| m.dir == ".Archive")
         .unwrap();
     assert_eq!(archive.expunges.len(), 1, "{:?}", merged.plan_a.lines());
+}
+
+/// [`carry_out`] of the plan's mailbox renames and only the mailbox plans whose bit is set
+/// in `mask` (deletes with bit 63): a run killed part-way through this side.
+fn carry_out_part(t: &MailTable, plan: &Plan, mask: u64) -> MailTable {
+    let part = Plan {
+        mailboxes: plan
+            .mailboxes
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| mask & (1 << (k % 63)) != 0)
+            .map(|(_, m)| m.clone())
+            .collect(),
+        delete_mailboxes: if mask & (1 << 63) != 0 {
+            plan.delete_mailboxes.clone()
+        } else {
+            Vec::new()
+        },
+        ..plan.clone()
+    };
+    carry_out(t, &part)
+}
+
+fn check_killed_run(
+    a_ops: &[Op],
+    b_ops: &[Op],
+    (mask_a, half_a): (u64, u64),
+    (mask_b, half_b): (u64, u64),
+) -> Result<(), TestCaseError> {
+    let start = initial(3);
+    let t0 = start.table();
+    let base = sync_round(&BaseState::default(), &t0, &t0).2.next;
+    let (mut ma, mut mb) = (start.clone(), start);
+    ma.side = 'a';
+    mb.side = 'b';
+    mb.reverse_keywords = true;
+    a_ops.iter().for_each(|op| ma.apply(op));
+    b_ops.iter().for_each(|op| mb.apply(op));
+    let (ta, tb) = (ma.table(), mb.table());
+    // The run is killed: part of each side's plan is done, the base is not saved.
+    let killed = merge(
+        &base,
+        &ta,
+        &tb,
+        &HashAnswers::new(),
+        &DiffOptions::default(),
+    );
+    let a1 = carry_out_killed(&ta, &killed.plan_a, mask_a, half_a);
+    let b1 = carry_out_killed(&tb, &killed.plan_b, mask_b, half_b);
+    let (a2, b2, merged) = sync_round(&base, &a1, &b1);
+    let (va, vb) = (view(&a2), view(&b2));
+    prop_assert_eq!(&va, &vb, "sides differ after the re-run");
+    for (name, (_, _, _, msgs)) in &va {
+        let set: BTreeSet<&String> = msgs.values().map(|m| &m.0).collect();
+        prop_assert_eq!(set.len(), msgs.len(), "duplicate GUID in {}", name);
+    }
+    let (known, after) = (guids(&t0), guids(&a2));
+    for g in guids(&ta).union(&guids(&tb)) {
+        prop_assert!(
+            known.contains(g) || after.contains(g),
+            "new message {} lost",
+            g
+        );
+    }
+    let again = merge(
+        &merged.next,
+        &a2,
+        &b2,
+        &HashAnswers::new(),
+        &DiffOptions::default(),
+    );
+    prop_assert!(
+        again.plan_a.is_empty(),
+        "third run on A: {:?}",
+        again.plan_a.lines()
+    );
+    prop_assert!(
+        again.plan_b.is_empty(),
+        "third run on B: {:?}",
+        again.plan_b.lines()
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_run_killed_part_way_converges_on_the_next(
+        a_ops in proptest::collection::vec(op(), 0..12),
+        b_ops in proptest::collection::vec(op(), 0..12),
+        a_kill in any::<(u64, u64)>(),
+        b_kill in any::<(u64, u64)>(),
+    ) {
+        check_killed_run(&a_ops, &b_ops, a_kill, b_kill)?;
+    }
+}
+
+/// One mailbox plan carried out up to its uidlist, as a run killed under the lock leaves
+/// it: copies landed without a UID (their GUID is their base name), renames and expunges
+/// done, the uidlist (UIDs, renumbering, GUID fields) as it was.
+fn carry_out_until_uidlist(before: Option<&MailboxTable>, mp: &MailboxPlan) -> MailboxTable {
+    let mut out = MailboxTable {
+        dir: mp.dir.clone(),
+        name: mp.name.clone(),
+        settled: true,
+        ..before.cloned().unwrap_or_default()
+    };
+    out.msgs = Default::default();
+    out.arena = String::new();
+    out.extras = Vec::new();
+    out.listed_missing = Vec::new();
+    if let Some(k) = &mp.keywords {
+        out.keywords = k.clone();
+    }
+    let mut rows: Vec<(u32, String, Option<String>)> = Vec::new();
+    if let Some(b) = before {
+        for i in 0..b.len() {
+            let name = b.name(i);
+            if mp.expunges.iter().any(|e| e.name == name) {
+                if b.msgs.uid[i] != 0 {
+                    let r = out.intern(b.base(i));
+                    out.listed_missing.push((b.msgs.uid[i], r));
+                }
+                continue;
+            }
+            let name = mp
+                .renames
+                .iter()
+                .find(|r| r.from_name == name)
+                .map_or(name.to_string(), |r| r.to_name.clone());
+            let guid = (b.guid(i) != b.base(i)).then(|| b.guid(i).to_string());
+            rows.push((b.msgs.uid[i], name, guid));
+        }
+    }
+    for c in &mp.copies {
+        rows.push((0, c.dst_name.clone(), None));
+    }
+    for (uid, name, guid) in rows {
+        let parsed = filename::parse(&name).unwrap();
+        let base_len = parsed.base.len();
+        let flags = parsed.flags;
+        let extras = guid.map(|g| {
+            let r = out.intern(&g);
+            Extras {
+                guid: Some(r),
+                ext: None,
+            }
+        });
+        out.push(uid, &name, base_len, flags, 100, extras, 0);
+    }
+    out.sort_by_uid();
+    out
+}
+
+/// [`carry_out_part`], then the mailbox plans whose bit is set in `half` only up to their
+/// uidlist.
+fn carry_out_killed(t: &MailTable, plan: &Plan, mask: u64, half: u64) -> MailTable {
+    let mut out = carry_out_part(t, plan, mask & !half);
+    let renamed = carry_out(
+        t,
+        &Plan {
+            rename_mailboxes: plan.rename_mailboxes.clone(),
+            ..Plan::default()
+        },
+    );
+    for (k, mp) in plan.mailboxes.iter().enumerate() {
+        if half & (1 << (k % 63)) == 0 || mask & (1 << (k % 63)) == 0 {
+            continue;
+        }
+        let half_done = carry_out_until_uidlist(renamed.mailbox(&mp.dir), mp);
+        out.mailboxes.retain(|m| m.dir != mp.dir);
+        out.mailboxes.push(half_done);
+    }
+    out.mailboxes.sort_by(|x, y| x.dir.cmp(&y.dir));
+    out
 }
