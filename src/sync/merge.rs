@@ -826,16 +826,35 @@ impl<'a> MessageMerge<'a> {
             let ub = self.uid_b(j);
             self.a_done[i] = true;
             self.b_done[j] = true;
-            let agreed = ua == ub && ua != 0;
+            let uid = self.kept_uid(ua, ub);
             self.out.push(Target {
-                uid: if agreed { ua } else { 0 },
-                renumber: !agreed && self.header.is_some(),
+                uid,
+                renumber: uid == 0 && self.header.is_some(),
                 a: Some(i),
                 b: Some(j),
                 guid_from_a,
                 flags: union(self.flags_a(i), self.flags_b(j)),
                 in_new: self.new_a(i) && self.new_b(j),
             });
+        }
+    }
+
+    /// The UID a message new on both sides keeps: the one both gave it, else one side's
+    /// when the other side never used or passed it (a run killed after one side numbered
+    /// it, or a copy that landed before its uidlist record: that side's clients keep the
+    /// UID they saw), else none (renumbered above both).
+    fn kept_uid(&self, ua: u32, ub: u32) -> u32 {
+        let next =
+            |m: Option<&MailboxTable>, uids: bool| m.filter(|_| uids).map_or(0, |m| m.next_uid);
+        let (a_next, b_next) = (next(self.g.a, self.a_uids), next(self.g.b, self.b_uids));
+        if ua == ub {
+            ua
+        } else if ua != 0 && ua >= b_next && self.find_b(ua).is_none() {
+            ua
+        } else if ub != 0 && ub >= a_next && self.find_a(ub).is_none() {
+            ub
+        } else {
+            0
         }
     }
 

@@ -800,3 +800,36 @@ fn carry_out_killed(t: &MailTable, plan: &Plan, mask: u64, half: u64) -> MailTab
     out.mailboxes.sort_by(|x, y| x.dir.cmp(&y.dir));
     out
 }
+
+#[test]
+fn a_rerun_after_one_side_finished_keeps_the_uids_that_side_gave() {
+    let start = initial(2);
+    let first = sync_round(&BaseState::default(), &start.table(), &start.table()).2;
+    let (mut ma, mut mb) = (start.clone(), start);
+    ma.side = 'a';
+    mb.side = 'b';
+    ma.apply(&Op::Deliver(0));
+    mb.apply(&Op::Deliver(0));
+    let (ta, tb) = (ma.table(), mb.table());
+    // Killed after A's plan (a1 renumbered 3 → 4, b1 copied as 5), before B's: no base.
+    let killed = merge(
+        &first.next,
+        &ta,
+        &tb,
+        &HashAnswers::new(),
+        &DiffOptions::default(),
+    );
+    let a1 = carry_out(&ta, &killed.plan_a);
+    let (a2, b2, merged) = sync_round(&first.next, &a1, &tb);
+    assert_eq!(view(&a2), view(&b2));
+    assert!(
+        merged.plan_a.is_empty(),
+        "A's clients keep the UIDs they saw: {:?}",
+        merged.plan_a.lines()
+    );
+    let archive = &view(&b2)["Archive"].3;
+    assert_eq!(
+        (archive[&4].0.as_str(), archive[&5].0.as_str()),
+        ("a1", "b1")
+    );
+}
