@@ -8,7 +8,8 @@
 //! Rules (the README states them for users):
 //! - a message on one side only and not in the base is new: copied, keeping its UID unless
 //!   the other side used that UID (or may have: it lies below the other's next UID), in which
-//!   case it is renumbered above both sides' next UID on both sides;
+//!   case it is renumbered above both sides' next UID on both sides; one on both sides under
+//!   different UIDs keeps one side's UID when the other never used or passed it;
 //! - flags and keywords merge bit by bit against the base: a bit changed on either side
 //!   is changed;
 //! - a base message gone from one side (same UID and GUID) is expunged on the other, also
