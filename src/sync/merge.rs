@@ -743,6 +743,7 @@ impl<'a> MessageMerge<'a> {
         };
         let (has_a, has_b) = (self.g.a.is_some(), self.g.b.is_some());
         let records = base.records();
+        let (mut gone_a, mut gone_b) = (Vec::new(), Vec::new());
         for k in 0..records.uids.len() {
             let (uid, gh) = (records.uids[k], records.guids[k]);
             let ia = self
@@ -769,24 +770,85 @@ impl<'a> MessageMerge<'a> {
                 }
                 (Some(i), None) if has_b => {
                     self.a_done[i] = true;
-                    if self.flags_a(i) != old {
-                        note(
-                            ConflictKind::ExpungedChanged,
-                            format!("uid {uid}: expunged on B, flags changed on A; expunged"),
-                        );
-                    }
+                    gone_b.push((uid, i, old));
                 }
                 (None, Some(j)) if has_a => {
                     self.b_done[j] = true;
-                    if self.flags_b(j) != old {
-                        note(
-                            ConflictKind::ExpungedChanged,
-                            format!("uid {uid}: expunged on A, flags changed on B; expunged"),
-                        );
-                    }
+                    gone_a.push((uid, j, old));
                 }
                 _ => {}
             }
+        }
+        self.gone_or_renumbered(gone_b, true, note);
+        self.gone_or_renumbered(gone_a, false, note);
+    }
+
+    /// Base messages one side lacks under their UID: the other side's copy goes, unless
+    /// the side holds the same GUID under a UID the base does not know (Dovecot numbered it
+    /// again: a rebuilt uidlist, a message that "reappeared"). Then it is one message, its
+    /// flags merged against the base — a flag changed on the other side is not lost.
+    fn gone_or_renumbered(
+        &mut self,
+        gone: Vec<(u32, usize, Flags)>,
+        lacking_b: bool,
+        note: &mut impl FnMut(ConflictKind, String),
+    ) {
+        let side = if lacking_b { self.g.b } else { self.g.a };
+        let Some(side) = side.filter(|_| !gone.is_empty()) else {
+            return;
+        };
+        let done = if lacking_b {
+            &self.b_done
+        } else {
+            &self.a_done
+        };
+        let unknown: HashMap<&str, usize> = (0..side.len())
+            .filter(|&r| !done[r])
+            .map(|r| (side.guid(r), r))
+            .collect();
+        let (lacking, holding) = if lacking_b { ("B", "A") } else { ("A", "B") };
+        for (uid, row, old) in gone {
+            let (held_guid, held_flags) = if lacking_b {
+                (self.g.a.expect("a").guid(row), self.flags_a(row))
+            } else {
+                (self.g.b.expect("b").guid(row), self.flags_b(row))
+            };
+            let again = unknown.get(held_guid).copied();
+            let Some(other) = again.filter(|&r| {
+                let done = if lacking_b {
+                    &self.b_done
+                } else {
+                    &self.a_done
+                };
+                !done[r]
+            }) else {
+                if held_flags != old {
+                    note(
+                        ConflictKind::ExpungedChanged,
+                        format!(
+                            "uid {uid}: expunged on {lacking}, flags changed on {holding}; expunged"
+                        ),
+                    );
+                }
+                continue;
+            };
+            let (i, j) = if lacking_b {
+                (row, other)
+            } else {
+                (other, row)
+            };
+            self.a_done[i] = true;
+            self.b_done[j] = true;
+            let kept = self.kept_uid(self.uid_a(i), self.uid_b(j));
+            self.out.push(Target {
+                uid: kept,
+                renumber: kept == 0 && self.header.is_some(),
+                a: Some(i),
+                b: Some(j),
+                guid_from_a: true,
+                flags: merge_flags(old, self.flags_a(i), self.flags_b(j)),
+                in_new: self.new_a(i) && self.new_b(j),
+            });
         }
     }
 
@@ -848,9 +910,7 @@ impl<'a> MessageMerge<'a> {
         let next =
             |m: Option<&MailboxTable>, uids: bool| m.filter(|_| uids).map_or(0, |m| m.next_uid);
         let (a_next, b_next) = (next(self.g.a, self.a_uids), next(self.g.b, self.b_uids));
-        if ua == ub {
-            ua
-        } else if ua != 0 && ua >= b_next && self.find_b(ua).is_none() {
+        if ua == ub || ua != 0 && ua >= b_next && self.find_b(ua).is_none() {
             ua
         } else if ub != 0 && ub >= a_next && self.find_a(ub).is_none() {
             ub

@@ -833,3 +833,39 @@ fn a_rerun_after_one_side_finished_keeps_the_uids_that_side_gave() {
         ("a1", "b1")
     );
 }
+
+#[test]
+fn a_flag_changed_on_one_side_survives_a_renumbering_by_dovecot_on_the_other() {
+    let start = initial(2);
+    let first = sync_round(&BaseState::default(), &start.table(), &start.table()).2;
+    let (mut ma, mut mb) = (start.clone(), start);
+    // A: \Seen on Archive's UID 1. B: Dovecot gave the same message a new UID (its uidlist
+    // was rebuilt, or it reappeared), 1 → 3.
+    ma.apply(&Op::Flag(0, 0, 1));
+    let archive = mb.boxes.get_mut("Archive").unwrap();
+    let msg = archive.msgs.remove(&1).unwrap();
+    archive.msgs.insert(3, msg);
+    archive.next = 4;
+    let (a2, b2, merged) = sync_round(&first.next, &ma.table(), &mb.table());
+    assert_eq!(view(&a2), view(&b2));
+    let archive = &view(&a2)["Archive"].3;
+    let seen = 1 << 5;
+    let kept: Vec<_> = archive.values().filter(|m| m.0 == "s1x0").collect();
+    assert_eq!(kept.len(), 1, "{archive:?}");
+    assert_eq!(
+        kept[0].1 & seen,
+        seen,
+        "A's flag change is kept: {archive:?}"
+    );
+    let plan = merged
+        .plan_a
+        .mailboxes
+        .iter()
+        .find(|m| m.dir == ".Archive")
+        .unwrap();
+    assert!(
+        plan.copies.is_empty() && plan.expunges.is_empty(),
+        "{:?}",
+        merged.plan_a.lines()
+    );
+}
