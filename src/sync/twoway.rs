@@ -585,31 +585,7 @@ mod tests {
             let mut table = self.inner.scan(&options, progress)?;
             let inbox = &mut table.mailboxes[0];
             assert_eq!(inbox.len(), 3);
-            let mut kept = MailboxTable {
-                msgs: Default::default(),
-                arena: String::new(),
-                extras: Vec::new(),
-                settled: false,
-                ..inbox.clone()
-            };
-            for i in 0..inbox.len() {
-                if inbox.base(i) == self.base {
-                    let r = kept.intern(&self.base);
-                    kept.listed_missing.push((inbox.msgs.uid[i], r));
-                    continue;
-                }
-                let m = &inbox.msgs;
-                kept.push(
-                    m.uid[i],
-                    inbox.name(i),
-                    m.base_len[i] as usize,
-                    m.flags[i],
-                    m.size[i],
-                    None,
-                    m.status[i],
-                );
-            }
-            *inbox = kept;
+            *inbox = inbox.with_file_missed(&self.base, false);
             Ok(table)
         }
         fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {

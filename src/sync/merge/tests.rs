@@ -341,21 +341,32 @@ fn guids(t: &MailTable) -> BTreeSet<String> {
         .collect()
 }
 
+/// The plan's work in Archive.
+fn archive_plan(plan: &Plan) -> &MailboxPlan {
+    plan.mailboxes.iter().find(|m| m.dir == ".Archive").unwrap()
+}
+
+/// Merges without content answers and with the default options.
+fn merge_plain(base: &BaseState, a: &MailTable, b: &MailTable) -> Merged {
+    merge(base, a, b, &HashAnswers::new(), &DiffOptions::default())
+}
+
 /// Merges, carries both plans out, and returns both sides afterwards and the next base.
 fn sync_round(base: &BaseState, a: &MailTable, b: &MailTable) -> (MailTable, MailTable, Merged) {
-    let merged = merge(base, a, b, &HashAnswers::new(), &DiffOptions::default());
+    let merged = merge_plain(base, a, b);
     let a2 = carry_out(a, &merged.plan_a);
     let b2 = carry_out(b, &merged.plan_b);
     (a2, b2, merged)
 }
 
-fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
+/// The synced start of both replicas (its table and base), and each side's table after
+/// its operations.
+fn changed_pair(a_ops: &[Op], b_ops: &[Op]) -> (MailTable, BaseState, MailTable, MailTable) {
     let start = initial(3);
     let t0 = start.table();
     let (_, _, first) = sync_round(&BaseState::default(), &t0, &t0);
-    prop_assert!(first.plan_a.is_empty(), "{:?}", first.plan_a.lines());
-    prop_assert!(first.plan_b.is_empty(), "{:?}", first.plan_b.lines());
-    let base = first.next;
+    assert!(first.plan_a.is_empty(), "{:?}", first.plan_a.lines());
+    assert!(first.plan_b.is_empty(), "{:?}", first.plan_b.lines());
     let (mut ma, mut mb) = (start.clone(), start);
     ma.side = 'a';
     mb.side = 'b';
@@ -366,9 +377,25 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
     for op in b_ops {
         mb.apply(op);
     }
-    let (ta, tb) = (ma.table(), mb.table());
+    (t0, first.next, ma.table(), mb.table())
+}
+
+fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
+    let (t0, base, ta, tb) = changed_pair(a_ops, b_ops);
     let (a2, b2, merged) = sync_round(&base, &ta, &tb);
-    let (va, vb) = (view(&a2), view(&b2));
+    check_converged(&t0, (&ta, &tb), (&a2, &b2), &merged)
+}
+
+/// After a merge of `ta` and `tb` (changed from `t0`) carried out as `a2` and `b2`: both
+/// sides equal, no GUID twice in a mailbox, no new message lost, none held by both sides
+/// dropped, and a second merge has nothing to do.
+fn check_converged(
+    t0: &MailTable,
+    (ta, tb): (&MailTable, &MailTable),
+    (a2, b2): (&MailTable, &MailTable),
+    merged: &Merged,
+) -> Result<(), TestCaseError> {
+    let (va, vb) = (view(a2), view(b2));
     prop_assert_eq!(&va, &vb, "sides differ after the sync");
     // No GUID twice in a mailbox.
     for (name, (_, _, _, msgs)) in &va {
@@ -376,9 +403,9 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert_eq!(set.len(), msgs.len(), "duplicate GUID in {}", name);
     }
     // Every message new since the base survives somewhere.
-    let known = guids(&t0);
-    let after = guids(&a2);
-    for g in guids(&ta).union(&guids(&tb)) {
+    let known = guids(t0);
+    let after = guids(a2);
+    for g in guids(ta).union(&guids(tb)) {
         prop_assert!(
             known.contains(g) || after.contains(g),
             "new message {} lost",
@@ -386,7 +413,7 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         );
     }
     // A message both sides still hold the same way is kept.
-    let (before_a, before_b) = (view(&ta), view(&tb));
+    let (before_a, before_b) = (view(ta), view(tb));
     for (name, (_, _, _, msgs)) in &before_a {
         let Some((_, _, _, other)) = before_b.get(name) else {
             continue;
@@ -402,13 +429,7 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         }
     }
     // A second merge right away has nothing to do.
-    let again = merge(
-        &merged.next,
-        &a2,
-        &b2,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
+    let again = merge_plain(&merged.next, a2, b2);
     prop_assert!(
         again.plan_a.is_empty(),
         "second sync plans on A: {:?}",
@@ -419,7 +440,7 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         "second sync plans on B: {:?}",
         again.plan_b.lines()
     );
-    prop_assert_eq!(again.next, merged.next);
+    prop_assert_eq!(&again.next, &merged.next);
     Ok(())
 }
 
@@ -432,6 +453,16 @@ proptest! {
         b_ops in proptest::collection::vec(op(), 0..12),
     ) {
         check_pair(&a_ops, &b_ops)?;
+    }
+
+    #[test]
+    fn a_run_killed_part_way_converges_on_the_next(
+        a_ops in proptest::collection::vec(op(), 0..12),
+        b_ops in proptest::collection::vec(op(), 0..12),
+        a_kill in any::<(u64, u64)>(),
+        b_kill in any::<(u64, u64)>(),
+    ) {
+        check_killed_run(&a_ops, &b_ops, a_kill, b_kill)?;
     }
 }
 
@@ -468,12 +499,7 @@ fn the_same_uid_for_different_messages_is_renumbered_on_both_sides() {
     let kinds: Vec<ConflictKind> = merged.conflicts.iter().map(|c| c.kind).collect();
     assert!(kinds.contains(&ConflictKind::UidRenumbered), "{kinds:?}");
     // A's copy of a1 keeps its file: renumbered in the uidlist, not copied.
-    let plan = merged
-        .plan_a
-        .mailboxes
-        .iter()
-        .find(|m| m.dir == ".Archive")
-        .unwrap();
+    let plan = archive_plan(&merged.plan_a);
     assert_eq!(plan.copies.len(), 1, "only b1 is copied to A");
 }
 
@@ -553,31 +579,8 @@ fn renumbered_uids_are_reported_as_ranges() {
 fn missed_by_readdir(t: &MailTable, dir: &str, uid: u32, settled: bool) -> MailTable {
     let mut out = t.clone();
     let m = out.mailboxes.iter_mut().find(|m| m.dir == dir).unwrap();
-    let mut kept = MailboxTable {
-        msgs: Default::default(),
-        arena: String::new(),
-        extras: Vec::new(),
-        settled,
-        ..m.clone()
-    };
-    for i in 0..m.len() {
-        if m.msgs.uid[i] == uid {
-            let r = kept.intern(m.base(i));
-            kept.listed_missing.push((uid, r));
-            continue;
-        }
-        let msgs = &m.msgs;
-        kept.push(
-            msgs.uid[i],
-            m.name(i),
-            msgs.base_len[i] as usize,
-            msgs.flags[i],
-            msgs.size[i],
-            None,
-            msgs.status[i],
-        );
-    }
-    *m = kept;
+    let base = m.base(m.find_uid(uid).unwrap()).to_string();
+    *m = m.with_file_missed(&base, settled);
     out
 }
 
@@ -588,40 +591,17 @@ fn a_file_missed_while_the_mailbox_moved_is_neither_expunged_nor_copied_back() {
     let (_, _, first) = sync_round(&BaseState::default(), &t0, &t0);
     // B's listing raced a rename of Archive's UID 2 (still in B's uidlist): not an expunge.
     let b = missed_by_readdir(&t0, ".Archive", 2, false);
-    let merged = merge(
-        &first.next,
-        &t0,
-        &b,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
+    let merged = merge_plain(&first.next, &t0, &b);
     assert!(merged.plan_a.is_empty(), "{:?}", merged.plan_a.lines());
     assert!(merged.plan_b.is_empty(), "{:?}", merged.plan_b.lines());
     assert_eq!(merged.next, first.next, "the base still speaks for Archive");
     // Without a base either: A's copy is not brought to B beside the file B has.
-    let none = merge(
-        &BaseState::default(),
-        &t0,
-        &b,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
+    let none = merge_plain(&BaseState::default(), &t0, &b);
     assert!(none.plan_b.is_empty(), "{:?}", none.plan_b.lines());
     // Once B's mailbox is read settled, the record without a file is a real expunge.
     let settled = missed_by_readdir(&t0, ".Archive", 2, true);
-    let merged = merge(
-        &first.next,
-        &t0,
-        &settled,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
-    let archive = merged
-        .plan_a
-        .mailboxes
-        .iter()
-        .find(|m| m.dir == ".Archive")
-        .unwrap();
+    let merged = merge_plain(&first.next, &t0, &settled);
+    let archive = archive_plan(&merged.plan_a);
     assert_eq!(archive.expunges.len(), 1, "{:?}", merged.plan_a.lines());
 }
 
@@ -652,73 +632,13 @@ fn check_killed_run(
     (mask_a, half_a): (u64, u64),
     (mask_b, half_b): (u64, u64),
 ) -> Result<(), TestCaseError> {
-    let start = initial(3);
-    let t0 = start.table();
-    let base = sync_round(&BaseState::default(), &t0, &t0).2.next;
-    let (mut ma, mut mb) = (start.clone(), start);
-    ma.side = 'a';
-    mb.side = 'b';
-    mb.reverse_keywords = true;
-    a_ops.iter().for_each(|op| ma.apply(op));
-    b_ops.iter().for_each(|op| mb.apply(op));
-    let (ta, tb) = (ma.table(), mb.table());
+    let (t0, base, ta, tb) = changed_pair(a_ops, b_ops);
     // The run is killed: part of each side's plan is done, the base is not saved.
-    let killed = merge(
-        &base,
-        &ta,
-        &tb,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
+    let killed = merge_plain(&base, &ta, &tb);
     let a1 = carry_out_killed(&ta, &killed.plan_a, mask_a, half_a);
     let b1 = carry_out_killed(&tb, &killed.plan_b, mask_b, half_b);
     let (a2, b2, merged) = sync_round(&base, &a1, &b1);
-    let (va, vb) = (view(&a2), view(&b2));
-    prop_assert_eq!(&va, &vb, "sides differ after the re-run");
-    for (name, (_, _, _, msgs)) in &va {
-        let set: BTreeSet<&String> = msgs.values().map(|m| &m.0).collect();
-        prop_assert_eq!(set.len(), msgs.len(), "duplicate GUID in {}", name);
-    }
-    let (known, after) = (guids(&t0), guids(&a2));
-    for g in guids(&ta).union(&guids(&tb)) {
-        prop_assert!(
-            known.contains(g) || after.contains(g),
-            "new message {} lost",
-            g
-        );
-    }
-    let again = merge(
-        &merged.next,
-        &a2,
-        &b2,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
-    prop_assert!(
-        again.plan_a.is_empty(),
-        "third run on A: {:?}",
-        again.plan_a.lines()
-    );
-    prop_assert!(
-        again.plan_b.is_empty(),
-        "third run on B: {:?}",
-        again.plan_b.lines()
-    );
-    Ok(())
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
-
-    #[test]
-    fn a_run_killed_part_way_converges_on_the_next(
-        a_ops in proptest::collection::vec(op(), 0..12),
-        b_ops in proptest::collection::vec(op(), 0..12),
-        a_kill in any::<(u64, u64)>(),
-        b_kill in any::<(u64, u64)>(),
-    ) {
-        check_killed_run(&a_ops, &b_ops, a_kill, b_kill)?;
-    }
+    check_converged(&t0, (&ta, &tb), (&a2, &b2), &merged)
 }
 
 /// One mailbox plan carried out up to its uidlist, as a run killed under the lock leaves
@@ -812,13 +732,7 @@ fn a_rerun_after_one_side_finished_keeps_the_uids_that_side_gave() {
     mb.apply(&Op::Deliver(0));
     let (ta, tb) = (ma.table(), mb.table());
     // Killed after A's plan (a1 renumbered 3 → 4, b1 copied as 5), before B's: no base.
-    let killed = merge(
-        &first.next,
-        &ta,
-        &tb,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
+    let killed = merge_plain(&first.next, &ta, &tb);
     let a1 = carry_out(&ta, &killed.plan_a);
     let (a2, b2, merged) = sync_round(&first.next, &a1, &tb);
     assert_eq!(view(&a2), view(&b2));
@@ -857,12 +771,7 @@ fn a_flag_changed_on_one_side_survives_a_renumbering_by_dovecot_on_the_other() {
         seen,
         "A's flag change is kept: {archive:?}"
     );
-    let plan = merged
-        .plan_a
-        .mailboxes
-        .iter()
-        .find(|m| m.dir == ".Archive")
-        .unwrap();
+    let plan = archive_plan(&merged.plan_a);
     assert!(
         plan.copies.is_empty() && plan.expunges.is_empty(),
         "{:?}",
