@@ -556,6 +556,8 @@ mod tests {
     struct Missing {
         inner: LocalReplica,
         base: String,
+        /// Every second look misses it too (Dovecot keeps renaming it).
+        always: bool,
     }
 
     impl BodySource for Missing {
@@ -589,7 +591,12 @@ mod tests {
             Ok(table)
         }
         fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
-            self.inner.rescan_mailbox(layout, dir)
+            let m = self.inner.rescan_mailbox(layout, dir);
+            if self.always && dir.is_empty() {
+                m.with_file_missed(&self.base, false)
+            } else {
+                m
+            }
         }
         fn content_hash(
             &self,
@@ -644,13 +651,21 @@ mod tests {
         let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
         let first = sync(&ra, &rb, &options(&state), &NoProgress).unwrap();
         assert!(first.first_sync && first.is_noop());
-        let hiding = Missing {
-            inner: LocalReplica::new(&a),
-            base: "1700000000.M2P1.host,S=6".into(),
-        };
-        let outcome = sync(&hiding, &rb, &options(&state), &NoProgress).unwrap();
-        assert!(outcome.is_noop(), "{:?}", outcome.b.planned);
-        assert_eq!(files(&b), 3, "the phantom expunge did not reach B");
+        for always in [false, true] {
+            let hiding = Missing {
+                inner: LocalReplica::new(&a),
+                base: "1700000000.M2P1.host,S=6".into(),
+                always,
+            };
+            let outcome = sync(&hiding, &rb, &options(&state), &NoProgress).unwrap();
+            assert!(outcome.is_noop(), "{:?}", outcome.b.planned);
+            assert_eq!(files(&b), 3, "the phantom expunge did not reach B");
+            let left_alone = outcome
+                .conflicts
+                .iter()
+                .any(|c| c.kind == merge::ConflictKind::LeftAlone);
+            assert_eq!(left_alone, always, "{:?}", outcome.conflicts);
+        }
         // A real expunge on A does reach B.
         let gone = a.join("cur").join("1700000000.M2P1.host,S=6:2,S");
         fs::remove_file(gone).unwrap();
