@@ -212,7 +212,16 @@ fn commit_and_finish(
     let mut deletes: Vec<_> = plan.delete_mailboxes.iter().collect();
     deletes.sort_by(|a, b| b.dir.cmp(&a.dir));
     for d in deletes {
-        delete_mailbox(root, &d.dir).map_err(|e| Error::io(&mailbox_path(root, &d.dir), e))?;
+        let path = mailbox_path(root, &d.dir);
+        if !delete_mailbox(root, &d.dir, d.messages).map_err(|e| Error::io(&path, e))? {
+            report.errors.push(format!(
+                "{}: not deleted: it holds more mail than the {} messages planned for \
+                 (delivered since the scan); left alone",
+                path.display(),
+                d.messages
+            ));
+            continue;
+        }
         report.mailboxes_deleted += 1;
         report.expunged += d.messages;
         progress.event(Event::Applied {
@@ -987,21 +996,37 @@ pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -
 /// `tmp/` (Dovecot never lists it there), then removed. fs layout and INBOX: only the
 /// mailbox's own mail directories and control files go; child mailboxes and root files
 /// (`subscriptions`, `dovecot-uidvalidity`) stay, and the emptied directory is removed
-/// later, after its children.
-fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
+/// later, after its children. A mailbox holding more messages than the `planned` the scan
+/// saw is put back and not deleted (false): mail delivered since the scan is never lost.
+fn delete_mailbox(root: &Path, dir: &str, planned: u64) -> io::Result<bool> {
     let path = mailbox_path(root, dir);
+    let trash_dir = root.join("tmp");
+    writer::create_dir(&trash_dir, 0o700, (0, 0), Ownership::RunningUser)?;
+    let trash = trash_dir.join(format!("{}trash.{}", md::TEMP_PREFIX, writer::temp_name()));
     if dir.starts_with('.') {
-        let trash_dir = root.join("tmp");
-        writer::create_dir(&trash_dir, 0o700, (0, 0), Ownership::RunningUser)?;
-        let trash = trash_dir.join(format!("{}trash.{}", md::TEMP_PREFIX, writer::temp_name()));
         fs::rename(&path, &trash).map_err(|e| with_path(e, &path))?;
-        return fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash));
+        if !set_aside_holds_only(&trash, &path, true, planned)? {
+            return Ok(false);
+        }
+        fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash))?;
+        return Ok(true);
     }
-    let mail_dirs: &[&str] = if dir.is_empty() {
-        &["cur", "new"]
-    } else {
-        &["cur", "new", "tmp"]
-    };
+    // fs layout and INBOX: the mail directories are set aside together (child mailboxes
+    // and root files stay where they are).
+    fs::create_dir(&trash).map_err(|e| with_path(e, &trash))?;
+    for sub in ["cur", "new"] {
+        match fs::rename(path.join(sub), trash.join(sub)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, &path.join(sub))),
+        }
+    }
+    if !set_aside_holds_only(&trash, &path, false, planned)? {
+        let _ = fs::remove_dir(&trash);
+        return Ok(false);
+    }
+    fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash))?;
+    let mail_dirs: &[&str] = if dir.is_empty() { &[] } else { &["tmp"] };
     for sub in mail_dirs {
         let sub_path = path.join(sub);
         match fs::remove_dir_all(&sub_path) {
@@ -1014,7 +1039,44 @@ fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
     for name in control.iter().chain(md::INDEX_FILES.iter()) {
         writer::remove_file_if_exists(&path.join(name))?;
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Whether a mailbox's mail set aside for deletion (`aside`: the whole directory when
+/// `whole`, else a directory holding its `cur/` and `new/`) holds no more messages than the
+/// plan saw. More means a live Dovecot delivered into it since the scan (or the scan's
+/// `readdir` missed a file): the mail goes back home, and the mailbox is not deleted.
+/// Setting aside first makes the count final: Dovecot cannot deliver into a directory
+/// that moved.
+fn set_aside_holds_only(aside: &Path, home: &Path, whole: bool, planned: u64) -> io::Result<bool> {
+    let mut held = 0u64;
+    for sub in ["cur", "new"] {
+        match fs::read_dir(aside.join(sub)) {
+            Ok(entries) => {
+                held += entries
+                    .flatten()
+                    .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+                    .count() as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, aside)),
+        }
+    }
+    if held <= planned {
+        return Ok(true);
+    }
+    if whole {
+        writer::rename_noreplace(aside, home).map_err(|e| with_path(e, home))?;
+        return Ok(false);
+    }
+    for sub in ["cur", "new"] {
+        match writer::rename_noreplace(&aside.join(sub), &home.join(sub)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, &home.join(sub))),
+        }
+    }
+    Ok(false)
 }
 
 /// `subscriptions` (through its dotlock) and `dovecot-uidvalidity`.
@@ -1459,6 +1521,27 @@ mod tests {
     }
 
     #[test]
+    fn a_mailbox_with_mail_delivered_since_the_scan_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Maildir++ and fs layout; the scan saw one message in each, Dovecot added one.
+        for (mailbox, home) in [(".Lists", ".Lists"), ("Work", "Work")] {
+            for d in ["cur", "new", "tmp"] {
+                fs::create_dir_all(root.join(home).join(d)).unwrap();
+            }
+            fs::write(root.join(home).join("cur/seen:2,S"), "x").unwrap();
+            fs::write(root.join(home).join("new/delivered"), "y").unwrap();
+            assert!(!delete_mailbox(root, mailbox, 1).unwrap(), "{mailbox}");
+            for f in ["cur/seen:2,S", "new/delivered"] {
+                assert!(root.join(home).join(f).exists(), "{mailbox}: {f} kept");
+            }
+            assert!(delete_mailbox(root, mailbox, 2).unwrap(), "{mailbox}");
+            assert!(!root.join(home).join("cur").exists(), "{mailbox}");
+        }
+        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
     fn deleting_inbox_keeps_root_files_and_child_folders() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -1473,12 +1556,12 @@ mod tests {
         ] {
             fs::write(root.join(f), "x").unwrap();
         }
-        delete_mailbox(root, "").unwrap();
+        assert!(delete_mailbox(root, "", 1).unwrap());
         assert!(!root.join("cur").exists() && !root.join("dovecot-uidlist").exists());
         for kept in ["subscriptions", "dovecot-uidvalidity", "tmp", ".Sent/cur"] {
             assert!(root.join(kept).exists(), "{kept} must survive");
         }
-        delete_mailbox(root, ".Sent").unwrap();
+        assert!(delete_mailbox(root, ".Sent", 0).unwrap());
         assert!(!root.join(".Sent").exists());
         assert_eq!(
             fs::read_dir(root.join("tmp")).unwrap().count(),
