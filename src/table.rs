@@ -471,6 +471,45 @@ impl MailTable {
 }
 
 #[cfg(test)]
+impl MailboxTable {
+    /// This mailbox as a listing that missed the file of `base` (still in the uidlist)
+    /// finds it — what `readdir` returns while Dovecot renames that file; `settled` as the
+    /// scan judged it.
+    pub(crate) fn with_file_missed(&self, base: &str, settled: bool) -> MailboxTable {
+        let mut kept = MailboxTable {
+            msgs: Messages::default(),
+            arena: String::new(),
+            extras: Vec::new(),
+            settled,
+            ..self.clone()
+        };
+        for i in 0..self.len() {
+            if self.base(i) == base {
+                let r = kept.intern(base);
+                kept.listed_missing.push((self.msgs.uid[i], r));
+                continue;
+            }
+            let m = &self.msgs;
+            let extras = self.extras_of(i).map(|e| Extras {
+                guid: e.guid.map(|r| kept.intern(self.str(r))),
+                ext: e.ext.map(|r| kept.intern(self.str(r))),
+            });
+            let (name, base_len) = (self.name(i), m.base_len[i] as usize);
+            kept.push(
+                m.uid[i],
+                name,
+                base_len,
+                m.flags[i],
+                m.size[i],
+                extras,
+                m.status[i],
+            );
+        }
+        kept
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -213,7 +213,16 @@ fn commit_and_finish(
     let mut deletes: Vec<_> = plan.delete_mailboxes.iter().collect();
     deletes.sort_by(|a, b| b.dir.cmp(&a.dir));
     for d in deletes {
-        delete_mailbox(root, &d.dir).map_err(|e| Error::io(&mailbox_path(root, &d.dir), e))?;
+        let path = mailbox_path(root, &d.dir);
+        if !delete_mailbox(root, &d.dir, d.messages).map_err(|e| Error::io(&path, e))? {
+            report.errors.push(format!(
+                "{}: not deleted: it holds more mail than the {} messages planned for \
+                 (delivered since the scan); left alone",
+                path.display(),
+                d.messages
+            ));
+            continue;
+        }
         report.mailboxes_deleted += 1;
         report.expunged += d.messages;
         progress.event(Event::Applied {
@@ -692,10 +701,19 @@ fn apply_locked(
     if let Some(map) = &m.keywords {
         write_keywords(path, &map.render(), owner, options).map_err(|e| Error::io(path, e))?;
     }
+    let raced = match &m.uidlist {
+        Some(UidlistChange::Write(edit)) if !edit.upsert.is_empty() => taken_meanwhile(path, edit),
+        _ => Default::default(),
+    };
+    report.vanished += raced.upserts;
     let mut landed: std::collections::HashSet<u32> = std::collections::HashSet::new();
     for (n, s) in staged.iter().enumerate() {
         if n % 1024 == 0 {
             lock.touch_if_due();
+        }
+        if s.op.uid != 0 && raced.uids.contains(&s.op.uid) {
+            let _ = fs::remove_file(&s.tmp);
+            continue;
         }
         let target = path.join(s.op.dst_sub.as_str()).join(&s.op.dst_name);
         match writer::rename_noreplace(&s.tmp, &target) {
@@ -734,11 +752,13 @@ fn apply_locked(
     }
     // A copy that did not land (vanished source, I/O error) leaves its UID as it was: the
     // file it was to replace stays, and its uidlist record is not rewritten.
+    // Nor does a UID Dovecot gave away since the scan: the message keeps its old record.
     let failed: std::collections::HashSet<u32> = m
         .copies
         .iter()
         .map(|c| c.uid)
         .filter(|&uid| uid != 0 && !landed.contains(&uid))
+        .chain(raced.uids)
         .collect();
     for e in m
         .expunges
@@ -791,6 +811,47 @@ fn apply_locked(
         }
     }
     Ok(())
+}
+
+/// UIDs of an edit that a live Dovecot numbered since the scan, to be left as they are.
+#[derive(Default)]
+struct Raced {
+    /// The upserts' UIDs held now by a record the plan did not know of, and the UIDs the
+    /// same messages have now (their records stay).
+    uids: std::collections::HashSet<u32>,
+    /// How many upserts are left out (the run is then not complete: a re-run settles them).
+    upserts: u64,
+}
+
+/// Finds the upserts whose UID the uidlist, as it is under the lock, gives to another
+/// file and the plan neither removes nor knew of: Dovecot delivered and numbered a message
+/// after the scan. Writing the upsert would take that UID from it (its IMAP clients have
+/// seen it), so those upserts wait for the next run, which sees Dovecot's record. An
+/// unreadable uidlist finds none; writing it reports the problem.
+fn taken_meanwhile(path: &Path, edit: &UidlistEdit) -> Raced {
+    let mut raced = Raced::default();
+    let Ok(Some(text)) = read_uidlist_text(&path.join(uidlist::FILE_NAME)) else {
+        return raced;
+    };
+    let Ok(current) = uidlist::parse(&text) else {
+        return raced;
+    };
+    if current.header.uid_validity != edit.header.uid_validity {
+        return raced;
+    }
+    let holder: std::collections::HashMap<u32, &str> =
+        current.records.iter().map(|r| (r.uid, r.base)).collect();
+    for r in &edit.upsert {
+        let foreign = holder.get(&r.uid).is_some_and(|&base| base != r.base);
+        if !foreign || edit.remove.binary_search(&r.uid).is_ok() {
+            continue;
+        }
+        raced.upserts += 1;
+        raced.uids.insert(r.uid);
+        let own = current.records.iter().filter(|c| c.base == r.base);
+        raced.uids.extend(own.map(|c| c.uid));
+    }
+    raced
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
@@ -936,21 +997,37 @@ pub fn render_edit(current: Option<&uidlist::Uidlist<'_>>, edit: &UidlistEdit) -
 /// `tmp/` (Dovecot never lists it there), then removed. fs layout and INBOX: only the
 /// mailbox's own mail directories and control files go; child mailboxes and root files
 /// (`subscriptions`, `dovecot-uidvalidity`) stay, and the emptied directory is removed
-/// later, after its children.
-fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
+/// later, after its children. A mailbox holding more messages than the `planned` the scan
+/// saw is put back and not deleted (false): mail delivered since the scan is never lost.
+fn delete_mailbox(root: &Path, dir: &str, planned: u64) -> io::Result<bool> {
     let path = mailbox_path(root, dir);
+    let trash_dir = root.join("tmp");
+    writer::create_dir(&trash_dir, 0o700, (0, 0), Ownership::RunningUser)?;
+    let trash = trash_dir.join(format!("{}trash.{}", md::TEMP_PREFIX, writer::temp_name()));
     if dir.starts_with('.') {
-        let trash_dir = root.join("tmp");
-        writer::create_dir(&trash_dir, 0o700, (0, 0), Ownership::RunningUser)?;
-        let trash = trash_dir.join(format!("{}trash.{}", md::TEMP_PREFIX, writer::temp_name()));
         fs::rename(&path, &trash).map_err(|e| with_path(e, &path))?;
-        return fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash));
+        if !set_aside_holds_only(&trash, &path, true, planned)? {
+            return Ok(false);
+        }
+        fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash))?;
+        return Ok(true);
     }
-    let mail_dirs: &[&str] = if dir.is_empty() {
-        &["cur", "new"]
-    } else {
-        &["cur", "new", "tmp"]
-    };
+    // fs layout and INBOX: the mail directories are set aside together (child mailboxes
+    // and root files stay where they are).
+    fs::create_dir(&trash).map_err(|e| with_path(e, &trash))?;
+    for sub in ["cur", "new"] {
+        match fs::rename(path.join(sub), trash.join(sub)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, &path.join(sub))),
+        }
+    }
+    if !set_aside_holds_only(&trash, &path, false, planned)? {
+        let _ = fs::remove_dir(&trash);
+        return Ok(false);
+    }
+    fs::remove_dir_all(&trash).map_err(|e| with_path(e, &trash))?;
+    let mail_dirs: &[&str] = if dir.is_empty() { &[] } else { &["tmp"] };
     for sub in mail_dirs {
         let sub_path = path.join(sub);
         match fs::remove_dir_all(&sub_path) {
@@ -963,7 +1040,44 @@ fn delete_mailbox(root: &Path, dir: &str) -> io::Result<()> {
     for name in control.iter().chain(md::INDEX_FILES.iter()) {
         writer::remove_file_if_exists(&path.join(name))?;
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Whether a mailbox's mail set aside for deletion (`aside`: the whole directory when
+/// `whole`, else a directory holding its `cur/` and `new/`) holds no more messages than the
+/// plan saw. More means a live Dovecot delivered into it since the scan (or the scan's
+/// `readdir` missed a file): the mail goes back home, and the mailbox is not deleted.
+/// Setting aside first makes the count final: Dovecot cannot deliver into a directory
+/// that moved.
+fn set_aside_holds_only(aside: &Path, home: &Path, whole: bool, planned: u64) -> io::Result<bool> {
+    let mut held = 0u64;
+    for sub in ["cur", "new"] {
+        match fs::read_dir(aside.join(sub)) {
+            Ok(entries) => {
+                held += entries
+                    .flatten()
+                    .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+                    .count() as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, aside)),
+        }
+    }
+    if held <= planned {
+        return Ok(true);
+    }
+    if whole {
+        writer::rename_noreplace(aside, home).map_err(|e| with_path(e, home))?;
+        return Ok(false);
+    }
+    for sub in ["cur", "new"] {
+        match writer::rename_noreplace(&aside.join(sub), &home.join(sub)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, &home.join(sub))),
+        }
+    }
+    Ok(false)
 }
 
 /// `subscriptions` (through its dotlock) and `dovecot-uidvalidity`.
@@ -1303,6 +1417,65 @@ mod tests {
     }
 
     #[test]
+    fn a_uid_dovecot_gave_away_after_the_scan_is_not_taken_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        for root in [&src, &dst] {
+            for sub in ["cur", "new", "tmp"] {
+                fs::create_dir_all(root.join(sub)).unwrap();
+            }
+        }
+        fs::write(src.join("cur/theirs:2,"), "body\n").unwrap();
+        for base in ["a", "b"] {
+            fs::write(dst.join("cur").join(format!("{base}:2,")), "x\n").unwrap();
+        }
+        // As scanned: UIDs 1 and 2, next 3. The plan copies `theirs` as 3 and, for a UID
+        // conflict, renumbers `a` from 1 to 4.
+        let plan = Plan {
+            mailboxes: vec![MailboxPlan {
+                copies: vec![CopyOp {
+                    uid: 3,
+                    src_sub: crate::model::Subdir::Cur,
+                    src_name: "theirs:2,".into(),
+                    dst_sub: crate::model::Subdir::Cur,
+                    dst_name: "theirs:2,".into(),
+                    size: 5,
+                }],
+                uidlist: Some(UidlistChange::Write(UidlistEdit {
+                    header: Header {
+                        uid_validity: 7,
+                        next_uid: 5,
+                        guid: None,
+                        extra: String::new(),
+                    },
+                    remove: vec![1],
+                    upsert: vec![rec(3, "theirs"), rec(4, "a")],
+                })),
+                ..MailboxPlan::default()
+            }],
+            ..Plan::default()
+        };
+        // Meanwhile Dovecot delivered two messages and numbered them 3 and 4.
+        for base in ["late", "later"] {
+            fs::write(dst.join("new").join(base), "y\n").unwrap();
+        }
+        let uidlist = "3 V7 N5\n1 :a\n2 :b\n3 :late\n4 :later\n";
+        fs::write(dst.join("dovecot-uidlist"), uidlist).unwrap();
+        let source = crate::replica::local::LocalReplica::new(&src);
+        let report = apply(&dst, &plan, &source, &batch(), &NoProgress).unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.join("dovecot-uidlist")).unwrap(),
+            uidlist,
+            "Dovecot's records stay, and so does a's"
+        );
+        assert!(
+            !dst.join("cur/theirs:2,").exists(),
+            "not landed without a UID"
+        );
+        assert!(report.vanished > 0, "the run is not complete: {report:?}");
+    }
+
+    #[test]
     fn meanwhile_runs_once_whether_the_apply_syncs_or_fails() {
         use std::sync::atomic::AtomicUsize;
         let dir = tempfile::tempdir().unwrap();
@@ -1349,6 +1522,27 @@ mod tests {
     }
 
     #[test]
+    fn a_mailbox_with_mail_delivered_since_the_scan_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Maildir++ and fs layout; the scan saw one message in each, Dovecot added one.
+        for (mailbox, home) in [(".Lists", ".Lists"), ("Work", "Work")] {
+            for d in ["cur", "new", "tmp"] {
+                fs::create_dir_all(root.join(home).join(d)).unwrap();
+            }
+            fs::write(root.join(home).join("cur/seen:2,S"), "x").unwrap();
+            fs::write(root.join(home).join("new/delivered"), "y").unwrap();
+            assert!(!delete_mailbox(root, mailbox, 1).unwrap(), "{mailbox}");
+            for f in ["cur/seen:2,S", "new/delivered"] {
+                assert!(root.join(home).join(f).exists(), "{mailbox}: {f} kept");
+            }
+            assert!(delete_mailbox(root, mailbox, 2).unwrap(), "{mailbox}");
+            assert!(!root.join(home).join("cur").exists(), "{mailbox}");
+        }
+        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
     fn deleting_inbox_keeps_root_files_and_child_folders() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -1363,12 +1557,12 @@ mod tests {
         ] {
             fs::write(root.join(f), "x").unwrap();
         }
-        delete_mailbox(root, "").unwrap();
+        assert!(delete_mailbox(root, "", 1).unwrap());
         assert!(!root.join("cur").exists() && !root.join("dovecot-uidlist").exists());
         for kept in ["subscriptions", "dovecot-uidvalidity", "tmp", ".Sent/cur"] {
             assert!(root.join(kept).exists(), "{kept} must survive");
         }
-        delete_mailbox(root, ".Sent").unwrap();
+        assert!(delete_mailbox(root, ".Sent", 0).unwrap());
         assert!(!root.join(".Sent").exists());
         assert_eq!(
             fs::read_dir(root.join("tmp")).unwrap().count(),

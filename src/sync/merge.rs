@@ -8,7 +8,8 @@
 //! Rules (the README states them for users):
 //! - a message on one side only and not in the base is new: copied, keeping its UID unless
 //!   the other side used that UID (or may have: it lies below the other's next UID), in which
-//!   case it is renumbered above both sides' next UID on both sides;
+//!   case it is renumbered above both sides' next UID on both sides; one on both sides under
+//!   different UIDs keeps one side's UID when the other never used or passed it;
 //! - flags and keywords merge bit by bit against the base: a bit changed on either side
 //!   is changed;
 //! - a base message gone from one side (same UID and GUID) is expunged on the other, also
@@ -48,7 +49,8 @@ pub enum ConflictKind {
     /// Different UIDVALIDITY on the two sides: the base's (else A's) generation is kept,
     /// the other side's messages are renumbered into it.
     UidValidity,
-    /// A mailbox that cannot be read on one side (or is a symlink there): left alone.
+    /// A mailbox that cannot be read on one side (or is a symlink there, or was changing
+    /// while read): left alone.
     LeftAlone,
 }
 
@@ -236,6 +238,23 @@ fn pair_mailboxes<'a>(base: &'a BaseState, a: &'a MailTable, b: &'a MailTable) -
         }
         if fb.is_none() {
             *fb = by_dir(b, &mut b_used, e);
+        }
+    }
+    // A mailbox found on one side only, renamed there, may be on the other side under its
+    // new name without a GUID yet: a run killed while creating it there (directories,
+    // perhaps files, no uidlist). It is the same mailbox, not a stranger to rename away.
+    let unnumbered_at = |t: &MailTable, used: &mut Vec<bool>, dir: &str| {
+        let i = (0..t.mailboxes.len()).find(|&i| {
+            !used[i] && t.mailboxes[i].dir == dir && t.mailboxes[i].guid_of_mailbox().is_none()
+        })?;
+        used[i] = true;
+        Some(i)
+    };
+    for (fa, fb) in &mut found {
+        match (*fa, *fb) {
+            (Some(i), None) => *fb = unnumbered_at(b, &mut b_used, &a.mailboxes[i].dir),
+            (None, Some(j)) => *fa = unnumbered_at(a, &mut a_used, &b.mailboxes[j].dir),
+            _ => {}
         }
     }
     for (e, (fa, fb)) in base.mailboxes.iter().zip(found) {
@@ -473,6 +492,13 @@ fn merge_group(
         // The caller reads a mailbox unchanged on one side only; if it did not, wait.
         return t.hold(g, "not read on one side; next run");
     }
+    if let Some(side) = phantom_side(g) {
+        let why = format!(
+            "changing on {side} while read: a file its uidlist names was not listed; next run"
+        );
+        conflict(conflicts, ConflictKind::LeftAlone, why.clone());
+        return t.hold(g, &why);
+    }
     // Deleted on one side since the last sync.
     if let Some(base) = g.base
         && (g.a.is_none() || g.b.is_none())
@@ -516,6 +542,31 @@ fn merge_group(
     t.same_a.extend(built.same_a);
     t.same_b.extend(built.same_b);
     t.next.push(built.next);
+}
+
+/// The side (`"A"`, `"B"`) whose listing may have missed a file Dovecot was renaming, when
+/// the miss would count: its mailbox moved while it was read (even on the caller's second
+/// look) and its uidlist names a file not listed that the base knows (an expunge would reach
+/// the other side) or the other side holds (a copy would land beside the file). Such a
+/// mailbox is left alone until a run reads it settled.
+fn phantom_side(g: &Group<'_>) -> Option<&'static str> {
+    let doubtful = |m: Option<&MailboxTable>, other: Option<&MailboxTable>| {
+        let Some(m) = m.filter(|m| !m.settled && !m.listed_missing.is_empty()) else {
+            return false;
+        };
+        let other_bases: HashSet<&str> =
+            other.map_or_else(HashSet::new, |o| (0..o.len()).map(|j| o.base(j)).collect());
+        m.listed_missing.iter().any(|&(uid, r)| {
+            g.base.is_some_and(|b| b.find_uid(uid).is_some()) || other_bases.contains(m.str(r))
+        })
+    };
+    if doubtful(g.a, g.b) {
+        Some("A")
+    } else if doubtful(g.b, g.a) {
+        Some("B")
+    } else {
+        None
+    }
 }
 
 /// Messages of `m` that the base does not know (by UID and GUID).
@@ -705,6 +756,7 @@ impl<'a> MessageMerge<'a> {
         };
         let (has_a, has_b) = (self.g.a.is_some(), self.g.b.is_some());
         let records = base.records();
+        let (mut gone_a, mut gone_b) = (Vec::new(), Vec::new());
         for k in 0..records.uids.len() {
             let (uid, gh) = (records.uids[k], records.guids[k]);
             let ia = self
@@ -731,24 +783,85 @@ impl<'a> MessageMerge<'a> {
                 }
                 (Some(i), None) if has_b => {
                     self.a_done[i] = true;
-                    if self.flags_a(i) != old {
-                        note(
-                            ConflictKind::ExpungedChanged,
-                            format!("uid {uid}: expunged on B, flags changed on A; expunged"),
-                        );
-                    }
+                    gone_b.push((uid, i, old));
                 }
                 (None, Some(j)) if has_a => {
                     self.b_done[j] = true;
-                    if self.flags_b(j) != old {
-                        note(
-                            ConflictKind::ExpungedChanged,
-                            format!("uid {uid}: expunged on A, flags changed on B; expunged"),
-                        );
-                    }
+                    gone_a.push((uid, j, old));
                 }
                 _ => {}
             }
+        }
+        self.gone_or_renumbered(gone_b, true, note);
+        self.gone_or_renumbered(gone_a, false, note);
+    }
+
+    /// Base messages one side lacks under their UID: the other side's copy goes, unless
+    /// the side holds the same GUID under a UID the base does not know (Dovecot numbered it
+    /// again: a rebuilt uidlist, a message that "reappeared"). Then it is one message, its
+    /// flags merged against the base — a flag changed on the other side is not lost.
+    fn gone_or_renumbered(
+        &mut self,
+        gone: Vec<(u32, usize, Flags)>,
+        lacking_b: bool,
+        note: &mut impl FnMut(ConflictKind, String),
+    ) {
+        let side = if lacking_b { self.g.b } else { self.g.a };
+        let Some(side) = side.filter(|_| !gone.is_empty()) else {
+            return;
+        };
+        let done = if lacking_b {
+            &self.b_done
+        } else {
+            &self.a_done
+        };
+        let unknown: HashMap<&str, usize> = (0..side.len())
+            .filter(|&r| !done[r])
+            .map(|r| (side.guid(r), r))
+            .collect();
+        let (lacking, holding) = if lacking_b { ("B", "A") } else { ("A", "B") };
+        for (uid, row, old) in gone {
+            let (held_guid, held_flags) = if lacking_b {
+                (self.g.a.expect("a").guid(row), self.flags_a(row))
+            } else {
+                (self.g.b.expect("b").guid(row), self.flags_b(row))
+            };
+            let again = unknown.get(held_guid).copied();
+            let Some(other) = again.filter(|&r| {
+                let done = if lacking_b {
+                    &self.b_done
+                } else {
+                    &self.a_done
+                };
+                !done[r]
+            }) else {
+                if held_flags != old {
+                    note(
+                        ConflictKind::ExpungedChanged,
+                        format!(
+                            "uid {uid}: expunged on {lacking}, flags changed on {holding}; expunged"
+                        ),
+                    );
+                }
+                continue;
+            };
+            let (i, j) = if lacking_b {
+                (row, other)
+            } else {
+                (other, row)
+            };
+            self.a_done[i] = true;
+            self.b_done[j] = true;
+            let kept = self.kept_uid(self.uid_a(i), self.uid_b(j));
+            self.out.push(Target {
+                uid: kept,
+                renumber: kept == 0 && self.header.is_some(),
+                a: Some(i),
+                b: Some(j),
+                guid_from_a: true,
+                flags: merge_flags(old, self.flags_a(i), self.flags_b(j)),
+                in_new: self.new_a(i) && self.new_b(j),
+            });
         }
     }
 
@@ -789,16 +902,33 @@ impl<'a> MessageMerge<'a> {
             let ub = self.uid_b(j);
             self.a_done[i] = true;
             self.b_done[j] = true;
-            let agreed = ua == ub && ua != 0;
+            let uid = self.kept_uid(ua, ub);
             self.out.push(Target {
-                uid: if agreed { ua } else { 0 },
-                renumber: !agreed && self.header.is_some(),
+                uid,
+                renumber: uid == 0 && self.header.is_some(),
                 a: Some(i),
                 b: Some(j),
                 guid_from_a,
                 flags: union(self.flags_a(i), self.flags_b(j)),
                 in_new: self.new_a(i) && self.new_b(j),
             });
+        }
+    }
+
+    /// The UID a message new on both sides keeps: the one both gave it, else one side's
+    /// when the other side never used or passed it (a run killed after one side numbered
+    /// it, or a copy that landed before its uidlist record: that side's clients keep the
+    /// UID they saw), else none (renumbered above both).
+    fn kept_uid(&self, ua: u32, ub: u32) -> u32 {
+        let next =
+            |m: Option<&MailboxTable>, uids: bool| m.filter(|_| uids).map_or(0, |m| m.next_uid);
+        let (a_next, b_next) = (next(self.g.a, self.a_uids), next(self.g.b, self.b_uids));
+        if ua == ub || ua != 0 && ua >= b_next && self.find_b(ua).is_none() {
+            ua
+        } else if ub != 0 && ub >= a_next && self.find_a(ub).is_none() {
+            ub
+        } else {
+            0
         }
     }
 

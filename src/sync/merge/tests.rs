@@ -11,6 +11,7 @@ use super::*;
 use crate::model::MailboxGuid;
 use crate::storage::maildir::filename;
 use crate::storage::maildir::layout::Layout;
+use crate::sync::plan::MailboxPlan;
 use crate::sync::predict::predict;
 
 /// One message of the model: GUID (also the base name), system flags, keyword names.
@@ -183,7 +184,10 @@ impl Model {
             Op::Create(n, seed) => {
                 let name = ["Work", "Lists", "Old"][n % 3].to_string();
                 self.boxes.entry(name).or_insert(ModelBox {
-                    guid: u128::from(seed) << 64 | u128::from(self.side as u32),
+                    // Unique per name: two mailboxes with one GUID are a copied directory.
+                    guid: u128::from(seed) << 64
+                        | ((n % 3) as u128) << 32
+                        | u128::from(self.side as u32),
                     uid_validity: 1000 + seed,
                     next: 1,
                     msgs: BTreeMap::new(),
@@ -337,21 +341,32 @@ fn guids(t: &MailTable) -> BTreeSet<String> {
         .collect()
 }
 
+/// The plan's work in Archive.
+fn archive_plan(plan: &Plan) -> &MailboxPlan {
+    plan.mailboxes.iter().find(|m| m.dir == ".Archive").unwrap()
+}
+
+/// Merges without content answers and with the default options.
+fn merge_plain(base: &BaseState, a: &MailTable, b: &MailTable) -> Merged {
+    merge(base, a, b, &HashAnswers::new(), &DiffOptions::default())
+}
+
 /// Merges, carries both plans out, and returns both sides afterwards and the next base.
 fn sync_round(base: &BaseState, a: &MailTable, b: &MailTable) -> (MailTable, MailTable, Merged) {
-    let merged = merge(base, a, b, &HashAnswers::new(), &DiffOptions::default());
+    let merged = merge_plain(base, a, b);
     let a2 = carry_out(a, &merged.plan_a);
     let b2 = carry_out(b, &merged.plan_b);
     (a2, b2, merged)
 }
 
-fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
+/// The synced start of both replicas (its table and base), and each side's table after
+/// its operations.
+fn changed_pair(a_ops: &[Op], b_ops: &[Op]) -> (MailTable, BaseState, MailTable, MailTable) {
     let start = initial(3);
     let t0 = start.table();
     let (_, _, first) = sync_round(&BaseState::default(), &t0, &t0);
-    prop_assert!(first.plan_a.is_empty(), "{:?}", first.plan_a.lines());
-    prop_assert!(first.plan_b.is_empty(), "{:?}", first.plan_b.lines());
-    let base = first.next;
+    assert!(first.plan_a.is_empty(), "{:?}", first.plan_a.lines());
+    assert!(first.plan_b.is_empty(), "{:?}", first.plan_b.lines());
     let (mut ma, mut mb) = (start.clone(), start);
     ma.side = 'a';
     mb.side = 'b';
@@ -362,9 +377,25 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
     for op in b_ops {
         mb.apply(op);
     }
-    let (ta, tb) = (ma.table(), mb.table());
+    (t0, first.next, ma.table(), mb.table())
+}
+
+fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
+    let (t0, base, ta, tb) = changed_pair(a_ops, b_ops);
     let (a2, b2, merged) = sync_round(&base, &ta, &tb);
-    let (va, vb) = (view(&a2), view(&b2));
+    check_converged(&t0, (&ta, &tb), (&a2, &b2), &merged)
+}
+
+/// After a merge of `ta` and `tb` (changed from `t0`) carried out as `a2` and `b2`: both
+/// sides equal, no GUID twice in a mailbox, no new message lost, none held by both sides
+/// dropped, and a second merge has nothing to do.
+fn check_converged(
+    t0: &MailTable,
+    (ta, tb): (&MailTable, &MailTable),
+    (a2, b2): (&MailTable, &MailTable),
+    merged: &Merged,
+) -> Result<(), TestCaseError> {
+    let (va, vb) = (view(a2), view(b2));
     prop_assert_eq!(&va, &vb, "sides differ after the sync");
     // No GUID twice in a mailbox.
     for (name, (_, _, _, msgs)) in &va {
@@ -372,9 +403,9 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert_eq!(set.len(), msgs.len(), "duplicate GUID in {}", name);
     }
     // Every message new since the base survives somewhere.
-    let known = guids(&t0);
-    let after = guids(&a2);
-    for g in guids(&ta).union(&guids(&tb)) {
+    let known = guids(t0);
+    let after = guids(a2);
+    for g in guids(ta).union(&guids(tb)) {
         prop_assert!(
             known.contains(g) || after.contains(g),
             "new message {} lost",
@@ -382,7 +413,7 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         );
     }
     // A message both sides still hold the same way is kept.
-    let (before_a, before_b) = (view(&ta), view(&tb));
+    let (before_a, before_b) = (view(ta), view(tb));
     for (name, (_, _, _, msgs)) in &before_a {
         let Some((_, _, _, other)) = before_b.get(name) else {
             continue;
@@ -398,13 +429,7 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         }
     }
     // A second merge right away has nothing to do.
-    let again = merge(
-        &merged.next,
-        &a2,
-        &b2,
-        &HashAnswers::new(),
-        &DiffOptions::default(),
-    );
+    let again = merge_plain(&merged.next, a2, b2);
     prop_assert!(
         again.plan_a.is_empty(),
         "second sync plans on A: {:?}",
@@ -415,7 +440,7 @@ fn check_pair(a_ops: &[Op], b_ops: &[Op]) -> Result<(), TestCaseError> {
         "second sync plans on B: {:?}",
         again.plan_b.lines()
     );
-    prop_assert_eq!(again.next, merged.next);
+    prop_assert_eq!(&again.next, &merged.next);
     Ok(())
 }
 
@@ -428,6 +453,16 @@ proptest! {
         b_ops in proptest::collection::vec(op(), 0..12),
     ) {
         check_pair(&a_ops, &b_ops)?;
+    }
+
+    #[test]
+    fn a_run_killed_part_way_converges_on_the_next(
+        a_ops in proptest::collection::vec(op(), 0..12),
+        b_ops in proptest::collection::vec(op(), 0..12),
+        a_kill in any::<(u64, u64)>(),
+        b_kill in any::<(u64, u64)>(),
+    ) {
+        check_killed_run(&a_ops, &b_ops, a_kill, b_kill)?;
     }
 }
 
@@ -464,12 +499,7 @@ fn the_same_uid_for_different_messages_is_renumbered_on_both_sides() {
     let kinds: Vec<ConflictKind> = merged.conflicts.iter().map(|c| c.kind).collect();
     assert!(kinds.contains(&ConflictKind::UidRenumbered), "{kinds:?}");
     // A's copy of a1 keeps its file: renumbered in the uidlist, not copied.
-    let plan = merged
-        .plan_a
-        .mailboxes
-        .iter()
-        .find(|m| m.dir == ".Archive")
-        .unwrap();
+    let plan = archive_plan(&merged.plan_a);
     assert_eq!(plan.copies.len(), 1, "only b1 is copied to A");
 }
 
@@ -554,4 +584,209 @@ fn renumbered_uids_are_reported_as_ranges() {
     assert_eq!(uid_ranges(&[3, 4, 5, 9, 11, 12]), "3:5,9,11:12");
     let many: Vec<u32> = (0..30).map(|n| n * 2).collect();
     assert!(uid_ranges(&many).ends_with(",…"));
+}
+
+/// `t` with message `uid` of mailbox `dir` gone from the listing but still named by the
+/// uidlist, as a scan that raced a rename by Dovecot sees it; `settled` as the scan found.
+fn missed_by_readdir(t: &MailTable, dir: &str, uid: u32, settled: bool) -> MailTable {
+    let mut out = t.clone();
+    let m = out.mailboxes.iter_mut().find(|m| m.dir == dir).unwrap();
+    let base = m.base(m.find_uid(uid).unwrap()).to_string();
+    *m = m.with_file_missed(&base, settled);
+    out
+}
+
+#[test]
+fn a_file_missed_while_the_mailbox_moved_is_neither_expunged_nor_copied_back() {
+    let start = initial(2);
+    let t0 = start.table();
+    let (_, _, first) = sync_round(&BaseState::default(), &t0, &t0);
+    // B's listing raced a rename of Archive's UID 2 (still in B's uidlist): not an expunge.
+    let b = missed_by_readdir(&t0, ".Archive", 2, false);
+    let merged = merge_plain(&first.next, &t0, &b);
+    assert!(merged.plan_a.is_empty(), "{:?}", merged.plan_a.lines());
+    assert!(merged.plan_b.is_empty(), "{:?}", merged.plan_b.lines());
+    assert_eq!(merged.next, first.next, "the base still speaks for Archive");
+    // Without a base either: A's copy is not brought to B beside the file B has.
+    let none = merge_plain(&BaseState::default(), &t0, &b);
+    assert!(none.plan_b.is_empty(), "{:?}", none.plan_b.lines());
+    // Once B's mailbox is read settled, the record without a file is a real expunge.
+    let settled = missed_by_readdir(&t0, ".Archive", 2, true);
+    let merged = merge_plain(&first.next, &t0, &settled);
+    let archive = archive_plan(&merged.plan_a);
+    assert_eq!(archive.expunges.len(), 1, "{:?}", merged.plan_a.lines());
+}
+
+/// [`carry_out`] of the plan's mailbox renames and only the mailbox plans whose bit is set
+/// in `mask` (deletes with bit 63): a run killed part-way through this side.
+fn carry_out_part(t: &MailTable, plan: &Plan, mask: u64) -> MailTable {
+    let part = Plan {
+        mailboxes: plan
+            .mailboxes
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| mask & (1 << (k % 63)) != 0)
+            .map(|(_, m)| m.clone())
+            .collect(),
+        delete_mailboxes: if mask & (1 << 63) != 0 {
+            plan.delete_mailboxes.clone()
+        } else {
+            Vec::new()
+        },
+        ..plan.clone()
+    };
+    carry_out(t, &part)
+}
+
+fn check_killed_run(
+    a_ops: &[Op],
+    b_ops: &[Op],
+    (mask_a, half_a): (u64, u64),
+    (mask_b, half_b): (u64, u64),
+) -> Result<(), TestCaseError> {
+    let (t0, base, ta, tb) = changed_pair(a_ops, b_ops);
+    // The run is killed: part of each side's plan is done, the base is not saved.
+    let killed = merge_plain(&base, &ta, &tb);
+    let a1 = carry_out_killed(&ta, &killed.plan_a, mask_a, half_a);
+    let b1 = carry_out_killed(&tb, &killed.plan_b, mask_b, half_b);
+    let (a2, b2, merged) = sync_round(&base, &a1, &b1);
+    check_converged(&t0, (&ta, &tb), (&a2, &b2), &merged)
+}
+
+/// One mailbox plan carried out up to its uidlist, as a run killed under the lock leaves
+/// it: copies landed without a UID (their GUID is their base name), renames and expunges
+/// done, the uidlist (UIDs, renumbering, GUID fields) as it was.
+fn carry_out_until_uidlist(before: Option<&MailboxTable>, mp: &MailboxPlan) -> MailboxTable {
+    let mut out = MailboxTable {
+        dir: mp.dir.clone(),
+        name: mp.name.clone(),
+        settled: true,
+        ..before.cloned().unwrap_or_default()
+    };
+    out.msgs = Default::default();
+    out.arena = String::new();
+    out.extras = Vec::new();
+    out.listed_missing = Vec::new();
+    if let Some(k) = &mp.keywords {
+        out.keywords = k.clone();
+    }
+    let mut rows: Vec<(u32, String, Option<String>)> = Vec::new();
+    if let Some(b) = before {
+        for i in 0..b.len() {
+            let name = b.name(i);
+            if mp.expunges.iter().any(|e| e.name == name) {
+                if b.msgs.uid[i] != 0 {
+                    let r = out.intern(b.base(i));
+                    out.listed_missing.push((b.msgs.uid[i], r));
+                }
+                continue;
+            }
+            let name = mp
+                .renames
+                .iter()
+                .find(|r| r.from_name == name)
+                .map_or(name.to_string(), |r| r.to_name.clone());
+            let guid = (b.guid(i) != b.base(i)).then(|| b.guid(i).to_string());
+            rows.push((b.msgs.uid[i], name, guid));
+        }
+    }
+    for c in &mp.copies {
+        rows.push((0, c.dst_name.clone(), None));
+    }
+    for (uid, name, guid) in rows {
+        let parsed = filename::parse(&name).unwrap();
+        let base_len = parsed.base.len();
+        let flags = parsed.flags;
+        let extras = guid.map(|g| {
+            let r = out.intern(&g);
+            Extras {
+                guid: Some(r),
+                ext: None,
+            }
+        });
+        out.push(uid, &name, base_len, flags, 100, extras, 0);
+    }
+    out.sort_by_uid();
+    out
+}
+
+/// [`carry_out_part`], then the mailbox plans whose bit is set in `half` only up to their
+/// uidlist.
+fn carry_out_killed(t: &MailTable, plan: &Plan, mask: u64, half: u64) -> MailTable {
+    let mut out = carry_out_part(t, plan, mask & !half);
+    let renamed = carry_out(
+        t,
+        &Plan {
+            rename_mailboxes: plan.rename_mailboxes.clone(),
+            ..Plan::default()
+        },
+    );
+    for (k, mp) in plan.mailboxes.iter().enumerate() {
+        if half & (1 << (k % 63)) == 0 || mask & (1 << (k % 63)) == 0 {
+            continue;
+        }
+        let half_done = carry_out_until_uidlist(renamed.mailbox(&mp.dir), mp);
+        out.mailboxes.retain(|m| m.dir != mp.dir);
+        out.mailboxes.push(half_done);
+    }
+    out.mailboxes.sort_by(|x, y| x.dir.cmp(&y.dir));
+    out
+}
+
+#[test]
+fn a_rerun_after_one_side_finished_keeps_the_uids_that_side_gave() {
+    let start = initial(2);
+    let first = sync_round(&BaseState::default(), &start.table(), &start.table()).2;
+    let (mut ma, mut mb) = (start.clone(), start);
+    ma.side = 'a';
+    mb.side = 'b';
+    ma.apply(&Op::Deliver(0));
+    mb.apply(&Op::Deliver(0));
+    let (ta, tb) = (ma.table(), mb.table());
+    // Killed after A's plan (a1 renumbered 3 → 4, b1 copied as 5), before B's: no base.
+    let killed = merge_plain(&first.next, &ta, &tb);
+    let a1 = carry_out(&ta, &killed.plan_a);
+    let (a2, b2, merged) = sync_round(&first.next, &a1, &tb);
+    assert_eq!(view(&a2), view(&b2));
+    assert!(
+        merged.plan_a.is_empty(),
+        "A's clients keep the UIDs they saw: {:?}",
+        merged.plan_a.lines()
+    );
+    let archive = &view(&b2)["Archive"].3;
+    assert_eq!(
+        (archive[&4].0.as_str(), archive[&5].0.as_str()),
+        ("a1", "b1")
+    );
+}
+
+#[test]
+fn a_flag_changed_on_one_side_survives_a_renumbering_by_dovecot_on_the_other() {
+    let start = initial(2);
+    let first = sync_round(&BaseState::default(), &start.table(), &start.table()).2;
+    let (mut ma, mut mb) = (start.clone(), start);
+    // A: \Seen on Archive's UID 1. B: Dovecot gave the same message a new UID (its uidlist
+    // was rebuilt, or it reappeared), 1 → 3.
+    ma.apply(&Op::Flag(0, 0, 1));
+    let archive = mb.boxes.get_mut("Archive").unwrap();
+    let msg = archive.msgs.remove(&1).unwrap();
+    archive.msgs.insert(3, msg);
+    archive.next = 4;
+    let (a2, b2, merged) = sync_round(&first.next, &ma.table(), &mb.table());
+    assert_eq!(view(&a2), view(&b2));
+    let archive = &view(&a2)["Archive"].3;
+    let seen = 1 << 5;
+    let kept: Vec<_> = archive.values().filter(|m| m.0 == "s1x0").collect();
+    assert_eq!(kept.len(), 1, "{archive:?}");
+    assert_eq!(
+        kept[0].1 & seen,
+        seen,
+        "A's flag change is kept: {archive:?}"
+    );
+    let plan = archive_plan(&merged.plan_a);
+    assert!(
+        plan.copies.is_empty() && plan.expunges.is_empty(),
+        "{:?}",
+        merged.plan_a.lines()
+    );
 }
