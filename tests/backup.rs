@@ -828,3 +828,42 @@ fn mailbox_deleted_and_recreated_under_the_same_name_gets_the_new_identity() {
     assert_same_lines(&dc.oracle(&dst), &want, "after re-creating Sent");
     backup_ok(&src, &dst, &[]).assert_no_work();
 }
+
+#[test]
+fn a_folder_renamed_on_the_source_is_renamed_not_copied() {
+    let dc = Dovecot::new();
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    backup_ok(&src, &dst, &[]);
+    dc.oracle(&dst);
+    let inodes = |root: &Path| -> BTreeMap<String, u64> {
+        mail_files(root)
+            .iter()
+            .filter(|f| f.mailbox.to_string_lossy().starts_with(".Archive"))
+            .map(|f| (f.base().to_owned(), fs::metadata(&f.path).unwrap().ino()))
+            .collect()
+    };
+    let before = inodes(&dst);
+    assert!(before.len() >= 2, "the sample has mail under Archive");
+    // Dovecot renames the folder and its child (.Archive.2023) with their GUIDs.
+    dc.rename_mailbox(&src, "Archive", "Old mail");
+
+    // Renames expunge nothing, so even a guard that allows no expunge lets them pass.
+    let run = backup_ok(&src, &dst, &["--max-delete", "0"]);
+    assert_eq!(run.count("expunged"), 0, "{}", run.describe());
+    assert_eq!(run.count("messages_copied"), 0, "{}", run.describe());
+    assert_eq!(run.count("mailboxes_deleted"), 0, "{}", run.describe());
+    assert!(!dst.join(".Archive").exists() && !dst.join(".Archive.2023").exists());
+    let after: BTreeMap<String, u64> = mail_files(&dst)
+        .iter()
+        .filter(|f| f.mailbox.to_string_lossy().starts_with(".Old mail"))
+        .map(|f| (f.base().to_owned(), fs::metadata(&f.path).unwrap().ino()))
+        .collect();
+    assert_eq!(after, before, "the same files, moved with their folders");
+    assert_same_oracle(&dc, &src, &dst, "after the rename");
+    let again = backup_ok(&src, &dst, &[]);
+    assert_eq!(
+        again.count("flag_changes") + again.count("messages_copied"),
+        0
+    );
+}

@@ -15,6 +15,7 @@ use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
 use crate::sync::diff::{self, DiffOptions, HashAnswers, HashQuestion};
+use crate::sync::merge;
 use crate::sync::plan::{Plan, PlanCounts, Skipped};
 use crate::sync::state::{self, PairState};
 use crate::table::MailTable;
@@ -262,17 +263,20 @@ pub fn converge(
     keep: &(dyn Fn(&MailTable, &MailTable, Option<&Plan>) + Sync),
 ) -> Result<Applied> {
     let started = Instant::now();
-    confirm_missing(src, src_table, dst_table);
+    // A folder renamed on the source is renamed on the destination (one `rename()`); the
+    // rest of the plan is made against the destination as it will look after that.
+    let renames = diff::mailbox_renames(src_table, dst_table);
+    let dst_view = merge::renamed_table(dst_table, &renames);
+    let dst_view: &MailTable = &dst_view;
+    confirm_missing(src, src_table, dst_view);
     let src_table = &*src_table;
-    let questions = diff::hash_questions(src_table, dst_table, &options.diff);
+    let questions = diff::hash_questions(src_table, dst_view, &options.diff);
     let answers = answer(src, dst, questions);
-    let mut plan = diff::diff_backup(src_table, dst_table, &answers, &options.diff);
+    let mut plan = diff::diff_backup(src_table, dst_view, &answers, &options.diff);
+    plan.rename_mailboxes = merge::order_renames(renames);
     if sweep == Sweep::Read {
-        plan.sweep.retain(|dir| {
-            dst_table
-                .mailbox(dir)
-                .is_some_and(|m| m.unchanged.is_none())
-        });
+        plan.sweep
+            .retain(|dir| dst_view.mailbox(dir).is_some_and(|m| m.unchanged.is_none()));
     }
     let planned = plan.counts();
     if let Err(e) = check_delete_guard(&planned, dst_table, options.max_delete) {

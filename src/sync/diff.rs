@@ -12,8 +12,8 @@ use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::uidlist::{Header, OwnedRecord};
 use crate::sync::plan::{
-    CopyOp, DeleteMailbox, ExpungeOp, MailboxPlan, Plan, RenameOp, Skipped, UidlistChange,
-    UidlistEdit,
+    CopyOp, DeleteMailbox, ExpungeOp, MailboxPlan, Plan, RenameMailbox, RenameOp, Skipped,
+    UidlistChange, UidlistEdit,
 };
 use crate::table::{MailTable, MailboxTable, NameHash, status};
 
@@ -79,6 +79,59 @@ fn mailbox_questions(
         }
     }
     out
+}
+
+/// Destination mailboxes that are a source mailbox under another name: the same mailbox
+/// GUID and UIDVALIDITY, the source's directory absent on the destination and the
+/// destination's absent on the source, exactly one candidate each way. A backup renames
+/// them with one `rename()` instead of copying every message again and deleting the old
+/// folder (which, for a big folder, would also trip the delete guard). With `LAYOUT=fs`, a
+/// folder with mailboxes below it on the destination is not renamed (the rename would move
+/// them too, out of the places the plan expects them); it is copied and deleted as before.
+pub fn mailbox_renames(src: &MailTable, dst: &MailTable) -> Vec<RenameMailbox> {
+    type Key = (crate::model::MailboxGuid, u32);
+    let key = |m: &MailboxTable| -> Option<Key> {
+        let header = m.header.as_ref()?;
+        Some((m.guid_of_mailbox()?, header.uid_validity))
+    };
+    let usable = |m: &MailboxTable| !m.dir.is_empty() && m.broken.is_none();
+    let only_in = |t: &MailTable, other: &MailTable| -> HashMap<Key, Vec<usize>> {
+        let mut by_key: HashMap<Key, Vec<usize>> = HashMap::new();
+        for (i, m) in t.mailboxes.iter().enumerate() {
+            if usable(m)
+                && other.mailbox(&m.dir).is_none()
+                && !other.is_unfollowed(&m.dir)
+                && let Some(k) = key(m)
+            {
+                by_key.entry(k).or_default().push(i);
+            }
+        }
+        by_key
+    };
+    let (src_only, dst_only) = (only_in(src, dst), only_in(dst, src));
+    let has_children = |dir: &str| {
+        dst.layout == Layout::Fs
+            && dst
+                .mailboxes
+                .iter()
+                .any(|m| m.dir.strip_prefix(dir).is_some_and(|r| r.starts_with('/')))
+    };
+    let mut renames: Vec<RenameMailbox> = src_only
+        .iter()
+        .filter_map(|(k, s)| {
+            let (&[s], Some(&[d])) = (s.as_slice(), dst_only.get(k).map(Vec::as_slice)) else {
+                return None;
+            };
+            let (s, d) = (&src.mailboxes[s], &dst.mailboxes[d]);
+            (!has_children(&d.dir)).then(|| RenameMailbox {
+                from_dir: d.dir.clone(),
+                to_dir: s.dir.clone(),
+                name: s.name.clone(),
+            })
+        })
+        .collect();
+    renames.sort_by(|x, y| x.from_dir.cmp(&y.from_dir));
+    renames
 }
 
 /// Computes the plan for a one-way mirror of `src` onto `dst`.

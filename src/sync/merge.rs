@@ -1265,7 +1265,7 @@ fn union(a: Flags, b: Flags) -> Flags {
 /// Orders renames so that none lands on a directory another rename has yet to vacate, and
 /// parents before their children; a cycle (two mailboxes swapping names) goes through a
 /// temporary name.
-fn order_renames(mut pending: Vec<RenameMailbox>) -> Vec<RenameMailbox> {
+pub(crate) fn order_renames(mut pending: Vec<RenameMailbox>) -> Vec<RenameMailbox> {
     // Parents first: with the fs layout a parent's rename moves its children, whose own
     // renames then find themselves done.
     pending.sort_by(|x, y| x.from_dir.cmp(&y.from_dir));
@@ -1294,7 +1294,7 @@ fn order_renames(mut pending: Vec<RenameMailbox>) -> Vec<RenameMailbox> {
 }
 
 /// A side's table with its mailboxes renamed as the merge decided, for the differ.
-fn renamed_table<'t>(t: &'t MailTable, renames: &[RenameMailbox]) -> Cow<'t, MailTable> {
+pub(crate) fn renamed_table<'t>(t: &'t MailTable, renames: &[RenameMailbox]) -> Cow<'t, MailTable> {
     if renames.is_empty() {
         return Cow::Borrowed(t);
     }

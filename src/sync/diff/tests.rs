@@ -377,3 +377,43 @@ fn unfollowed_folders_are_neither_written_nor_deleted() {
     ]);
     assert!(plan_of(&src, &dst).delete_mailboxes.is_empty());
 }
+
+/// `mailbox` with a mailbox GUID made of `byte`.
+fn with_guid(mut m: MailboxTable, byte: u8) -> MailboxTable {
+    if let Some(h) = m.header.as_mut() {
+        h.guid = Some(crate::model::MailboxGuid([byte; 16]));
+    }
+    m
+}
+
+#[test]
+fn a_folder_under_a_new_name_with_its_guid_is_a_rename() {
+    let msgs = [(1, "a", "S", false)];
+    let src = table(vec![with_guid(mailbox(".New", 7, 2, &msgs), 1)]);
+    let dst = table(vec![with_guid(mailbox(".Old", 7, 2, &msgs), 1)]);
+    let renames = mailbox_renames(&src, &dst);
+    assert_eq!(renames.len(), 1);
+    assert_eq!(
+        (renames[0].from_dir.as_str(), renames[0].to_dir.as_str()),
+        (".Old", ".New")
+    );
+    // Another UIDVALIDITY, another GUID, or two candidates: no rename.
+    let other_validity = table(vec![with_guid(mailbox(".Old", 8, 2, &msgs), 1)]);
+    assert!(mailbox_renames(&src, &other_validity).is_empty());
+    let other_guid = table(vec![with_guid(mailbox(".Old", 7, 2, &msgs), 2)]);
+    assert!(mailbox_renames(&src, &other_guid).is_empty());
+    let twins = table(vec![
+        with_guid(mailbox(".Old", 7, 2, &msgs), 1),
+        with_guid(mailbox(".Older", 7, 2, &msgs), 1),
+    ]);
+    assert!(mailbox_renames(&src, &twins).is_empty());
+    // fs layout: a folder with folders below it on the destination is copied instead.
+    let mut src_fs = table(vec![with_guid(mailbox("New", 7, 2, &msgs), 1)]);
+    let mut dst_fs = table(vec![
+        with_guid(mailbox("Old", 7, 2, &msgs), 1),
+        with_guid(mailbox("Old/Child", 7, 2, &msgs), 3),
+    ]);
+    src_fs.layout = Layout::Fs;
+    dst_fs.layout = Layout::Fs;
+    assert!(mailbox_renames(&src_fs, &dst_fs).is_empty());
+}
