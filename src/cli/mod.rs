@@ -257,11 +257,21 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether a run writes to a side: an mdbox side that is written needs `--offline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Only read (a backup's source).
+    Read,
+    /// Written (a backup's destination, either side of a sync).
+    Write,
+}
+
 /// Opens one side of a run: a local directory, the same through an in-process server
 /// (`--via-pipe`, for tests), or a remote host through ssh.
 fn open_replica(
     text: &str,
     side: &str,
+    access: Access,
     a: &MirrorArgs,
     verbose: bool,
 ) -> anyhow::Result<(Box<dyn Replica>, Option<PathBuf>)> {
@@ -289,14 +299,14 @@ fn open_replica(
             Ok((Box::new(replica), Some(path)))
         }
         Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
-            if side == "dst" && !a.offline {
+            if access == Access::Write && !a.offline {
                 bail!(
                     "{}: writing into an mdbox tree needs --offline: mdsync takes none of \
                      Dovecot's index locks, so no Dovecot may use it during the run",
                     path.display()
                 );
             }
-            if side == "dst" {
+            if access == Access::Write {
                 return Ok((Box::new(MdboxReplica::offline(&path)), Some(path)));
             }
             Ok((Box::new(MdboxReplica::new(&path)), Some(path)))
@@ -356,9 +366,12 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
         return run_to_mdbox(a);
     }
     let options = backup_options(&a.o.mirror, a.o.dry_run)?;
-    let outcome = run_pair(&a.src, &a.dst, &a.o, |src, dst, progress| {
-        backup::backup(src, dst, &options, progress)
-    })?;
+    let outcome = run_pair(
+        (&a.src, Access::Read),
+        &a.dst,
+        &a.o,
+        |src, dst, progress| backup::backup(src, dst, &options, progress),
+    )?;
     let Some(outcome) = outcome else {
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
     };
@@ -371,14 +384,14 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
 /// runs `work` with a progress renderer, closes the sessions. `None`: interrupted (said on
 /// stderr).
 fn run_pair<T>(
-    first: &str,
+    (first, first_access): (&str, Access),
     second: &str,
     o: &RunArgs,
     work: impl FnOnce(&dyn Replica, &dyn Replica, &output::Renderer) -> mdsync::Result<T>,
 ) -> anyhow::Result<Option<T>> {
     check_sides(first, second)?;
-    let (x, x_path) = open_replica(first, "src", &o.mirror, o.verbose)?;
-    let (y, y_path) = open_replica(second, "dst", &o.mirror, o.verbose)?;
+    let (x, x_path) = open_replica(first, "src", first_access, &o.mirror, o.verbose)?;
+    let (y, y_path) = open_replica(second, "dst", Access::Write, &o.mirror, o.verbose)?;
     check_paths(x_path.as_deref(), y_path.as_deref())?;
     let show_progress = !o.no_progress && !o.dry_run;
     let progress = output::Renderer::new(o.verbose && !o.dry_run, o.json, show_progress);
@@ -448,7 +461,7 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
             a.dst
         );
     };
-    let (src, src_path) = open_replica(&a.src, "src", &a.o.mirror, a.o.verbose)?;
+    let (src, src_path) = open_replica(&a.src, "src", Access::Read, &a.o.mirror, a.o.verbose)?;
     if let Some(src_path) = &src_path {
         check_overlap(src_path, &dst)?;
     }

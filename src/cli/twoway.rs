@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use mdsync::sync::twoway::{self, SideOutcome, SyncOutcome};
 
 use super::{
-    EXIT_INTERRUPTED, SyncArgs, backup_options, collapse_repeats, exit_code, output, run_pair,
+    Access, EXIT_INTERRUPTED, SyncArgs, backup_options, collapse_repeats, exit_code, output,
+    run_pair,
 };
 
 /// Runs `mdsync sync`.
 pub(super) fn run(a: SyncArgs) -> anyhow::Result<ExitCode> {
     let options = backup_options(&a.o.mirror, a.o.dry_run)?;
-    let outcome = run_pair(&a.a, &a.b, &a.o, |x, y, progress| {
+    let outcome = run_pair((&a.a, Access::Write), &a.b, &a.o, |x, y, progress| {
         twoway::sync(x, y, &options, progress)
     })?;
     let Some(outcome) = outcome else {

@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +24,7 @@ use mdsync::watch::twoway::TwoWay;
 use mdsync::watch::watcher::TreeWatcher;
 use mdsync::watch::{Monitor, Step, WatchEvent, WatchLoop, WatchOptions};
 
-use super::{MirrorArgs, backup_options, check_paths, check_sides, open_replica};
+use super::{Access, MirrorArgs, backup_options, check_paths, check_sides, open_replica};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct WatchArgs {
@@ -66,6 +66,22 @@ pub(super) struct WatchArgs {
     mirror: MirrorArgs,
 }
 
+/// inotify sees an mdbox tree change only as appends to index logs and `m.N` files, which
+/// the watcher does not follow: a watched side must be Maildir (an mdbox destination of a
+/// one-way watch is fine). Said before anything is read or written.
+fn refuse_watched_mdbox(src: &Path, local_b: Option<&Path>) -> anyhow::Result<()> {
+    for path in std::iter::once(src).chain(local_b) {
+        if mdsync::storage::mdbox::layout::is_mdbox(path) {
+            bail!(
+                "{}: an mdbox tree; mdsync watch follows Maildir trees only (run mdsync \
+                 backup or sync from cron for mdbox)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs `mdsync watch` until SIGTERM or SIGINT.
 pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
     check_sides(&a.src, &a.dst)?;
@@ -83,6 +99,7 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         Location::Remote(_) => None,
     };
     check_paths(Some(&src_path), dst_path.as_deref())?;
+    refuse_watched_mdbox(&src_path, dst_path.as_deref().filter(|_| a.two_way))?;
     let log = Log::open(a.log.clone())?;
     let src = LocalReplica::new(&src_path);
     let watcher = TreeWatcher::new(&src_path)
@@ -90,7 +107,7 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
     let excludes = backup.scan.exclude.clone();
     let excluded = move |name: &str| excludes.iter().any(|p| p.matches(name));
     let connect = || -> mdsync::Result<Box<dyn Replica>> {
-        open_replica(&a.dst, "dst", &a.mirror, a.verbose)
+        open_replica(&a.dst, "dst", Access::Write, &a.mirror, a.verbose)
             .map(|(replica, _)| replica)
             .map_err(|e| mdsync::Error::Usage(format!("{e:#}")))
     };

@@ -8,7 +8,7 @@
 //! cannot reclaim until `doveadm force-resync`). Never rewrites or truncates a file: logs
 //! are appended to, `m.N` files are only created.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use crate::storage::mdbox::guid_128;
 use crate::storage::mdbox::index;
 use crate::storage::mdbox::layout::{DBOX_MAILS, list_files};
 use crate::storage::mdbox::log_writer::{LogWriter, MailRecord};
-use crate::storage::mdbox::mailbox::MailboxIndex;
+use crate::storage::mdbox::mailbox::{MailboxIndex, MailboxMessage};
 use crate::storage::mdbox::map::MapIndex;
 use crate::sync::apply::ApplyReport;
 use crate::sync::mdbox_new::{
@@ -60,13 +60,17 @@ pub fn apply(
         let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
         let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
         check_uids(mp, index.as_ref())?;
-        staged.push((mp, dir, index, Vec::new()));
+        let moved = renumbered(mp, index.as_ref());
+        check_renumbered(mp, index.as_ref(), &moved)?;
+        staged.push((mp, dir, index, Vec::new(), moved));
     }
     // 1. Bodies into new m.N files; 2. their map records. Files of a failed step go again.
     let map_log = storage.join("dovecot.map.index.log");
     let stored = (|| {
-        for (mp, _, index, records) in &mut staged {
+        for (mp, _, index, records, moved) in &mut staged {
             *records = stage_copies(mp, index.as_ref(), source, &mut appender, &mut report)?;
+            records.extend(moved.iter().map(|r| r.record.clone()));
+            records.sort_by_key(|r| r.uid);
         }
         appender.finish()?;
         if !appender.is_empty() {
@@ -82,12 +86,12 @@ pub fn apply(
     }
     // 3. The mailbox indexes.
     let mut unref: Vec<(u32, i32)> = Vec::new();
-    for (mp, dir, index, records) in &staged {
+    for (mp, dir, index, records, moved) in &staged {
         let outcome = update_mailbox(
             mp,
             dir,
             index.as_ref(),
-            records,
+            (records, moved),
             map.uid_validity,
             owner,
             now,
@@ -140,6 +144,83 @@ fn check_uids(mp: &MailboxPlan, index: Option<&MailboxIndex>) -> Result<()> {
              it back (was it expunged on the destination, or did UIDVALIDITY change?); \
              delete the destination mailbox and run again",
             mp.name, c.uid, index.next_uid
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A message the plan gives a new UID in its own mailbox (a two-way sync's UID conflict,
+/// where Maildir only rewrites its uidlist record): in an mdbox index its record is
+/// expunged under the old UID and appended under the new one, pointing at the same map
+/// record, so no body moves and no refcount changes.
+#[derive(Debug, Clone)]
+struct Renumbered {
+    old_uid: u32,
+    record: MailRecord,
+}
+
+/// The plan's renumberings in one mailbox: a UID the uidlist edit removes (and no expunge
+/// names) whose message comes back, by GUID, in an upserted record under a UID the
+/// mailbox does not hold and no copy brings.
+fn renumbered(mp: &MailboxPlan, index: Option<&MailboxIndex>) -> Vec<Renumbered> {
+    let (Some(index), Some(UidlistChange::Write(edit))) = (index, &mp.uidlist) else {
+        return Vec::new();
+    };
+    let removed: HashSet<u32> = edit.remove.iter().copied().collect();
+    let expunged: HashSet<u32> = mp.expunges.iter().map(|e| e.uid).collect();
+    let copied: HashSet<u32> = mp.copies.iter().map(|c| c.uid).collect();
+    let held: HashSet<u32> = index.messages.iter().map(|m| m.uid).collect();
+    let mut leaving: Vec<&MailboxMessage> = index
+        .messages
+        .iter()
+        .filter(|m| removed.contains(&m.uid) && !expunged.contains(&m.uid))
+        .collect();
+    let mut out = Vec::new();
+    for u in &edit.upsert {
+        if copied.contains(&u.uid) || held.contains(&u.uid) {
+            continue;
+        }
+        let guid = guid_128(u.guid.as_deref().unwrap_or(&u.base));
+        if let Some(k) = leaving.iter().position(|m| m.guid == guid) {
+            let m = leaving.swap_remove(k);
+            out.push(Renumbered {
+                old_uid: m.uid,
+                record: MailRecord {
+                    uid: u.uid,
+                    flags: m.flags,
+                    keywords: index_keywords(index, m.keywords),
+                    map_uid: m.map_uid,
+                    guid: m.guid,
+                },
+            });
+        }
+    }
+    out
+}
+
+/// The names of the keyword bits `bits` of `index`.
+fn index_keywords(index: &MailboxIndex, bits: u64) -> Vec<String> {
+    index
+        .keyword_names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i < 64 && bits & (1 << i) != 0)
+        .map(|(_, name)| name.clone())
+        .collect()
+}
+
+/// A renumbered message must land above the mailbox's next UID, like any append.
+fn check_renumbered(
+    mp: &MailboxPlan,
+    index: Option<&MailboxIndex>,
+    moved: &[Renumbered],
+) -> Result<()> {
+    let next_uid = index.map_or(1, |i| i.next_uid);
+    match moved.iter().find(|r| r.record.uid < next_uid) {
+        Some(r) => Err(Error::Usage(format!(
+            "{}: UID {} (renumbered from {}) lies below the mailbox's next UID {}: an mdbox \
+             index cannot take it",
+            mp.name, r.record.uid, r.old_uid, next_uid
         ))),
         None => Ok(()),
     }
@@ -243,7 +324,7 @@ fn update_mailbox(
     mp: &MailboxPlan,
     dir: &Path,
     index: Option<&MailboxIndex>,
-    records: &[MailRecord],
+    (records, moved): (&[MailRecord], &[Renumbered]),
     map_validity: u32,
     owner: (u32, u32),
     now: u32,
@@ -307,6 +388,12 @@ fn update_mailbox(
                     log.commit();
                     expunged_maps.push(m.map_uid);
                 }
+            }
+            // The old records of renumbered messages: their map records stay referenced
+            // by the new ones, so no refcount changes.
+            for r in moved {
+                log.expunge_guid(r.old_uid, &r.record.guid);
+                log.commit();
             }
             if let Some(h) = header
                 && index.is_none_or(|i| h.next_uid > i.next_uid)

@@ -403,9 +403,21 @@ impl<'a> MailboxDiff<'a> {
                 }
             }
         }
-        if self.keywords != d.keywords {
+        // An mdbox index learns a keyword's name when a message first gets it, and its
+        // list is never rewritten: a flat destination needs the new map only where a
+        // message uses a letter that names something new.
+        if self.keywords != d.keywords && (!d.flat || self.uses_new_letters(d, in_use)) {
             self.plan.keywords = Some(self.keywords.clone());
         }
+    }
+
+    /// Whether a source letter in `in_use` lands on a destination letter whose name the
+    /// destination's current map does not give it.
+    fn uses_new_letters(&self, d: &MailboxTable, in_use: u32) -> bool {
+        (0..LETTERS)
+            .filter(|i| in_use & (1 << i) != 0)
+            .filter_map(|i| self.letter_map[i])
+            .any(|l| self.keywords.name(l as usize) != d.keywords.name(l as usize))
     }
 
     fn translate(&self, flags: Flags) -> Flags {

@@ -1,0 +1,182 @@
+//! End-to-end `mdsync sync --offline A B` with mdbox on one or both sides, changed through
+//! doveadm on both, checked against what Dovecot sees on each side (the oracle): the first
+//! sync, a merge with new mail on both sides (a UID conflict renumbered on both), flags
+//! and expunges, a second sync with nothing to do; and the refusal without `--offline`,
+//! which writes nothing on either side; `watch` refusing an mdbox tree.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::tree::{Run, assert_same_lines, assert_same_snapshot, run_mdsync, snapshot};
+use support::{Dovecot, Layout, chown_tree, message, vmail_ids};
+
+/// A copy of the mdbox fixture `live` at `dest`, owned by vmail.
+fn mdbox_fixture(dovecot: &Dovecot, dest: &str) -> PathBuf {
+    let to = dovecot.path().join(dest);
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mdbox/live");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&from)
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a {}", from.display());
+    let (uid, gid) = vmail_ids();
+    chown_tree(&to, uid, gid);
+    to
+}
+
+fn sync(a: &Path, b: &Path, options: &[&str]) -> Run {
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let mut args = vec!["sync", "--json", "--no-progress"];
+    args.extend_from_slice(options);
+    args.extend([a.as_str(), b.as_str()]);
+    run_mdsync(&args)
+}
+
+fn sync_ok(a: &Path, b: &Path) -> serde_json::Value {
+    let run = sync(a, b, &["--offline"]);
+    run.assert_ok();
+    run.json()
+}
+
+/// Both sides as Dovecot sees them, asserted equal.
+fn assert_equal(dovecot: &Dovecot, (a, la): (&Path, Layout), (b, lb): (&Path, Layout)) {
+    assert_same_lines(
+        &dovecot.oracle_in(b, lb),
+        &dovecot.oracle_in(a, la),
+        "B vs A as Dovecot sees them",
+    );
+}
+
+/// `uid guid` of every message in INBOX.
+fn inbox(dovecot: &Dovecot, root: &Path, layout: Layout) -> Vec<(u32, String)> {
+    let out = dovecot.doveadm_in(
+        root,
+        layout,
+        &["-f", "tab", "fetch", "uid guid", "mailbox", "INBOX"],
+    );
+    out.lines()
+        .skip(1)
+        .map(|l| {
+            let (uid, guid) = l.split_once('\t').unwrap();
+            (uid.parse().unwrap(), guid.to_string())
+        })
+        .collect()
+}
+
+/// Changes on both sides: new INBOX mail on each (the same next UID, so a conflict), a
+/// flag set on one side and another cleared on the other, an expunge on B.
+fn change_both(dovecot: &Dovecot, (a, la): (&Path, Layout), (b, lb): (&Path, Layout)) {
+    dovecot.save_in(a, la, "INBOX", &message("new-a", "new on A", 3));
+    dovecot.save_in(b, lb, "INBOX", &message("new-b", "new on B", 3));
+    dovecot.doveadm_in(
+        a,
+        la,
+        &["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "1"],
+    );
+    dovecot.doveadm_in(
+        b,
+        lb,
+        &["flags", "remove", "\\Seen", "mailbox", "INBOX", "uid", "1"],
+    );
+    dovecot.doveadm_in(b, lb, &["expunge", "mailbox", "Archive", "uid", "1"]);
+}
+
+/// The scenario for one pair of formats: first sync, changes on both sides, merge, no-op.
+fn scenario(dovecot: &Dovecot, a: (&Path, Layout), b: (&Path, Layout)) {
+    sync_ok(a.0, b.0);
+    assert_equal(dovecot, a, b);
+    let before = inbox(dovecot, a.0, a.1);
+    change_both(dovecot, a, b);
+    let json = sync_ok(a.0, b.0);
+    let kinds: Vec<&str> = json["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"uid-renumbered"), "{json}");
+    assert_equal(dovecot, a, b);
+    let after = inbox(dovecot, a.0, a.1);
+    assert_eq!(after.len(), before.len() + 2, "both new messages kept");
+    let mut guids: Vec<&String> = after.iter().map(|m| &m.1).collect();
+    guids.sort();
+    guids.dedup();
+    assert_eq!(guids.len(), after.len(), "no GUID twice: {after:?}");
+    for (root, layout) in [a, b] {
+        if layout == Layout::Mdbox {
+            dovecot.doveadm_in(root, layout, &["force-resync", "*"]);
+        }
+    }
+    assert_equal(dovecot, a, b);
+    let json = sync_ok(a.0, b.0);
+    assert_eq!(json["in_sync"], true, "second sync did work: {json}");
+}
+
+#[test]
+fn mdbox_and_maildir_sync_both_ways() {
+    let dovecot = Dovecot::new();
+    let a = mdbox_fixture(&dovecot, "a");
+    let b = dovecot.path().join("b");
+    scenario(&dovecot, (&a, Layout::Mdbox), (&b, Layout::MaildirPlusPlus));
+}
+
+#[test]
+fn mdbox_and_mdbox_sync_both_ways() {
+    let dovecot = Dovecot::new();
+    let a = mdbox_fixture(&dovecot, "a");
+    let b = dovecot.path().join("b");
+    let run = run_mdsync(&[
+        "backup",
+        "--no-progress",
+        "--to-format",
+        "mdbox",
+        "--offline",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    run.assert_ok();
+    scenario(&dovecot, (&a, Layout::Mdbox), (&b, Layout::Mdbox));
+}
+
+/// Without `--offline`, a sync with an mdbox side is refused before either side is
+/// written, with either side order.
+#[test]
+fn sync_with_an_mdbox_side_needs_offline() {
+    let dovecot = Dovecot::new();
+    let mdbox = mdbox_fixture(&dovecot, "a");
+    let maildir = dovecot.sample("b");
+    let before = (snapshot(&mdbox), snapshot(&maildir));
+    for (a, b) in [(&mdbox, &maildir), (&maildir, &mdbox)] {
+        let run = sync(a, b, &[]);
+        assert_ne!(run.code, Some(0), "{}", run.describe());
+        assert!(run.stderr.contains("--offline"), "{}", run.describe());
+        assert!(
+            run.stderr.contains(mdbox.to_str().unwrap()),
+            "{}",
+            run.describe()
+        );
+    }
+    assert_same_snapshot(&before.0, &snapshot(&mdbox), "mdbox side untouched");
+    assert_same_snapshot(&before.1, &snapshot(&maildir), "Maildir side untouched");
+}
+
+/// `watch` follows Maildir trees only: an mdbox source is refused before anything is
+/// written, naming the path.
+#[test]
+fn watching_an_mdbox_tree_is_refused() {
+    let dovecot = Dovecot::new();
+    let mdbox = mdbox_fixture(&dovecot, "a");
+    let dst = dovecot.path().join("dst");
+    let run = run_mdsync(&["watch", mdbox.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert_ne!(run.code, Some(0), "{}", run.describe());
+    assert!(
+        run.stderr.contains(mdbox.to_str().unwrap()) && run.stderr.contains("mdbox"),
+        "{}",
+        run.describe()
+    );
+    assert!(!dst.exists(), "nothing written");
+}
