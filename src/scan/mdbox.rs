@@ -54,7 +54,6 @@ pub fn scan(
     let layout = options.layout.unwrap_or(Layout::MaildirPlusPlus);
     let root_meta = dir_meta(root)?;
     let scanned_at_ns = cache::now_ns();
-    let map = MapIndex::load(&root.join("storage"))?;
     let found = list_mailboxes(root).map_err(|e| Error::io(&root.join("mailboxes"), e))?;
     let mut anomalies = Vec::new();
     let mut chosen = Vec::new();
@@ -74,35 +73,40 @@ pub fn scan(
             }),
         }
     }
-    let records = record_cache(root, options);
-    let sources = Sources {
-        root,
-        map: &map,
-        store,
-        records: &records,
-    };
-    let mut mailboxes: Vec<MailboxTable> = chosen
-        .par_iter()
-        .map(|(dir, mb)| {
-            let table = read_or_skip(&sources, dir, mb, options);
+    // A mailbox the pair state vouches for is not read; the map, the record cache and the
+    // storage listing are loaded only when some mailbox is.
+    let mut mailboxes = Vec::with_capacity(chosen.len());
+    let mut to_read = Vec::new();
+    for (dir, mb) in chosen {
+        match skipped(&dir, &mb, options) {
+            Some(table) => {
+                progress.event(Event::MailboxScanned {
+                    messages: table.message_count(),
+                });
+                mailboxes.push(table);
+            }
+            None => to_read.push((dir, mb)),
+        }
+    }
+    if !to_read.is_empty() {
+        let map = MapIndex::load(&root.join("storage"))?;
+        let records = record_cache(root, options);
+        let sources = Sources {
+            root,
+            map: &map,
+            store,
+            records: &records,
+        };
+        mailboxes.par_extend(to_read.par_iter().map(|(dir, mb)| {
+            let table = read_mailbox(&sources, dir, mb);
             progress.event(Event::MailboxScanned {
                 messages: table.message_count(),
             });
             table
-        })
-        .collect();
-    mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
-    let live: Vec<u32> = list_files(root)
-        .map_err(|e| Error::io(&root.join("storage"), e))?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    if let Err(e) = records.save(&live) {
-        // A cache that cannot be written only costs speed next time.
-        progress.event(Event::Warning {
-            message: format!("dbox record cache: {e}"),
-        });
+        }));
+        save_record_cache(root, &records, progress)?;
     }
+    mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
     let parents = match layout {
         Layout::Fs => parent_dirs(&mailboxes),
         Layout::MaildirPlusPlus => Vec::new(),
@@ -172,14 +176,17 @@ pub fn rescan_mailbox(root: &Path, layout: Layout, dir: &str, store: &Store) -> 
 }
 
 /// The stamps that change whenever Dovecot changes a mailbox: its index log (appended to
-/// on every change), the snapshot, the previous log, and the index directory.
+/// on every change; a new inode when rotated or recreated), the snapshot (replaced by
+/// rename) and the previous log. Not the directory: Dovecot creates and removes lock and
+/// temp files there whenever it merely opens the mailbox, which says nothing about its
+/// messages. The cache file (`dovecot.index.cache`) holds nothing mdsync reads.
 pub fn take_stamps(index_dir: &Path) -> MailboxStamps {
     MailboxStamps {
         parts: [
             cache::stamp_of(&index_dir.join("dovecot.index.log")),
             cache::stamp_of(&index_dir.join("dovecot.index")),
             cache::stamp_of(&index_dir.join("dovecot.index.log.2")),
-            cache::stamp_of(index_dir),
+            Default::default(),
         ],
     }
 }
@@ -193,23 +200,37 @@ struct Sources<'a> {
     records: &'a DboxCache,
 }
 
-/// A placeholder when the pair state says the mailbox is unchanged, else a fresh read.
-fn read_or_skip(src: &Sources, dir: &str, mb: &MailboxDir, options: &ScanOptions) -> MailboxTable {
+/// A placeholder when the pair state says the mailbox is unchanged (its stamps are those
+/// of the last in-sync run), else `None`: the mailbox must be read.
+fn skipped(dir: &str, mb: &MailboxDir, options: &ScanOptions) -> Option<MailboxTable> {
     let stamps = take_stamps(&mb.index_dir);
-    if let Some((_, count)) = options
+    let (_, count) = options
         .unchanged_if
         .get(dir)
-        .filter(|(known, _)| *known == stamps)
-    {
-        return MailboxTable {
-            dir: dir.to_string(),
-            name: mb.name.clone(),
-            unchanged: Some(*count),
-            stamps,
-            ..MailboxTable::default()
-        };
+        .filter(|(known, _)| *known == stamps)?;
+    Some(MailboxTable {
+        dir: dir.to_string(),
+        name: mb.name.clone(),
+        unchanged: Some(*count),
+        stamps,
+        ..MailboxTable::default()
+    })
+}
+
+/// Writes the record cache, keeping the files `storage/` still has; a cache that cannot be
+/// written only costs speed next time.
+fn save_record_cache(root: &Path, records: &DboxCache, progress: &dyn Progress) -> Result<()> {
+    let live: Vec<u32> = list_files(root)
+        .map_err(|e| Error::io(&root.join("storage"), e))?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    if let Err(e) = records.save(&live) {
+        progress.event(Event::Warning {
+            message: format!("dbox record cache: {e}"),
+        });
     }
-    read_mailbox(src, dir, mb)
+    Ok(())
 }
 
 /// Reads one mailbox; problems become `broken` or anomalies, never an error.
