@@ -135,6 +135,40 @@ fn first_sync_is_a_union_and_renumbers_uid_conflicts() {
     scenario_first_sync_is_a_union(&Via::Local);
 }
 
+/// The same mail imported separately on both sides (other GUIDs, other UIDs, as an IMAP
+/// migration leaves it): the first sync finds each pair by content and keeps one message,
+/// not two; mail on one side only is still copied.
+#[test]
+fn a_first_sync_finds_the_same_mail_under_other_guids_and_uids() {
+    let dovecot = Dovecot::new();
+    let a = dovecot.maildir("a");
+    let b = dovecot.maildir("b");
+    let (m1, m2, m3) = (
+        message("same-1", "one", 2),
+        message("same-2", "two", 3),
+        message("same-3", "three", 4),
+    );
+    for m in [&m1, &m2, &m3] {
+        dovecot.save(&a, "INBOX", m);
+    }
+    dovecot.save(&b, "INBOX", &message("b-only", "only on b", 5));
+    for m in [&m3, &m1, &m2] {
+        dovecot.save(&b, "INBOX", m);
+    }
+    let json = sync_ok(&Via::Local, &a, &b);
+    assert_eq!(json["first_sync"], true);
+    let oracle = assert_equal(&dovecot, &a, &b);
+    let inbox = fetch(&dovecot, &a, "INBOX");
+    assert_eq!(
+        inbox.len(),
+        4,
+        "three shared messages kept once, one copied: {oracle}"
+    );
+    let guids: std::collections::BTreeSet<&String> = inbox.iter().map(|m| &m.1).collect();
+    assert_eq!(guids.len(), 4, "no GUID twice: {oracle}");
+    assert_second_sync_is_noop(&Via::Local, &a, &b);
+}
+
 fn scenario_flags_merge_per_flag(via: &Via<'_>) {
     let dovecot = Dovecot::new();
     let (a, b) = synced_pair(&dovecot, via);

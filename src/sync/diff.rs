@@ -511,8 +511,23 @@ impl<'a> MailboxDiff<'a> {
         let Some(&j) = self.dst_by_base().get(s.base(i)) else {
             return (None, false);
         };
-        let same = !self.used[j] && d.guid(j) == s.guid(i) && self.dst_row[i] != Some(j);
+        // Another GUID is the same message only where the answers vouch for this very
+        // pair: a two-way sync's content twin under another UID, whose file stays.
+        let same = !self.used[j]
+            && self.dst_row[i] != Some(j)
+            && (d.guid(j) == s.guid(i) || self.vouched(i, j));
         (same.then_some(j), false)
+    }
+
+    /// Whether the answers hold "equal content" for source row `i` and destination row `j`.
+    fn vouched(&self, i: usize, j: usize) -> bool {
+        let (s, d) = (self.s, self.d.expect("destination exists"));
+        let question = HashQuestion {
+            dir: s.dir.clone(),
+            src: (s.subdir(i), s.name(i).to_string()),
+            dst: (d.subdir(j), d.name(j).to_string()),
+        };
+        self.answers.get(&question).copied().unwrap_or(false)
     }
 
     /// Same UID, different GUID, equal content (a file renamed by hand or written by

@@ -883,6 +883,8 @@ impl<'a> MessageMerge<'a> {
         if b_by_guid.is_empty() {
             return;
         }
+        // Content twins under other UIDs: only where a first sync asked about them.
+        let twins = (!self.answers.is_empty()).then(|| twins::by_size(b, &self.b_done));
         for i in 0..a.len() {
             if self.a_done[i] {
                 continue;
@@ -898,6 +900,10 @@ impl<'a> MessageMerge<'a> {
             } else if let Some(j) = by_guid {
                 (j, true)
             } else if let Some(j) = same_uid.filter(|&j| self.same_content(i, j)) {
+                (j, true)
+            } else if let Some(j) = twins.as_ref().and_then(|candidates| {
+                twins::find_twin(a, i, b, candidates, &self.b_done, self.answers)
+            }) {
                 (j, true)
             } else {
                 continue;
@@ -1427,3 +1433,4 @@ pub fn merge_subscriptions(
 
 #[cfg(test)]
 mod tests;
+pub mod twins;

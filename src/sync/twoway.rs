@@ -253,6 +253,8 @@ pub fn sync_tables(
     // UID conflict, renumbered, never worth reading both bodies.
     let mut questions = diff::hash_questions(&ta, &tb, &options.diff);
     questions.retain(|q| options.diff.checksum || base.mailbox(&q.dir).is_none());
+    // A first sync also finds the same mail under other GUIDs and other UIDs.
+    questions.extend(merge::twins::twin_questions(base, &ta, &tb));
     let answers = if questions.is_empty() {
         Default::default()
     } else {
