@@ -16,6 +16,7 @@ use crate::model::Subdir;
 use crate::progress::{Event, Progress};
 use crate::replica::baseline::{Baselines, parse_id};
 use crate::replica::local::{LocalReplica, resolve};
+use crate::replica::mdbox::MdboxReplica;
 use crate::replica::remote::send_body;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
@@ -30,7 +31,7 @@ use crate::wire::conn::{
 };
 use crate::wire::frame::Kind;
 use crate::wire::hello::{CAP_HASH, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
-use crate::wire::messages::{Answer, Request, RootFacts, WireEvent};
+use crate::wire::messages::{Answer, Request, RootFacts, StoreFormat, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped};
 
 /// Most mailboxes one `RescanMany` may name.
@@ -117,7 +118,7 @@ struct Session<'a> {
     /// Keepalive interval the client asked for (ms; 0 = none).
     keepalive_ms: Arc<AtomicU64>,
     options: &'a ServeOptions,
-    replica: Option<LocalReplica>,
+    replica: Option<Served>,
     baselines: Baselines,
     verbose: bool,
     use_cache: bool,
@@ -140,12 +141,19 @@ impl Session<'_> {
                     use_cache,
                     verbose,
                     keepalive_ms,
+                    offline,
                 } => {
                     self.keepalive_ms.store(
                         keepalive_ms.max(100 * u64::from(keepalive_ms > 0)),
                         Ordering::Relaxed,
                     );
-                    self.open(&path, bwlimit, use_cache, verbose)?
+                    let how = OpenHow {
+                        bwlimit,
+                        use_cache,
+                        verbose,
+                        offline,
+                    };
+                    self.open(&path, how)?
                 }
                 Request::Bye => {
                     self.baselines.persist();
@@ -173,46 +181,40 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn open(
-        &mut self,
-        path: &str,
-        bwlimit: u64,
-        use_cache: bool,
-        verbose: bool,
-    ) -> Result<(), WireError> {
+    fn open(&mut self, path: &str, how: OpenHow) -> Result<(), WireError> {
         let resolved = resolve_path(path, self.options.root.as_deref())
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
-        if crate::storage::mdbox::layout::is_mdbox(&resolved) {
-            // Read as Maildir it would look empty, and a plan would put Maildir folders
-            // into it: refuse, naming the path.
-            return Err(WireError::protocol(format!(
-                "{location}: an mdbox tree; mdsync serve handles Maildir only (run mdsync on \
-                 the host that has the mdbox tree)"
-            )));
-        }
         let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
         self.baselines = Baselines::new(
-            self.options.cache_dir.as_deref().filter(|_| use_cache),
+            self.options.cache_dir.as_deref().filter(|_| how.use_cache),
             &format!("served:{location}"),
         );
-        self.replica = Some(LocalReplica::new(resolved));
-        self.verbose = verbose;
-        self.use_cache = use_cache;
+        let served = Served::open(resolved, how.offline);
+        let answer = Answer::Opened {
+            location,
+            is_dir,
+            format: served.format(),
+            read_only: served.read_only(),
+        };
+        self.replica = Some(served);
+        self.verbose = how.verbose;
+        self.use_cache = how.use_cache;
         let mut out = locked(&self.out);
-        out.set_bwlimit(bwlimit);
-        out.json(Kind::Answer, &Answer::Opened { location, is_dir })?;
+        out.set_bwlimit(how.bwlimit);
+        out.json(Kind::Answer, &answer)?;
         Ok(())
     }
 
-    fn replica(&self) -> Result<&LocalReplica, WireError> {
+    fn replica(&self) -> Result<&Served, WireError> {
         self.replica
             .as_ref()
             .ok_or_else(|| WireError::protocol("no replica is open"))
     }
 
     fn handle(&self, request: Request) -> Result<(), WireError> {
-        let replica = self.replica()?;
+        let served = self.replica()?;
+        let replica = served.replica();
         let progress = WireProgress::new(&self.out, self.verbose);
         match request {
             Request::DetectLayout => {
@@ -265,7 +267,7 @@ impl Session<'_> {
                 layout,
                 dir,
                 baseline,
-            } => self.rescan(replica, layout, &[(dir, baseline)])?,
+            } => self.rescan(served, layout, &[(dir, baseline)])?,
             Request::RescanMany { layout, mailboxes } => {
                 if mailboxes.len() > MAX_RESCAN {
                     return Err(WireError::protocol(format!(
@@ -273,10 +275,10 @@ impl Session<'_> {
                         mailboxes.len()
                     )));
                 }
-                self.rescan(replica, layout, &mailboxes)?
+                self.rescan(served, layout, &mailboxes)?
             }
             Request::Hashes => {
-                let keys = self.read_keys(replica)?;
+                let keys = self.read_keys(served)?;
                 let answers = replica.content_hashes(&keys);
                 let mut out = locked(&self.out);
                 out.json(Kind::Answer, &Answer::Hashes)?;
@@ -284,7 +286,7 @@ impl Session<'_> {
                 out.flush()?;
             }
             Request::Bodies => {
-                let keys = self.read_keys(replica)?;
+                let keys = self.read_keys(served)?;
                 self.send_bodies(replica, &keys)?;
             }
             Request::Apply { options } => {
@@ -305,8 +307,11 @@ impl Session<'_> {
                             .iter()
                             .flat_map(|r| [&r.from_dir, &r.to_dir]),
                     );
+                if let Some(why) = served.read_only() {
+                    return Err(WireError::Failed(why));
+                }
                 for dir in dirs {
-                    no_symlink_on_the_way(replica.root(), dir)?;
+                    served.check_dir(None, dir)?;
                 }
                 let copies = plan.mailboxes.iter().map(|m| m.copies.len()).sum();
                 locked(&self.inbox).expect_bodies(copies);
@@ -334,7 +339,7 @@ impl Session<'_> {
     /// and over would multiply its table in memory).
     fn rescan(
         &self,
-        replica: &LocalReplica,
+        served: &Served,
         layout: Layout,
         mailboxes: &[(String, Option<String>)],
     ) -> Result<(), WireError> {
@@ -346,8 +351,9 @@ impl Session<'_> {
                     "mailbox {dir:?} named twice in one rescan"
                 )));
             }
-            no_symlink_on_the_way(replica.root(), dir)?;
+            served.check_dir(Some(layout), dir)?;
         }
+        let replica = served.replica();
         let tables: Vec<MailboxTable> = mailboxes
             .par_iter()
             .map(|(dir, _)| replica.rescan_mailbox(layout, dir))
@@ -383,15 +389,17 @@ impl Session<'_> {
 
     /// Reads the key list that follows a request, each key checked to name something
     /// inside the root without passing a symlink.
-    fn read_keys(&self, replica: &LocalReplica) -> Result<Vec<codec::Key>, WireError> {
+    fn read_keys(&self, served: &Served) -> Result<Vec<codec::Key>, WireError> {
         let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
-        for key in &keys {
-            no_symlink_on_the_way(replica.root(), &key.dir)?;
+        if let Served::Maildir(replica) = served {
+            for key in &keys {
+                no_symlink_on_the_way(replica.root(), &key.dir)?;
+            }
         }
         Ok(keys)
     }
 
-    fn send_bodies(&self, replica: &LocalReplica, keys: &[codec::Key]) -> Result<(), WireError> {
+    fn send_bodies(&self, replica: &dyn Replica, keys: &[codec::Key]) -> Result<(), WireError> {
         let mut out = locked(&self.out);
         for key in keys {
             let opened = replica.open_body(&key.dir, key.sub, &key.name);
@@ -399,6 +407,68 @@ impl Session<'_> {
         }
         out.flush()?;
         Ok(())
+    }
+}
+
+/// How the client asked to open the replica.
+struct OpenHow {
+    bwlimit: u64,
+    use_cache: bool,
+    verbose: bool,
+    offline: bool,
+}
+
+/// The replica being served: a Maildir tree, or an mdbox tree (writable only when the client
+/// asserted `--offline`).
+enum Served {
+    Maildir(LocalReplica),
+    Mdbox(MdboxReplica),
+}
+
+impl Served {
+    fn open(path: PathBuf, offline: bool) -> Served {
+        match crate::storage::mdbox::layout::is_mdbox(&path) {
+            true if offline => Served::Mdbox(MdboxReplica::offline(&path)),
+            true => Served::Mdbox(MdboxReplica::new(&path)),
+            false => Served::Maildir(LocalReplica::new(path)),
+        }
+    }
+
+    fn replica(&self) -> &dyn Replica {
+        match self {
+            Served::Maildir(r) => r,
+            Served::Mdbox(r) => r,
+        }
+    }
+
+    fn format(&self) -> StoreFormat {
+        match self {
+            Served::Maildir(_) => StoreFormat::Maildir,
+            Served::Mdbox(_) => StoreFormat::Mdbox,
+        }
+    }
+
+    /// Why a plan would be refused, naming the path.
+    fn read_only(&self) -> Option<String> {
+        match self {
+            Served::Maildir(_) => None,
+            Served::Mdbox(r) => r.read_only(),
+        }
+    }
+
+    /// Refuses a mailbox dir the client names when an existing component of the directory
+    /// it stands for is a symlink. In an mdbox tree that is the mailbox's directory below
+    /// `mailboxes/`, named as `layout` (the last scan's when `None`) maps it.
+    fn check_dir(&self, layout: Option<Layout>, dir: &str) -> Result<(), WireError> {
+        match self {
+            Served::Maildir(r) => no_symlink_on_the_way(r.root(), dir),
+            Served::Mdbox(r) => {
+                let layout = layout.unwrap_or_else(|| r.layout());
+                let rel = crate::sync::mdbox_new::mdbox_dir(layout, dir)
+                    .map_err(|e| WireError::protocol(e.to_string()))?;
+                no_symlink_on_the_way(&r.root().join("mailboxes"), &rel)
+            }
+        }
     }
 }
 
@@ -595,5 +665,43 @@ mod tests {
         ] {
             assert!(resolve_path(bad, Some(&root)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mdbox_dirs_are_checked_below_mailboxes_and_read_only_without_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("storage")).unwrap();
+        std::fs::create_dir_all(root.join("mailboxes/Archive/dbox-Mails")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("mailboxes/Escape")).unwrap();
+        let served = Served::open(root.to_path_buf(), false);
+        assert_eq!(served.format(), StoreFormat::Mdbox);
+        let why = served.read_only().expect("read-only without --offline");
+        assert!(why.contains("--offline") && why.contains(&root.display().to_string()));
+        for layout in [Layout::MaildirPlusPlus, Layout::Fs] {
+            let archive = if layout == Layout::Fs {
+                "Archive"
+            } else {
+                ".Archive"
+            };
+            assert!(served.check_dir(Some(layout), archive).is_ok());
+            assert!(served.check_dir(Some(layout), "").is_ok());
+        }
+        assert!(
+            served
+                .check_dir(Some(Layout::MaildirPlusPlus), ".Escape.x")
+                .is_err()
+        );
+        assert!(served.check_dir(Some(Layout::Fs), "Escape").is_err());
+        assert!(
+            served
+                .check_dir(Some(Layout::Fs), "Archive/dbox-Mails")
+                .is_err()
+        );
+        let offline = Served::open(root.to_path_buf(), true);
+        assert_eq!(offline.read_only(), None);
+        let maildir = Served::open(root.join("mailboxes"), false);
+        assert_eq!(maildir.format(), StoreFormat::Maildir);
+        assert_eq!(maildir.read_only(), None);
     }
 }

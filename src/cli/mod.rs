@@ -277,6 +277,7 @@ fn open_replica(
         use_cache: !a.no_cache,
         cache_dir: cache_dir(a),
         verbose,
+        offline: a.offline,
     };
     match location {
         Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
@@ -444,7 +445,8 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
     }
     let Ok(Location::Local(dst)) = parse_location(&a.dst) else {
         bail!(
-            "{}: --to-format mdbox writes only to a local destination",
+            "{}: --to-format mdbox writes a new tree only to a local destination (an existing \
+             remote mdbox tree is updated without --to-format, with --offline)",
             a.dst
         );
     };

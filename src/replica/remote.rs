@@ -47,6 +47,9 @@ pub struct RemoteOptions {
     pub cache_dir: Option<std::path::PathBuf>,
     /// Ask for itemized lines while applying.
     pub verbose: bool,
+    /// The user asserts that no Dovecot uses the far side's tree during the run
+    /// (`--offline`): the far side writes into an mdbox tree only then.
+    pub offline: bool,
 }
 
 impl Default for RemoteOptions {
@@ -58,6 +61,7 @@ impl Default for RemoteOptions {
             use_cache: true,
             cache_dir: None,
             verbose: false,
+            offline: false,
         }
     }
 }
@@ -89,6 +93,8 @@ struct Opened {
     is_dir: bool,
     /// The capabilities both sides agreed on.
     caps: u64,
+    /// Why the far side will refuse any plan (see [`Replica::check_writable`]).
+    read_only: Option<String>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,7 +141,6 @@ impl RemoteReplica {
         self.opened
             .get_or_init(|| {
                 self.handshake(&self.path, &self.options)
-                    .map(|(is_dir, caps)| Opened { is_dir, caps })
                     .map_err(|e| self.message(e))
             })
             .as_ref()
@@ -147,9 +152,9 @@ impl RemoteReplica {
         self.open().map(|o| o.is_dir).map_err(|e| self.error(e))
     }
 
-    /// Greets the far side and opens `path`; returns whether it is a directory and the
+    /// Greets the far side and opens `path`; returns what it said of it and the
     /// capabilities agreed on.
-    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<(bool, u64), WireError> {
+    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<Opened, WireError> {
         let zstd_cap = if options.compress_level.is_some() {
             CAP_ZSTD
         } else {
@@ -195,11 +200,18 @@ impl RemoteReplica {
                 keepalive_ms: options
                     .timeout
                     .map_or(0, |t| (t.as_millis() as u64 / 4).max(100)),
+                offline: options.offline,
             },
         )?;
         drop(out);
         match answer(&mut inbox, None)? {
-            Answer::Opened { is_dir, .. } => Ok((is_dir, shared)),
+            Answer::Opened {
+                is_dir, read_only, ..
+            } => Ok(Opened {
+                is_dir,
+                caps: shared,
+                read_only,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -684,6 +696,16 @@ impl Replica for RemoteReplica {
     ) -> Result<ApplyReport> {
         self.apply_remote(plan, source, options, progress)
             .map_err(|e| self.error(e))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match &self.open().map_err(|e| self.error(e))?.read_only {
+            Some(why) => Err(Error::Remote {
+                location: self.location.clone(),
+                message: why.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn wire_bytes(&self) -> Option<(u64, u64)> {

@@ -722,6 +722,16 @@ impl<'a> MessageMerge<'a> {
             .is_some_and(|m| m.subdir(j) == crate::model::Subdir::New)
     }
 
+    /// A message on both sides stays in `new/` when each side that has a `new/` keeps it
+    /// there: a flat side (mdbox) has none, so it never moves the other side's to `cur/`.
+    fn stays_new(&self, i: usize, j: usize) -> bool {
+        let (flat_a, flat_b) = (
+            self.g.a.is_some_and(|m| m.flat),
+            self.g.b.is_some_and(|m| m.flat),
+        );
+        !(flat_a && flat_b) && (flat_a || self.new_a(i)) && (flat_b || self.new_b(j))
+    }
+
     fn run(&mut self, conflicts: &mut Vec<Conflict>, name: &str) {
         let mut note = |kind, detail: String| {
             conflicts.push(Conflict {
@@ -778,7 +788,7 @@ impl<'a> MessageMerge<'a> {
                         b: Some(j),
                         guid_from_a: true,
                         flags: merge_flags(old, fa, fb),
-                        in_new: self.new_a(i) && self.new_b(j),
+                        in_new: self.stays_new(i, j),
                     });
                 }
                 (Some(i), None) if has_b => {
@@ -860,7 +870,7 @@ impl<'a> MessageMerge<'a> {
                 b: Some(j),
                 guid_from_a: true,
                 flags: merge_flags(old, self.flags_a(i), self.flags_b(j)),
-                in_new: self.new_a(i) && self.new_b(j),
+                in_new: self.stays_new(i, j),
             });
         }
     }
@@ -910,7 +920,7 @@ impl<'a> MessageMerge<'a> {
                 b: Some(j),
                 guid_from_a,
                 flags: union(self.flags_a(i), self.flags_b(j)),
-                in_new: self.new_a(i) && self.new_b(j),
+                in_new: self.stays_new(i, j),
             });
         }
     }

@@ -27,6 +27,10 @@ pub enum Request {
         /// can tell a busy far side from a dead one.
         #[serde(default)]
         keepalive_ms: u64,
+        /// The user asserted that no Dovecot uses the replica during the session
+        /// (`--offline`): only then may an mdbox tree be written.
+        #[serde(default)]
+        offline: bool,
     },
     /// Which folder layout the replica's folders show.
     DetectLayout,
@@ -80,6 +84,13 @@ pub enum Answer {
         location: String,
         /// Whether it exists as a directory (a source must; a destination may be created).
         is_dir: bool,
+        /// How the replica stores mail (absent from older servers: Maildir).
+        #[serde(default)]
+        format: StoreFormat,
+        /// Why the server will refuse any plan (an mdbox tree opened without the offline
+        /// assertion), naming the path; `None` when it can be written.
+        #[serde(default)]
+        read_only: Option<String>,
     },
     /// The detected layout.
     Layout {
@@ -104,6 +115,17 @@ pub enum Answer {
     },
     /// The session ends.
     Bye,
+}
+
+/// How a served replica stores mail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFormat {
+    /// A Maildir tree (or a path that does not exist yet).
+    #[default]
+    Maildir,
+    /// An mdbox root.
+    Mdbox,
 }
 
 /// Everything of a [`MailTable`] but its mailboxes.
