@@ -282,20 +282,26 @@ fn migration_into_a_new_mdbox_is_what_dovecot_sees() {
             received_dates(&dovecot, src, layout),
             "received dates"
         );
-        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
-        assert_same_lines(
-            &dovecot.oracle_in(&dst, Layout::Mdbox),
-            &want,
-            "after force-resync",
-        );
-        let (scan, code) = scan_json(&dst);
-        assert_eq!(code, Some(0), "{scan}");
-        assert_eq!(
-            scan["health"]["refcount_mismatch"],
-            serde_json::json!([]),
-            "{scan}"
-        );
+        assert_healthy_and_resync_proof(&dovecot, &dst, &want, "new mdbox");
     }
+}
+
+/// The mdbox tree `root` has a clean storage health (refcounts agree with the mailboxes),
+/// and `doveadm force-resync` leaves Dovecot's view of it at `want`.
+fn assert_healthy_and_resync_proof(dovecot: &Dovecot, root: &Path, want: &str, what: &str) {
+    let (scan, code) = scan_json(root);
+    assert_eq!(code, Some(0), "{what}: {scan}");
+    assert_eq!(
+        scan["health"]["refcount_mismatch"],
+        serde_json::json!([]),
+        "{what}: {scan}"
+    );
+    dovecot.doveadm_in(root, Layout::Mdbox, &["force-resync", "*"]);
+    assert_same_lines(
+        &dovecot.oracle_in(root, Layout::Mdbox),
+        want,
+        &format!("{what}: after force-resync"),
+    );
 }
 
 #[test]
@@ -518,19 +524,7 @@ fn remote_mdbox_destination(far: &Far) {
         &want,
         "remote mdbox",
     );
-    let (scan, code) = scan_json(&dst);
-    assert_eq!(code, Some(0), "{scan}");
-    assert_eq!(
-        scan["health"]["refcount_mismatch"],
-        serde_json::json!([]),
-        "{scan}"
-    );
-    dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
-    assert_same_lines(
-        &dovecot.oracle_in(&dst, Layout::Mdbox),
-        &want,
-        "remote mdbox after force-resync",
-    );
+    assert_healthy_and_resync_proof(&dovecot, &dst, &want, "remote mdbox");
     far.run("backup", "dst", &src, &dst, &["--offline"])
         .assert_no_work();
 }
