@@ -24,18 +24,21 @@ use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::writer::Ownership;
 use crate::sync::apply::ApplyOptions;
 use crate::sync::plan::Plan;
-use crate::table::MailboxTable;
+use crate::table::{MailTable, MailboxTable};
 use crate::wire::codec;
 use crate::wire::conn::{
-    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
+    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::Kind;
-use crate::wire::hello::{CAP_HASH, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
+use crate::wire::hello::{CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
 use crate::wire::messages::{Answer, Request, RootFacts, StoreFormat, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped};
 
 /// Most mailboxes one `RescanMany` may name.
 pub const MAX_RESCAN: usize = 65_536;
+
+/// Most mailboxes one `NewMdbox` may send.
+pub const MAX_NEW_MAILBOXES: usize = 1 << 20;
 
 /// How the server may be used.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +68,7 @@ pub fn serve(
         baselines: Baselines::new(None, ""),
         verbose: false,
         use_cache: false,
+        offline: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -122,6 +126,8 @@ struct Session<'a> {
     baselines: Baselines,
     verbose: bool,
     use_cache: bool,
+    /// The client asserted that no Dovecot uses the replica (`--offline`).
+    offline: bool,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,7 +174,7 @@ impl Session<'_> {
     fn handshake(&mut self) -> Result<(), WireError> {
         let payload = locked(&self.inbox).reader.expect(Kind::Hello)?;
         let theirs = Hello::decode(&payload).map_err(|e| WireError::protocol(e.to_string()))?;
-        let ours = Hello::ours(CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY);
+        let ours = Hello::ours(CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX);
         let mut out = locked(&self.out);
         out.frame(Kind::Hello, &ours.encode())?;
         out.flush()?;
@@ -200,6 +206,7 @@ impl Session<'_> {
         self.replica = Some(served);
         self.verbose = how.verbose;
         self.use_cache = how.use_cache;
+        self.offline = how.offline;
         let mut out = locked(&self.out);
         out.set_bwlimit(how.bwlimit);
         out.json(Kind::Answer, &answer)?;
@@ -328,6 +335,13 @@ impl Session<'_> {
                 progress.flush();
                 locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
             }
+            Request::NewMdbox { mailboxes, root } => {
+                let table = self.receive_tables(mailboxes, root)?;
+                let report = self.new_mdbox(served, &table, &progress)?;
+                progress.flush();
+                let answer = Answer::NewMdboxWritten { report };
+                locked(&self.out).json(Kind::Answer, &answer)?;
+            }
             Request::Open { .. } | Request::Bye => unreachable!("handled by run"),
         }
         Ok(())
@@ -387,6 +401,68 @@ impl Session<'_> {
         WireError::Failed(e.to_string())
     }
 
+    /// Reads the `count` whole mailbox tables that follow a `NewMdbox`, each checked as a
+    /// scan's are, into one table with the root facts `root`.
+    fn receive_tables(&self, count: u32, root: RootFacts) -> Result<MailTable, WireError> {
+        let count = count as usize;
+        if count > MAX_NEW_MAILBOXES {
+            return Err(WireError::protocol(format!(
+                "{count} mailboxes in one new tree (at most {MAX_NEW_MAILBOXES})"
+            )));
+        }
+        let mut tables = Vec::with_capacity(count.min(1024));
+        let mut received = 0usize;
+        for _ in 0..count {
+            let bytes = locked(&self.inbox).reader.object()?;
+            received += bytes.len();
+            if received > MAX_OBJECT {
+                return Err(WireError::protocol("mailbox tables larger than 1 GiB"));
+            }
+            let encoding = Shipped::from_bytes(&bytes)?.resolve(None)?;
+            tables.push(wire_table::decode(&encoding)?);
+        }
+        for dir in root.parents.iter().chain(&root.unfollowed) {
+            crate::wire::path::check_dir(dir).map_err(|e| WireError::protocol(e.to_string()))?;
+        }
+        let mut root = root;
+        root.root_meta.mode &= 0o1777;
+        Ok(root.into_table(tables))
+    }
+
+    /// Writes a new mdbox tree at the opened path from `table`, its bodies streamed by the
+    /// client; only when the client asserted `--offline`, and never at the served root
+    /// itself (the tree is built beside its place, which would lie outside the root).
+    fn new_mdbox(
+        &self,
+        served: &Served,
+        table: &MailTable,
+        progress: &WireProgress<'_>,
+    ) -> Result<crate::sync::mdbox_new::NewTreeReport, WireError> {
+        let path = served.root();
+        if !self.offline {
+            return Err(WireError::Failed(format!(
+                "{}: writing a new mdbox tree needs --offline: mdsync takes none of Dovecot's \
+                 index locks, so no Dovecot may use it during the run",
+                path.display()
+            )));
+        }
+        if let Some(root) = &self.options.root
+            && std::fs::canonicalize(root).is_ok_and(|r| r == path)
+        {
+            return Err(WireError::Failed(format!(
+                "{}: the served root itself; name a new directory below it",
+                path.display()
+            )));
+        }
+        let bodies = crate::sync::mdbox_new::body_keys(table).len();
+        locked(&self.inbox).expect_bodies(bodies);
+        let source = StreamSource { inbox: &self.inbox };
+        let report = crate::sync::mdbox_new::write_new_tree(path, table, &source, progress)
+            .map_err(|e| self.fatal(e))?;
+        locked(&self.inbox).drain()?;
+        Ok(report)
+    }
+
     /// Reads the key list that follows a request, each key checked to name something
     /// inside the root without passing a symlink.
     fn read_keys(&self, served: &Served) -> Result<Vec<codec::Key>, WireError> {
@@ -431,6 +507,13 @@ impl Served {
             true if offline => Served::Mdbox(MdboxReplica::offline(&path)),
             true => Served::Mdbox(MdboxReplica::new(&path)),
             false => Served::Maildir(LocalReplica::new(path)),
+        }
+    }
+
+    fn root(&self) -> &Path {
+        match self {
+            Served::Maildir(r) => r.root(),
+            Served::Mdbox(r) => r.root(),
         }
     }
 

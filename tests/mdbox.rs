@@ -606,3 +606,55 @@ fn sync_with_a_remote_mdbox_side_needs_offline() {
         "both sides after a sync with the remote mdbox first",
     );
 }
+
+/// `--to-format mdbox --offline` into a new remote destination: the far side writes the
+/// tree from the scan and the bodies the client streams. Dovecot sees the source's state in
+/// it, also after `doveadm force-resync`; run again, the existing tree is updated (nothing
+/// to do), as a local one would be.
+fn new_remote_mdbox(far: &Far, src: &Path, layout: Layout, dovecot: &Dovecot) {
+    let dst = dovecot.path().join("new-remote");
+    let into_new = ["--to-format", "mdbox", "--offline"];
+    let refused = far.run("backup", "dst", src, &dst, &into_new[..2]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("--offline"),
+        "{}",
+        refused.describe()
+    );
+    assert!(!dst.exists(), "nothing written without --offline");
+    let run = far.run("backup", "dst", src, &dst, &into_new);
+    run.assert_ok();
+    assert!(
+        run.stdout.contains("\"format\":\"mdbox\""),
+        "{}",
+        run.describe()
+    );
+    let want = dovecot.oracle_in(src, layout);
+    assert_same_lines(
+        &dovecot.oracle_in(&dst, Layout::Mdbox),
+        &want,
+        "new remote mdbox",
+    );
+    assert_eq!(
+        received_dates(dovecot, &dst, Layout::Mdbox),
+        received_dates(dovecot, src, layout),
+        "received dates"
+    );
+    assert_healthy_and_resync_proof(dovecot, &dst, &want, "new remote mdbox");
+    far.run("backup", "dst", src, &dst, &into_new)
+        .assert_no_work();
+}
+
+#[test]
+fn a_new_remote_mdbox_over_ssh_is_what_dovecot_sees() {
+    let dovecot = Dovecot::new();
+    let src = dovecot.sample("src");
+    new_remote_mdbox(&Far::ssh(), &src, Layout::MaildirPlusPlus, &dovecot);
+}
+
+#[test]
+fn a_new_mdbox_through_the_pipe_from_an_mdbox_source() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    new_remote_mdbox(&Far::Pipe, &src, Layout::Mdbox, &dovecot);
+}

@@ -24,7 +24,7 @@ use crate::storage::mdbox::{guid_128, layout as mdbox_layout};
 use crate::table::{MailTable, MailboxTable, status};
 
 /// What a migration wrote.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NewTreeReport {
     /// Mailboxes created.
     pub mailboxes: u64,
@@ -191,7 +191,13 @@ fn place_mailbox(
 
 /// Tells a sequential (remote) source every body `place_mailbox` opens, in its order.
 fn announce_bodies(table: &MailTable, source: &dyn BodySource) -> Result<()> {
-    let keys: Vec<Key> = table
+    crate::sync::apply::announce(source, &body_keys(table))
+}
+
+/// Every body a new tree is written from, in the order they are read: mailboxes in table
+/// order without a broken one, rows in table order without a broken row.
+pub fn body_keys(table: &MailTable) -> Vec<Key> {
+    table
         .mailboxes
         .iter()
         .filter(|m| m.broken.is_none())
@@ -204,8 +210,7 @@ fn announce_bodies(table: &MailTable, source: &dyn BodySource) -> Result<()> {
                     name: m.name(i).to_string(),
                 })
         })
-        .collect();
-    crate::sync::apply::announce(source, &keys)
+        .collect()
 }
 
 /// Reads one body and appends it with its metadata (GUID, received date = the body's

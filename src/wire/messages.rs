@@ -7,6 +7,7 @@ use crate::model::MailboxStamps;
 use crate::progress::Event;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::mdbox_new::NewTreeReport;
 use crate::table::{Anomaly, DirMeta, MailTable};
 
 /// What the client asks of the server, one at a time.
@@ -70,6 +71,14 @@ pub enum Request {
         /// How to write.
         options: ApplyOptions,
     },
+    /// Write a new mdbox tree at the opened path from the mailbox objects that follow
+    /// (capability `CAP_NEW_MDBOX`); the bodies of their messages follow them.
+    NewMdbox {
+        /// How many mailbox objects follow.
+        mailboxes: u32,
+        /// The source's root facts.
+        root: RootFacts,
+    },
     /// End of session.
     Bye,
 }
@@ -112,6 +121,11 @@ pub enum Answer {
     Applied {
         /// What was done.
         report: ApplyReport,
+    },
+    /// The new mdbox tree was written.
+    NewMdboxWritten {
+        /// What was written.
+        report: NewTreeReport,
     },
     /// The session ends.
     Bye,
