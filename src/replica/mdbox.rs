@@ -23,7 +23,7 @@ use crate::table::{MailTable, MailboxTable};
 /// Body locations of one mailbox: base name → (`m.N` id, offset).
 type Locations = HashMap<String, (u32, u32)>;
 
-/// An mdbox root on this machine, read-only.
+/// An mdbox root on this machine: read-only unless opened with [`MdboxReplica::offline`].
 pub struct MdboxReplica {
     root: PathBuf,
     store: Store,
