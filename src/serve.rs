@@ -16,6 +16,7 @@ use crate::model::Subdir;
 use crate::progress::{Event, Progress};
 use crate::replica::baseline::{Baselines, parse_id};
 use crate::replica::local::{LocalReplica, resolve};
+use crate::replica::mdbox::MdboxReplica;
 use crate::replica::remote::send_body;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
@@ -23,18 +24,21 @@ use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::writer::Ownership;
 use crate::sync::apply::ApplyOptions;
 use crate::sync::plan::Plan;
-use crate::table::MailboxTable;
+use crate::table::{MailTable, MailboxTable};
 use crate::wire::codec;
 use crate::wire::conn::{
-    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, Stats, WireError,
+    BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::Kind;
-use crate::wire::hello::{CAP_HASH, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
-use crate::wire::messages::{Answer, Request, RootFacts, WireEvent};
+use crate::wire::hello::{CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
+use crate::wire::messages::{Answer, Request, RootFacts, StoreFormat, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped};
 
 /// Most mailboxes one `RescanMany` may name.
 pub const MAX_RESCAN: usize = 65_536;
+
+/// Most mailboxes one `NewMdbox` may send.
+pub const MAX_NEW_MAILBOXES: usize = 1 << 20;
 
 /// How the server may be used.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +68,7 @@ pub fn serve(
         baselines: Baselines::new(None, ""),
         verbose: false,
         use_cache: false,
+        offline: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -117,10 +122,12 @@ struct Session<'a> {
     /// Keepalive interval the client asked for (ms; 0 = none).
     keepalive_ms: Arc<AtomicU64>,
     options: &'a ServeOptions,
-    replica: Option<LocalReplica>,
+    replica: Option<Served>,
     baselines: Baselines,
     verbose: bool,
     use_cache: bool,
+    /// The client asserted that no Dovecot uses the replica (`--offline`).
+    offline: bool,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,12 +147,19 @@ impl Session<'_> {
                     use_cache,
                     verbose,
                     keepalive_ms,
+                    offline,
                 } => {
                     self.keepalive_ms.store(
                         keepalive_ms.max(100 * u64::from(keepalive_ms > 0)),
                         Ordering::Relaxed,
                     );
-                    self.open(&path, bwlimit, use_cache, verbose)?
+                    let how = OpenHow {
+                        bwlimit,
+                        use_cache,
+                        verbose,
+                        offline,
+                    };
+                    self.open(&path, how)?
                 }
                 Request::Bye => {
                     self.baselines.persist();
@@ -160,7 +174,7 @@ impl Session<'_> {
     fn handshake(&mut self) -> Result<(), WireError> {
         let payload = locked(&self.inbox).reader.expect(Kind::Hello)?;
         let theirs = Hello::decode(&payload).map_err(|e| WireError::protocol(e.to_string()))?;
-        let ours = Hello::ours(CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY);
+        let ours = Hello::ours(CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX);
         let mut out = locked(&self.out);
         out.frame(Kind::Hello, &ours.encode())?;
         out.flush()?;
@@ -173,46 +187,41 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn open(
-        &mut self,
-        path: &str,
-        bwlimit: u64,
-        use_cache: bool,
-        verbose: bool,
-    ) -> Result<(), WireError> {
+    fn open(&mut self, path: &str, how: OpenHow) -> Result<(), WireError> {
         let resolved = resolve_path(path, self.options.root.as_deref())
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
-        if crate::storage::mdbox::layout::is_mdbox(&resolved) {
-            // Read as Maildir it would look empty, and a plan would put Maildir folders
-            // into it: refuse, naming the path.
-            return Err(WireError::protocol(format!(
-                "{location}: an mdbox tree; mdsync serve handles Maildir only (run mdsync on \
-                 the host that has the mdbox tree)"
-            )));
-        }
         let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
         self.baselines = Baselines::new(
-            self.options.cache_dir.as_deref().filter(|_| use_cache),
+            self.options.cache_dir.as_deref().filter(|_| how.use_cache),
             &format!("served:{location}"),
         );
-        self.replica = Some(LocalReplica::new(resolved));
-        self.verbose = verbose;
-        self.use_cache = use_cache;
+        let served = Served::open(resolved, how.offline);
+        let answer = Answer::Opened {
+            location,
+            is_dir,
+            format: served.format(),
+            read_only: served.read_only(),
+        };
+        self.replica = Some(served);
+        self.verbose = how.verbose;
+        self.use_cache = how.use_cache;
+        self.offline = how.offline;
         let mut out = locked(&self.out);
-        out.set_bwlimit(bwlimit);
-        out.json(Kind::Answer, &Answer::Opened { location, is_dir })?;
+        out.set_bwlimit(how.bwlimit);
+        out.json(Kind::Answer, &answer)?;
         Ok(())
     }
 
-    fn replica(&self) -> Result<&LocalReplica, WireError> {
+    fn replica(&self) -> Result<&Served, WireError> {
         self.replica
             .as_ref()
             .ok_or_else(|| WireError::protocol("no replica is open"))
     }
 
     fn handle(&self, request: Request) -> Result<(), WireError> {
-        let replica = self.replica()?;
+        let served = self.replica()?;
+        let replica = served.replica();
         let progress = WireProgress::new(&self.out, self.verbose);
         match request {
             Request::DetectLayout => {
@@ -265,7 +274,7 @@ impl Session<'_> {
                 layout,
                 dir,
                 baseline,
-            } => self.rescan(replica, layout, &[(dir, baseline)])?,
+            } => self.rescan(served, layout, &[(dir, baseline)])?,
             Request::RescanMany { layout, mailboxes } => {
                 if mailboxes.len() > MAX_RESCAN {
                     return Err(WireError::protocol(format!(
@@ -273,10 +282,10 @@ impl Session<'_> {
                         mailboxes.len()
                     )));
                 }
-                self.rescan(replica, layout, &mailboxes)?
+                self.rescan(served, layout, &mailboxes)?
             }
             Request::Hashes => {
-                let keys = self.read_keys(replica)?;
+                let keys = self.read_keys(served)?;
                 let answers = replica.content_hashes(&keys);
                 let mut out = locked(&self.out);
                 out.json(Kind::Answer, &Answer::Hashes)?;
@@ -284,7 +293,7 @@ impl Session<'_> {
                 out.flush()?;
             }
             Request::Bodies => {
-                let keys = self.read_keys(replica)?;
+                let keys = self.read_keys(served)?;
                 self.send_bodies(replica, &keys)?;
             }
             Request::Apply { options } => {
@@ -305,8 +314,11 @@ impl Session<'_> {
                             .iter()
                             .flat_map(|r| [&r.from_dir, &r.to_dir]),
                     );
+                if let Some(why) = served.read_only() {
+                    return Err(WireError::Failed(why));
+                }
                 for dir in dirs {
-                    no_symlink_on_the_way(replica.root(), dir)?;
+                    served.check_dir(None, dir)?;
                 }
                 let copies = plan.mailboxes.iter().map(|m| m.copies.len()).sum();
                 locked(&self.inbox).expect_bodies(copies);
@@ -323,6 +335,13 @@ impl Session<'_> {
                 progress.flush();
                 locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
             }
+            Request::NewMdbox { mailboxes, root } => {
+                let table = self.receive_tables(mailboxes, root)?;
+                let report = self.new_mdbox(served, &table, &progress)?;
+                progress.flush();
+                let answer = Answer::NewMdboxWritten { report };
+                locked(&self.out).json(Kind::Answer, &answer)?;
+            }
             Request::Open { .. } | Request::Bye => unreachable!("handled by run"),
         }
         Ok(())
@@ -334,7 +353,7 @@ impl Session<'_> {
     /// and over would multiply its table in memory).
     fn rescan(
         &self,
-        replica: &LocalReplica,
+        served: &Served,
         layout: Layout,
         mailboxes: &[(String, Option<String>)],
     ) -> Result<(), WireError> {
@@ -346,8 +365,9 @@ impl Session<'_> {
                     "mailbox {dir:?} named twice in one rescan"
                 )));
             }
-            no_symlink_on_the_way(replica.root(), dir)?;
+            served.check_dir(Some(layout), dir)?;
         }
+        let replica = served.replica();
         let tables: Vec<MailboxTable> = mailboxes
             .par_iter()
             .map(|(dir, _)| replica.rescan_mailbox(layout, dir))
@@ -381,17 +401,81 @@ impl Session<'_> {
         WireError::Failed(e.to_string())
     }
 
+    /// Reads the `count` whole mailbox tables that follow a `NewMdbox`, each checked as a
+    /// scan's are, into one table with the root facts `root`.
+    fn receive_tables(&self, count: u32, root: RootFacts) -> Result<MailTable, WireError> {
+        let count = count as usize;
+        if count > MAX_NEW_MAILBOXES {
+            return Err(WireError::protocol(format!(
+                "{count} mailboxes in one new tree (at most {MAX_NEW_MAILBOXES})"
+            )));
+        }
+        let mut tables = Vec::with_capacity(count.min(1024));
+        let mut received = 0usize;
+        for _ in 0..count {
+            let bytes = locked(&self.inbox).reader.object()?;
+            received += bytes.len();
+            if received > MAX_OBJECT {
+                return Err(WireError::protocol("mailbox tables larger than 1 GiB"));
+            }
+            let encoding = Shipped::from_bytes(&bytes)?.resolve(None)?;
+            tables.push(wire_table::decode(&encoding)?);
+        }
+        for dir in root.parents.iter().chain(&root.unfollowed) {
+            crate::wire::path::check_dir(dir).map_err(|e| WireError::protocol(e.to_string()))?;
+        }
+        let mut root = root;
+        root.root_meta.mode &= 0o1777;
+        Ok(root.into_table(tables))
+    }
+
+    /// Writes a new mdbox tree at the opened path from `table`, its bodies streamed by the
+    /// client; only when the client asserted `--offline`, and never at the served root
+    /// itself (the tree is built beside its place, which would lie outside the root).
+    fn new_mdbox(
+        &self,
+        served: &Served,
+        table: &MailTable,
+        progress: &WireProgress<'_>,
+    ) -> Result<crate::sync::mdbox_new::NewTreeReport, WireError> {
+        let path = served.root();
+        if !self.offline {
+            return Err(WireError::Failed(format!(
+                "{}: writing a new mdbox tree needs --offline: mdsync takes none of Dovecot's \
+                 index locks, so no Dovecot may use it during the run",
+                path.display()
+            )));
+        }
+        if let Some(root) = &self.options.root
+            && std::fs::canonicalize(root).is_ok_and(|r| r == path)
+        {
+            return Err(WireError::Failed(format!(
+                "{}: the served root itself; name a new directory below it",
+                path.display()
+            )));
+        }
+        let bodies = crate::sync::mdbox_new::body_keys(table).len();
+        locked(&self.inbox).expect_bodies(bodies);
+        let source = StreamSource { inbox: &self.inbox };
+        let report = crate::sync::mdbox_new::write_new_tree(path, table, &source, progress)
+            .map_err(|e| self.fatal(e))?;
+        locked(&self.inbox).drain()?;
+        Ok(report)
+    }
+
     /// Reads the key list that follows a request, each key checked to name something
     /// inside the root without passing a symlink.
-    fn read_keys(&self, replica: &LocalReplica) -> Result<Vec<codec::Key>, WireError> {
+    fn read_keys(&self, served: &Served) -> Result<Vec<codec::Key>, WireError> {
         let keys = codec::decode_keys(&locked(&self.inbox).reader.object()?)?;
-        for key in &keys {
-            no_symlink_on_the_way(replica.root(), &key.dir)?;
+        if let Served::Maildir(replica) = served {
+            for key in &keys {
+                no_symlink_on_the_way(replica.root(), &key.dir)?;
+            }
         }
         Ok(keys)
     }
 
-    fn send_bodies(&self, replica: &LocalReplica, keys: &[codec::Key]) -> Result<(), WireError> {
+    fn send_bodies(&self, replica: &dyn Replica, keys: &[codec::Key]) -> Result<(), WireError> {
         let mut out = locked(&self.out);
         for key in keys {
             let opened = replica.open_body(&key.dir, key.sub, &key.name);
@@ -399,6 +483,75 @@ impl Session<'_> {
         }
         out.flush()?;
         Ok(())
+    }
+}
+
+/// How the client asked to open the replica.
+struct OpenHow {
+    bwlimit: u64,
+    use_cache: bool,
+    verbose: bool,
+    offline: bool,
+}
+
+/// The replica being served: a Maildir tree, or an mdbox tree (writable only when the client
+/// asserted `--offline`).
+enum Served {
+    Maildir(LocalReplica),
+    Mdbox(MdboxReplica),
+}
+
+impl Served {
+    fn open(path: PathBuf, offline: bool) -> Served {
+        match crate::storage::mdbox::layout::is_mdbox(&path) {
+            true if offline => Served::Mdbox(MdboxReplica::offline(&path)),
+            true => Served::Mdbox(MdboxReplica::new(&path)),
+            false => Served::Maildir(LocalReplica::new(path)),
+        }
+    }
+
+    fn root(&self) -> &Path {
+        match self {
+            Served::Maildir(r) => r.root(),
+            Served::Mdbox(r) => r.root(),
+        }
+    }
+
+    fn replica(&self) -> &dyn Replica {
+        match self {
+            Served::Maildir(r) => r,
+            Served::Mdbox(r) => r,
+        }
+    }
+
+    fn format(&self) -> StoreFormat {
+        match self {
+            Served::Maildir(_) => StoreFormat::Maildir,
+            Served::Mdbox(_) => StoreFormat::Mdbox,
+        }
+    }
+
+    /// Why a plan would be refused, naming the path.
+    fn read_only(&self) -> Option<String> {
+        match self {
+            Served::Maildir(_) => None,
+            Served::Mdbox(r) => r.read_only(),
+        }
+    }
+
+    /// Refuses a mailbox dir the client names when an existing component of the directory
+    /// it stands for is a symlink. In an mdbox tree that is the mailbox's directory below
+    /// `mailboxes/`, named as `layout` (the last scan's when `None`) maps it.
+    fn check_dir(&self, layout: Option<Layout>, dir: &str) -> Result<(), WireError> {
+        match self {
+            Served::Maildir(r) => no_symlink_on_the_way(r.root(), dir),
+            Served::Mdbox(r) => {
+                let layout = layout.unwrap_or_else(|| r.layout());
+                let rel = crate::sync::mdbox_new::mdbox_dir(layout, dir)
+                    .map_err(|e| WireError::protocol(e.to_string()))?;
+                no_symlink_on_the_way(&r.root().join("mailboxes"), &rel)
+            }
+        }
     }
 }
 
@@ -595,5 +748,43 @@ mod tests {
         ] {
             assert!(resolve_path(bad, Some(&root)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mdbox_dirs_are_checked_below_mailboxes_and_read_only_without_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("storage")).unwrap();
+        std::fs::create_dir_all(root.join("mailboxes/Archive/dbox-Mails")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("mailboxes/Escape")).unwrap();
+        let served = Served::open(root.to_path_buf(), false);
+        assert_eq!(served.format(), StoreFormat::Mdbox);
+        let why = served.read_only().expect("read-only without --offline");
+        assert!(why.contains("--offline") && why.contains(&root.display().to_string()));
+        for layout in [Layout::MaildirPlusPlus, Layout::Fs] {
+            let archive = if layout == Layout::Fs {
+                "Archive"
+            } else {
+                ".Archive"
+            };
+            assert!(served.check_dir(Some(layout), archive).is_ok());
+            assert!(served.check_dir(Some(layout), "").is_ok());
+        }
+        assert!(
+            served
+                .check_dir(Some(Layout::MaildirPlusPlus), ".Escape.x")
+                .is_err()
+        );
+        assert!(served.check_dir(Some(Layout::Fs), "Escape").is_err());
+        assert!(
+            served
+                .check_dir(Some(Layout::Fs), "Archive/dbox-Mails")
+                .is_err()
+        );
+        let offline = Served::open(root.to_path_buf(), true);
+        assert_eq!(offline.read_only(), None);
+        let maildir = Served::open(root.join("mailboxes"), false);
+        assert_eq!(maildir.format(), StoreFormat::Maildir);
+        assert_eq!(maildir.read_only(), None);
     }
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use support::sshd::{Sshd, remote_wrapper};
 use support::tree::{
-    assert_same_lines, assert_same_snapshot, backup, backup_ok, run_mdsync, snapshot,
+    Run, assert_same_lines, assert_same_snapshot, backup, backup_ok, run_mdsync, snapshot,
 };
 use support::{Dovecot, Layout, chown_tree, mdsync, message, vmail_ids};
 
@@ -282,20 +282,26 @@ fn migration_into_a_new_mdbox_is_what_dovecot_sees() {
             received_dates(&dovecot, src, layout),
             "received dates"
         );
-        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
-        assert_same_lines(
-            &dovecot.oracle_in(&dst, Layout::Mdbox),
-            &want,
-            "after force-resync",
-        );
-        let (scan, code) = scan_json(&dst);
-        assert_eq!(code, Some(0), "{scan}");
-        assert_eq!(
-            scan["health"]["refcount_mismatch"],
-            serde_json::json!([]),
-            "{scan}"
-        );
+        assert_healthy_and_resync_proof(&dovecot, &dst, &want, "new mdbox");
     }
+}
+
+/// The mdbox tree `root` has a clean storage health (refcounts agree with the mailboxes),
+/// and `doveadm force-resync` leaves Dovecot's view of it at `want`.
+fn assert_healthy_and_resync_proof(dovecot: &Dovecot, root: &Path, want: &str, what: &str) {
+    let (scan, code) = scan_json(root);
+    assert_eq!(code, Some(0), "{what}: {scan}");
+    assert_eq!(
+        scan["health"]["refcount_mismatch"],
+        serde_json::json!([]),
+        "{what}: {scan}"
+    );
+    dovecot.doveadm_in(root, Layout::Mdbox, &["force-resync", "*"]);
+    assert_same_lines(
+        &dovecot.oracle_in(root, Layout::Mdbox),
+        want,
+        &format!("{what}: after force-resync"),
+    );
 }
 
 #[test]
@@ -397,18 +403,258 @@ fn re_adding_a_uid_below_next_uid_is_refused_without_writing() {
     assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
 }
 
-/// `mdsync serve` refuses an mdbox tree (read as Maildir it would look empty, and a plan
-/// would put Maildir folders into it): the run fails naming the path, nothing is written.
-#[test]
-fn a_served_mdbox_tree_is_refused() {
-    let dovecot = Dovecot::new();
-    let mdbox = copy_fixture(&dovecot, "live", "mdbox");
-    let maildir = dovecot.sample("maildir");
-    let before = snapshot(&mdbox);
-    for (src, dst, side) in [(&maildir, &mdbox, "dst"), (&mdbox, &maildir, "src")] {
-        let run = backup(src, dst, &["--via-pipe", side]);
-        assert_ne!(run.code, Some(0), "{}", run.describe());
-        assert!(run.stderr.contains("an mdbox tree"), "{}", run.describe());
+/// How a far side is reached: a real sshd on 127.0.0.1 (with the wrapper that runs this
+/// build's mdsync there), or the in-process pipe.
+enum Far {
+    Ssh(Sshd, PathBuf),
+    Pipe,
+}
+
+impl Far {
+    fn ssh() -> Far {
+        let sshd = Sshd::start();
+        let wrapper = remote_wrapper(sshd.dir());
+        Far::Ssh(sshd, wrapper)
     }
-    assert_same_snapshot(&before, &snapshot(&mdbox), "a refused run writes nothing");
+
+    /// `mdsync COMMAND --json --no-progress EXTRA X Y` with the first side (`remote` =
+    /// "src") or the second ("dst") served by the far side.
+    fn run(&self, command: &str, remote: &str, x: &Path, y: &Path, extra: &[&str]) -> Run {
+        let mut args: Vec<String> = vec![command.into(), "--json".into(), "--no-progress".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (mut x, mut y) = (x.display().to_string(), y.display().to_string());
+        match self {
+            Far::Pipe => args.extend(["--via-pipe".into(), remote.into()]),
+            Far::Ssh(sshd, wrapper) => {
+                args.extend(["-e".into(), sshd.rsh()]);
+                args.extend(["--remote-mdsync".into(), wrapper.display().to_string()]);
+                let far = if remote == "src" { &mut x } else { &mut y };
+                *far = format!("{}:{far}", sshd.host());
+            }
+        }
+        args.extend([x, y]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_mdsync(&refs)
+    }
+}
+
+/// A remote mdbox source over ssh, read-only on the far side (no --offline): the far side
+/// scans it with the mdbox scanner and sends bodies read from its m.N files, into a local
+/// Maildir and (with --offline) a local mdbox. Dovecot sees the source's state in both
+/// copies, also after changes made through doveadm on the source and incremental runs.
+#[test]
+fn a_remote_mdbox_source_over_ssh_is_what_dovecot_sees() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    let maildir = dovecot.path().join("maildir");
+    let mdbox = dovecot.path().join("mdbox");
+    let far = Far::ssh();
+    let first = far.run("backup", "src", &src, &maildir, &[]);
+    first.assert_ok();
+    assert_eq!(first.count("messages_copied"), 10, "{}", first.describe());
+    let into_mdbox = ["--to-format", "mdbox", "--offline"];
+    far.run("backup", "src", &src, &mdbox, &into_mdbox)
+        .assert_ok();
+    let want = dovecot.oracle_in(&src, Layout::Mdbox);
+    for (copy, layout) in [(&maildir, Layout::MaildirPlusPlus), (&mdbox, Layout::Mdbox)] {
+        assert_same_lines(
+            &dovecot.oracle_in(copy, layout),
+            &want,
+            "copy of a remote mdbox",
+        );
+        assert_eq!(
+            received_dates(&dovecot, copy, layout),
+            received_dates(&dovecot, &src, Layout::Mdbox),
+            "received dates"
+        );
+    }
+    let src_before = snapshot(&src);
+    change_through_dovecot(&dovecot, &src, Layout::Mdbox);
+    assert_ne!(snapshot(&src), src_before, "doveadm changed the source");
+    let second = far.run("backup", "src", &src, &maildir, &[]);
+    second.assert_ok();
+    assert_eq!(second.count("messages_copied"), 2, "{}", second.describe());
+    assert_eq!(second.count("expunged"), 1, "{}", second.describe());
+    let onto_mdbox = far.run("backup", "src", &src, &mdbox, &["--offline"]);
+    onto_mdbox.assert_ok();
+    assert_eq!(
+        onto_mdbox.count("messages_copied"),
+        2,
+        "{}",
+        onto_mdbox.describe()
+    );
+    let want = dovecot.oracle_in(&src, Layout::Mdbox);
+    assert_same_lines(
+        &dovecot.oracle_in(&maildir, Layout::MaildirPlusPlus),
+        &want,
+        "Maildir copy after changes made through doveadm",
+    );
+    assert_same_lines(
+        &dovecot.oracle_in(&mdbox, Layout::Mdbox),
+        &want,
+        "mdbox copy after changes made through doveadm",
+    );
+    far.run("backup", "src", &src, &maildir, &[])
+        .assert_no_work();
+}
+
+/// Local Maildir → an existing remote mdbox tree: refused without --offline (the message
+/// names the path and --offline, the tree is left byte for byte), carried out the way
+/// Dovecot saves with it; `doveadm force-resync` then changes nothing.
+fn remote_mdbox_destination(far: &Far) {
+    let dovecot = Dovecot::new();
+    let src = dovecot.sample("src");
+    let dst = dovecot.path().join("dst");
+    backup_ok(&src, &dst, &["--to-format", "mdbox", "--offline"]);
+    change_through_dovecot(&dovecot, &src, Layout::MaildirPlusPlus);
+    let before = snapshot(&dst);
+    let refused = far.run("backup", "dst", &src, &dst, &[]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    for needed in ["--offline", &dst.display().to_string()] {
+        assert!(refused.stderr.contains(needed), "{}", refused.describe());
+    }
+    assert_same_snapshot(&before, &snapshot(&dst), "a refused run writes nothing");
+    let run = far.run("backup", "dst", &src, &dst, &["--offline"]);
+    run.assert_ok();
+    assert_eq!(run.count("messages_copied"), 2, "{}", run.describe());
+    assert_eq!(run.count("expunged"), 1, "{}", run.describe());
+    let want = dovecot.oracle(&src);
+    assert_same_lines(
+        &dovecot.oracle_in(&dst, Layout::Mdbox),
+        &want,
+        "remote mdbox",
+    );
+    assert_healthy_and_resync_proof(&dovecot, &dst, &want, "remote mdbox");
+    far.run("backup", "dst", &src, &dst, &["--offline"])
+        .assert_no_work();
+}
+
+#[test]
+fn a_remote_mdbox_destination_over_ssh_needs_offline() {
+    remote_mdbox_destination(&Far::ssh());
+}
+
+#[test]
+fn a_remote_mdbox_destination_through_the_pipe_needs_offline() {
+    remote_mdbox_destination(&Far::Pipe);
+}
+
+/// `mdsync sync` with a remote mdbox side writes both sides: without --offline it is
+/// refused before either side is written; with it, changes made on each side reach the
+/// other, and Dovecot sees the same in both.
+#[test]
+fn sync_with_a_remote_mdbox_side_needs_offline() {
+    let dovecot = Dovecot::new();
+    let a = dovecot.sample("a");
+    let b = dovecot.path().join("b");
+    backup_ok(&a, &b, &["--to-format", "mdbox", "--offline"]);
+    let far = Far::ssh();
+    far.run("sync", "dst", &a, &b, &["--offline"]).assert_ok();
+    dovecot.flags_add(&a, "INBOX", "1", "\\Flagged");
+    dovecot.save(&a, "INBOX", &message("from-a", "From A", 3));
+    let da = |args: &[&str]| dovecot.doveadm_in(&b, Layout::Mdbox, args);
+    da(&["flags", "add", "$label1", "mailbox", "INBOX", "uid", "3"]);
+    dovecot.save_in(
+        &b,
+        Layout::Mdbox,
+        "Archive",
+        &message("from-b", "From B", 3),
+    );
+    let (a_before, b_before) = (snapshot(&a), snapshot(&b));
+    let refused = far.run("sync", "dst", &a, &b, &[]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    for needed in ["--offline", &b.display().to_string()] {
+        assert!(refused.stderr.contains(needed), "{}", refused.describe());
+    }
+    assert_same_snapshot(
+        &a_before,
+        &snapshot(&a),
+        "a refused sync writes nothing on A",
+    );
+    assert_same_snapshot(
+        &b_before,
+        &snapshot(&b),
+        "a refused sync writes nothing on B",
+    );
+    let run = far.run("sync", "dst", &a, &b, &["--offline"]);
+    run.assert_ok();
+    let json = run.json();
+    assert_eq!(json["a"]["messages_copied"], 1, "{}", run.describe());
+    assert_eq!(json["b"]["messages_copied"], 1, "{}", run.describe());
+    assert_same_lines(
+        &dovecot.oracle_in(&b, Layout::Mdbox),
+        &dovecot.oracle(&a),
+        "both sides after sync",
+    );
+    let again = far.run("sync", "dst", &a, &b, &["--offline"]);
+    again.assert_ok();
+    assert_eq!(again.json()["in_sync"], true, "{}", again.describe());
+    // The remote mdbox as the first side is written all the same (a first sync of this
+    // pair in this order: flags are united).
+    dovecot.flags_add(&a, "INBOX", "2", "$swapped");
+    let swapped = far.run("sync", "src", &b, &a, &["--offline"]);
+    swapped.assert_ok();
+    assert_eq!(
+        swapped.json()["a"]["flag_changes"],
+        1,
+        "{}",
+        swapped.describe()
+    );
+    assert_same_lines(
+        &dovecot.oracle_in(&b, Layout::Mdbox),
+        &dovecot.oracle(&a),
+        "both sides after a sync with the remote mdbox first",
+    );
+}
+
+/// `--to-format mdbox --offline` into a new remote destination: the far side writes the
+/// tree from the scan and the bodies the client streams. Dovecot sees the source's state in
+/// it, also after `doveadm force-resync`; run again, the existing tree is updated (nothing
+/// to do), as a local one would be.
+fn new_remote_mdbox(far: &Far, src: &Path, layout: Layout, dovecot: &Dovecot) {
+    let dst = dovecot.path().join("new-remote");
+    let into_new = ["--to-format", "mdbox", "--offline"];
+    let refused = far.run("backup", "dst", src, &dst, &into_new[..2]);
+    assert_eq!(refused.code, Some(1), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("--offline"),
+        "{}",
+        refused.describe()
+    );
+    assert!(!dst.exists(), "nothing written without --offline");
+    let run = far.run("backup", "dst", src, &dst, &into_new);
+    run.assert_ok();
+    assert!(
+        run.stdout.contains("\"format\":\"mdbox\""),
+        "{}",
+        run.describe()
+    );
+    let want = dovecot.oracle_in(src, layout);
+    assert_same_lines(
+        &dovecot.oracle_in(&dst, Layout::Mdbox),
+        &want,
+        "new remote mdbox",
+    );
+    assert_eq!(
+        received_dates(dovecot, &dst, Layout::Mdbox),
+        received_dates(dovecot, src, layout),
+        "received dates"
+    );
+    assert_healthy_and_resync_proof(dovecot, &dst, &want, "new remote mdbox");
+    far.run("backup", "dst", src, &dst, &into_new)
+        .assert_no_work();
+}
+
+#[test]
+fn a_new_remote_mdbox_over_ssh_is_what_dovecot_sees() {
+    let dovecot = Dovecot::new();
+    let src = dovecot.sample("src");
+    new_remote_mdbox(&Far::ssh(), &src, Layout::MaildirPlusPlus, &dovecot);
+}
+
+#[test]
+fn a_new_mdbox_through_the_pipe_from_an_mdbox_source() {
+    let dovecot = Dovecot::new();
+    let src = copy_fixture(&dovecot, "live", "src");
+    new_remote_mdbox(&Far::Pipe, &src, Layout::Mdbox, &dovecot);
 }

@@ -260,3 +260,70 @@ fn a_rescan_naming_a_mailbox_twice_is_refused() {
     ));
     assert_refused(&serve(&root, &input), "twice");
 }
+
+/// `Open` with the client's `--offline` assertion.
+fn open_offline(path: &str) -> Vec<u8> {
+    request(&format!(
+        r#"{{"request":"open","path":"{path}","bwlimit":0,"use_cache":false,"verbose":false,"offline":true}}"#
+    ))
+}
+
+/// A `NewMdbox` request announcing `mailboxes` tables (none of which follow).
+fn new_mdbox(mailboxes: u32) -> Vec<u8> {
+    use mdsync::wire::messages::{Request, RootFacts};
+    let root = RootFacts {
+        layout: mdsync::storage::maildir::layout::Layout::MaildirPlusPlus,
+        parents: Vec::new(),
+        unfollowed: Vec::new(),
+        subscriptions: None,
+        uidvalidity_next: None,
+        root_meta: Default::default(),
+        scanned_at_ns: 0,
+        anomalies: Vec::new(),
+    };
+    request(&serde_json::to_string(&Request::NewMdbox { mailboxes, root }).unwrap())
+}
+
+/// Writes into mdbox need the client's `--offline`: a plan for an mdbox tree opened without
+/// it, and a new tree without it, are refused naming the path; a new tree is never made at
+/// the served root itself (it is built beside its place), nor from more mailboxes than the
+/// limit. Nothing is written.
+#[test]
+fn mdbox_writes_without_offline_or_out_of_bounds_are_refused() {
+    let (_dir, root) = served_root();
+    let mdbox = root.join("mdbox");
+    fs::create_dir_all(mdbox.join("storage")).unwrap();
+    fs::create_dir_all(mdbox.join("mailboxes")).unwrap();
+    let plan = serde_json::to_string(&mdsync::sync::plan::Plan::default()).unwrap();
+    let mut input = hello();
+    input.extend(open("mdbox"));
+    input.extend(request(
+        r#"{"request":"apply","options":{"fsync":"None","ownership":"RunningUser"}}"#,
+    ));
+    input.extend(object(plan.as_bytes()));
+    let out = serve(&root, &input);
+    assert_refused(&out, "needs --offline");
+    assert!(error_frame(&out).contains("mdbox"));
+    for dir in ["storage", "mailboxes"] {
+        assert!(fs::read_dir(mdbox.join(dir)).unwrap().next().is_none());
+    }
+
+    let mut input = hello();
+    input.extend(open("fresh"));
+    input.extend(new_mdbox(0));
+    assert_refused(&serve(&root, &input), "needs --offline");
+    assert!(!root.join("fresh").exists());
+
+    let mut input = hello();
+    input.extend(open_offline(""));
+    input.extend(new_mdbox(0));
+    assert_refused(&serve(&root, &input), "the served root itself");
+
+    let mut input = hello();
+    input.extend(open_offline("fresh"));
+    input.extend(new_mdbox(u32::MAX));
+    assert_refused(&serve(&root, &input), "mailboxes in one new tree");
+    assert!(!root.join("fresh").exists());
+    let parent: Vec<_> = fs::read_dir(&root).unwrap().flatten().collect();
+    assert_eq!(parent.len(), 2, "only alice and mdbox: {parent:?}");
+}

@@ -275,29 +275,13 @@ fn open_replica(
     a: &MirrorArgs,
     verbose: bool,
 ) -> anyhow::Result<(Box<dyn Replica>, Option<PathBuf>)> {
-    let location = parse_location(text).map_err(anyhow::Error::msg)?;
-    let r = &a.remote;
-    let remote_options = RemoteOptions {
-        compress_level: (!r.no_compress).then_some(r.compress_level),
-        bwlimit: match &r.bwlimit {
-            Some(text) => parse_rate(text)?,
-            None => 0,
-        },
-        timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
-        use_cache: !a.no_cache,
-        cache_dir: cache_dir(a),
-        verbose,
-    };
-    match location {
-        Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
-            let channel = transport::spawn_in_process(mdsync::serve::ServeOptions {
-                root: None,
-                cache_dir: cache_dir(a),
-            })?;
-            let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
-            let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options);
-            Ok((Box::new(replica), Some(path)))
+    if let Some((replica, path)) = open_remote(text, side, a, verbose)? {
+        if path.is_none() && side == "src" && !replica.is_dir()? {
+            bail!("{}: source is not a directory", replica.location());
         }
+        return Ok((Box::new(replica), path));
+    }
+    match parse_location(text).map_err(anyhow::Error::msg)? {
         Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
             if access == Access::Write && !a.offline {
                 bail!(
@@ -312,6 +296,44 @@ fn open_replica(
             Ok((Box::new(MdboxReplica::new(&path)), Some(path)))
         }
         Location::Local(path) => Ok((Box::new(LocalReplica::new(&path)), Some(path))),
+        Location::Remote(_) => unreachable!("remote sides are opened by open_remote"),
+    }
+}
+
+/// Side `text` as a remote replica when it is one: a remote host through ssh, or a local
+/// path served through an in-process server (`--via-pipe SIDE`, for tests; the path comes
+/// back with it). `None` for a plain local side.
+fn open_remote(
+    text: &str,
+    side: &str,
+    a: &MirrorArgs,
+    verbose: bool,
+) -> anyhow::Result<Option<(RemoteReplica, Option<PathBuf>)>> {
+    let location = parse_location(text).map_err(anyhow::Error::msg)?;
+    let r = &a.remote;
+    let remote_options = RemoteOptions {
+        compress_level: (!r.no_compress).then_some(r.compress_level),
+        bwlimit: match &r.bwlimit {
+            Some(text) => parse_rate(text)?,
+            None => 0,
+        },
+        timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
+        use_cache: !a.no_cache,
+        cache_dir: cache_dir(a),
+        verbose,
+        offline: a.offline,
+    };
+    match location {
+        Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
+            let channel = transport::spawn_in_process(mdsync::serve::ServeOptions {
+                root: None,
+                cache_dir: cache_dir(a),
+            })?;
+            let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
+            let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options);
+            Ok(Some((replica, Some(path))))
+        }
+        Location::Local(_) => Ok(None),
         Location::Remote(spec) => {
             let options = ConnectOptions {
                 rsh: r.rsh.clone(),
@@ -321,10 +343,7 @@ fn open_replica(
                 .with_context(|| format!("connecting to {}", spec.display()))?;
             let replica =
                 RemoteReplica::connect(channel, &spec.user_host, &spec.path, &remote_options);
-            if side == "src" && !replica.is_dir()? {
-                bail!("{}: source is not a directory", replica.location());
-            }
-            Ok((Box::new(replica), None))
+            Ok(Some((replica, None)))
         }
     }
 }
@@ -365,6 +384,11 @@ fn run_backup(a: BackupArgs) -> anyhow::Result<ExitCode> {
     if a.o.mirror.to_format == FormatArg::Mdbox && !dst_is_mdbox {
         return run_to_mdbox(a);
     }
+    run_mirror(a)
+}
+
+/// `backup` into a destination of the format it has.
+fn run_mirror(a: BackupArgs) -> anyhow::Result<ExitCode> {
     let options = backup_options(&a.o.mirror, a.o.dry_run)?;
     let outcome = run_pair(
         (&a.src, Access::Read),
@@ -455,15 +479,22 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
     if a.o.dry_run {
         bail!("--dry-run is not supported with --to-format mdbox");
     }
-    let Ok(Location::Local(dst)) = parse_location(&a.dst) else {
-        bail!(
-            "{}: --to-format mdbox writes only to a local destination",
-            a.dst
-        );
-    };
+    check_sides(&a.src, &a.dst)?;
+    let remote_dst = open_remote(&a.dst, "dst", &a.o.mirror, a.o.verbose)?;
+    if let Some((dst, _)) = &remote_dst
+        && dst.is_mdbox()?
+    {
+        // An existing mdbox tree is updated, as a local one is.
+        drop(remote_dst);
+        return run_mirror(a);
+    }
     let (src, src_path) = open_replica(&a.src, "src", Access::Read, &a.o.mirror, a.o.verbose)?;
-    if let Some(src_path) = &src_path {
-        check_overlap(src_path, &dst)?;
+    let local_dst = match parse_location(&a.dst) {
+        Ok(Location::Local(path)) => Some(path),
+        _ => None,
+    };
+    if let (Some(src_path), Some(dst_path)) = (&src_path, &local_dst) {
+        check_overlap(src_path, dst_path)?;
     }
     let options = backup_options(&a.o.mirror, a.o.dry_run)?;
     let layout = match options.scan.layout {
@@ -476,10 +507,19 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
     };
     let progress = output::Renderer::new(false, a.o.json, !a.o.no_progress);
     let table = src.scan(&scan, &progress)?;
-    let report = mdsync::sync::mdbox_new::write_new_tree(&dst, &table, src.as_ref(), &progress);
+    let report = match (&remote_dst, &local_dst) {
+        (Some((dst, _)), _) => dst.write_new_mdbox(&table, src.as_ref(), &progress),
+        (None, Some(dst)) => {
+            mdsync::sync::mdbox_new::write_new_tree(dst, &table, src.as_ref(), &progress)
+        }
+        (None, None) => unreachable!("a destination is local or remote"),
+    };
     progress.finish();
     let report = report?;
     src.close()?;
+    if let Some((dst, _)) = &remote_dst {
+        dst.close()?;
+    }
     if a.o.json {
         println!(
             "{}",

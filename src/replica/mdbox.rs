@@ -23,7 +23,7 @@ use crate::table::{MailTable, MailboxTable};
 /// Body locations of one mailbox: base name → (`m.N` id, offset).
 type Locations = HashMap<String, (u32, u32)>;
 
-/// An mdbox root on this machine, read-only.
+/// An mdbox root on this machine: read-only unless opened with [`MdboxReplica::offline`].
 pub struct MdboxReplica {
     root: PathBuf,
     store: Store,
@@ -53,6 +53,28 @@ impl MdboxReplica {
             offline: true,
             ..MdboxReplica::new(root)
         }
+    }
+
+    /// The mdbox root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The layout the last scan named mailbox directories in (Maildir++ before any scan);
+    /// plans name them the same way.
+    pub fn layout(&self) -> Layout {
+        *self.layout.lock().expect("layout lock")
+    }
+
+    /// Why this replica refuses plans, naming the path: it was not opened offline.
+    pub fn read_only(&self) -> Option<String> {
+        (!self.offline).then(|| {
+            format!(
+                "{}: an mdbox tree; writing into it needs --offline: mdsync takes none of \
+                 Dovecot's index locks, so no Dovecot may use it during the run",
+                self.location()
+            )
+        })
     }
 
     fn remember(&self, mailbox: &MailboxTable) {
@@ -139,6 +161,11 @@ impl Replica for MdboxReplica {
         Ok(xxhash_rust::xxh3::xxh3_128(&bytes))
     }
 
+    fn check_writable(&self) -> Result<()> {
+        self.read_only()
+            .map_or(Ok(()), |why| Err(Error::Usage(why)))
+    }
+
     fn apply(
         &self,
         plan: &Plan,
@@ -146,13 +173,7 @@ impl Replica for MdboxReplica {
         _options: &ApplyOptions,
         progress: &dyn Progress,
     ) -> Result<ApplyReport> {
-        if !self.offline {
-            return Err(Error::Usage(format!(
-                "{}: writing into an mdbox tree needs --offline (no Dovecot may use it)",
-                self.root.display()
-            )));
-        }
-        let layout = *self.layout.lock().expect("layout lock");
-        crate::sync::apply_mdbox::apply(&self.root, layout, plan, source, progress)
+        self.check_writable()?;
+        crate::sync::apply_mdbox::apply(&self.root, self.layout(), plan, source, progress)
     }
 }

@@ -155,6 +155,13 @@ pub trait Replica: BodySource + Send {
             .collect()
     }
 
+    /// Refuses a replica that would refuse any plan (an mdbox tree opened without
+    /// `--offline`, here or on the far side), so that a run that is going to write into it
+    /// stops before anything is written on either side. Opens a remote replica.
+    fn check_writable(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Bytes sent to and received from a remote replica (`None` for a local one).
     fn wire_bytes(&self) -> Option<(u64, u64)> {
         None

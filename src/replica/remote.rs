@@ -19,6 +19,7 @@ use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::mdbox_new::{NewTreeReport, body_keys};
 use crate::sync::plan::Plan;
 use crate::table::{MailTable, MailboxTable};
 use crate::transport::{Channel, Peer};
@@ -27,8 +28,8 @@ use crate::wire::conn::{
     BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::{FrameError, Kind};
-use crate::wire::hello::{CAP_HASH, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
-use crate::wire::messages::{Answer, Request, WireEvent};
+use crate::wire::hello::{CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
+use crate::wire::messages::{Answer, Request, RootFacts, StoreFormat, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped, id_of};
 
 /// Session settings chosen by the user.
@@ -47,6 +48,9 @@ pub struct RemoteOptions {
     pub cache_dir: Option<std::path::PathBuf>,
     /// Ask for itemized lines while applying.
     pub verbose: bool,
+    /// The user asserts that no Dovecot uses the far side's tree during the run
+    /// (`--offline`): the far side writes into an mdbox tree only then.
+    pub offline: bool,
 }
 
 impl Default for RemoteOptions {
@@ -58,6 +62,7 @@ impl Default for RemoteOptions {
             use_cache: true,
             cache_dir: None,
             verbose: false,
+            offline: false,
         }
     }
 }
@@ -89,6 +94,10 @@ struct Opened {
     is_dir: bool,
     /// The capabilities both sides agreed on.
     caps: u64,
+    /// Why the far side will refuse any plan (see [`Replica::check_writable`]).
+    read_only: Option<String>,
+    /// How the far side stores mail there.
+    format: StoreFormat,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,7 +144,6 @@ impl RemoteReplica {
         self.opened
             .get_or_init(|| {
                 self.handshake(&self.path, &self.options)
-                    .map(|(is_dir, caps)| Opened { is_dir, caps })
                     .map_err(|e| self.message(e))
             })
             .as_ref()
@@ -147,15 +155,22 @@ impl RemoteReplica {
         self.open().map(|o| o.is_dir).map_err(|e| self.error(e))
     }
 
-    /// Greets the far side and opens `path`; returns whether it is a directory and the
+    /// True when the remote path is an mdbox tree (opens the replica).
+    pub fn is_mdbox(&self) -> Result<bool> {
+        self.open()
+            .map(|o| o.format == StoreFormat::Mdbox)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Greets the far side and opens `path`; returns what it said of it and the
     /// capabilities agreed on.
-    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<(bool, u64), WireError> {
+    fn handshake(&self, path: &str, options: &RemoteOptions) -> Result<Opened, WireError> {
         let zstd_cap = if options.compress_level.is_some() {
             CAP_ZSTD
         } else {
             0
         };
-        let ours = Hello::ours(CAP_HASH | CAP_RESCAN_MANY | zstd_cap);
+        let ours = Hello::ours(CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX | zstd_cap);
         {
             let mut out = locked(&self.out);
             out.frame(Kind::Hello, &ours.encode())?;
@@ -195,11 +210,22 @@ impl RemoteReplica {
                 keepalive_ms: options
                     .timeout
                     .map_or(0, |t| (t.as_millis() as u64 / 4).max(100)),
+                offline: options.offline,
             },
         )?;
         drop(out);
         match answer(&mut inbox, None)? {
-            Answer::Opened { is_dir, .. } => Ok((is_dir, shared)),
+            Answer::Opened {
+                is_dir,
+                read_only,
+                format,
+                ..
+            } => Ok(Opened {
+                is_dir,
+                caps: shared,
+                read_only,
+                format,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -475,47 +501,104 @@ impl RemoteReplica {
         let _x = locked(&self.exchange);
         let plan_json = serde_json::to_vec(plan).map_err(|e| WireError::Failed(e.to_string()))?;
         let request = Request::Apply { options: *options };
-        let mut inbox = self.request(&request, Some(&plan_json))?;
-        std::thread::scope(|scope| {
-            let sender = scope.spawn(|| self.send_bodies(plan, source));
-            let result = answer(&mut inbox, Some(progress));
-            if result.is_err() {
-                self.kill_peer();
+        let inbox = self.request(&request, Some(&plan_json))?;
+        let copies = plan.mailboxes.iter().flat_map(|m| {
+            m.copies
+                .iter()
+                .map(|c| (m.dir.as_str(), c.src_sub, c.src_name.as_str()))
+        });
+        match self.stream_bodies(inbox, copies, source, progress)? {
+            Answer::Applied { report } => {
+                // The far side keeps the same predictions (see `sync::predict`).
+                self.baselines.stage_predictions(plan);
+                Ok(report)
             }
-            let sent = sender.join();
-            match (result, sent) {
-                (Err(e), _) => Err(e),
-                (_, Ok(Err(e))) => Err(WireError::from(e)),
-                (_, Err(_)) => Err(WireError::Failed("the body sender panicked".into())),
-                (Ok(Answer::Applied { report }), Ok(Ok(()))) => {
-                    // The far side keeps the same predictions (see `sync::predict`).
-                    self.baselines.stage_predictions(plan);
-                    Ok(report)
-                }
-                (Ok(other), Ok(Ok(()))) => Err(unexpected(&other)),
-            }
-        })
+            other => Err(unexpected(&other)),
+        }
     }
 
-    /// Streams every copy's body in plan order. After an interrupt the rest are sent as
-    /// failed, so the far side finishes cleanly with what it has.
-    fn send_bodies(&self, plan: &Plan, source: &dyn BodySource) -> std::io::Result<()> {
-        let mut out = locked(&self.out);
-        for m in &plan.mailboxes {
-            for c in &m.copies {
-                let key = (m.dir.as_str(), c.src_sub, c.src_name.as_str());
+    /// Streams the bodies of `keys`, in order, from `source` while the far side's events
+    /// come back, and returns its answer. After an interrupt the rest are sent as failed,
+    /// so the far side finishes cleanly with what it has.
+    fn stream_bodies<'k>(
+        &self,
+        mut inbox: MutexGuard<'_, Inbox>,
+        keys: impl Iterator<Item = (&'k str, Subdir, &'k str)> + Send,
+        source: &dyn BodySource,
+        progress: &dyn Progress,
+    ) -> Result<Answer, WireError> {
+        let send = || -> std::io::Result<()> {
+            let mut out = locked(&self.out);
+            for key in keys {
                 if interrupt::requested() {
                     out.body_missing(key, &BodyStatus::Failed("interrupted".into()))?;
                     continue;
                 }
-                send_body(
-                    &mut out,
-                    key,
-                    source.open_body(&m.dir, c.src_sub, &c.src_name),
-                )?;
+                let (dir, sub, name) = key;
+                send_body(&mut out, key, source.open_body(dir, sub, name))?;
             }
+            out.flush()
+        };
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(send);
+            let result = answer(&mut inbox, Some(progress));
+            if result.is_err() {
+                self.kill_peer();
+            }
+            match (result, sender.join()) {
+                (Err(e), _) => Err(e),
+                (_, Ok(Err(e))) => Err(WireError::from(e)),
+                (_, Err(_)) => Err(WireError::Failed("the body sender panicked".into())),
+                (Ok(answer), Ok(Ok(()))) => Ok(answer),
+            }
+        })
+    }
+
+    /// Has the far side write a new mdbox tree at the opened path from the scanned
+    /// `table`, streaming its bodies from `source` (`backup --to-format mdbox` into a
+    /// remote destination; the far side needs `--offline` in the session).
+    pub fn write_new_mdbox(
+        &self,
+        table: &MailTable,
+        source: &dyn BodySource,
+        progress: &dyn Progress,
+    ) -> Result<NewTreeReport> {
+        self.new_mdbox_remote(table, source, progress)
+            .map_err(|e| self.error(e))
+    }
+
+    fn new_mdbox_remote(
+        &self,
+        table: &MailTable,
+        source: &dyn BodySource,
+        progress: &dyn Progress,
+    ) -> Result<NewTreeReport, WireError> {
+        if self.open()?.caps & CAP_NEW_MDBOX == 0 {
+            return Err(WireError::Failed(
+                "the far side's mdsync cannot write a new mdbox tree (too old)".into(),
+            ));
         }
-        out.flush()
+        let _x = locked(&self.exchange);
+        let request = Request::NewMdbox {
+            mailboxes: table.mailboxes.len() as u32,
+            root: RootFacts::of(table),
+        };
+        let inbox = self.request(&request, None)?;
+        {
+            let mut out = locked(&self.out);
+            for mailbox in &table.mailboxes {
+                out.object(&Shipped::Whole(wire_table::encode(mailbox)).to_bytes())?;
+            }
+            out.flush()?;
+        }
+        let keys = body_keys(table);
+        let keys = keys
+            .iter()
+            .map(|k| (k.dir.as_str(), k.sub, k.name.as_str()));
+        match self.stream_bodies(inbox, keys, source, progress)? {
+            Answer::NewMdboxWritten { report } => Ok(report),
+            other => Err(unexpected(&other)),
+        }
     }
 
     fn kill_peer(&self) {
@@ -684,6 +767,16 @@ impl Replica for RemoteReplica {
     ) -> Result<ApplyReport> {
         self.apply_remote(plan, source, options, progress)
             .map_err(|e| self.error(e))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        match &self.open().map_err(|e| self.error(e))?.read_only {
+            Some(why) => Err(Error::Remote {
+                location: self.location.clone(),
+                message: why.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn wire_bytes(&self) -> Option<(u64, u64)> {

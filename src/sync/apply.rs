@@ -248,7 +248,7 @@ fn commit_and_finish(
 }
 
 /// Tells a sequential source every body phase 1 will open, in the order it opens them.
-fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()> {
+pub(crate) fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()> {
     let keys: Vec<Key> = plan
         .mailboxes
         .iter()
@@ -260,11 +260,16 @@ fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()> {
             })
         })
         .collect();
+    announce(source, &keys)
+}
+
+/// Tells a sequential source the bodies `keys` names, in the order they will be opened.
+pub(crate) fn announce(source: &dyn BodySource, keys: &[Key]) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
     source
-        .announce(&keys)
+        .announce(keys)
         .map_err(|e| Error::Usage(format!("cannot ask the source for bodies: {e}")))
 }
 

@@ -65,6 +65,10 @@ pub fn apply(
         staged.push((mp, dir, index, Vec::new(), moved));
     }
     // 1. Bodies into new m.N files; 2. their map records. Files of a failed step go again.
+    // A remote source is told every body at once; they are opened in plan order.
+    if source.sequential() {
+        crate::sync::apply::announce_copies(plan, source)?;
+    }
     let map_log = storage.join("dovecot.map.index.log");
     let stored = (|| {
         for (mp, _, index, records, moved) in &mut staged {

@@ -295,6 +295,9 @@ pub fn converge(
             .count() as u64,
         ..BackupOutcome::default()
     };
+    // A destination that would refuse the plan (an mdbox tree without `--offline`) is
+    // refused now, also for a dry run: as a local one is before anything is read.
+    dst.check_writable()?;
     if options.dry_run {
         outcome.plan_lines = plan.lines();
         keep(src_table, dst_table, None);

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::progress::{Event, Progress};
-use crate::replica::BodySource;
+use crate::replica::{BodySource, Key};
 use crate::storage::maildir::keywords::LETTERS;
 use crate::storage::maildir::layout::Layout;
 use crate::storage::mdbox::append::Appender;
@@ -24,7 +24,7 @@ use crate::storage::mdbox::{guid_128, layout as mdbox_layout};
 use crate::table::{MailTable, MailboxTable, status};
 
 /// What a migration wrote.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NewTreeReport {
     /// Mailboxes created.
     pub mailboxes: u64,
@@ -108,6 +108,9 @@ fn build(
     let mut storage = Appender::new(tmp.join("storage"), owner, now, 1, 1);
     let mut placed_by_mailbox = Vec::new();
     let mut report = NewTreeReport::default();
+    if source.sequential() {
+        announce_bodies(table, source)?;
+    }
     for mailbox in table.mailboxes.iter().filter(|m| m.broken.is_none()) {
         let placed = place_mailbox(mailbox, source, &mut storage, &mut report)?;
         progress.event(Event::MailboxScanned {
@@ -184,6 +187,30 @@ fn place_mailbox(
     }
     placed.sort_by_key(|p| p.uid);
     Ok(placed)
+}
+
+/// Tells a sequential (remote) source every body `place_mailbox` opens, in its order.
+fn announce_bodies(table: &MailTable, source: &dyn BodySource) -> Result<()> {
+    crate::sync::apply::announce(source, &body_keys(table))
+}
+
+/// Every body a new tree is written from, in the order they are read: mailboxes in table
+/// order without a broken one, rows in table order without a broken row.
+pub fn body_keys(table: &MailTable) -> Vec<Key> {
+    table
+        .mailboxes
+        .iter()
+        .filter(|m| m.broken.is_none())
+        .flat_map(|m| {
+            (0..m.len())
+                .filter(|&i| !m.has(i, status::BROKEN))
+                .map(move |i| Key {
+                    dir: m.dir.clone(),
+                    sub: m.subdir(i),
+                    name: m.name(i).to_string(),
+                })
+        })
+        .collect()
 }
 
 /// Reads one body and appends it with its metadata (GUID, received date = the body's

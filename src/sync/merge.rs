@@ -710,19 +710,26 @@ impl<'a> MessageMerge<'a> {
         diff::translate_letters(self.g.b.expect("row on B").msgs.flags[j], &self.map_b)
     }
 
-    /// Whether A keeps the message in `new/`. A flat side (mdbox) has no `new/` and no
-    /// say: a message both sides hold stays where the Maildir side keeps it.
     fn new_a(&self, i: usize) -> bool {
         self.g
             .a
-            .is_some_and(|m| m.flat || m.subdir(i) == crate::model::Subdir::New)
+            .is_some_and(|m| m.subdir(i) == crate::model::Subdir::New)
     }
 
-    /// The same for B.
     fn new_b(&self, j: usize) -> bool {
         self.g
             .b
-            .is_some_and(|m| m.flat || m.subdir(j) == crate::model::Subdir::New)
+            .is_some_and(|m| m.subdir(j) == crate::model::Subdir::New)
+    }
+
+    /// A message on both sides stays in `new/` when each side that has a `new/` keeps it
+    /// there: a flat side (mdbox) has none, so it never moves the other side's to `cur/`.
+    fn stays_new(&self, i: usize, j: usize) -> bool {
+        let (flat_a, flat_b) = (
+            self.g.a.is_some_and(|m| m.flat),
+            self.g.b.is_some_and(|m| m.flat),
+        );
+        !(flat_a && flat_b) && (flat_a || self.new_a(i)) && (flat_b || self.new_b(j))
     }
 
     fn run(&mut self, conflicts: &mut Vec<Conflict>, name: &str) {
@@ -781,7 +788,7 @@ impl<'a> MessageMerge<'a> {
                         b: Some(j),
                         guid_from_a: true,
                         flags: merge_flags(old, fa, fb),
-                        in_new: self.new_a(i) && self.new_b(j),
+                        in_new: self.stays_new(i, j),
                     });
                 }
                 (Some(i), None) if has_b => {
@@ -863,7 +870,7 @@ impl<'a> MessageMerge<'a> {
                 b: Some(j),
                 guid_from_a: true,
                 flags: merge_flags(old, self.flags_a(i), self.flags_b(j)),
-                in_new: self.new_a(i) && self.new_b(j),
+                in_new: self.stays_new(i, j),
             });
         }
     }
@@ -919,7 +926,7 @@ impl<'a> MessageMerge<'a> {
                 b: Some(j),
                 guid_from_a,
                 flags: union(self.flags_a(i), self.flags_b(j)),
-                in_new: self.new_a(i) && self.new_b(j),
+                in_new: self.stays_new(i, j),
             });
         }
     }
@@ -972,12 +979,10 @@ impl<'a> MessageMerge<'a> {
             for k in (0..done.len()).filter(|&k| !done[k]) {
                 let (u, flags, in_new, on_other) = if on_a {
                     let u = self.uid_a(k);
-                    let in_new = self.g.a.is_some_and(|m| in_new_dir(m, k));
-                    (u, self.flags_a(k), in_new, self.find_b(u).is_some())
+                    (u, self.flags_a(k), self.new_a(k), self.find_b(u).is_some())
                 } else {
                     let u = self.uid_b(k);
-                    let in_new = self.g.b.is_some_and(|m| in_new_dir(m, k));
-                    (u, self.flags_b(k), in_new, self.find_a(u).is_some())
+                    (u, self.flags_b(k), self.new_b(k), self.find_a(u).is_some())
                 };
                 let clash = u != 0 && (taken.contains(&u) || on_other || u < other_next);
                 if clash {
@@ -1161,11 +1166,6 @@ impl<'a> MessageMerge<'a> {
             }
         }
     }
-}
-
-/// Whether `table` keeps row `row` in a `new/` directory (never on a flat side).
-fn in_new_dir(table: &MailboxTable, row: usize) -> bool {
-    !table.flat && table.subdir(row) == crate::model::Subdir::New
 }
 
 /// Sorted UIDs as ranges, `3:5,9`, the first ten ranges only.

@@ -305,6 +305,10 @@ pub fn sync_tables(
         keep_scans(sides, &ta, &tb, None, progress);
         return Err(e);
     }
+    // Both sides may be written: one that would refuse its plan (an mdbox tree without
+    // `--offline`) stops the run before either is.
+    a.check_writable()?;
+    b.check_writable()?;
     if options.dry_run {
         outcome.a.plan_lines = merged.plan_a.lines();
         outcome.b.plan_lines = merged.plan_b.lines();

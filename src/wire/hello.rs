@@ -18,6 +18,8 @@ pub const CAP_ZSTD: u64 = 1 << 0;
 pub const CAP_HASH: u64 = 1 << 1;
 /// Capability: several mailboxes rescanned in one request (`RescanMany`).
 pub const CAP_RESCAN_MANY: u64 = 1 << 2;
+/// Capability: a new mdbox tree can be written from a scan the client sends (`NewMdbox`).
+pub const CAP_NEW_MDBOX: u64 = 1 << 3;
 
 /// One side's greeting.
 #[derive(Debug, Clone, PartialEq, Eq)]

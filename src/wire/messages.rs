@@ -7,6 +7,7 @@ use crate::model::MailboxStamps;
 use crate::progress::Event;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::mdbox_new::NewTreeReport;
 use crate::table::{Anomaly, DirMeta, MailTable};
 
 /// What the client asks of the server, one at a time.
@@ -27,6 +28,10 @@ pub enum Request {
         /// can tell a busy far side from a dead one.
         #[serde(default)]
         keepalive_ms: u64,
+        /// The user asserted that no Dovecot uses the replica during the session
+        /// (`--offline`): only then may an mdbox tree be written.
+        #[serde(default)]
+        offline: bool,
     },
     /// Which folder layout the replica's folders show.
     DetectLayout,
@@ -66,6 +71,14 @@ pub enum Request {
         /// How to write.
         options: ApplyOptions,
     },
+    /// Write a new mdbox tree at the opened path from the mailbox objects that follow
+    /// (capability `CAP_NEW_MDBOX`); the bodies of their messages follow them.
+    NewMdbox {
+        /// How many mailbox objects follow.
+        mailboxes: u32,
+        /// The source's root facts.
+        root: RootFacts,
+    },
     /// End of session.
     Bye,
 }
@@ -80,6 +93,13 @@ pub enum Answer {
         location: String,
         /// Whether it exists as a directory (a source must; a destination may be created).
         is_dir: bool,
+        /// How the replica stores mail (absent from older servers: Maildir).
+        #[serde(default)]
+        format: StoreFormat,
+        /// Why the server will refuse any plan (an mdbox tree opened without the offline
+        /// assertion), naming the path; `None` when it can be written.
+        #[serde(default)]
+        read_only: Option<String>,
     },
     /// The detected layout.
     Layout {
@@ -102,8 +122,24 @@ pub enum Answer {
         /// What was done.
         report: ApplyReport,
     },
+    /// The new mdbox tree was written.
+    NewMdboxWritten {
+        /// What was written.
+        report: NewTreeReport,
+    },
     /// The session ends.
     Bye,
+}
+
+/// How a served replica stores mail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFormat {
+    /// A Maildir tree (or a path that does not exist yet).
+    #[default]
+    Maildir,
+    /// An mdbox root.
+    Mdbox,
 }
 
 /// Everything of a [`MailTable`] but its mailboxes.

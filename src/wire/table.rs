@@ -34,6 +34,9 @@ struct Head {
     broken: Option<String>,
     unchanged: Option<u64>,
     anomalies: Vec<Anomaly>,
+    /// An mdbox mailbox (no `new/`); left out for Maildir, whose encoding stays as it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    flat: bool,
 }
 
 /// A 128-bit identity of an encoding: both sides name a baseline by it.
@@ -64,6 +67,7 @@ pub fn encode(m: &MailboxTable) -> Vec<u8> {
         broken: m.broken.clone(),
         unchanged: m.unchanged,
         anomalies: m.anomalies.clone(),
+        flat: m.flat,
     };
     let head = serde_json::to_vec(&head).expect("plain data serializes");
     let mut out = Vec::with_capacity(head.len() + m.arena.len() + m.len() * 24 + 16);
@@ -143,6 +147,7 @@ pub fn decode(bytes: &[u8]) -> Result<MailboxTable, WireError> {
         broken: head.broken,
         unchanged: head.unchanged,
         anomalies: head.anomalies,
+        flat: head.flat,
         ..MailboxTable::default()
     };
     let rows = p.u32().ok_or_else(bad)? as usize;
@@ -364,6 +369,16 @@ mod tests {
         assert_eq!(back.guid(2), "guid-three");
         assert_eq!(back.subdir(5), Subdir::Cur);
         assert_eq!(back.str(back.listed_missing[0].1), "gone.M1");
+        assert!(!back.flat);
+    }
+
+    #[test]
+    fn flat_travels_and_a_maildir_head_does_not_name_it() {
+        let maildir = encode(&sample(1 << 18));
+        assert!(!String::from_utf8_lossy(&maildir).contains("flat"));
+        let mut t = sample(1 << 18);
+        t.flat = true;
+        assert!(decode(&encode(&t)).unwrap().flat);
     }
 
     #[test]

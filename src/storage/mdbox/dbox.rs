@@ -173,7 +173,9 @@ pub fn file_header(created: u32) -> Vec<u8> {
 
 /// Appends one message record to `out` as Dovecot writes it: the 30-byte header with the
 /// body size in hex, the body, the metadata block (`R` received time, `V` virtual size, `G`
-/// GUID, `B` original mailbox) and the empty line ending it.
+/// GUID, `B` original mailbox) and the empty line ending it. A value that would break its
+/// line (a mailbox name with a line break, or one a peer sent) is left out: `B` is only
+/// informational, and a stray line would end the metadata block early.
 pub fn write_record(out: &mut Vec<u8>, body: &[u8], meta: &Metadata) {
     out.extend_from_slice(&MSG_MAGIC);
     out.extend_from_slice(b"N          ");
@@ -186,7 +188,11 @@ pub fn write_record(out: &mut Vec<u8>, body: &[u8], meta: &Metadata) {
     let vsize = meta.virtual_size.unwrap_or_else(|| virtual_size(body));
     out.extend_from_slice(format!("V{vsize:x}\n").as_bytes());
     out.extend_from_slice(format!("G{}\n", meta.guid).as_bytes());
-    if let Some(mailbox) = &meta.orig_mailbox {
+    if let Some(mailbox) = meta
+        .orig_mailbox
+        .as_ref()
+        .filter(|m| !m.contains(['\n', '\r', '\0']))
+    {
         out.extend_from_slice(format!("B{mailbox}\n").as_bytes());
     }
     out.push(b'\n');
@@ -279,6 +285,21 @@ pub(crate) mod tests {
         assert_eq!(all[0].meta.guid, "0123");
         assert_eq!(all[0].meta.virtual_size, Some(20));
         assert_eq!(all[0].meta.received, Some(0x6553f100));
+        assert_eq!(all[0].record.end, data.len());
+    }
+
+    #[test]
+    fn a_mailbox_name_that_breaks_lines_is_not_written() {
+        let meta = Metadata {
+            guid: "0123".into(),
+            orig_mailbox: Some("Evil\n\nGffff".into()),
+            ..Metadata::default()
+        };
+        let mut data = file_header(1);
+        write_record(&mut data, b"Subject: x\n\nbody\n", &meta);
+        let all = read_all(Path::new("m.1"), &data).unwrap();
+        assert_eq!(all[0].meta.guid, "0123");
+        assert_eq!(all[0].meta.orig_mailbox, None);
         assert_eq!(all[0].record.end, data.len());
     }
 

@@ -790,3 +790,27 @@ fn a_flag_changed_on_one_side_survives_a_renumbering_by_dovecot_on_the_other() {
         merged.plan_a.lines()
     );
 }
+
+#[test]
+fn a_flat_side_never_moves_the_other_sides_new_mail_to_cur() {
+    let start = initial(2);
+    let t0 = start.table();
+    let (_, _, first) = sync_round(&BaseState::default(), &t0, &t0);
+    // A keeps INBOX's UID 1 in new/; B (mdbox) has no new/ and lists it in cur/.
+    let mut a = t0.clone();
+    a.mailboxes[0].msgs.status[0] |= status::IN_NEW;
+    assert_eq!(a.mailboxes[0].subdir(0), crate::model::Subdir::New);
+    let mut b = t0.clone();
+    b.mailboxes.iter_mut().for_each(|m| m.flat = true);
+    let merged = merge_plain(&first.next, &a, &b);
+    assert!(merged.plan_a.is_empty(), "{:?}", merged.plan_a.lines());
+    assert!(merged.plan_b.is_empty(), "{:?}", merged.plan_b.lines());
+    // Between two Maildir sides, new/ on one and cur/ on the other is still settled in cur/.
+    let merged = merge_plain(&first.next, &a, &t0);
+    assert_eq!(
+        merged.plan_a.counts().moves,
+        1,
+        "{:?}",
+        merged.plan_a.lines()
+    );
+}
