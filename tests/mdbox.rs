@@ -412,3 +412,112 @@ fn a_served_mdbox_tree_is_refused() {
     }
     assert_same_snapshot(&before, &snapshot(&mdbox), "a refused run writes nothing");
 }
+
+/// The `m.N` files of an mdbox tree, by name.
+fn storage_files(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("storage"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("m."))
+        .collect();
+    names.sort();
+    names
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .ino()
+}
+
+/// Folders renamed on the source (Maildir or mdbox) through doveadm — a parent with its
+/// child, then the child alone out of its parent, together with a flag change and new mail
+/// in it — are renamed in the mdbox destination: the mailbox indexes move (same inode), no
+/// body is written again, and Dovecot lists the new names only (its list index included),
+/// with the source's mailbox GUIDs, UIDVALIDITYs, UIDs and flags, also after
+/// `doveadm force-resync`.
+#[test]
+fn folders_renamed_on_the_source_are_renamed_in_the_mdbox() {
+    let dovecot = Dovecot::new();
+    let mdbox = copy_fixture(&dovecot, "live", "mdbox-src");
+    let maildir = dovecot.sample("maildir-src");
+    for (src, layout) in [(&maildir, Layout::MaildirPlusPlus), (&mdbox, Layout::Mdbox)] {
+        let name = src.file_name().unwrap().to_str().unwrap();
+        let dst = dovecot.path().join(format!("renamed-{name}"));
+        backup_ok(src, &dst, &["--to-format", "mdbox", "--offline"]);
+        // Dovecot opens the copy: its list index now names every mailbox.
+        dovecot.oracle_in(&dst, Layout::Mdbox);
+        let da = |args: &[&str]| dovecot.doveadm_in(src, layout, args);
+        let index = |rel: &str| inode(&dst.join("mailboxes").join(rel).join("dbox-Mails"));
+        let (archive, child) = (index("Archive"), index("Archive/2023"));
+        let files = storage_files(&dst);
+        da(&["mailbox", "rename", "Archive", "Older"]);
+        let run = backup_ok(src, &dst, &["--offline"]);
+        assert_eq!(
+            run.count("messages_copied"),
+            0,
+            "{name}: {}",
+            run.describe()
+        );
+        assert_eq!(
+            run.count("mailboxes_created"),
+            0,
+            "{name}: {}",
+            run.describe()
+        );
+        assert_eq!(
+            storage_files(&dst),
+            files,
+            "{name}: a rename writes no body"
+        );
+        assert_eq!(index("Older"), archive, "{name}: the index moved");
+        assert_eq!(
+            index("Older/2023"),
+            child,
+            "{name}: the child's index moved"
+        );
+        assert!(!dst.join("mailboxes/Archive").exists(), "{name}");
+        let want = dovecot.oracle_in(src, layout);
+        assert!(want.contains("list Older/2023\n"), "{want}");
+        assert_same_lines(&dovecot.oracle_in(&dst, Layout::Mdbox), &want, name);
+        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
+        assert_same_lines(
+            &dovecot.oracle_in(&dst, Layout::Mdbox),
+            &want,
+            &format!("{name}: after force-resync"),
+        );
+        backup_ok(src, &dst, &["--offline"]).assert_no_work();
+        // The child alone, out of its parent, with changes in it made after the rename.
+        da(&["mailbox", "rename", "Older/2023", "Y2023"]);
+        da(&[
+            "flags",
+            "add",
+            "\\Flagged",
+            "mailbox",
+            "Y2023",
+            "uid",
+            "1:*",
+        ]);
+        dovecot.save_in(src, layout, "Y2023", &message("y2023-new", "Y2023 new", 2));
+        let run = backup_ok(src, &dst, &["--offline"]);
+        assert_eq!(
+            run.count("messages_copied"),
+            1,
+            "{name}: {}",
+            run.describe()
+        );
+        assert_eq!(index("Y2023"), child, "{name}: the child's index moved");
+        assert_eq!(index("Older"), archive, "{name}: the parent stayed");
+        let want = dovecot.oracle_in(src, layout);
+        assert!(want.contains("list Y2023\n"), "{want}");
+        assert_same_lines(&dovecot.oracle_in(&dst, Layout::Mdbox), &want, name);
+        dovecot.doveadm_in(&dst, Layout::Mdbox, &["force-resync", "*"]);
+        assert_same_lines(
+            &dovecot.oracle_in(&dst, Layout::Mdbox),
+            &want,
+            &format!("{name}: after the second force-resync"),
+        );
+        backup_ok(src, &dst, &["--offline"]).assert_no_work();
+    }
+}

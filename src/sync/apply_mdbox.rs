@@ -28,6 +28,7 @@ use crate::storage::mdbox::log_writer::{LogWriter, MailRecord};
 use crate::storage::mdbox::mailbox::MailboxIndex;
 use crate::storage::mdbox::map::MapIndex;
 use crate::sync::apply::ApplyReport;
+use crate::sync::mdbox_folders;
 use crate::sync::mdbox_new::{
     chown, fresh_guid, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs, store_body,
 };
@@ -54,14 +55,21 @@ pub fn apply(
         + 1;
     let mut appender = Appender::new(storage.clone(), owner, now, first_file, map.next_uid);
     let mut report = ApplyReport::default();
-    // 0. Read every mailbox index and check that the plan fits Dovecot's rules.
+    // 0. Read every mailbox index (where it is before the renames) and check that the plan
+    // fits Dovecot's rules, before anything is written.
     let mut staged = Vec::new();
     for mp in plan.mailboxes.iter().filter(|m| !m.is_empty()) {
-        let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
-        let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
+        let before = mdbox_folders::dir_before_renames(root, layout, plan, &mp.dir);
+        let index_dir = root.join("mailboxes").join(mdbox_dir(layout, &before)?);
+        let index = MailboxIndex::load(&index_dir.join(DBOX_MAILS))?;
         check_uids(mp, index.as_ref())?;
+        let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
         staged.push((mp, dir, index, Vec::new()));
     }
+    // Then, as for Maildir, the mailbox renames first: the rest of the plan names the
+    // mailboxes by their new names. Dovecot's list index goes before any of it.
+    mdbox_folders::prepare(root, plan)?;
+    mdbox_folders::rename_mailboxes(root, layout, plan, owner, progress)?;
     // 1. Bodies into new m.N files; 2. their map records. Files of a failed step go again.
     let map_log = storage.join("dovecot.map.index.log");
     let stored = (|| {
@@ -108,8 +116,9 @@ pub fn apply(
             unref.extend(index.messages.iter().map(|m| (m.map_uid, -1)));
             report.expunged += index.messages.len() as u64;
         }
-        fs::remove_dir_all(dir.join(DBOX_MAILS)).map_err(|e| Error::io(&dir, e))?;
-        let _ = fs::remove_dir(&dir);
+        if dir.join(DBOX_MAILS).is_dir() {
+            mdbox_folders::delete_mailbox(root, &dir)?;
+        }
         report.mailboxes_deleted += 1;
     }
     // 4. Lower the refcounts of what no mailbox holds any more.

@@ -7,6 +7,7 @@ pub mod apply_mdbox;
 pub mod backup;
 pub mod base;
 pub mod diff;
+pub mod mdbox_folders;
 pub mod mdbox_new;
 pub mod merge;
 pub mod plan;
