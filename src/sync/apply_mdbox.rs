@@ -28,11 +28,11 @@ use crate::storage::mdbox::log_writer::{LogWriter, MailRecord};
 use crate::storage::mdbox::mailbox::MailboxIndex;
 use crate::storage::mdbox::map::MapIndex;
 use crate::sync::apply::ApplyReport;
-use crate::sync::mdbox_folders;
 use crate::sync::mdbox_new::{
-    chown, fresh_guid, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs, store_body,
+    fresh_guid, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs, store_body,
 };
 use crate::sync::plan::{MailboxPlan, Plan, UidlistChange};
+use crate::sync::{mdbox_folders, mdbox_pending};
 
 /// Applies `plan` to the mdbox root `root`, whose mailbox directories the plan names in
 /// `layout`.
@@ -46,6 +46,19 @@ pub fn apply(
     let storage = root.join("storage");
     let owner = (plan.root_meta.uid, plan.root_meta.gid);
     let now = now_secs();
+    let map_log = storage.join("dovecot.map.index.log");
+    // What a killed update left goes first (see `mdbox_pending`).
+    if let Some(changes) = mdbox_pending::recover(root)? {
+        if !changes.is_empty() {
+            let map = MapIndex::load(&storage)?;
+            append_log(&map_log, owner, now, map.uid_validity.max(now), |log| {
+                log.ext_intro("ref", 0, 2, 2);
+                log.atomic_inc(&changes);
+                log.commit();
+            })?;
+        }
+        mdbox_pending::end(root)?;
+    }
     let map = MapIndex::load(&storage)?;
     let existing = list_files(root).map_err(|e| Error::io(&storage, e))?;
     let first_file = existing
@@ -66,12 +79,38 @@ pub fn apply(
         let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
         staged.push((mp, dir, index, Vec::new()));
     }
+    let mut deleted = Vec::new();
+    for d in &plan.delete_mailboxes {
+        let dir = root.join("mailboxes").join(mdbox_dir(layout, &d.dir)?);
+        let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
+        deleted.push((dir, index));
+    }
+    if plan.is_empty() {
+        write_root_files(root, plan, owner)?;
+        return Ok(report);
+    }
+    // The intent record, before the first write: a killed run's successor repairs from it.
+    let unref = staged
+        .iter()
+        .flat_map(|(mp, _, index, _)| expunged_map_uids(mp, index.as_ref()))
+        .chain(deleted.iter().flat_map(|(_, index)| {
+            index
+                .iter()
+                .flat_map(|i| i.messages.iter().map(|m| m.map_uid))
+        }))
+        .collect();
+    let pending = mdbox_pending::Pending {
+        pid: std::process::id(),
+        first_file,
+        first_map_uid: map.next_uid,
+        unref,
+    };
+    mdbox_pending::begin(root, &pending, owner)?;
     // Then, as for Maildir, the mailbox renames first: the rest of the plan names the
     // mailboxes by their new names. Dovecot's list index goes before any of it.
     mdbox_folders::prepare(root, plan)?;
     mdbox_folders::rename_mailboxes(root, layout, plan, owner, progress)?;
     // 1. Bodies into new m.N files; 2. their map records. Files of a failed step go again.
-    let map_log = storage.join("dovecot.map.index.log");
     let stored = (|| {
         for (mp, _, index, records) in &mut staged {
             *records = stage_copies(mp, index.as_ref(), source, &mut appender, &mut report)?;
@@ -110,14 +149,13 @@ pub fn apply(
             bytes: 0,
         });
     }
-    for d in &plan.delete_mailboxes {
-        let dir = root.join("mailboxes").join(mdbox_dir(layout, &d.dir)?);
-        if let Some(index) = MailboxIndex::load(&dir.join(DBOX_MAILS))? {
+    for (dir, index) in &deleted {
+        if let Some(index) = index {
             unref.extend(index.messages.iter().map(|m| (m.map_uid, -1)));
             report.expunged += index.messages.len() as u64;
         }
         if dir.join(DBOX_MAILS).is_dir() {
-            mdbox_folders::delete_mailbox(root, &dir)?;
+            mdbox_folders::delete_mailbox(root, dir)?;
         }
         report.mailboxes_deleted += 1;
     }
@@ -130,7 +168,23 @@ pub fn apply(
         })?;
     }
     write_root_files(root, plan, owner)?;
+    mdbox_pending::end(root)?;
     Ok(report)
+}
+
+/// Map UIDs of the messages a mailbox plan expunges (those the index still holds).
+fn expunged_map_uids<'a>(
+    mp: &'a MailboxPlan,
+    index: Option<&'a MailboxIndex>,
+) -> impl Iterator<Item = u32> + 'a {
+    mp.expunges.iter().filter_map(move |e| {
+        index.and_then(|i| {
+            i.messages
+                .iter()
+                .find(|m| m.uid == e.uid)
+                .map(|m| m.map_uid)
+        })
+    })
 }
 
 /// Refuses copies Dovecot would take for corruption: an append below the mailbox's next
@@ -364,18 +418,17 @@ fn append_log(
     };
     fill(&mut log);
     let bytes = log.finish();
+    if len.is_none() {
+        // A new log appears whole (a kill never leaves a log without its header).
+        replace_file(path, &bytes, owner)?;
+        return fsync_path(dir);
+    }
     let mut file = fs::OpenOptions::new()
         .append(true)
-        .create(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     file.write_all(&bytes).map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    if len.is_none() {
-        chown(path, owner)?;
-        fsync_path(dir)?;
-    }
-    Ok(())
+    file.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// `subscriptions` and `dovecot-uidvalidity`, replaced by rename.

@@ -55,11 +55,9 @@ pub fn write_new_tree(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(
-        ".{}.mdsync-new-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let prefix = format!(".{}.mdsync-new-", name.to_string_lossy());
+    remove_dead_builds(parent, &prefix);
+    let tmp = parent.join(format!("{prefix}{}", std::process::id()));
     let result = build(&tmp, table, source, progress).and_then(|mut report| {
         if dst.exists() {
             fs::remove_dir(dst).map_err(|e| Error::io(dst, e))?;
@@ -73,6 +71,33 @@ pub fn write_new_tree(
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Removes the build directories (`prefix` + PID) of killed runs beside the destination:
+/// a run that got as far as the rename left none, so these never became the tree.
+fn remove_dead_builds(parent: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(process_is_gone) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// True when no process `pid` runs on this machine.
+pub(crate) fn process_is_gone(pid: i32) -> bool {
+    pid > 0
+        && matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
 }
 
 /// Refuses a destination that holds anything.
@@ -373,5 +398,21 @@ mod tests {
         assert_eq!(mdbox_dir(Layout::MaildirPlusPlus, ".A.B").unwrap(), "A/B");
         assert_eq!(mdbox_dir(Layout::Fs, "A/B").unwrap(), "A/B");
         assert!(mdbox_dir(Layout::Fs, "A/../B").is_err());
+    }
+
+    #[test]
+    fn build_directories_of_dead_runs_go_and_live_ones_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join(".dst.mdsync-new-2147483646");
+        let live = tmp
+            .path()
+            .join(format!(".dst.mdsync-new-{}", std::process::id()));
+        let other = tmp.path().join(".other.mdsync-new-2147483646");
+        for dir in [&dead, &live, &other] {
+            fs::create_dir_all(dir.join("storage")).unwrap();
+        }
+        remove_dead_builds(tmp.path(), ".dst.mdsync-new-");
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 }

@@ -9,6 +9,7 @@ pub mod base;
 pub mod diff;
 pub mod mdbox_folders;
 pub mod mdbox_new;
+pub mod mdbox_pending;
 pub mod merge;
 pub mod plan;
 pub mod predict;
