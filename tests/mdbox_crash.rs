@@ -163,7 +163,8 @@ fn deliver(src: &Path, round: u32, i: u32) {
 }
 
 /// Round `round`'s source changes: new mail in INBOX, flags set and cleared, expunges in
-/// several mailboxes (Dovecot numbers and records everything).
+/// several mailboxes, and in some rounds a mailbox created, renamed or deleted (Dovecot
+/// numbers and records everything).
 fn change_source(dc: &Dovecot, src: &Path, round: u32) {
     for i in 0..60 {
         deliver(src, round, i);
@@ -175,10 +176,26 @@ fn change_source(dc: &Dovecot, src: &Path, round: u32) {
     dc.flags_add(src, "Lists/rust", &range, "\\Flagged");
     dc.expunge(src, "INBOX", &format!("{}:{}", lo + 2, lo + 5));
     dc.expunge(src, "Sent", &format!("{}:{}", lo, lo + 3));
-    dc.expunge(src, "Archive", &format!("{lo}"));
+    let archive = if round > 5 { "Old" } else { "Archive" };
+    dc.expunge(src, archive, &format!("{lo}"));
+    // Whole mailboxes: created with mail, renamed, a parent renamed with its child, deleted.
+    match round {
+        1 => {
+            dc.create_mailbox(src, "Fresh");
+            for i in 0..3 {
+                let text = format!("Subject: fresh {i}\n\nfresh {i}\n");
+                dc.save(src, "Fresh", text.as_bytes());
+            }
+        }
+        3 => dc.rename_mailbox(src, "Fresh", "Fresher"),
+        5 => dc.rename_mailbox(src, "Archive", "Old"),
+        7 => dc.delete_mailbox(src, "Fresher"),
+        _ => {}
+    }
 }
 
-/// `backup --offline` updates of an existing mdbox tree (appends, flag changes, expunges):
+/// `backup --offline` updates of an existing mdbox tree (appends, flag changes, expunges,
+/// mailbox creates, renames and deletes):
 /// each round starts runs killed at delays that step through the run (from before its
 /// writes begin until a run gets to finish), so kills land before, between and inside the
 /// writes — and inside the repairs of the killed runs before — then a run to completion.

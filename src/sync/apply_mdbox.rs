@@ -48,6 +48,7 @@ pub fn apply(
     let now = now_secs();
     let map_log = storage.join("dovecot.map.index.log");
     // What a killed update left goes first (see `mdbox_pending`).
+    mdbox_folders::sweep_trash(root);
     if let Some(changes) = mdbox_pending::recover(root)? {
         if !changes.is_empty() {
             let map = MapIndex::load(&storage)?;

@@ -61,10 +61,8 @@ fn changes_mailbox_set(plan: &Plan) -> bool {
 
 /// Removes Dovecot's mailbox list index when the plan changes the set of mailboxes, before
 /// any such change: Dovecot rebuilds it from `mailboxes/` on next use, so it can never
-/// list a name the run removed or miss one it added (also after a kill). Also clears
-/// directories of deletes a killed run left in the root.
+/// list a name the run removed or miss one it added (also after a kill).
 pub(crate) fn prepare(root: &Path, plan: &Plan) -> Result<()> {
-    sweep_trash(root);
     if !changes_mailbox_set(plan) {
         return Ok(());
     }
@@ -79,7 +77,7 @@ pub(crate) fn prepare(root: &Path, plan: &Plan) -> Result<()> {
 }
 
 /// Removes what deletes of killed runs left in the root (no Dovecot looks there).
-fn sweep_trash(root: &Path) {
+pub(crate) fn sweep_trash(root: &Path) {
     let Ok(entries) = fs::read_dir(root) else {
         return;
     };
@@ -215,7 +213,7 @@ fn remove_empty_up(boxes: &Path, dir: &Path) {
 
 /// Deletes a mailbox: its directory (or, when mailboxes live below it, its `dbox-Mails`)
 /// is first renamed out of `mailboxes/` into the root, then removed; a kill in between
-/// leaves it where the next run's [`prepare`] removes it.
+/// leaves it where the next run's [`sweep_trash`] removes it.
 pub(crate) fn delete_mailbox(root: &Path, dir: &Path) -> Result<()> {
     let boxes = root.join("mailboxes");
     let mut children = Vec::new();
@@ -366,9 +364,9 @@ mod tests {
         delete_mailbox(root, &root.join("mailboxes/S")).unwrap();
         assert!(!root.join("mailboxes/S").join(DBOX_MAILS).exists());
         assert_eq!(index_of(root, "S/T").as_deref(), Some("S/T"));
-        // A kill after the move into the root: the next run's prepare removes it.
+        // A kill after the move into the root: the next run's sweep removes it.
         fs::create_dir(root.join(format!("{TRASH_PREFIX}1-2"))).unwrap();
-        prepare(root, &Plan::default()).unwrap();
+        sweep_trash(root);
         let names: Vec<String> = fs::read_dir(root)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
