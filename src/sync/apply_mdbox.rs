@@ -133,7 +133,7 @@ pub fn apply(
     for (mp, dir, index, records) in &staged {
         let outcome = update_mailbox(
             mp,
-            dir,
+            (&root.join("mailboxes"), dir),
             index.as_ref(),
             records,
             map.uid_validity,
@@ -301,11 +301,11 @@ fn next_uid_of(mp: &MailboxPlan, index: Option<&MailboxIndex>) -> u32 {
     index.map_or(1, |i| i.next_uid).max(planned).max(1)
 }
 
-/// Writes one mailbox's changes to its index log (creating the mailbox when it has no
-/// index yet); returns the map UIDs of the messages it expunged.
+/// Writes one mailbox's changes to its index log (creating the mailbox, in `dir` below
+/// `boxes`, when it has no index yet); returns the map UIDs of the messages it expunged.
 fn update_mailbox(
     mp: &MailboxPlan,
-    dir: &Path,
+    (boxes, dir): (&Path, &Path),
     index: Option<&MailboxIndex>,
     records: &[MailRecord],
     map_validity: u32,
@@ -318,8 +318,8 @@ fn update_mailbox(
         _ => None,
     };
     if index.is_none() {
-        // Creates the missing directories below the existing `mailboxes/`.
-        mkdir_all(&index_dir, Path::new("/"), owner)?;
+        // Creates the missing directories below `mailboxes/`.
+        mkdir_all(&index_dir, boxes, owner)?;
     }
     let current = current_letters(index);
     let wanted = letter_names(mp, index);

@@ -344,15 +344,26 @@ pub(crate) fn mkdir(path: &Path, owner: (u32, u32)) -> Result<()> {
     chown(path, owner)
 }
 
-/// Creates `path` and its missing parents below `top`, each owned by `owner`.
+/// Creates `path` and its missing parents below `top`, each owned by `owner`. A directory
+/// on the way that is there with another owner gets `owner`: a run killed between `mkdir`
+/// and `chown` left it so, and Dovecot could not enter it.
 pub(crate) fn mkdir_all(path: &Path, top: &Path, owner: (u32, u32)) -> Result<()> {
-    if path.is_dir() || path == top {
+    if path == top || !path.starts_with(top) {
         return Ok(());
     }
     if let Some(parent) = path.parent() {
         mkdir_all(parent, top, owner)?;
     }
-    mkdir(path, owner)
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            use std::os::unix::fs::MetadataExt;
+            if (meta.uid(), meta.gid()) != owner {
+                chown(path, owner)?;
+            }
+            Ok(())
+        }
+        _ => mkdir(path, owner),
+    }
 }
 
 pub(crate) fn chown(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
@@ -398,6 +409,27 @@ mod tests {
         assert_eq!(mdbox_dir(Layout::MaildirPlusPlus, ".A.B").unwrap(), "A/B");
         assert_eq!(mdbox_dir(Layout::Fs, "A/B").unwrap(), "A/B");
         assert!(mdbox_dir(Layout::Fs, "A/../B").is_err());
+    }
+
+    #[test]
+    fn mkdir_all_gives_directories_on_the_way_their_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path();
+        fs::create_dir(top.join("A")).unwrap();
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let owner = if me.0 == 0 { (12345, 12345) } else { me };
+        mkdir_all(&top.join("A/B/C"), top, owner).unwrap();
+        for dir in ["A", "A/B", "A/B/C"] {
+            let meta = fs::metadata(top.join(dir)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), owner, "{dir}");
+        }
+        let outside = tempfile::tempdir().unwrap();
+        mkdir_all(&outside.path().join("X"), top, owner).unwrap();
+        assert!(!outside.path().join("X").exists(), "nothing outside top");
     }
 
     #[test]
