@@ -1,12 +1,13 @@
 //! The mdbox applier: carries out a plan on an existing mdbox tree, for runs whose caller
 //! asserted `--offline` (no Dovecot uses the tree: mdsync takes none of Dovecot's index
-//! locks). Order, as Dovecot saves: new bodies go to new `m.N` files (fsynced), then the map
-//! index log gets their map records (refcount 1), then each mailbox's index log gets its
-//! records (appends, flag and keyword changes, GUID-checked expunges), and only then are the
-//! refcounts of expunged messages lowered. A run killed in between never leaves a mailbox
-//! record without its body; at worst a refcount stays too high (space `doveadm purge`
-//! cannot reclaim until `doveadm force-resync`). Never rewrites or truncates a file: logs
-//! are appended to, `m.N` files are only created.
+//! locks). Order, as Dovecot saves: an intent record first (`mdbox_pending`), then mailbox
+//! renames (`mdbox_folders`), new bodies into new `m.N` files (fsynced), then the map index
+//! log gets their map records (refcount 1), then each mailbox's index log gets its records
+//! (appends, flag and keyword changes, GUID-checked expunges), mailboxes are deleted, and
+//! only then are the refcounts of expunged messages lowered and the intent record removed.
+//! A run killed in between never leaves a mailbox record without its body; the next run
+//! repairs the refcounts from the intent record. Never rewrites a file: logs are appended
+//! to (after the unfinished tail of a killed run is cut), `m.N` files are only created.
 
 use std::collections::HashMap;
 use std::fs;
