@@ -6,17 +6,15 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread::sleep;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::corpus::write_corpus;
-use support::tree::{assert_same_lines, backup_ok};
-use support::{Dovecot, Layout, mdsync, vmail_ids};
+use support::tree::{assert_no_duplicate_guids, assert_same_lines, backup_ok, run_and_kill};
+use support::{Dovecot, Layout, vmail_ids};
 
 /// Messages in the crash corpus.
 const MESSAGES: usize = 300;
@@ -29,28 +27,6 @@ fn corpus_source(dc: &Dovecot) -> PathBuf {
     let listed = oracle.lines().filter(|l| l.starts_with("message ")).count();
     assert_eq!(listed, corpus.messages, "Dovecot reads the corpus");
     src
-}
-
-/// Starts `mdsync backup --no-progress OPTIONS SRC DST`, SIGKILLs it after `delay` (if
-/// still running), reaps it; true when the kill ended it.
-fn run_and_kill(src: &Path, dst: &Path, options: &[&str], delay: Duration) -> bool {
-    let mut child = mdsync()
-        .args(["backup", "--no-progress"])
-        .args(options)
-        .arg(src)
-        .arg(dst)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mdsync");
-    sleep(delay);
-    let _ = child.kill(); // SIGKILL; an error only means it already exited
-    let status = child.wait().expect("reap mdsync");
-    assert!(
-        status.code().is_none_or(|c| c == 0),
-        "a run that was not killed must succeed: {status}"
-    );
-    status.code().is_none()
 }
 
 /// Wall time of `mdsync backup OPTIONS SRC DST` run to completion.
@@ -71,23 +47,6 @@ fn new_tree_leftovers(dst: &Path) -> Vec<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(&prefix))
         .collect()
-}
-
-fn assert_no_duplicate_guids(oracle: &str, when: &str) {
-    let mut seen = BTreeSet::new();
-    for line in oracle.lines().filter(|l| l.starts_with("message ")) {
-        let (mailbox, rest) = line["message ".len()..]
-            .split_once(" uid=")
-            .expect("message line");
-        let guid = rest
-            .split(' ')
-            .find_map(|f| f.strip_prefix("guid="))
-            .expect("guid field");
-        assert!(
-            seen.insert((mailbox.to_owned(), guid.to_owned())),
-            "{when}: GUID {guid} twice in {mailbox}"
-        );
-    }
 }
 
 /// Dovecot's view of the mdbox DST equals `want` (the source's), without duplicates;

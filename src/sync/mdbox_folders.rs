@@ -257,6 +257,15 @@ mod tests {
         .unwrap();
     }
 
+    /// A temp mdbox root with these mailboxes (their index log holds their name).
+    fn tree(mailboxes: &[&str]) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        for rel in mailboxes {
+            mailbox(tmp.path(), rel);
+        }
+        tmp
+    }
+
     fn rename(from: &str, to: &str) -> RenameMailbox {
         RenameMailbox {
             from_dir: from.into(),
@@ -284,10 +293,8 @@ mod tests {
 
     #[test]
     fn a_parent_renamed_with_its_children_moves_in_one_piece() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tree(&["A", "A/C"]);
         let root = tmp.path();
-        mailbox(root, "A");
-        mailbox(root, "A/C");
         fs::write(root.join("dovecot.list.index.log"), "x").unwrap();
         let plan = Plan {
             rename_mailboxes: vec![rename(".A", ".B"), rename(".A.C", ".B.C")],
@@ -311,11 +318,8 @@ mod tests {
 
     #[test]
     fn a_child_left_behind_keeps_its_place() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tree(&["A", "A/C", "B/X"]);
         let root = tmp.path();
-        mailbox(root, "A");
-        mailbox(root, "A/C");
-        mailbox(root, "B/X");
         let plan = Plan {
             rename_mailboxes: vec![rename(".A", ".B")],
             ..Plan::default()
@@ -330,10 +334,8 @@ mod tests {
 
     #[test]
     fn a_swap_goes_through_a_parked_name() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tree(&["A", "B"]);
         let root = tmp.path();
-        mailbox(root, "A");
-        mailbox(root, "B");
         let plan = Plan {
             rename_mailboxes: crate::sync::merge::order_renames(vec![
                 rename(".A", ".B"),
@@ -354,11 +356,8 @@ mod tests {
 
     #[test]
     fn a_delete_leaves_no_directory_dovecot_would_list() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tree(&["P/Q", "S", "S/T"]);
         let root = tmp.path();
-        mailbox(root, "P/Q");
-        mailbox(root, "S");
-        mailbox(root, "S/T");
         delete_mailbox(root, &root.join("mailboxes/P/Q")).unwrap();
         assert!(!root.join("mailboxes/P").exists());
         delete_mailbox(root, &root.join("mailboxes/S")).unwrap();
