@@ -10,16 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, chown};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use support::corpus::{Corpus, write_corpus};
 use support::tree::{
-    assert_same_lines, backup_ok, leftover_temps, mail_files, read_uidlist, uidnexts,
-    without_uidnext,
+    assert_no_duplicate_guids, assert_same_lines, backup_ok, leftover_temps, mail_files,
+    read_uidlist, run_and_kill, uidnexts, without_uidnext,
 };
-use support::{Dovecot, mdsync, vmail_ids};
+use support::{Dovecot, vmail_ids};
 
 /// Messages in the crash corpus.
 const MESSAGES: usize = 400;
@@ -48,27 +46,6 @@ fn full_run_time(dc: &Dovecot, src: &Path, options: &[&str]) -> Duration {
     let took = started.elapsed();
     fs::remove_dir_all(&scratch).unwrap();
     took
-}
-
-/// Starts `mdsync backup OPTIONS SRC DST`, SIGKILLs it after `delay` (if still running),
-/// reaps it.
-fn run_and_kill(src: &Path, dst: &Path, options: &[&str], delay: Duration) {
-    let mut child = mdsync()
-        .args(["backup", "--no-progress"])
-        .args(options)
-        .arg(src)
-        .arg(dst)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mdsync");
-    sleep(delay);
-    let _ = child.kill(); // SIGKILL; an error only means it already exited
-    let status = child.wait().expect("reap mdsync");
-    assert!(
-        status.code().is_none_or(|c| c == 0),
-        "a run that was not killed must succeed: {status}"
-    );
 }
 
 /// The destination invariants after a complete run.
@@ -127,23 +104,6 @@ fn assert_same_bodies(src: &Path, dst: &Path, when: &str) {
                 src_path.display()
             );
         }
-    }
-}
-
-fn assert_no_duplicate_guids(oracle: &str, when: &str) {
-    let mut seen = BTreeSet::new();
-    for line in oracle.lines().filter(|l| l.starts_with("message ")) {
-        let (mailbox, rest) = line["message ".len()..]
-            .split_once(" uid=")
-            .expect("message line");
-        let guid = rest
-            .split(' ')
-            .find_map(|f| f.strip_prefix("guid="))
-            .expect("guid field");
-        assert!(
-            seen.insert((mailbox.to_owned(), guid.to_owned())),
-            "{when}: GUID {guid} twice in {mailbox}:\n{oracle}"
-        );
     }
 }
 

@@ -331,6 +331,34 @@ fn mdbox_writes_need_offline_and_an_empty_destination() {
     assert!(leftovers.is_empty(), "temp trees left: {leftovers:?}");
 }
 
+/// Panics unless the run's `--json` report has these counts.
+fn assert_counts(run: &Run, counts: &[(&str, u64)], what: &str) {
+    for &(field, want) in counts {
+        assert_eq!(
+            run.count(field),
+            want,
+            "{what}: {field}: {}",
+            run.describe()
+        );
+    }
+}
+
+/// The `live` mdbox fixture and the sample Maildir, as sources, with their layouts.
+fn mdbox_and_maildir_sources(dovecot: &Dovecot) -> [(PathBuf, Layout); 2] {
+    [
+        (copy_fixture(dovecot, "live", "mdbox-src"), Layout::Mdbox),
+        (dovecot.sample("maildir-src"), Layout::MaildirPlusPlus),
+    ]
+}
+
+/// `src` migrated into a new mdbox tree `PREFIX-<src name>`: (src name, the tree).
+fn migrated(dovecot: &Dovecot, src: &Path, prefix: &str) -> (String, PathBuf) {
+    let name = src.file_name().unwrap().to_str().unwrap().to_string();
+    let dst = dovecot.path().join(format!("{prefix}-{name}"));
+    backup_ok(src, &dst, &["--to-format", "mdbox", "--offline"]);
+    (name, dst)
+}
+
 /// An existing mdbox destination, updated with `--offline` after changes made through
 /// Dovecot on the source (mdbox or Maildir): flags and keywords set and cleared, an
 /// expunge, new mail, a new and a deleted mailbox. Dovecot then sees the source's state in
@@ -339,12 +367,10 @@ fn mdbox_writes_need_offline_and_an_empty_destination() {
 #[test]
 fn offline_updates_of_an_existing_mdbox_follow_the_source() {
     let dovecot = Dovecot::new();
-    let mdbox = copy_fixture(&dovecot, "live", "mdbox-src");
-    let maildir = dovecot.sample("maildir-src");
-    for (src, layout) in [(&mdbox, Layout::Mdbox), (&maildir, Layout::MaildirPlusPlus)] {
-        let name = src.file_name().unwrap().to_str().unwrap();
-        let dst = dovecot.path().join(format!("dst-{name}"));
-        backup_ok(src, &dst, &["--to-format", "mdbox", "--offline"]);
+    for (src, layout) in &mdbox_and_maildir_sources(&dovecot) {
+        let (src, layout) = (src, *layout);
+        let (name, dst) = migrated(&dovecot, src, "dst");
+        let name = name.as_str();
         change_through_dovecot(&dovecot, src, layout);
         dovecot.doveadm_in(src, layout, &["mailbox", "delete", "Sent"]);
         let refused = backup(src, &dst, &[]);
@@ -355,17 +381,10 @@ fn offline_updates_of_an_existing_mdbox_follow_the_source() {
             refused.describe()
         );
         let run = backup_ok(src, &dst, &["--offline"]);
-        assert_eq!(
-            run.count("messages_copied"),
-            2,
-            "{name}: {}",
-            run.describe()
-        );
-        assert_eq!(
-            run.count("mailboxes_deleted"),
-            1,
-            "{name}: {}",
-            run.describe()
+        assert_counts(
+            &run,
+            &[("messages_copied", 2), ("mailboxes_deleted", 1)],
+            name,
         );
         let want = dovecot.oracle_in(src, layout);
         assert_same_lines(&dovecot.oracle_in(&dst, Layout::Mdbox), &want, name);
@@ -657,4 +676,100 @@ fn a_new_mdbox_through_the_pipe_from_an_mdbox_source() {
     let dovecot = Dovecot::new();
     let src = copy_fixture(&dovecot, "live", "src");
     new_remote_mdbox(&Far::Pipe, &src, Layout::Mdbox, &dovecot);
+}
+
+/// The `m.N` files of an mdbox tree, by name.
+fn storage_files(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("storage"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("m."))
+        .collect();
+    names.sort();
+    names
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .ino()
+}
+
+/// Dovecot's view of the mdbox `dst` is `want`, also after `doveadm force-resync`.
+fn assert_mdbox_shows(dovecot: &Dovecot, dst: &Path, want: &str, what: &str) {
+    assert_same_lines(&dovecot.oracle_in(dst, Layout::Mdbox), want, what);
+    dovecot.doveadm_in(dst, Layout::Mdbox, &["force-resync", "*"]);
+    let resynced = dovecot.oracle_in(dst, Layout::Mdbox);
+    assert_same_lines(&resynced, want, &format!("{what}: after force-resync"));
+}
+
+/// Folders renamed on the source (Maildir or mdbox) through doveadm — a parent with its
+/// child, then the child alone out of its parent, together with a flag change and new mail
+/// in it — are renamed in the mdbox destination: the mailbox indexes move (same inode), no
+/// body is written again, and Dovecot lists the new names only (its list index included),
+/// with the source's mailbox GUIDs, UIDVALIDITYs, UIDs and flags, also after
+/// `doveadm force-resync`.
+#[test]
+fn folders_renamed_on_the_source_are_renamed_in_the_mdbox() {
+    let dovecot = Dovecot::new();
+    for (src, layout) in &mdbox_and_maildir_sources(&dovecot) {
+        let (src, layout) = (src, *layout);
+        let (name, dst) = migrated(&dovecot, src, "renamed");
+        let name = name.as_str();
+        // Dovecot opens the copy: its list index now names every mailbox.
+        dovecot.oracle_in(&dst, Layout::Mdbox);
+        let da = |args: &[&str]| dovecot.doveadm_in(src, layout, args);
+        let index = |rel: &str| inode(&dst.join("mailboxes").join(rel).join("dbox-Mails"));
+        let (archive, child) = (index("Archive"), index("Archive/2023"));
+        let files = storage_files(&dst);
+        da(&["mailbox", "rename", "Archive", "Older"]);
+        let run = backup_ok(src, &dst, &["--offline"]);
+        assert_counts(
+            &run,
+            &[("messages_copied", 0), ("mailboxes_created", 0)],
+            name,
+        );
+        assert_eq!(
+            storage_files(&dst),
+            files,
+            "{name}: a rename writes no body"
+        );
+        assert_eq!(index("Older"), archive, "{name}: the index moved");
+        assert_eq!(
+            index("Older/2023"),
+            child,
+            "{name}: the child's index moved"
+        );
+        assert!(!dst.join("mailboxes/Archive").exists(), "{name}");
+        let want = dovecot.oracle_in(src, layout);
+        assert!(want.contains("list Older/2023\n"), "{want}");
+        assert_mdbox_shows(&dovecot, &dst, &want, name);
+        backup_ok(src, &dst, &["--offline"]).assert_no_work();
+        // The child alone, out of its parent, with changes in it made after the rename.
+        da(&["mailbox", "rename", "Older/2023", "Y2023"]);
+        da(&[
+            "flags",
+            "add",
+            "\\Flagged",
+            "mailbox",
+            "Y2023",
+            "uid",
+            "1:*",
+        ]);
+        dovecot.save_in(src, layout, "Y2023", &message("y2023-new", "Y2023 new", 2));
+        let run = backup_ok(src, &dst, &["--offline"]);
+        assert_eq!(
+            run.count("messages_copied"),
+            1,
+            "{name}: {}",
+            run.describe()
+        );
+        assert_eq!(index("Y2023"), child, "{name}: the child's index moved");
+        assert_eq!(index("Older"), archive, "{name}: the parent stayed");
+        let want = dovecot.oracle_in(src, layout);
+        assert!(want.contains("list Y2023\n"), "{want}");
+        assert_mdbox_shows(&dovecot, &dst, &want, &format!("{name}, child renamed"));
+        backup_ok(src, &dst, &["--offline"]).assert_no_work();
+    }
 }

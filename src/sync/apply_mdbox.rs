@@ -1,12 +1,13 @@
 //! The mdbox applier: carries out a plan on an existing mdbox tree, for runs whose caller
 //! asserted `--offline` (no Dovecot uses the tree: mdsync takes none of Dovecot's index
-//! locks). Order, as Dovecot saves: new bodies go to new `m.N` files (fsynced), then the map
-//! index log gets their map records (refcount 1), then each mailbox's index log gets its
-//! records (appends, flag and keyword changes, GUID-checked expunges), and only then are the
-//! refcounts of expunged messages lowered. A run killed in between never leaves a mailbox
-//! record without its body; at worst a refcount stays too high (space `doveadm purge`
-//! cannot reclaim until `doveadm force-resync`). Never rewrites or truncates a file: logs
-//! are appended to, `m.N` files are only created.
+//! locks). Order, as Dovecot saves: an intent record first (`mdbox_pending`), then mailbox
+//! renames (`mdbox_folders`), new bodies into new `m.N` files (fsynced), then the map index
+//! log gets their map records (refcount 1), then each mailbox's index log gets its records
+//! (appends, flag and keyword changes, GUID-checked expunges), mailboxes are deleted, and
+//! only then are the refcounts of expunged messages lowered and the intent record removed.
+//! A run killed in between never leaves a mailbox record without its body; the next run
+//! repairs the refcounts from the intent record. Never rewrites a file: logs are appended
+//! to (after the unfinished tail of a killed run is cut), `m.N` files are only created.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -29,9 +30,10 @@ use crate::storage::mdbox::mailbox::{MailboxIndex, MailboxMessage};
 use crate::storage::mdbox::map::MapIndex;
 use crate::sync::apply::ApplyReport;
 use crate::sync::mdbox_new::{
-    chown, fresh_guid, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs, store_body,
+    fresh_guid, fsync_path, index_flags, mdbox_dir, mkdir_all, now_secs, store_body,
 };
 use crate::sync::plan::{MailboxPlan, Plan, UidlistChange};
+use crate::sync::{mdbox_folders, mdbox_pending};
 
 /// Applies `plan` to the mdbox root `root`, whose mailbox directories the plan names in
 /// `layout`.
@@ -45,6 +47,20 @@ pub fn apply(
     let storage = root.join("storage");
     let owner = (plan.root_meta.uid, plan.root_meta.gid);
     let now = now_secs();
+    let map_log = storage.join("dovecot.map.index.log");
+    // What a killed update left goes first (see `mdbox_pending`).
+    mdbox_folders::sweep_trash(root);
+    if let Some(changes) = mdbox_pending::recover(root)? {
+        if !changes.is_empty() {
+            let map = MapIndex::load(&storage)?;
+            append_log(&map_log, owner, now, map.uid_validity.max(now), |log| {
+                log.ext_intro("ref", 0, 2, 2);
+                log.atomic_inc(&changes);
+                log.commit();
+            })?;
+        }
+        mdbox_pending::end(root)?;
+    }
     let map = MapIndex::load(&storage)?;
     let existing = list_files(root).map_err(|e| Error::io(&storage, e))?;
     let first_file = existing
@@ -54,22 +70,61 @@ pub fn apply(
         + 1;
     let mut appender = Appender::new(storage.clone(), owner, now, first_file, map.next_uid);
     let mut report = ApplyReport::default();
-    // 0. Read every mailbox index and check that the plan fits Dovecot's rules.
+    // 0. Read every mailbox index (where it is before the renames) and check that the plan
+    // fits Dovecot's rules, before anything is written.
     let mut staged = Vec::new();
     for mp in plan.mailboxes.iter().filter(|m| !m.is_empty()) {
-        let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
-        let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
+        let before = mdbox_folders::dir_before_renames(root, layout, plan, &mp.dir);
+        let index_dir = root.join("mailboxes").join(mdbox_dir(layout, &before)?);
+        let index = MailboxIndex::load(&index_dir.join(DBOX_MAILS))?;
         check_uids(mp, index.as_ref())?;
         let moved = renumbered(mp, index.as_ref());
         check_renumbered(mp, index.as_ref(), &moved)?;
+        let dir = root.join("mailboxes").join(mdbox_dir(layout, &mp.dir)?);
         staged.push((mp, dir, index, Vec::new(), moved));
     }
+    let mut deleted = Vec::new();
+    for d in &plan.delete_mailboxes {
+        let dir = root.join("mailboxes").join(mdbox_dir(layout, &d.dir)?);
+        let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
+        deleted.push((dir, index));
+    }
+    if plan.is_empty() {
+        write_root_files(root, plan, owner)?;
+        return Ok(report);
+    }
+    // The intent record, before the first write: a killed run's successor repairs from it.
+    let unref = staged
+        .iter()
+        .flat_map(|(mp, _, index, _, moved)| {
+            // A renumbered message's map record is counted again too: a kill between its
+            // new record and the old one's expunge leaves two pointing at it.
+            expunged_map_uids(mp, index.as_ref())
+                .into_iter()
+                .chain(moved.iter().map(|r| r.record.map_uid))
+        })
+        .chain(deleted.iter().flat_map(|(_, index)| {
+            index
+                .iter()
+                .flat_map(|i| i.messages.iter().map(|m| m.map_uid))
+        }))
+        .collect();
+    let pending = mdbox_pending::Pending {
+        pid: std::process::id(),
+        first_file,
+        first_map_uid: map.next_uid,
+        unref,
+    };
+    mdbox_pending::begin(root, &pending, owner)?;
+    // Then, as for Maildir, the mailbox renames first: the rest of the plan names the
+    // mailboxes by their new names. Dovecot's list index goes before any of it.
+    mdbox_folders::prepare(root, plan)?;
+    mdbox_folders::rename_mailboxes(root, layout, plan, owner, progress)?;
     // 1. Bodies into new m.N files; 2. their map records. Files of a failed step go again.
     // A remote source is told every body at once; they are opened in plan order.
     if source.sequential() {
         crate::sync::apply::announce_copies(plan, source)?;
     }
-    let map_log = storage.join("dovecot.map.index.log");
     let stored = (|| {
         for (mp, _, index, records, moved) in &mut staged {
             *records = stage_copies(mp, index.as_ref(), source, &mut appender, &mut report)?;
@@ -93,7 +148,7 @@ pub fn apply(
     for (mp, dir, index, records, moved) in &staged {
         let outcome = update_mailbox(
             mp,
-            dir,
+            (&root.join("mailboxes"), dir),
             index.as_ref(),
             (records, moved),
             map.uid_validity,
@@ -110,14 +165,14 @@ pub fn apply(
             bytes: 0,
         });
     }
-    for d in &plan.delete_mailboxes {
-        let dir = root.join("mailboxes").join(mdbox_dir(layout, &d.dir)?);
-        if let Some(index) = MailboxIndex::load(&dir.join(DBOX_MAILS))? {
+    for (dir, index) in &deleted {
+        if let Some(index) = index {
             unref.extend(index.messages.iter().map(|m| (m.map_uid, -1)));
             report.expunged += index.messages.len() as u64;
         }
-        fs::remove_dir_all(dir.join(DBOX_MAILS)).map_err(|e| Error::io(&dir, e))?;
-        let _ = fs::remove_dir(&dir);
+        if dir.join(DBOX_MAILS).is_dir() {
+            mdbox_folders::delete_mailbox(root, dir)?;
+        }
         report.mailboxes_deleted += 1;
     }
     // 4. Lower the refcounts of what no mailbox holds any more.
@@ -129,7 +184,23 @@ pub fn apply(
         })?;
     }
     write_root_files(root, plan, owner)?;
+    mdbox_pending::end(root)?;
     Ok(report)
+}
+
+/// Map UIDs of the messages a mailbox plan expunges (those the index still holds).
+fn expunged_map_uids<'a>(
+    mp: &'a MailboxPlan,
+    index: Option<&'a MailboxIndex>,
+) -> impl Iterator<Item = u32> + 'a {
+    mp.expunges.iter().filter_map(move |e| {
+        index.and_then(|i| {
+            i.messages
+                .iter()
+                .find(|m| m.uid == e.uid)
+                .map(|m| m.map_uid)
+        })
+    })
 }
 
 /// Refuses copies Dovecot would take for corruption: an append below the mailbox's next
@@ -322,11 +393,11 @@ fn next_uid_of(mp: &MailboxPlan, index: Option<&MailboxIndex>) -> u32 {
     index.map_or(1, |i| i.next_uid).max(planned).max(1)
 }
 
-/// Writes one mailbox's changes to its index log (creating the mailbox when it has no
-/// index yet); returns the map UIDs of the messages it expunged.
+/// Writes one mailbox's changes to its index log (creating the mailbox, in `dir` below
+/// `boxes`, when it has no index yet); returns the map UIDs of the messages it expunged.
 fn update_mailbox(
     mp: &MailboxPlan,
-    dir: &Path,
+    (boxes, dir): (&Path, &Path),
     index: Option<&MailboxIndex>,
     (records, moved): (&[MailRecord], &[Renumbered]),
     map_validity: u32,
@@ -339,8 +410,8 @@ fn update_mailbox(
         _ => None,
     };
     if index.is_none() {
-        // Creates the missing directories below the existing `mailboxes/`.
-        mkdir_all(&index_dir, Path::new("/"), owner)?;
+        // Creates the missing directories below `mailboxes/`.
+        mkdir_all(&index_dir, boxes, owner)?;
     }
     let current = current_letters(index);
     let wanted = letter_names(mp, index);
@@ -446,18 +517,17 @@ fn append_log(
     };
     fill(&mut log);
     let bytes = log.finish();
+    if len.is_none() {
+        // A new log appears whole (a kill never leaves a log without its header).
+        replace_file(path, &bytes, owner)?;
+        return fsync_path(dir);
+    }
     let mut file = fs::OpenOptions::new()
         .append(true)
-        .create(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     file.write_all(&bytes).map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    if len.is_none() {
-        chown(path, owner)?;
-        fsync_path(dir)?;
-    }
-    Ok(())
+    file.sync_all().map_err(|e| Error::io(path, e))
 }
 
 /// `subscriptions` and `dovecot-uidvalidity`, replaced by rename.

@@ -55,11 +55,9 @@ pub fn write_new_tree(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(
-        ".{}.mdsync-new-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let prefix = format!(".{}.mdsync-new-", name.to_string_lossy());
+    remove_dead_builds(parent, &prefix);
+    let tmp = parent.join(format!("{prefix}{}", std::process::id()));
     let result = build(&tmp, table, source, progress).and_then(|mut report| {
         if dst.exists() {
             fs::remove_dir(dst).map_err(|e| Error::io(dst, e))?;
@@ -73,6 +71,33 @@ pub fn write_new_tree(
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Removes the build directories (`prefix` + PID) of killed runs beside the destination:
+/// a run that got as far as the rename left none, so these never became the tree.
+fn remove_dead_builds(parent: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(process_is_gone) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// True when no process `pid` runs on this machine.
+pub(crate) fn process_is_gone(pid: i32) -> bool {
+    pid > 0
+        && matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
 }
 
 /// Refuses a destination that holds anything.
@@ -346,15 +371,26 @@ pub(crate) fn mkdir(path: &Path, owner: (u32, u32)) -> Result<()> {
     chown(path, owner)
 }
 
-/// Creates `path` and its missing parents below `top`, each owned by `owner`.
+/// Creates `path` and its missing parents below `top`, each owned by `owner`. A directory
+/// on the way that is there with another owner gets `owner`: a run killed between `mkdir`
+/// and `chown` left it so, and Dovecot could not enter it.
 pub(crate) fn mkdir_all(path: &Path, top: &Path, owner: (u32, u32)) -> Result<()> {
-    if path.is_dir() || path == top {
+    if path == top || !path.starts_with(top) {
         return Ok(());
     }
     if let Some(parent) = path.parent() {
         mkdir_all(parent, top, owner)?;
     }
-    mkdir(path, owner)
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            use std::os::unix::fs::MetadataExt;
+            if (meta.uid(), meta.gid()) != owner {
+                chown(path, owner)?;
+            }
+            Ok(())
+        }
+        _ => mkdir(path, owner),
+    }
 }
 
 pub(crate) fn chown(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
@@ -400,5 +436,42 @@ mod tests {
         assert_eq!(mdbox_dir(Layout::MaildirPlusPlus, ".A.B").unwrap(), "A/B");
         assert_eq!(mdbox_dir(Layout::Fs, "A/B").unwrap(), "A/B");
         assert!(mdbox_dir(Layout::Fs, "A/../B").is_err());
+    }
+
+    #[test]
+    fn mkdir_all_gives_directories_on_the_way_their_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path();
+        fs::create_dir(top.join("A")).unwrap();
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let owner = if me.0 == 0 { (12345, 12345) } else { me };
+        mkdir_all(&top.join("A/B/C"), top, owner).unwrap();
+        for dir in ["A", "A/B", "A/B/C"] {
+            let meta = fs::metadata(top.join(dir)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), owner, "{dir}");
+        }
+        let outside = tempfile::tempdir().unwrap();
+        mkdir_all(&outside.path().join("X"), top, owner).unwrap();
+        assert!(!outside.path().join("X").exists(), "nothing outside top");
+    }
+
+    #[test]
+    fn build_directories_of_dead_runs_go_and_live_ones_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join(".dst.mdsync-new-2147483646");
+        let live = tmp
+            .path()
+            .join(format!(".dst.mdsync-new-{}", std::process::id()));
+        let other = tmp.path().join(".other.mdsync-new-2147483646");
+        for dir in [&dead, &live, &other] {
+            fs::create_dir_all(dir.join("storage")).unwrap();
+        }
+        remove_dead_builds(tmp.path(), ".dst.mdsync-new-");
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 }

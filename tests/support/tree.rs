@@ -421,3 +421,44 @@ pub fn assert_same_lines(got: &str, want: &str, what: &str) {
     }
     panic!("{what}: differs (- expected, + actual):\n{diff}");
 }
+
+/// Starts `mdsync backup --no-progress OPTIONS SRC DST`, SIGKILLs it after `delay` (if
+/// still running) and reaps it; true when the kill ended it. A run that ended by itself
+/// must have succeeded.
+pub fn run_and_kill(src: &Path, dst: &Path, options: &[&str], delay: std::time::Duration) -> bool {
+    let mut child = mdsync()
+        .args(["backup", "--no-progress"])
+        .args(options)
+        .arg(src)
+        .arg(dst)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start mdsync");
+    std::thread::sleep(delay);
+    let _ = child.kill(); // SIGKILL; an error only means it already exited
+    let status = child.wait().expect("reap mdsync");
+    assert!(
+        status.code().is_none_or(|c| c == 0),
+        "a run that was not killed must succeed: {status}"
+    );
+    status.code().is_none()
+}
+
+/// Panics when an oracle lists one message GUID twice in a mailbox.
+pub fn assert_no_duplicate_guids(oracle: &str, when: &str) {
+    let mut seen = std::collections::BTreeSet::new();
+    for line in oracle.lines().filter(|l| l.starts_with("message ")) {
+        let (mailbox, rest) = line["message ".len()..]
+            .split_once(" uid=")
+            .expect("message line");
+        let guid = rest
+            .split(' ')
+            .find_map(|f| f.strip_prefix("guid="))
+            .expect("guid field");
+        assert!(
+            seen.insert((mailbox.to_owned(), guid.to_owned())),
+            "{when}: GUID {guid} twice in {mailbox}:\n{oracle}"
+        );
+    }
+}
