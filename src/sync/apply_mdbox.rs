@@ -61,6 +61,12 @@ pub fn apply(
         }
         mdbox_pending::end(root)?;
     }
+    // Nothing else to do: neither the map index nor any mailbox index is read (a no-change
+    // run must stay as cheap as its scans).
+    if plan.is_empty() {
+        write_root_files(root, plan, owner)?;
+        return Ok(ApplyReport::default());
+    }
     let map = MapIndex::load(&storage)?;
     let existing = list_files(root).map_err(|e| Error::io(&storage, e))?;
     let first_file = existing
@@ -88,10 +94,6 @@ pub fn apply(
         let dir = root.join("mailboxes").join(mdbox_dir(layout, &d.dir)?);
         let index = MailboxIndex::load(&dir.join(DBOX_MAILS))?;
         deleted.push((dir, index));
-    }
-    if plan.is_empty() {
-        write_root_files(root, plan, owner)?;
-        return Ok(report);
     }
     // The intent record, before the first write: a killed run's successor repairs from it.
     let unref = staged
