@@ -101,9 +101,7 @@ pub fn apply(
         .flat_map(|(mp, _, index, _, moved)| {
             // A renumbered message's map record is counted again too: a kill between its
             // new record and the old one's expunge leaves two pointing at it.
-            expunged_map_uids(mp, index.as_ref())
-                .into_iter()
-                .chain(moved.iter().map(|r| r.record.map_uid))
+            expunged_map_uids(mp, index.as_ref()).chain(moved.iter().map(|r| r.record.map_uid))
         })
         .chain(deleted.iter().flat_map(|(_, index)| {
             index
