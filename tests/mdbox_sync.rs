@@ -2,7 +2,8 @@
 //! doveadm on both, checked against what Dovecot sees on each side (the oracle): the first
 //! sync, a merge with new mail on both sides (a UID conflict renumbered on both), flags
 //! and expunges, a second sync with nothing to do; and the refusal without `--offline`,
-//! which writes nothing on either side; `watch` refusing an mdbox tree.
+//! which writes nothing on either side; one GUID held twice in a folder; `watch` refusing
+//! an mdbox tree.
 
 mod support;
 
@@ -179,4 +180,28 @@ fn watching_an_mdbox_tree_is_refused() {
         run.describe()
     );
     assert!(!dst.exists(), "nothing written");
+}
+
+/// One GUID under two UIDs in one mailbox (a COPY into the same mdbox folder keeps the
+/// GUID): a first sync keeps both on the mdbox side and gives the other side both, and the
+/// second sync has nothing to do.
+#[test]
+fn a_guid_held_twice_in_a_folder_stays_twice() {
+    let dovecot = Dovecot::new();
+    let a = mdbox_fixture(&dovecot, "a");
+    let b = dovecot.path().join("b");
+    dovecot.doveadm_in(
+        &a,
+        Layout::Mdbox,
+        &["copy", "INBOX", "mailbox", "INBOX", "uid", "3"],
+    );
+    let before = inbox(&dovecot, &a, Layout::Mdbox);
+    let twice = before.iter().filter(|m| m.1 == before[1].1).count();
+    assert_eq!(twice, 2, "doveadm copy kept the GUID: {before:?}");
+    let json = sync_ok(&a, &b);
+    assert_eq!(json["first_sync"], true, "{json}");
+    assert_equal(&dovecot, (&a, Layout::Mdbox), (&b, Layout::MaildirPlusPlus));
+    assert_eq!(inbox(&dovecot, &b, Layout::MaildirPlusPlus), before);
+    let json = sync_ok(&a, &b);
+    assert_eq!(json["in_sync"], true, "second sync did work: {json}");
 }
