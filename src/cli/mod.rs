@@ -282,21 +282,25 @@ fn open_replica(
         return Ok((Box::new(replica), path));
     }
     match parse_location(text).map_err(anyhow::Error::msg)? {
-        Location::Local(path) if mdbox_layout::is_mdbox(&path) => {
-            if access == Access::Write && !a.offline {
-                bail!(
-                    "{}: writing into an mdbox tree needs --offline: mdsync takes none of \
-                     Dovecot's index locks, so no Dovecot may use it during the run",
-                    path.display()
-                );
-            }
-            if access == Access::Write {
-                return Ok((Box::new(MdboxReplica::offline(&path)), Some(path)));
-            }
-            Ok((Box::new(MdboxReplica::new(&path)), Some(path)))
-        }
-        Location::Local(path) => Ok((Box::new(LocalReplica::new(&path)), Some(path))),
+        Location::Local(path) => Ok((open_local(&path, access, a.offline)?, Some(path))),
         Location::Remote(_) => unreachable!("remote sides are opened by open_remote"),
+    }
+}
+
+/// A side on this host: an mdbox tree (read-only unless written with `--offline`, since
+/// mdsync takes none of Dovecot's index locks) or a Maildir tree.
+fn open_local(path: &Path, access: Access, offline: bool) -> anyhow::Result<Box<dyn Replica>> {
+    if !mdbox_layout::is_mdbox(path) {
+        return Ok(Box::new(LocalReplica::new(path)));
+    }
+    match access {
+        Access::Write if !offline => bail!(
+            "{}: writing into an mdbox tree needs --offline: mdsync takes none of \
+             Dovecot's index locks, so no Dovecot may use it during the run",
+            path.display()
+        ),
+        Access::Write => Ok(Box::new(MdboxReplica::offline(path))),
+        Access::Read => Ok(Box::new(MdboxReplica::new(path))),
     }
 }
 

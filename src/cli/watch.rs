@@ -15,8 +15,8 @@ use serde_json::json;
 
 use mdsync::progress::{Event, Progress};
 use mdsync::replica::Replica;
-use mdsync::replica::local::LocalReplica;
 use mdsync::storage::maildir::layout::Layout;
+use mdsync::storage::mdbox::layout::is_mdbox;
 use mdsync::transport::{Location, parse_location};
 use mdsync::watch::coalesce::Timing;
 use mdsync::watch::oneway::OneWay;
@@ -24,13 +24,15 @@ use mdsync::watch::twoway::TwoWay;
 use mdsync::watch::watcher::TreeWatcher;
 use mdsync::watch::{Monitor, Step, WatchEvent, WatchLoop, WatchOptions};
 
-use super::{Access, MirrorArgs, backup_options, check_paths, check_sides, open_replica};
+use super::{
+    Access, MirrorArgs, backup_options, check_paths, check_sides, open_local, open_replica,
+};
 
 #[derive(Debug, clap::Args)]
 pub(super) struct WatchArgs {
-    /// Source Maildir root on this host (it is watched with inotify).
+    /// Source Maildir or mdbox root on this host (it is watched with inotify).
     src: String,
-    /// Destination Maildir root, local or remote ([USER@]HOST:PATH, ssh://...).
+    /// Destination Maildir or mdbox root, local or remote ([USER@]HOST:PATH, ssh://...).
     dst: String,
     /// Merge both ways with `sync` semantics (against the pair's sync state) instead of
     /// mirroring SRC to DST; a local DST is watched too, a remote one is read where SRC
@@ -66,20 +68,30 @@ pub(super) struct WatchArgs {
     mirror: MirrorArgs,
 }
 
-/// inotify sees an mdbox tree change only as appends to index logs and `m.N` files, which
-/// the watcher does not follow: a watched side must be Maildir (an mdbox destination of a
-/// one-way watch is fine). Said before anything is read or written.
-fn refuse_watched_mdbox(src: &Path, local_b: Option<&Path>) -> anyhow::Result<()> {
-    for path in std::iter::once(src).chain(local_b) {
-        if mdsync::storage::mdbox::layout::is_mdbox(path) {
-            bail!(
-                "{}: an mdbox tree; mdsync watch follows Maildir trees only (run mdsync \
-                 backup or sync from cron for mdbox)",
-                path.display()
-            );
-        }
+/// A watcher of the local tree `root`, following it as mdbox when it is one.
+fn tree_watcher(root: &Path, watcher: notify::Result<TreeWatcher>) -> anyhow::Result<TreeWatcher> {
+    let watcher = watcher.with_context(|| format!("{}: cannot start inotify", root.display()))?;
+    Ok(if is_mdbox(root) {
+        watcher.mdbox()
+    } else {
+        watcher
+    })
+}
+
+/// The layout the tables of a watched mdbox source name folders in (it has none of its
+/// own): the one asked for, else a local Maildir B's of `--two-way`, else Maildir++ — as
+/// `backup` and `sync` settle it.
+fn mdbox_source_layout(a: &WatchArgs, dst_path: Option<&Path>) -> anyhow::Result<Layout> {
+    if let Some(layout) = a.mirror.layout.layout() {
+        return Ok(layout);
     }
-    Ok(())
+    let b = dst_path.filter(|p| a.two_way && !is_mdbox(p));
+    let detected = match b {
+        Some(path) => Layout::detect_folders(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?,
+        None => None,
+    };
+    Ok(detected.unwrap_or(Layout::MaildirPlusPlus))
 }
 
 /// Runs `mdsync watch` until SIGTERM or SIGINT.
@@ -99,11 +111,15 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         Location::Remote(_) => None,
     };
     check_paths(Some(&src_path), dst_path.as_deref())?;
-    refuse_watched_mdbox(&src_path, dst_path.as_deref().filter(|_| a.two_way))?;
+    // Two-way, A is written too: an mdbox A needs --offline, as with `sync`.
+    let src_access = if a.two_way { Access::Write } else { Access::Read };
+    let src = open_local(&src_path, src_access, a.mirror.offline)?;
+    if let Some(path) = dst_path.as_deref().filter(|p| is_mdbox(p)) {
+        // Refused now rather than at every reconnect.
+        open_local(path, Access::Write, a.mirror.offline)?;
+    }
     let log = Log::open(a.log.clone())?;
-    let src = LocalReplica::new(&src_path);
-    let watcher = TreeWatcher::new(&src_path)
-        .with_context(|| format!("{}: cannot start inotify", src_path.display()))?;
+    let watcher = tree_watcher(&src_path, TreeWatcher::new(&src_path))?;
     let excludes = backup.scan.exclude.clone();
     let excluded = move |name: &str| excludes.iter().any(|p| p.matches(name));
     let connect = || -> mdsync::Result<Box<dyn Replica>> {
@@ -115,20 +131,17 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
     // every folder; the first run still checks DST against it.
     let layout = match a.mirror.layout.layout() {
         Some(layout) => layout,
+        None if is_mdbox(&src_path) => mdbox_source_layout(&a, dst_path.as_deref())?,
         None => Layout::detect(&src_path)
             .with_context(|| format!("{}: cannot read", src_path.display()))?,
     };
     // Two-way, a local DST's changes go into the same batches; nothing watches a remote
     // one (see the README: it is read where SRC changed and at every full run).
     let dst_watcher = match (&dst_path, a.two_way) {
-        (Some(path), true) => Some(
-            watcher
-                .alongside(path)
-                .with_context(|| format!("{}: cannot start inotify", path.display()))?,
-        ),
+        (Some(path), true) => Some(tree_watcher(path, watcher.alongside(path))?),
         _ => None,
     };
-    let mut watch = WatchLoop::new(watcher, &src, &connect, options, (layout, &excluded));
+    let mut watch = WatchLoop::new(watcher, src.as_ref(), &connect, options, (layout, &excluded));
     if let Some(dst_watcher) = dst_watcher {
         watch = watch.also_watching(dst_watcher);
     }

@@ -146,6 +146,9 @@ impl Replica for MdboxReplica {
     }
 
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+        // Dovecot appends new messages to an existing `m.N` (and a purge replaces files):
+        // a mapping made before would end short of them.
+        self.store.clear();
         let table = scan::mdbox::rescan_mailbox(&self.root, layout, dir, &self.store);
         self.remember(&table);
         table

@@ -1,7 +1,10 @@
-//! Watches a local Maildir tree with inotify (through the `notify` crate): one watch per
-//! directory that matters — the root, each mailbox directory, its `cur/` and `new/`, and
-//! `LAYOUT=fs` parent directories — never one per file and never `tmp/`. Turns raw events
-//! into [`Change`]s naming a mailbox. Never reads a mailbox and never writes anything.
+//! Watches a local Maildir or mdbox tree with inotify (through the `notify` crate): one
+//! watch per directory that matters — for Maildir the root, each mailbox directory, its
+//! `cur/` and `new/`, and `LAYOUT=fs` parent directories, never `tmp/`; for mdbox the root,
+//! every folder directory under `mailboxes/` and each mailbox's `dbox-Mails/` (its index
+//! log is appended to on every change), never `storage/` — never one per file. Turns raw
+//! events into [`Change`]s naming a mailbox. Never reads a mailbox and never writes
+//! anything.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -13,7 +16,9 @@ use std::time::Instant;
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
 use crate::scan::mailbox_path;
-use crate::storage::maildir::layout::Layout;
+use crate::scan::mdbox::maildir_dir;
+use crate::storage::maildir::layout::{Layout, decode_mutf7};
+use crate::storage::mdbox::layout::{DBOX_MAILS, list_mailboxes};
 use crate::watch::coalesce::Change;
 
 /// Raw notices queued between notify's thread and the loop before the queue counts as
@@ -27,8 +32,21 @@ enum Role {
     Mailbox(String),
     /// `cur/` or `new/` of a mailbox.
     Messages(String),
-    /// A `LAYOUT=fs` directory that only holds folders.
+    /// A `LAYOUT=fs` directory that only holds folders (for mdbox: `mailboxes/` and every
+    /// folder directory below it).
     Parent,
+    /// The root of an mdbox tree (`subscriptions`, `dovecot-uidvalidity`, `mailboxes/`).
+    MdboxRoot,
+    /// The `dbox-Mails/` index directory of an mdbox mailbox, by its directory in the
+    /// table (as [`maildir_dir`] names it).
+    MdboxIndex(String),
+}
+
+/// What kind of tree a watcher follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Maildir,
+    Mdbox,
 }
 
 /// Something the loop wakes up for.
@@ -80,6 +98,7 @@ pub struct TreeWatcher {
     /// Bounded by the number of watches.
     stale: Mutex<HashSet<PathBuf>>,
     queue: Arc<Queue>,
+    format: Format,
 }
 
 impl TreeWatcher {
@@ -119,7 +138,17 @@ impl TreeWatcher {
             watched: HashMap::new(),
             stale: Mutex::new(HashSet::new()),
             queue,
+            format: Format::Maildir,
         })
+    }
+
+    /// Follows the tree as an mdbox tree: Dovecot changes one only through index files
+    /// (appended, or replaced by rename) and `m.N` files, so the watches sit on the
+    /// mailboxes' `dbox-Mails/` directories and on the folder directories, not on `cur/`
+    /// and `new/`. Mailboxes are named as tables of the watch loop's layout name them.
+    pub fn mdbox(mut self) -> TreeWatcher {
+        self.format = Format::Mdbox;
+        self
     }
 
     /// A handle that wakes the loop.
@@ -137,7 +166,11 @@ impl TreeWatcher {
     /// falls back to periodic full rescans for them. A directory that vanished meanwhile is
     /// not a failure; its parent's event already asks for another look.
     pub fn update(&mut self, layout: Layout, excluded: &dyn Fn(&str) -> bool) -> Vec<WatchFailure> {
-        self.update_to(wanted_watches(&self.root, layout, excluded))
+        let wanted = match self.format {
+            Format::Maildir => wanted_watches(&self.root, layout, excluded),
+            Format::Mdbox => wanted_mdbox_watches(&self.root, layout, excluded),
+        };
+        self.update_to(wanted)
     }
 
     /// [`TreeWatcher::update`] to the directories `wanted`. When the tree could not be
@@ -261,6 +294,8 @@ fn classify_entry(role: &Role, name: &str) -> Option<Change> {
     let dir = match role {
         Role::Messages(dir) => return Some(Change::Mailbox(dir.clone())),
         Role::Parent => return Some(Change::Structure),
+        Role::MdboxRoot => return classify_mdbox_root(name),
+        Role::MdboxIndex(dir) => return classify_mdbox_index(dir, name),
         Role::Mailbox(dir) => dir,
     };
     let is_root = dir.is_empty();
@@ -280,6 +315,61 @@ fn classify_entry(role: &Role, name: &str) -> Option<Change> {
         // Anything else may be a folder created, deleted or renamed.
         _ => Some(Change::Structure),
     }
+}
+
+/// What an entry `name` changing in an mdbox root means: the folder list and the root
+/// files are structure; the mailbox list index, the mailbox log, `storage/` and lock and
+/// temp files are not (a mailbox's own index says what changed in it).
+fn classify_mdbox_root(name: &str) -> Option<Change> {
+    match name {
+        "subscriptions" | "mailboxes" => Some(Change::Structure),
+        n if n.starts_with("dovecot-uidvalidity") && !n.ends_with(".lock") => {
+            Some(Change::Structure)
+        }
+        _ => None,
+    }
+}
+
+/// What an entry `name` changing in the `dbox-Mails/` of mailbox `dir` means: its index
+/// log (appended to on every change, rotated to `.2`) and its snapshot (replaced by
+/// rename) name the mailbox; the cache file and lock and temp files say nothing.
+fn classify_mdbox_index(dir: &str, name: &str) -> Option<Change> {
+    matches!(name, "dovecot.index" | "dovecot.index.log" | "dovecot.index.log.2")
+        .then(|| Change::Mailbox(dir.to_string()))
+}
+
+/// Every directory of an mdbox tree that should be watched, with its role: the root,
+/// `mailboxes/` and every folder directory below it, and each mailbox's `dbox-Mails/`
+/// named by its table directory. A mailbox the layout cannot name is left to the scanner,
+/// which reports it. An error when the tree could not be listed.
+fn wanted_mdbox_watches(
+    root: &Path,
+    layout: Layout,
+    excluded: &dyn Fn(&str) -> bool,
+) -> std::io::Result<HashMap<PathBuf, Role>> {
+    let mut wanted = HashMap::new();
+    wanted.insert(root.to_path_buf(), Role::MdboxRoot);
+    let mailboxes = root.join("mailboxes");
+    for mb in list_mailboxes(root)? {
+        if excluded(&mb.name) {
+            continue;
+        }
+        if let Some(dir) = maildir_dir(layout, &mb.dir) {
+            wanted.insert(mb.index_dir, Role::MdboxIndex(dir));
+        }
+    }
+    let folders = walkdir::WalkDir::new(&mailboxes)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| e.file_type().is_dir() && e.file_name() != DBOX_MAILS)
+        .filter_map(|e| e.ok().map(walkdir::DirEntry::into_path));
+    for dir in folders {
+        let rel = dir.strip_prefix(&mailboxes).ok().and_then(Path::to_str);
+        if rel.is_some_and(|rel| rel.is_empty() || !excluded(&decode_mutf7(rel))) {
+            wanted.insert(dir, Role::Parent);
+        }
+    }
+    Ok(wanted)
 }
 
 /// Every directory that should be watched, with its role; an error when the tree could
@@ -618,6 +708,98 @@ mod tests {
         assert_eq!(watcher.watch_count(), before);
         std::fs::write(tree.path().join("new/1.M1P1.h"), b"x").unwrap();
         assert!(wait_for_change(&watcher, &Change::Mailbox(String::new())));
+    }
+
+    #[test]
+    fn mdbox_index_files_name_their_mailbox_and_noise_is_ignored() {
+        let index = Role::MdboxIndex(".Archive.2023".into());
+        for name in ["dovecot.index.log", "dovecot.index", "dovecot.index.log.2"] {
+            assert_eq!(
+                classify_entry(&index, name),
+                Some(Change::Mailbox(".Archive.2023".into())),
+                "{name}"
+            );
+        }
+        for noise in [
+            "dovecot.index.cache",
+            "dovecot.index.tmp",
+            "dovecot.index.log.newlock",
+            "dovecot.index.cache.lock",
+        ] {
+            assert_eq!(classify_entry(&index, noise), None, "{noise}");
+        }
+        for name in ["subscriptions", "mailboxes", "dovecot-uidvalidity.6b03d542"] {
+            assert_eq!(
+                classify_entry(&Role::MdboxRoot, name),
+                Some(Change::Structure),
+                "{name}"
+            );
+        }
+        for noise in [
+            "storage",
+            "dovecot.list.index.log",
+            "dovecot.mailbox.log",
+            "subscriptions.lock",
+        ] {
+            assert_eq!(classify_entry(&Role::MdboxRoot, noise), None, "{noise}");
+        }
+    }
+
+    #[test]
+    fn mdbox_trees_are_watched_at_their_index_directories() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        for dir in [
+            "storage",
+            "mailboxes/INBOX/dbox-Mails",
+            "mailboxes/Archive/dbox-Mails",
+            "mailboxes/Archive/2023/dbox-Mails",
+            "mailboxes/Clients/Acme",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let mut watcher = TreeWatcher::new(root).unwrap().mdbox();
+        assert!(
+            watcher
+                .update(Layout::MaildirPlusPlus, &|_| false)
+                .is_empty()
+        );
+        // root; mailboxes, INBOX, Archive, Archive/2023, Clients, Clients/Acme; three
+        // dbox-Mails. Never storage/.
+        assert_eq!(watcher.watch_count(), 10);
+        let index = |dir: &str| root.join("mailboxes").join(dir).join(DBOX_MAILS);
+        assert_eq!(
+            watcher.classify(&created(index("Archive/2023").join("dovecot.index.log"))),
+            vec![Change::Mailbox(".Archive.2023".into())]
+        );
+        assert_eq!(
+            watcher.classify(&created(index("INBOX").join("dovecot.index"))),
+            vec![Change::Mailbox(String::new())]
+        );
+        assert_eq!(
+            watcher.classify(&created(root.join("mailboxes/Clients/Acme/dbox-Mails"))),
+            vec![Change::Structure]
+        );
+        assert!(
+            watcher
+                .classify(&created(root.join("storage/m.4")))
+                .is_empty()
+        );
+        // The same tree in fs layout names the mailbox by its path; an excluded mailbox
+        // and its folder directory are not watched.
+        let mut fs = TreeWatcher::new(root).unwrap().mdbox();
+        assert!(fs.update(Layout::Fs, &|name| name == "Archive/2023").is_empty());
+        assert_eq!(fs.watch_count(), 8);
+        assert_eq!(
+            fs.classify(&created(index("Archive").join("dovecot.index.log"))),
+            vec![Change::Mailbox("Archive".into())]
+        );
+        // A real append to an index log wakes the waiter with its mailbox.
+        std::fs::write(index("Archive/2023").join("dovecot.index.log"), b"x").unwrap();
+        assert!(wait_for_change(
+            &watcher,
+            &Change::Mailbox(".Archive.2023".into())
+        ));
     }
 
     #[test]
