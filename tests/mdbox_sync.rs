@@ -2,32 +2,15 @@
 //! doveadm on both, checked against what Dovecot sees on each side (the oracle): the first
 //! sync, a merge with new mail on both sides (a UID conflict renumbered on both), flags
 //! and expunges, a second sync with nothing to do; and the refusal without `--offline`,
-//! which writes nothing on either side; one GUID held twice in a folder; `watch` refusing
-//! an mdbox tree.
+//! which writes nothing on either side; one GUID held twice in a folder; a two-way `watch`
+//! with an mdbox side refused without `--offline`.
 
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use support::tree::{Run, assert_same_lines, assert_same_snapshot, run_mdsync, snapshot};
-use support::{Dovecot, Layout, chown_tree, message, vmail_ids};
-
-/// A copy of the mdbox fixture `live` at `dest`, owned by vmail.
-fn mdbox_fixture(dovecot: &Dovecot, dest: &str) -> PathBuf {
-    let to = dovecot.path().join(dest);
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mdbox/live");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(&from)
-        .arg(&to)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cp -a {}", from.display());
-    let (uid, gid) = vmail_ids();
-    chown_tree(&to, uid, gid);
-    to
-}
+use support::{Dovecot, Layout, message};
 
 fn sync(a: &Path, b: &Path, options: &[&str]) -> Run {
     let (a, b) = (a.display().to_string(), b.display().to_string());
@@ -120,7 +103,7 @@ fn scenario(dovecot: &Dovecot, a: (&Path, Layout), b: (&Path, Layout)) {
 #[test]
 fn mdbox_and_maildir_sync_both_ways() {
     let dovecot = Dovecot::new();
-    let a = mdbox_fixture(&dovecot, "a");
+    let a = dovecot.mdbox_sample("a");
     let b = dovecot.path().join("b");
     scenario(&dovecot, (&a, Layout::Mdbox), (&b, Layout::MaildirPlusPlus));
 }
@@ -128,7 +111,7 @@ fn mdbox_and_maildir_sync_both_ways() {
 #[test]
 fn mdbox_and_mdbox_sync_both_ways() {
     let dovecot = Dovecot::new();
-    let a = mdbox_fixture(&dovecot, "a");
+    let a = dovecot.mdbox_sample("a");
     let b = dovecot.path().join("b");
     let run = run_mdsync(&[
         "backup",
@@ -148,7 +131,7 @@ fn mdbox_and_mdbox_sync_both_ways() {
 #[test]
 fn sync_with_an_mdbox_side_needs_offline() {
     let dovecot = Dovecot::new();
-    let mdbox = mdbox_fixture(&dovecot, "a");
+    let mdbox = dovecot.mdbox_sample("a");
     let maildir = dovecot.sample("b");
     let before = (snapshot(&mdbox), snapshot(&maildir));
     for (a, b) in [(&mdbox, &maildir), (&maildir, &mdbox)] {
@@ -165,21 +148,29 @@ fn sync_with_an_mdbox_side_needs_offline() {
     assert_same_snapshot(&before.1, &snapshot(&maildir), "Maildir side untouched");
 }
 
-/// `watch` follows Maildir trees only: an mdbox source is refused before anything is
-/// written, naming the path.
+/// A two-way `watch` writes both sides: an mdbox side, A or B, without `--offline` is
+/// refused before anything is read or written, naming the path.
 #[test]
-fn watching_an_mdbox_tree_is_refused() {
+fn watching_an_mdbox_tree_two_way_needs_offline() {
     let dovecot = Dovecot::new();
-    let mdbox = mdbox_fixture(&dovecot, "a");
-    let dst = dovecot.path().join("dst");
-    let run = run_mdsync(&["watch", mdbox.to_str().unwrap(), dst.to_str().unwrap()]);
-    assert_ne!(run.code, Some(0), "{}", run.describe());
-    assert!(
-        run.stderr.contains(mdbox.to_str().unwrap()) && run.stderr.contains("mdbox"),
-        "{}",
-        run.describe()
-    );
-    assert!(!dst.exists(), "nothing written");
+    let mdbox = dovecot.mdbox_sample("a");
+    let b = dovecot.maildir("b");
+    let before = snapshot(&mdbox);
+    let (a_text, b_text) = (mdbox.to_str().unwrap(), b.to_str().unwrap());
+    for args in [
+        ["watch", "--two-way", a_text, b_text],
+        ["watch", "--two-way", b_text, a_text],
+    ] {
+        let run = run_mdsync(&args);
+        assert_ne!(run.code, Some(0), "{}", run.describe());
+        assert!(
+            run.stderr.contains(a_text) && run.stderr.contains("--offline"),
+            "{}",
+            run.describe()
+        );
+    }
+    assert_same_snapshot(&snapshot(&mdbox), &before, "the mdbox tree");
+    assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0, "nothing written");
 }
 
 /// One GUID under two UIDs in one mailbox (a COPY into the same mdbox folder keeps the
@@ -188,7 +179,7 @@ fn watching_an_mdbox_tree_is_refused() {
 #[test]
 fn a_guid_held_twice_in_a_folder_stays_twice() {
     let dovecot = Dovecot::new();
-    let a = mdbox_fixture(&dovecot, "a");
+    let a = dovecot.mdbox_sample("a");
     let b = dovecot.path().join("b");
     dovecot.doveadm_in(
         &a,

@@ -143,9 +143,20 @@ fn wait_equal_in(
     watch: &Watch,
     what: &str,
 ) {
+    wait_same(dc, (src, layout), (dst, layout), watch, what);
+}
+
+/// [`wait_equal`] for two trees of any formats (an mdbox source, a Maildir copy).
+fn wait_same(
+    dc: &Dovecot,
+    (src, src_layout): (&Path, Layout),
+    (dst, dst_layout): (&Path, Layout),
+    watch: &Watch,
+    what: &str,
+) {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let (want, got) = (dc.oracle_in(src, layout), dc.oracle_in(dst, layout));
+        let (want, got) = (dc.oracle_in(src, src_layout), dc.oracle_in(dst, dst_layout));
         if want == got {
             return;
         }
@@ -679,5 +690,121 @@ fn two_way_ssh_watch_merges_b_with_a_change_of_a_or_at_the_periodic_run() {
         "{}",
         watch.describe()
     );
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+}
+
+/// Every kind of change Dovecot makes in the mdbox tree `src`, each mirrored into `dst`
+/// (read as `dst_layout`) before the next. The fixture's INBOX holds UIDs 1, 3, 4 and 6.
+fn mdbox_changes(dc: &Dovecot, src: &Path, (dst, dst_layout): (&Path, Layout), watch: &Watch) {
+    let md = Layout::Mdbox;
+    let same = |what: &str| wait_same(dc, (src, md), (dst, dst_layout), watch, what);
+    let doveadm = |args: &[&str]| {
+        dc.doveadm_in(src, md, args);
+    };
+    let body = message("mdbox-1", "delivered while watching", 20);
+    dc.save_in(src, md, "INBOX", &body);
+    same("after a delivery");
+    doveadm(&[
+        "flags",
+        "add",
+        "\\Seen \\Flagged $Important",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "1",
+    ]);
+    same("after flags were added");
+    doveadm(&[
+        "flags",
+        "remove",
+        "\\Flagged",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "1",
+    ]);
+    same("after a flag was removed");
+    doveadm(&["expunge", "mailbox", "INBOX", "uid", "4"]);
+    same("after an expunge");
+    doveadm(&["mailbox", "create", "-s", "Projects"]);
+    dc.save_in(
+        src,
+        md,
+        "Projects",
+        &message("mdbox-2", "in a new folder", 5),
+    );
+    same("after a folder was created");
+    doveadm(&["mailbox", "rename", "Projects", "Work"]);
+    same("after a folder was renamed");
+    let body = message("mdbox-3", "in the renamed folder", 5);
+    dc.save_in(src, md, "Work", &body);
+    same("after a delivery into the renamed folder");
+    doveadm(&["mailbox", "delete", "Work"]);
+    same("after a folder was deleted");
+    dc.save_in(src, md, "Archive/2023", &message("mdbox-4", "deep down", 5));
+    same("after a delivery into a nested folder");
+}
+
+/// The batches after the first run that read one mailbox and copied one message: the
+/// watcher saw a delivery into one mdbox mailbox, not a periodic rescan.
+fn assert_single_mailbox_batches(watch: &Watch) {
+    let batches = watch.events_of("batch");
+    assert!(
+        batches
+            .iter()
+            .any(|b| b["full"] == false && b["mailboxes"] == 1 && b["copies"] == 1),
+        "{}",
+        watch.describe()
+    );
+}
+
+#[test]
+fn an_mdbox_source_is_mirrored_into_maildir_as_dovecot_changes_it() {
+    let dc = Dovecot::new();
+    let src = dc.mdbox_sample("src");
+    let dst = dc.path().join("dst");
+    let args: Vec<String> = [src.display().to_string(), dst.display().to_string()].into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true);
+    let maildir = (dst.as_path(), Layout::MaildirPlusPlus);
+    wait_same(
+        &dc,
+        (&src, Layout::Mdbox),
+        maildir,
+        &watch,
+        "after the first run",
+    );
+
+    mdbox_changes(&dc, &src, maildir, &watch);
+    assert_single_mailbox_batches(&watch);
+    assert_idle(&watch);
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+}
+
+#[test]
+fn an_mdbox_source_is_mirrored_into_an_mdbox_copy_offline() {
+    let dc = Dovecot::new();
+    let src = dc.mdbox_sample("src");
+    let dst = dc.mdbox_sample("dst");
+    let args: Vec<String> = [
+        "--offline".to_string(),
+        src.display().to_string(),
+        dst.display().to_string(),
+    ]
+    .into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true);
+    let mdbox = (dst.as_path(), Layout::Mdbox);
+    wait_same(
+        &dc,
+        (&src, Layout::Mdbox),
+        mdbox,
+        &watch,
+        "after the first run",
+    );
+
+    mdbox_changes(&dc, &src, mdbox, &watch);
+    assert_single_mailbox_batches(&watch);
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }

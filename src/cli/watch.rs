@@ -112,7 +112,11 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
     };
     check_paths(Some(&src_path), dst_path.as_deref())?;
     // Two-way, A is written too: an mdbox A needs --offline, as with `sync`.
-    let src_access = if a.two_way { Access::Write } else { Access::Read };
+    let src_access = if a.two_way {
+        Access::Write
+    } else {
+        Access::Read
+    };
     let src = open_local(&src_path, src_access, a.mirror.offline)?;
     if let Some(path) = dst_path.as_deref().filter(|p| is_mdbox(p)) {
         // Refused now rather than at every reconnect.
@@ -141,7 +145,13 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         (Some(path), true) => Some(tree_watcher(path, watcher.alongside(path))?),
         _ => None,
     };
-    let mut watch = WatchLoop::new(watcher, src.as_ref(), &connect, options, (layout, &excluded));
+    let mut watch = WatchLoop::new(
+        watcher,
+        src.as_ref(),
+        &connect,
+        options,
+        (layout, &excluded),
+    );
     if let Some(dst_watcher) = dst_watcher {
         watch = watch.also_watching(dst_watcher);
     }

@@ -334,8 +334,11 @@ fn classify_mdbox_root(name: &str) -> Option<Change> {
 /// log (appended to on every change, rotated to `.2`) and its snapshot (replaced by
 /// rename) name the mailbox; the cache file and lock and temp files say nothing.
 fn classify_mdbox_index(dir: &str, name: &str) -> Option<Change> {
-    matches!(name, "dovecot.index" | "dovecot.index.log" | "dovecot.index.log.2")
-        .then(|| Change::Mailbox(dir.to_string()))
+    matches!(
+        name,
+        "dovecot.index" | "dovecot.index.log" | "dovecot.index.log.2"
+    )
+    .then(|| Change::Mailbox(dir.to_string()))
 }
 
 /// Every directory of an mdbox tree that should be watched, with its role: the root,
@@ -788,7 +791,10 @@ mod tests {
         // The same tree in fs layout names the mailbox by its path; an excluded mailbox
         // and its folder directory are not watched.
         let mut fs = TreeWatcher::new(root).unwrap().mdbox();
-        assert!(fs.update(Layout::Fs, &|name| name == "Archive/2023").is_empty());
+        assert!(
+            fs.update(Layout::Fs, &|name| name == "Archive/2023")
+                .is_empty()
+        );
         assert_eq!(fs.watch_count(), 8);
         assert_eq!(
             fs.classify(&created(index("Archive").join("dovecot.index.log"))),

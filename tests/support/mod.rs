@@ -168,6 +168,22 @@ impl Dovecot {
         root
     }
 
+    /// A copy of the mdbox fixture `testdata/mdbox/live` (written by Dovecot) at `name`
+    /// inside the temp dir, owned by vmail.
+    pub fn mdbox_sample(&self, name: &str) -> PathBuf {
+        let to = self.dir.path().join(name);
+        let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mdbox/live");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&from)
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp -a {}", from.display());
+        chown_tree(&to, self.uid, self.gid);
+        to
+    }
+
     /// Runs `doveadm -c CONF -o mail_location=LOCATION ARGS` as vmail (env USER=vmail,
     /// HOME=root), feeding `stdin` if given. Never panics on doveadm's exit status.
     pub fn run_doveadm(
