@@ -808,3 +808,63 @@ fn an_mdbox_source_is_mirrored_into_an_mdbox_copy_offline() {
     assert_single_mailbox_batches(&watch);
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }
+
+#[test]
+fn two_way_watch_with_a_local_mdbox_b_merges_changes_from_both_sides() {
+    let dc = Dovecot::new();
+    let a = dc.maildir("a");
+    let b = dc.mdbox_sample("b");
+    let args: Vec<String> = [
+        "--two-way",
+        "--offline",
+        &a.display().to_string(),
+        &b.display().to_string(),
+    ]
+    .map(String::from)
+    .into();
+    let mut watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true);
+    let (maildir, md) = (Layout::MaildirPlusPlus, Layout::Mdbox);
+    let same = |what: &str| wait_same(&dc, (&b, md), (&a, maildir), &watch, what);
+    same("after the first run");
+    let on_b = |args: &[&str]| {
+        dc.doveadm_in(&b, md, args);
+    };
+
+    dc.save_in(&b, md, "INBOX", &message("b-1", "delivered into B", 10));
+    same("after a delivery on B");
+    on_b(&["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "1"]);
+    same("after a flag was added on B");
+    on_b(&["expunge", "mailbox", "INBOX", "uid", "4"]);
+    same("after an expunge on B");
+    on_b(&["mailbox", "create", "-s", "Projects"]);
+    dc.save_in(&b, md, "Projects", &message("b-2", "in a new folder", 5));
+    same("after a folder was created on B");
+    on_b(&["mailbox", "rename", "Projects", "Work"]);
+    same("after a folder was renamed on B");
+    let before_a = watch.events_of("batch").len();
+
+    dc.save(&a, "INBOX", &message("a-1", "delivered into A", 10));
+    same("after a delivery on A");
+    dc.flags_remove(&a, "INBOX", "1", "\\Flagged");
+    same("after a flag was removed on A");
+    dc.expunge(&a, "INBOX", "3");
+    same("after an expunge on A");
+    dc.save(&a, "Work", &message("a-2", "into the renamed folder", 5));
+    same("after a delivery into that folder on A");
+    dc.delete_mailbox(&a, "Work");
+    same("after a folder was deleted on A");
+    // Changes on A reached B through batches of the dirty mailboxes, not full runs.
+    let from_a = &watch.events_of("batch")[before_a..];
+    for kind in ["copies", "flag_changes", "expunges"] {
+        assert!(
+            from_a.iter().any(|e| e["full"] == false && e[kind] == 1),
+            "no batch with {kind}\n{}",
+            watch.describe()
+        );
+    }
+    // Dovecot still reads B whole after the writes (its indexes rebuilt from storage).
+    on_b(&["force-resync", "*"]);
+    same("after force-resync on B");
+    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
+}
