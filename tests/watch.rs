@@ -743,6 +743,18 @@ fn mdbox_changes(dc: &Dovecot, src: &Path, (dst, dst_layout): (&Path, Layout), w
     same("after a folder was deleted");
     dc.save_in(src, md, "Archive/2023", &message("mdbox-4", "deep down", 5));
     same("after a delivery into a nested folder");
+    doveadm(&["mailbox", "unsubscribe", "Sent"]);
+    same("after an unsubscribe alone");
+    // A parent renamed: the watches below it moved with the directory and are set again.
+    doveadm(&["mailbox", "rename", "Archive", "Old"]);
+    same("after a parent folder was renamed");
+    dc.save_in(
+        src,
+        md,
+        "Old/2023",
+        &message("mdbox-5", "below the renamed", 5),
+    );
+    same("after a delivery below the renamed parent");
 }
 
 /// The batches after the first run that read one mailbox and copied one message: the
