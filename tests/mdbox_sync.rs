@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use support::tree::{Run, assert_same_lines, assert_same_snapshot, run_mdsync, snapshot};
 use support::{Dovecot, Layout, message};
