@@ -101,6 +101,12 @@ impl Watch {
         panic!("no {kind} event came\n{}", self.describe());
     }
 
+    /// SIGTERM ends it with exit code 0 after one `stopped` event.
+    fn stops_cleanly(&mut self) {
+        assert_eq!(self.terminate(), Some(0), "{}", self.describe());
+        assert_eq!(self.events_of("stopped").len(), 1, "{}", self.describe());
+    }
+
     /// SIGTERM, then the exit code (the process is killed if it takes longer than 10 s).
     fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take().unwrap();
@@ -281,8 +287,7 @@ fn local_watch_mirrors_every_change_and_stops_on_sigterm() {
 
     assert_idle(&watch);
 
-    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
-    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+    watch.stops_cleanly();
 }
 
 #[test]
@@ -647,8 +652,7 @@ fn two_way_local_watch_merges_changes_from_both_sides() {
     assert_eq!(last["copies"], 0, "{}", watch.describe());
     assert_eq!(last["flag_changes"], 0, "{}", watch.describe());
 
-    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
-    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+    watch.stops_cleanly();
 }
 
 #[test]
@@ -704,25 +708,12 @@ fn mdbox_changes(dc: &Dovecot, src: &Path, (dst, dst_layout): (&Path, Layout), w
     let body = message("mdbox-1", "delivered while watching", 20);
     dc.save_in(src, md, "INBOX", &body);
     same("after a delivery");
-    doveadm(&[
-        "flags",
-        "add",
-        "\\Seen \\Flagged $Important",
-        "mailbox",
-        "INBOX",
-        "uid",
-        "1",
-    ]);
+    let flags = |change: &str, flags: &str| {
+        doveadm(&["flags", change, flags, "mailbox", "INBOX", "uid", "1"]);
+    };
+    flags("add", "\\Seen \\Flagged $Important");
     same("after flags were added");
-    doveadm(&[
-        "flags",
-        "remove",
-        "\\Flagged",
-        "mailbox",
-        "INBOX",
-        "uid",
-        "1",
-    ]);
+    flags("remove", "\\Flagged");
     same("after a flag was removed");
     doveadm(&["expunge", "mailbox", "INBOX", "uid", "4"]);
     same("after an expunge");
@@ -757,9 +748,19 @@ fn mdbox_changes(dc: &Dovecot, src: &Path, (dst, dst_layout): (&Path, Layout), w
     same("after a delivery below the renamed parent");
 }
 
-/// The batches after the first run that read one mailbox and copied one message: the
-/// watcher saw a delivery into one mdbox mailbox, not a periodic rescan.
-fn assert_single_mailbox_batches(watch: &Watch) {
+/// Starts `mdsync watch EXTRA.. SRC DST` on a copy of the mdbox fixture, DST read as
+/// `dst_layout`, and checks every kind of change Dovecot makes in it on DST. Among the
+/// batches, one read one mailbox and copied one message: the watcher saw a delivery into
+/// one mdbox mailbox (no periodic rescan comes within the test).
+fn mirror_mdbox_source(dc: &Dovecot, extra: &[&str], (dst, dst_layout): (&Path, Layout)) -> Watch {
+    let src = dc.mdbox_sample("src");
+    let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    args.extend([src.display().to_string(), dst.display().to_string()]);
+    let watch = Watch::start(&args, dc.path());
+    watch.wait_for("batch", |e| e["full"] == true);
+    let both = ((src.as_path(), Layout::Mdbox), (dst, dst_layout));
+    wait_same(dc, both.0, both.1, &watch, "after the first run");
+    mdbox_changes(dc, &src, (dst, dst_layout), &watch);
     let batches = watch.events_of("batch");
     assert!(
         batches
@@ -768,56 +769,23 @@ fn assert_single_mailbox_batches(watch: &Watch) {
         "{}",
         watch.describe()
     );
+    watch
 }
 
 #[test]
 fn an_mdbox_source_is_mirrored_into_maildir_as_dovecot_changes_it() {
     let dc = Dovecot::new();
-    let src = dc.mdbox_sample("src");
     let dst = dc.path().join("dst");
-    let args: Vec<String> = [src.display().to_string(), dst.display().to_string()].into();
-    let mut watch = Watch::start(&args, dc.path());
-    watch.wait_for("batch", |e| e["full"] == true);
-    let maildir = (dst.as_path(), Layout::MaildirPlusPlus);
-    wait_same(
-        &dc,
-        (&src, Layout::Mdbox),
-        maildir,
-        &watch,
-        "after the first run",
-    );
-
-    mdbox_changes(&dc, &src, maildir, &watch);
-    assert_single_mailbox_batches(&watch);
+    let mut watch = mirror_mdbox_source(&dc, &[], (&dst, Layout::MaildirPlusPlus));
     assert_idle(&watch);
-    assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
-    assert_eq!(watch.events_of("stopped").len(), 1, "{}", watch.describe());
+    watch.stops_cleanly();
 }
 
 #[test]
 fn an_mdbox_source_is_mirrored_into_an_mdbox_copy_offline() {
     let dc = Dovecot::new();
-    let src = dc.mdbox_sample("src");
     let dst = dc.mdbox_sample("dst");
-    let args: Vec<String> = [
-        "--offline".to_string(),
-        src.display().to_string(),
-        dst.display().to_string(),
-    ]
-    .into();
-    let mut watch = Watch::start(&args, dc.path());
-    watch.wait_for("batch", |e| e["full"] == true);
-    let mdbox = (dst.as_path(), Layout::Mdbox);
-    wait_same(
-        &dc,
-        (&src, Layout::Mdbox),
-        mdbox,
-        &watch,
-        "after the first run",
-    );
-
-    mdbox_changes(&dc, &src, mdbox, &watch);
-    assert_single_mailbox_batches(&watch);
+    let mut watch = mirror_mdbox_source(&dc, &["--offline"], (&dst, Layout::Mdbox));
     assert_eq!(watch.terminate(), Some(0), "{}", watch.describe());
 }
 

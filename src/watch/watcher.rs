@@ -771,23 +771,18 @@ mod tests {
         // dbox-Mails. Never storage/.
         assert_eq!(watcher.watch_count(), 10);
         let index = |dir: &str| root.join("mailboxes").join(dir).join(DBOX_MAILS);
-        assert_eq!(
-            watcher.classify(&created(index("Archive/2023").join("dovecot.index.log"))),
-            vec![Change::Mailbox(".Archive.2023".into())]
-        );
-        assert_eq!(
-            watcher.classify(&created(index("INBOX").join("dovecot.index"))),
-            vec![Change::Mailbox(String::new())]
-        );
-        assert_eq!(
-            watcher.classify(&created(root.join("mailboxes/Clients/Acme/dbox-Mails"))),
-            vec![Change::Structure]
-        );
-        assert!(
-            watcher
-                .classify(&created(root.join("storage/m.4")))
-                .is_empty()
-        );
+        let mailbox = |dir: &str| vec![Change::Mailbox(dir.into())];
+        for (path, want) in [
+            (
+                index("Archive/2023").join("dovecot.index.log"),
+                mailbox(".Archive.2023"),
+            ),
+            (index("INBOX").join("dovecot.index"), mailbox("")),
+            (index("Clients/Acme"), vec![Change::Structure]),
+            (root.join("storage/m.4"), vec![]),
+        ] {
+            assert_eq!(watcher.classify(&created(path.clone())), want, "{path:?}");
+        }
         // The same tree in fs layout names the mailbox by its path; an excluded mailbox
         // and its folder directory are not watched.
         let mut fs = TreeWatcher::new(root).unwrap().mdbox();
