@@ -354,21 +354,33 @@ fn dry_run_changes_nothing_and_lists_both_sides() {
 #[test]
 fn a_lost_base_falls_back_to_a_union_that_loses_nothing() {
     let dovecot = Dovecot::new();
-    let via = Via::Local;
-    let (a, b) = synced_pair(&dovecot, &via);
-    let cache = support::cache_home().join("mdsync");
-    for entry in fs::read_dir(&cache).unwrap().flatten() {
-        if entry.path().extension().is_some_and(|e| e == "sync") {
-            fs::write(entry.path(), b"garbage").unwrap();
-        }
-    }
+    let a = dovecot.maildir("a");
+    dovecot.save(&a, "INBOX", &message("m1", "hello", 3));
+    dovecot.save(&a, "INBOX", &message("m2", "hello", 3));
+    let b = dovecot.maildir("b");
+    copy_tree(&a, &b);
+    // A cache directory of its own: garbling the shared one would take the base of every
+    // other test running at the same time.
+    let cache = dovecot.path().join("cache");
+    let cache_arg = cache.display().to_string();
+    let options = ["--cache-dir", cache_arg.as_str()];
+    sync_run(&Via::Local, &a, &b, &options).assert_ok();
+    let bases: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|e| e == "sync"))
+        .collect();
+    assert_eq!(bases.len(), 1, "one base for the pair");
+    fs::write(bases[0].path(), b"garbage").unwrap();
     dovecot.save(&a, "INBOX", &message("na", "new on a", 2));
     dovecot.expunge(&b, "INBOX", "1");
-    let json = sync_ok(&via, &a, &b);
+    let run = sync_run(&Via::Local, &a, &b, &options);
+    run.assert_ok();
+    let json = run.json();
     assert_eq!(json["first_sync"], true, "{json}");
     assert_equal(&dovecot, &a, &b);
     // Without a base the expunge cannot be told from a message new on A: kept.
-    assert_eq!(fetch(&dovecot, &b, "INBOX").len(), 4);
+    assert_eq!(fetch(&dovecot, &b, "INBOX").len(), 3);
 }
 
 #[test]
