@@ -38,6 +38,17 @@ pub struct HashQuestion {
     pub dst: (Subdir, String),
 }
 
+impl HashQuestion {
+    /// "Are row `i` of `s` and row `j` of `d` the same content?", in `s`'s mailbox.
+    pub fn between(s: &MailboxTable, i: usize, d: &MailboxTable, j: usize) -> HashQuestion {
+        HashQuestion {
+            dir: s.dir.clone(),
+            src: (s.subdir(i), s.name(i).to_string()),
+            dst: (d.subdir(j), d.name(j).to_string()),
+        }
+    }
+}
+
 /// Answers to [`HashQuestion`]s: the pairs whose contents are equal. A question without an
 /// answer counts as "different" when GUIDs disagree and "equal" when they agree.
 pub type HashAnswers = HashMap<HashQuestion, bool>;
@@ -71,11 +82,7 @@ fn mailbox_questions(
             continue;
         }
         if options.checksum || s.guid(i) != d.guid(j) {
-            out.push(HashQuestion {
-                dir: s.dir.clone(),
-                src: (s.subdir(i), s.name(i).to_string()),
-                dst: (d.subdir(j), d.name(j).to_string()),
-            });
+            out.push(HashQuestion::between(s, i, d, j));
         }
     }
     out
@@ -521,13 +528,14 @@ impl<'a> MailboxDiff<'a> {
 
     /// Whether the answers hold "equal content" for source row `i` and destination row `j`.
     fn vouched(&self, i: usize, j: usize) -> bool {
-        let (s, d) = (self.s, self.d.expect("destination exists"));
-        let question = HashQuestion {
-            dir: s.dir.clone(),
-            src: (s.subdir(i), s.name(i).to_string()),
-            dst: (d.subdir(j), d.name(j).to_string()),
-        };
-        self.answers.get(&question).copied().unwrap_or(false)
+        self.answer(i, j).unwrap_or(false)
+    }
+
+    /// The content answer for source row `i` and destination row `j`, if asked.
+    fn answer(&self, i: usize, j: usize) -> Option<bool> {
+        let d = self.d.expect("destination exists");
+        let question = HashQuestion::between(self.s, i, d, j);
+        self.answers.get(&question).copied()
     }
 
     /// Same UID, different GUID, equal content (a file renamed by hand or written by
@@ -555,12 +563,7 @@ impl<'a> MailboxDiff<'a> {
         if guids_agree && !self.options.checksum {
             return true;
         }
-        let question = HashQuestion {
-            dir: s.dir.clone(),
-            src: (s.subdir(i), s.name(i).to_string()),
-            dst: (d.subdir(j), d.name(j).to_string()),
-        };
-        self.answers.get(&question).copied().unwrap_or(guids_agree)
+        self.answer(i, j).unwrap_or(guids_agree)
     }
 
     fn plan_matched(

@@ -953,11 +953,7 @@ impl<'a> MessageMerge<'a> {
         if a.dir != b.dir {
             return false;
         }
-        let q = HashQuestion {
-            dir: a.dir.clone(),
-            src: (a.subdir(i), a.name(i).to_string()),
-            dst: (b.subdir(j), b.name(j).to_string()),
-        };
+        let q = HashQuestion::between(a, i, b, j);
         self.answers.get(&q).copied().unwrap_or(false)
     }
 

@@ -59,18 +59,9 @@ fn mailbox_twin_questions(a: &MailboxTable, b: &MailboxTable) -> Vec<HashQuestio
             .iter()
             .flat_map(|&i| rows_b.iter().map(move |&j| (i, j)))
             .take(MAX_PAIRS_PER_SIZE);
-        out.extend(pairs.map(|(i, j)| question(a, i, b, j)));
+        out.extend(pairs.map(|(i, j)| HashQuestion::between(a, i, b, j)));
     }
     out
-}
-
-/// The question "are A's row `i` and B's row `j` the same content?".
-pub fn question(a: &MailboxTable, i: usize, b: &MailboxTable, j: usize) -> HashQuestion {
-    HashQuestion {
-        dir: a.dir.clone(),
-        src: (a.subdir(i), a.name(i).to_string()),
-        dst: (b.subdir(j), b.name(j).to_string()),
-    }
 }
 
 /// B's rows by size, for [`find_twin`]: those `taken` does not mark.
@@ -93,10 +84,10 @@ pub fn find_twin(
     answers: &HashAnswers,
 ) -> Option<usize> {
     let rows = candidates.get(&a.msgs.size[i])?;
-    rows.iter()
-        .copied()
-        .filter(|&j| !taken[j])
-        .find(|&j| answers.get(&question(a, i, b, j)).copied().unwrap_or(false))
+    rows.iter().copied().filter(|&j| !taken[j]).find(|&j| {
+        let question = HashQuestion::between(a, i, b, j);
+        answers.get(&question).copied().unwrap_or(false)
+    })
 }
 
 #[cfg(test)]
@@ -164,8 +155,8 @@ mod tests {
         let a = mailbox(&[(2, "a-only", 20)]);
         let b = mailbox(&[(5, "b-x", 20), (7, "b-only", 20)]);
         let mut answers = HashAnswers::new();
-        answers.insert(question(&a, 0, &b, 0), false);
-        answers.insert(question(&a, 0, &b, 1), true);
+        answers.insert(HashQuestion::between(&a, 0, &b, 0), false);
+        answers.insert(HashQuestion::between(&a, 0, &b, 1), true);
         let mut taken = vec![false, false];
         let candidates = by_size(&b, &taken);
         assert_eq!(find_twin(&a, 0, &b, &candidates, &taken, &answers), Some(1));
