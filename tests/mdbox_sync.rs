@@ -9,7 +9,9 @@ mod support;
 
 use std::path::Path;
 
-use support::tree::{Run, assert_same_lines, assert_same_snapshot, run_mdsync, snapshot};
+use support::tree::{
+    Run, assert_same_lines, assert_same_snapshot, conflict_kinds, run_mdsync, snapshot,
+};
 use support::{Dovecot, Layout, message};
 
 fn sync(a: &Path, b: &Path, options: &[&str]) -> Run {
@@ -76,12 +78,7 @@ fn scenario(dovecot: &Dovecot, a: (&Path, Layout), b: (&Path, Layout)) {
     let before = inbox(dovecot, a.0, a.1);
     change_both(dovecot, a, b);
     let json = sync_ok(a.0, b.0);
-    let kinds: Vec<&str> = json["conflicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["kind"].as_str().unwrap())
-        .collect();
+    let kinds = conflict_kinds(&json);
     assert!(kinds.contains(&"uid-renumbered"), "{json}");
     assert_equal(dovecot, a, b);
     let after = inbox(dovecot, a.0, a.1);

@@ -10,7 +10,7 @@ use std::fs;
 use std::path::Path;
 
 use support::sshd::Sshd;
-use support::tree::{Run, run_mdsync};
+use support::tree::{Run, conflict_kinds, run_mdsync};
 use support::{Dovecot, copy_tree, message};
 
 /// How a test reaches the sides: both local, or one of them over ssh to 127.0.0.1.
@@ -245,12 +245,7 @@ fn scenario_new_mail_on_both_sides(via: &Via<'_>) {
     dovecot.save(&b, "INBOX", &message("nb", "new on b", 2));
     dovecot.save(&b, "Archive", &message("nb2", "new on b", 2));
     let json = sync_ok(via, &a, &b);
-    let kinds: Vec<&str> = json["conflicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["kind"].as_str().unwrap())
-        .collect();
+    let kinds = conflict_kinds(&json);
     assert!(kinds.contains(&"uid-renumbered"), "{json}");
     assert_equal(&dovecot, &a, &b);
     let inbox = fetch(&dovecot, &a, "INBOX");

@@ -146,6 +146,16 @@ pub fn sync_ok(a: &Path, b: &Path, options: &[&str]) -> serde_json::Value {
     run.json()
 }
 
+/// The `kind` of every conflict in a `sync --json` report.
+pub fn conflict_kinds(json: &serde_json::Value) -> Vec<&str> {
+    json["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect()
+}
+
 /// `backup` with `--json`, asserting exit 0.
 pub fn backup_ok(src: &Path, dst: &Path, options: &[&str]) -> Run {
     let mut all = vec!["--json"];
