@@ -23,6 +23,8 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
+use rayon::prelude::*;
+
 use crate::model::Flags;
 use crate::storage::maildir::keywords::{KeywordMap, LETTERS};
 use crate::storage::maildir::uidlist::Header;
@@ -95,11 +97,23 @@ pub fn merge(
     options: &DiffOptions,
 ) -> Merged {
     let groups = pair_mailboxes(base, a, b);
+    let places = place_groups(&groups);
+    // Mailboxes merge independently: in parallel, gathered in group order so the plans
+    // and the base come out the same on every run.
+    let per_group: Vec<(Targets, Vec<Conflict>)> = groups
+        .par_iter()
+        .zip(places)
+        .map(|(g, place)| {
+            let (mut targets, mut conflicts) = (Targets::default(), Vec::new());
+            merge_group(g, a, b, place, answers, &mut targets, &mut conflicts);
+            (targets, conflicts)
+        })
+        .collect();
     let mut conflicts = Vec::new();
     let mut targets = Targets::default();
-    let places = place_groups(&groups);
-    for (g, place) in groups.iter().zip(places) {
-        merge_group(g, a, b, place, answers, &mut targets, &mut conflicts);
+    for (group_targets, group_conflicts) in per_group {
+        targets.absorb(group_targets);
+        conflicts.extend(group_conflicts);
     }
     let subscriptions = merge_subscriptions(
         base.subscriptions.as_deref(),
@@ -116,8 +130,10 @@ pub fn merge(
     let t_b = target_table(&b_renamed, &a_renamed, targets.for_b, subscriptions);
     let answers_a: HashAnswers = targets.same_a.into_iter().map(|q| (q, true)).collect();
     let answers_b: HashAnswers = targets.same_b.into_iter().map(|q| (q, true)).collect();
-    let mut plan_a = diff::diff_backup(&t_a, &a_renamed, &answers_a, options);
-    let mut plan_b = diff::diff_backup(&t_b, &b_renamed, &answers_b, options);
+    let (mut plan_a, mut plan_b) = rayon::join(
+        || diff::diff_backup(&t_a, &a_renamed, &answers_a, options),
+        || diff::diff_backup(&t_b, &b_renamed, &answers_b, options),
+    );
     plan_a.rename_mailboxes = order_renames(targets.renames_a);
     plan_b.rename_mailboxes = order_renames(targets.renames_b);
     plan_a.root_meta = pick_root_meta(a, b);
@@ -400,6 +416,18 @@ struct Targets {
 }
 
 impl Targets {
+    /// Appends another group's results after these.
+    fn absorb(&mut self, other: Targets) {
+        self.for_a.extend(other.for_a);
+        self.for_b.extend(other.for_b);
+        self.renames_a.extend(other.renames_a);
+        self.renames_b.extend(other.renames_b);
+        self.same_a.extend(other.same_a);
+        self.same_b.extend(other.same_b);
+        self.next.extend(other.next);
+        self.untrusted_base.extend(other.untrusted_base);
+    }
+
     /// Keeps both sides' copies exactly as they are (the target equals the side), and the
     /// base entry as it was.
     fn hold(&mut self, g: &Group<'_>, why: &str) {
