@@ -158,13 +158,22 @@ fn apply_inner(
         return Err(e);
     }
     // Phase 2: bodies durable before any uidlist names them, and the new uidlists before
-    // they replace the old ones — one sync for the whole run.
+    // they replace the old ones — one sync for the whole run. Flag changes and moves wait
+    // for no body: they rename files already in place, so they are done meanwhile, each
+    // mailbox under its uidlist lock, while the disk works.
     let any_staged = prepared
         .iter()
         .flatten()
         .any(|p| !p.staged.is_empty() || p.uidlist.is_some());
     if options.fsync == FsyncPolicy::Batch && any_staged {
-        writer::sync_filesystem(root).map_err(|e| Error::io(root, e))?;
+        let (synced, ()) = rayon::join(
+            || writer::sync_filesystem(root),
+            || rename_while_syncing(root, plan, &mut prepared, progress),
+        );
+        if let Err(e) = synced {
+            prepared.iter().flatten().for_each(|p| discard(&p.staged));
+            return Err(Error::io(root, e));
+        }
     }
     // Expunged files are moved into their mailbox's tmp/ under the lock (a rename is cheap)
     // and unlinked by a reaper thread meanwhile, outside every lock. A kill leaves them in
@@ -386,6 +395,8 @@ struct Prepared<'a> {
     report: ApplyReport,
     staged: Vec<Staged<'a>>,
     uidlist: Option<Speculated>,
+    /// The plan's renames are done (while the staged bodies were being synced).
+    renamed: bool,
 }
 
 /// A new uidlist rendered and written to `tmp/` before the lock (batch policy), so that the
@@ -479,10 +490,66 @@ fn stage_mailbox<'a>(
         report,
         staged,
         uidlist,
+        renamed: false,
     })
 }
 
 /// Takes the mailbox's uidlist lock and carries out the rest of its plan.
+/// Renames (flag changes, moves between `new/` and `cur/`) of every prepared mailbox, each
+/// under its uidlist lock, in parallel: the work done while the staged bodies are synced.
+/// They touch only files the plan found in place, never a staged body or a name a copy
+/// lands on (a copy's name has a base this mailbox does not hold). A mailbox whose lock
+/// cannot be had keeps its renames for the commit, which reports the lock's error.
+fn rename_while_syncing(
+    root: &Path,
+    plan: &Plan,
+    prepared: &mut [Option<Prepared<'_>>],
+    progress: &dyn Progress,
+) {
+    plan.mailboxes
+        .par_iter()
+        .zip(prepared.par_iter_mut())
+        .filter_map(|(m, p)| p.as_mut().map(|p| (m, p)))
+        .filter(|(m, _)| !m.renames.is_empty())
+        .for_each(|(m, p)| {
+            let path = mailbox_path(root, &m.dir);
+            let lock_target = path.join(uidlist::FILE_NAME);
+            let Ok(lock) = DotLock::acquire(&lock_target, &path.join("tmp"), UIDLIST_TIMING) else {
+                return;
+            };
+            rename_messages(&path, m, progress, &mut p.report);
+            drop(lock);
+            p.renamed = true;
+        });
+}
+
+/// The plan's renames in the mailbox at `path`; the caller holds its uidlist lock. A file
+/// gone meanwhile (Dovecot expunged or renamed it) is counted as vanished.
+fn rename_messages(
+    path: &Path,
+    m: &MailboxPlan,
+    progress: &dyn Progress,
+    report: &mut ApplyReport,
+) {
+    for r in &m.renames {
+        let from = path.join(r.from_sub.as_str()).join(&r.from_name);
+        let to = path.join(r.to_sub.as_str()).join(&r.to_name);
+        match writer::rename_noreplace(&from, &to) {
+            Ok(()) => {
+                let line = plan::rename_line(&m.name, r);
+                if r.is_move_only() {
+                    report.moves += 1;
+                } else {
+                    report.flag_changes += 1;
+                }
+                progress.event(Event::Applied { line, bytes: 0 });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => report.vanished += 1,
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+}
+
 fn commit_mailbox(
     root: &Path,
     m: &MailboxPlan,
@@ -495,6 +562,7 @@ fn commit_mailbox(
         mut report,
         staged,
         uidlist: speculated,
+        renamed,
     } = prepared;
     let path = mailbox_path(root, &m.dir);
     let tmp_dir = path.join("tmp");
@@ -510,7 +578,7 @@ fn commit_mailbox(
     let locked = apply_locked(
         &path,
         m,
-        (staged, speculated),
+        (staged, speculated, renamed),
         options,
         progress,
         &mut report,
@@ -694,7 +762,7 @@ fn discard(staged: &[Staged<'_>]) {
 fn apply_locked(
     path: &Path,
     m: &MailboxPlan,
-    (staged, speculated): (Vec<Staged<'_>>, Option<Speculated>),
+    (staged, speculated, renamed): (Vec<Staged<'_>>, Option<Speculated>, bool),
     options: &ApplyOptions,
     progress: &dyn Progress,
     report: &mut ApplyReport,
@@ -738,22 +806,8 @@ fn apply_locked(
             }
         }
     }
-    for r in &m.renames {
-        let from = path.join(r.from_sub.as_str()).join(&r.from_name);
-        let to = path.join(r.to_sub.as_str()).join(&r.to_name);
-        match writer::rename_noreplace(&from, &to) {
-            Ok(()) => {
-                let line = plan::rename_line(&m.name, r);
-                if r.is_move_only() {
-                    report.moves += 1;
-                } else {
-                    report.flag_changes += 1;
-                }
-                progress.event(Event::Applied { line, bytes: 0 });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => report.vanished += 1,
-            Err(e) => report.errors.push(e.to_string()),
-        }
+    if !renamed {
+        rename_messages(path, m, progress, report);
     }
     // A copy that did not land (vanished source, I/O error) leaves its UID as it was: the
     // file it was to replace stays, and its uidlist record is not rewritten.
