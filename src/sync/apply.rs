@@ -494,7 +494,6 @@ fn stage_mailbox<'a>(
     })
 }
 
-/// Takes the mailbox's uidlist lock and carries out the rest of its plan.
 /// Renames (flag changes, moves between `new/` and `cur/`) of every prepared mailbox, each
 /// under its uidlist lock, in parallel: the work done while the staged bodies are synced.
 /// They touch only files the plan found in place, never a staged body or a name a copy
@@ -513,8 +512,7 @@ fn rename_while_syncing(
         .filter(|(m, _)| !m.renames.is_empty())
         .for_each(|(m, p)| {
             let path = mailbox_path(root, &m.dir);
-            let lock_target = path.join(uidlist::FILE_NAME);
-            let Ok(lock) = DotLock::acquire(&lock_target, &path.join("tmp"), UIDLIST_TIMING) else {
+            let Ok(lock) = lock_uidlist(&path) else {
                 return;
             };
             rename_messages(&path, m, progress, &mut p.report);
@@ -550,6 +548,16 @@ fn rename_messages(
     }
 }
 
+/// Takes the uidlist lock of the mailbox at `path` (its temp file in the mailbox's `tmp/`).
+fn lock_uidlist(path: &Path) -> io::Result<DotLock> {
+    DotLock::acquire(
+        &path.join(uidlist::FILE_NAME),
+        &path.join("tmp"),
+        UIDLIST_TIMING,
+    )
+}
+
+/// Takes the mailbox's uidlist lock and carries out the rest of its plan.
 fn commit_mailbox(
     root: &Path,
     m: &MailboxPlan,
@@ -565,9 +573,7 @@ fn commit_mailbox(
         renamed,
     } = prepared;
     let path = mailbox_path(root, &m.dir);
-    let tmp_dir = path.join("tmp");
-    let lock = DotLock::acquire(&path.join(uidlist::FILE_NAME), &tmp_dir, UIDLIST_TIMING);
-    let mut lock = match lock {
+    let mut lock = match lock_uidlist(&path) {
         Ok(lock) => lock,
         Err(e) => {
             discard(&staged);
