@@ -334,6 +334,21 @@ fn view(t: &MailTable) -> View {
         .collect()
 }
 
+/// Per UID: the message's GUID, system flags and keyword names.
+type Messages = BTreeMap<u32, (String, u32, BTreeSet<String>)>;
+
+/// Per mailbox GUID (the name when there is none): the mailbox's name and its messages as
+/// [`view`] shows them.
+fn by_mailbox(t: &MailTable) -> BTreeMap<String, (String, Messages)> {
+    view(t)
+        .into_iter()
+        .map(|(name, (_, guid, _, msgs))| {
+            let key = guid.map_or_else(|| name.clone(), |g| format!("{:?}", g.0));
+            (key, (name, msgs))
+        })
+        .collect()
+}
+
 fn guids(t: &MailTable) -> BTreeSet<String> {
     t.mailboxes
         .iter()
@@ -412,17 +427,19 @@ fn check_converged(
             g
         );
     }
-    // A message both sides still hold the same way is kept.
-    let (before_a, before_b) = (view(ta), view(tb));
-    for (name, (_, _, _, msgs)) in &before_a {
-        let Some((_, _, _, other)) = before_b.get(name) else {
+    // A message both sides still hold the same way (same mailbox, by its GUID as the merge
+    // pairs mailboxes, not by name: a name can mean another mailbox on each side after
+    // renames) is kept.
+    let (before_a, before_b, after_a) = (by_mailbox(ta), by_mailbox(tb), by_mailbox(a2));
+    for (mailbox, (name, msgs)) in &before_a {
+        let Some((_, other)) = before_b.get(mailbox) else {
             continue;
         };
         for (uid, m) in msgs {
             if other.get(uid).is_some_and(|o| o.0 == m.0) {
-                let kept = va
-                    .get(name)
-                    .and_then(|b| b.3.get(uid))
+                let kept = after_a
+                    .get(mailbox)
+                    .and_then(|b| b.1.get(uid))
                     .is_some_and(|k| k.0 == m.0);
                 prop_assert!(kept, "{} uid {} held by both sides was dropped", name, uid);
             }
@@ -813,4 +830,26 @@ fn a_flat_side_never_moves_the_other_sides_new_mail_to_cur() {
         "{:?}",
         merged.plan_a.lines()
     );
+}
+
+#[test]
+fn one_message_moved_into_mailboxes_renamed_apart_on_both_sides_is_kept_in_both() {
+    // A renames Sent → Renamed and Archive → Work and moves INBOX uid 3 into its Renamed
+    // (ex-Sent); B renames Archive → Renamed, moves the same message into its Renamed
+    // (ex-Archive) and gets new mail in Sent. "Renamed" names another mailbox on each side.
+    let a_ops = [Op::Rename(2, 0), Op::Rename(0, 2), Op::Move(0, 1, 2)];
+    let b_ops = [Op::Rename(0, 0), Op::Move(0, 1, 2), Op::Deliver(2)];
+    let (t0, base, ta, tb) = changed_pair(&a_ops, &b_ops);
+    let (a2, b2, merged) = sync_round(&base, &ta, &tb);
+    check_converged(&t0, (&ta, &tb), (&a2, &b2), &merged).unwrap();
+    let after = by_mailbox(&a2);
+    let mailbox = |guid: u128| &after[&format!("{:?}", guid.to_le_bytes())];
+    // Archive (GUID 78) keeps A's name, Sent (79) takes A's; each holds the moved message.
+    let (archive, sent) = (mailbox(78), mailbox(79));
+    assert_eq!(archive.0, "Work");
+    assert_eq!(sent.0, "Renamed");
+    assert_eq!(archive.1[&4].0, "s0x2");
+    let sent_guids: Vec<&str> = sent.1.values().map(|m| m.0.as_str()).collect();
+    assert_eq!(sent_guids, ["s2x0", "s2x1", "s2x2", "s0x2", "b1"]);
+    assert!(!view(&a2)["INBOX"].3.contains_key(&3));
 }
