@@ -255,9 +255,19 @@ impl FrameReader {
     /// direction are one stream for the whole session, flushed at every chunk's end, so a
     /// message compresses against the ones before it.
     pub fn chunk(&mut self, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+        let mut out = Vec::new();
+        self.chunk_into(payload, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`FrameReader::chunk`] into `out` (cleared first), so that one buffer serves a whole
+    /// stream.
+    pub fn chunk_into(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        out.clear();
         if !self.zstd {
-            return Ok(payload.to_vec());
+            out.extend_from_slice(payload);
+            return Ok(());
         }
         let bad = |e: io::Error| WireError::protocol(format!("bad compressed body chunk: {e}"));
         if self.decompressor.is_none() {
@@ -268,20 +278,25 @@ impl FrameReader {
         }
         let decoder = self.decompressor.as_mut().expect("set above");
         let mut input = InBuffer::around(payload);
-        let mut buf = vec![0u8; 64 << 10];
-        let mut out = Vec::new();
+        // Room for one whole chunk and one byte more: a chunk that fills it all is too long.
+        out.reserve(CHUNK + 1);
         loop {
-            let mut output = OutBuffer::around(&mut buf[..]);
-            decoder.run(&mut input, &mut output).map_err(bad)?;
-            let produced = output.pos();
-            out.extend_from_slice(&buf[..produced]);
+            let at = out.len();
+            let full = {
+                let mut output = OutBuffer::around_pos(out, at);
+                decoder.run(&mut input, &mut output).map_err(bad)?;
+                output.pos() == output.capacity()
+            };
             if out.len() > CHUNK {
                 return Err(WireError::protocol(
                     "a body chunk decompresses beyond 256 KiB",
                 ));
             }
-            if input.pos() == payload.len() && produced < buf.len() {
-                return Ok(out);
+            if input.pos() == payload.len() && !full {
+                return Ok(());
+            }
+            if full {
+                out.reserve(CHUNK + 1 - out.len().min(CHUNK));
             }
         }
     }
@@ -421,10 +436,10 @@ impl Inbox {
             };
             match frame {
                 (Kind::BodyChunk, payload) => {
-                    let chunk = match self.reader.chunk(&payload) {
-                        Ok(c) => c,
-                        Err(e) => return Err(io::Error::other(self.fail(e.to_string()))),
-                    };
+                    let mut chunk = std::mem::take(&mut self.pending);
+                    if let Err(e) = self.reader.chunk_into(&payload, &mut chunk) {
+                        return Err(io::Error::other(self.fail(e.to_string())));
+                    }
                     if chunk.len() as u64 > left {
                         let why = "body longer than announced".to_string();
                         return Err(io::Error::other(self.fail(why)));
@@ -494,6 +509,10 @@ pub struct FrameWriter {
     zstd_level: Option<i32>,
     compressor: Option<zstd::stream::raw::Encoder<'static>>,
     limit: Option<RateLimit>,
+    /// Reused for every body: a chunk read from the file, and the compressed chunk. Fresh
+    /// buffers this large come from `mmap` and cost a page fault per page, per body.
+    plain: Vec<u8>,
+    packed: Vec<u8>,
 }
 
 /// A bandwidth limit: sleeps so that the average rate stays under `bytes_per_sec`.
@@ -524,6 +543,8 @@ impl FrameWriter {
             zstd_level: None,
             compressor: None,
             limit: None,
+            plain: Vec::new(),
+            packed: Vec::new(),
         }
     }
 
@@ -601,18 +622,32 @@ impl FrameWriter {
     ) -> io::Result<()> {
         let header = super::codec::encode_body_header(key, &BodyStatus::Data(*meta));
         self.frame(Kind::BodyStart, &header)?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut left = meta.len;
+        let mut buf = std::mem::take(&mut self.plain);
+        buf.resize(CHUNK, 0);
+        let sent = self.body_chunks(key.2, meta.len, data, &mut buf);
+        self.plain = buf;
+        sent
+    }
+
+    /// The chunks of one body and its end frame, read through `buf`.
+    fn body_chunks(
+        &mut self,
+        name: &str,
+        len: u64,
+        data: &mut dyn Read,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let mut left = len;
         while left > 0 {
             let want = (left.min(CHUNK as u64)) as usize;
             let n = match super::frame::read_full(data, &mut buf[..want]) {
                 Ok(0) => {
-                    let why = format!("{}: file shrank while it was sent", key.2);
+                    let why = format!("{name}: file shrank while it was sent");
                     return self.frame(Kind::BodyEnd, &super::codec::encode_body_end(Some(&why)));
                 }
                 Ok(n) => n,
                 Err(e) => {
-                    let why = format!("{}: {e}", key.2);
+                    let why = format!("{name}: {e}");
                     return self.frame(Kind::BodyEnd, &super::codec::encode_body_end(Some(&why)));
                 }
             };
@@ -642,25 +677,31 @@ impl FrameWriter {
         }
         let encoder = self.compressor.as_mut().expect("set above");
         let mut input = InBuffer::around(data);
-        let mut buf = vec![0u8; 64 << 10];
-        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        // Compressed straight into one reused buffer, room made whenever it fills.
+        let mut out = std::mem::take(&mut self.packed);
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(data.len()) + 64);
+        let room = |out: &mut Vec<u8>| {
+            if out.capacity() - out.len() < 1024 {
+                out.reserve(64 << 10);
+            }
+        };
         while input.pos() < data.len() {
-            let mut output = OutBuffer::around(&mut buf[..]);
-            encoder.run(&mut input, &mut output)?;
-            let produced = output.pos();
-            out.extend_from_slice(&buf[..produced]);
+            room(&mut out);
+            let at = out.len();
+            encoder.run(&mut input, &mut OutBuffer::around_pos(&mut out, at))?;
         }
         loop {
-            let mut output = OutBuffer::around(&mut buf[..]);
-            let remaining = encoder.flush(&mut output)?;
-            let produced = output.pos();
-            out.extend_from_slice(&buf[..produced]);
-            if remaining == 0 {
+            room(&mut out);
+            let at = out.len();
+            if encoder.flush(&mut OutBuffer::around_pos(&mut out, at))? == 0 {
                 break;
             }
         }
         debug_assert!(out.len() <= MAX_FRAME as usize);
-        self.frame(Kind::BodyChunk, &out)
+        let sent = self.frame(Kind::BodyChunk, &out);
+        self.packed = out;
+        sent
     }
 
     /// Flushes buffered frames to the peer.
