@@ -18,6 +18,7 @@ use crate::replica::baseline::{Baselines, parse_id};
 use crate::replica::local::{LocalReplica, resolve};
 use crate::replica::mdbox::MdboxReplica;
 use crate::replica::remote::send_body;
+use crate::replica::spool::Spool;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
@@ -327,9 +328,18 @@ impl Session<'_> {
                     ..options
                 };
                 let source = StreamSource { inbox: &self.inbox };
-                let report = replica
-                    .apply(&plan, &source, &options, &progress)
-                    .map_err(|e| self.fatal(e))?;
+                let bytes = plan.counts().bytes;
+                let report = if bytes > 0 && bytes <= options.read_ahead.min(Spool::MAX_BYTES) {
+                    // Received whole first, then staged in parallel: the stream never
+                    // waits on a disk write, nor the writes on the stream.
+                    let keys = crate::sync::apply::copy_keys(&plan);
+                    let spool = Spool::fill(&source, &keys)
+                        .map_err(|e| WireError::Failed(format!("receiving bodies: {e}")))?;
+                    replica.apply(&plan, &spool, &options, &progress)
+                } else {
+                    replica.apply(&plan, &source, &options, &progress)
+                }
+                .map_err(|e| self.fatal(e))?;
                 locked(&self.inbox).drain()?;
                 self.baselines.stage_predictions(&plan);
                 progress.flush();

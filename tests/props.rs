@@ -220,6 +220,7 @@ fn options() -> BackupOptions {
         apply: ApplyOptions {
             fsync: FsyncPolicy::None,
             ownership: Ownership::RunningUser,
+            read_ahead: 64 << 20,
         },
         dry_run: false,
         max_delete: DeleteLimit::Percent(100),

@@ -37,6 +37,7 @@ fn run(src: &Path, dst: &Path, cache: &Path) -> BackupOutcome {
         apply: ApplyOptions {
             fsync: FsyncPolicy::None,
             ownership: Ownership::RunningUser,
+            read_ahead: 64 << 20,
         },
         dry_run: false,
         max_delete: DeleteLimit::Percent(100),

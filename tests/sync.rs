@@ -238,13 +238,17 @@ fn a_message_deleted_on_disk_stays_deleted() {
     assert_second_sync_is_noop(&via, &a, &b);
 }
 
-fn scenario_new_mail_on_both_sides(via: &Via<'_>) {
+/// `options`: `--read-ahead 0` has a remote side's bodies stream straight into the tree,
+/// one side's apply after the other; by default they are read ahead and the applies overlap.
+fn scenario_new_mail_on_both_sides(via: &Via<'_>, options: &[&str]) {
     let dovecot = Dovecot::new();
     let (a, b) = synced_pair(&dovecot, via);
     dovecot.save(&a, "INBOX", &message("na", "new on a", 2));
     dovecot.save(&b, "INBOX", &message("nb", "new on b", 2));
     dovecot.save(&b, "Archive", &message("nb2", "new on b", 2));
-    let json = sync_ok(via, &a, &b);
+    let run = sync_run(via, &a, &b, options);
+    run.assert_ok();
+    let json = run.json();
     let kinds = conflict_kinds(&json);
     assert!(kinds.contains(&"uid-renumbered"), "{json}");
     assert_equal(&dovecot, &a, &b);
@@ -262,7 +266,7 @@ fn scenario_new_mail_on_both_sides(via: &Via<'_>) {
 
 #[test]
 fn new_mail_on_both_sides_is_merged_and_uid_conflicts_renumbered() {
-    scenario_new_mail_on_both_sides(&Via::Local);
+    scenario_new_mail_on_both_sides(&Via::Local, &[]);
 }
 
 fn scenario_mailboxes(via: &Via<'_>) {
@@ -385,12 +389,14 @@ fn over_ssh() {
     scenario_first_sync_is_a_union(&via);
     scenario_flags_merge_per_flag(&via);
     scenario_expunges(&via);
-    scenario_new_mail_on_both_sides(&via);
+    scenario_new_mail_on_both_sides(&via, &[]);
+    scenario_new_mail_on_both_sides(&via, &["--read-ahead", "0"]);
     scenario_mailboxes(&via);
     // The other way round: A on the far side.
     let via = Via::SshA(&sshd);
     scenario_flags_merge_per_flag(&via);
-    scenario_new_mail_on_both_sides(&via);
+    scenario_new_mail_on_both_sides(&via, &[]);
+    scenario_new_mail_on_both_sides(&via, &["--read-ahead", "0"]);
     scenario_mailboxes(&via);
 }
 

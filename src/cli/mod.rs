@@ -173,6 +173,11 @@ struct RemoteArgs {
     /// Limit the sending rate on the wire, both ways: KiB/s, or with a K, M or G suffix.
     #[arg(long, value_name = "RATE")]
     bwlimit: Option<String>,
+    /// Most message bytes held in memory so that writing overlaps other work (a sync's two
+    /// sides, a far side's receiving and writing): a size with a K, M or G suffix; 0 streams
+    /// every body straight to disk.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    read_ahead: String,
     /// Give up when the far side sends nothing for this many seconds (0: never).
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     timeout: u64,
@@ -318,7 +323,7 @@ fn open_remote(
     let remote_options = RemoteOptions {
         compress_level: (!r.no_compress).then_some(r.compress_level),
         bwlimit: match &r.bwlimit {
-            Some(text) => parse_rate(text)?,
+            Some(text) => parse_size("--bwlimit", text, 'K')?,
             None => 0,
         },
         timeout: (r.timeout > 0).then(|| Duration::from_secs(r.timeout)),
@@ -362,14 +367,16 @@ fn cache_dir(a: &MirrorArgs) -> Option<PathBuf> {
         .or_else(mdsync::scan::cache::default_cache_dir)
 }
 
-/// rsync-style rates: a plain number is KiB/s; K, M and G suffixes (powers of 1024).
-fn parse_rate(text: &str) -> anyhow::Result<u64> {
-    let bad = || format!("--bwlimit {text}: expected a rate like 500, 800K or 10M");
+/// rsync-style sizes and rates for `flag`: K, M and G suffixes (powers of 1024); a plain
+/// number counts in `plain` units (`'K'` for `--bwlimit`'s KiB/s, `'B'` for bytes).
+fn parse_size(flag: &str, text: &str, plain: char) -> anyhow::Result<u64> {
+    let bad = || format!("{flag} {text}: expected a number like 500, 800K or 10M");
     let (number, unit) = match text.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c.to_ascii_uppercase()),
-        _ => (text, 'K'),
+        _ => (text, plain),
     };
     let shift = match unit {
+        'B' => 0,
         'K' => 10,
         'M' => 20,
         'G' => 30,
@@ -569,6 +576,7 @@ fn backup_options(a: &MirrorArgs, dry_run: bool) -> anyhow::Result<BackupOptions
                 FsyncArg::None => FsyncPolicy::None,
             },
             ownership: ownership(a.chown.as_deref())?,
+            read_ahead: parse_size("--read-ahead", &a.remote.read_ahead, 'B')?,
         },
         dry_run,
         state_dir: cache_dir(a),
@@ -703,12 +711,17 @@ mod tests {
     }
 
     #[test]
-    fn rates_parse_like_rsync() {
-        assert_eq!(parse_rate("100").unwrap(), 100 << 10);
-        assert_eq!(parse_rate("2M").unwrap(), 2 << 20);
-        assert_eq!(parse_rate("1.5k").unwrap(), 1536);
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("-1").is_err());
+    fn sizes_and_rates_parse_like_rsync() {
+        let rate = |text| parse_size("--bwlimit", text, 'K');
+        assert_eq!(rate("100").unwrap(), 100 << 10);
+        assert_eq!(rate("2M").unwrap(), 2 << 20);
+        assert_eq!(rate("1.5k").unwrap(), 1536);
+        assert!(rate("fast").is_err());
+        assert!(rate("-1").is_err());
+        let size = |text| parse_size("--read-ahead", text, 'B');
+        assert_eq!(size("0").unwrap(), 0);
+        assert_eq!(size("4096").unwrap(), 4096);
+        assert_eq!(size("64M").unwrap(), 64 << 20);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod baseline;
 pub mod local;
 pub mod mdbox;
 pub mod remote;
+pub mod spool;
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::progress::{Event, Progress};
+use crate::replica::spool::Spool;
 use crate::replica::{BodyData, BodyError, BodySource, Key};
 use crate::scan::mailbox_path;
 use crate::storage::maildir::dotlock::{self, DotLock, UIDLIST_TIMING, with_path};
@@ -31,6 +32,18 @@ pub struct ApplyOptions {
     pub fsync: FsyncPolicy,
     /// Who owns created files.
     pub ownership: Ownership,
+    /// Most body bytes read into memory ahead of writing them, so that work overlaps: a
+    /// two-way sync with a remote side reads what the local side needs before the remote
+    /// side's apply takes the connection, and `mdsync serve` receives a plan's bodies
+    /// whole before staging them in parallel. Plans that copy more (and 0) stream bodies
+    /// straight into the tree. A far side caps it at [`Spool::MAX_BYTES`].
+    #[serde(default = "default_read_ahead")]
+    pub read_ahead: u64,
+}
+
+/// What an older client that does not send `read_ahead` gets.
+fn default_read_ahead() -> u64 {
+    Spool::MAX_BYTES
 }
 
 /// What an apply did.
@@ -258,8 +271,12 @@ fn commit_and_finish(
 
 /// Tells a sequential source every body phase 1 will open, in the order it opens them.
 pub(crate) fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()> {
-    let keys: Vec<Key> = plan
-        .mailboxes
+    announce(source, &copy_keys(plan))
+}
+
+/// Every body `plan` copies, as the source names it, in plan order.
+pub(crate) fn copy_keys(plan: &Plan) -> Vec<Key> {
+    plan.mailboxes
         .iter()
         .flat_map(|m| {
             m.copies.iter().map(|c| Key {
@@ -268,8 +285,7 @@ pub(crate) fn announce_copies(plan: &Plan, source: &dyn BodySource) -> Result<()
                 name: c.src_name.clone(),
             })
         })
-        .collect();
-    announce(source, &keys)
+        .collect()
 }
 
 /// Tells a sequential source the bodies `keys` names, in the order they will be opened.
@@ -1420,6 +1436,7 @@ mod tests {
         ApplyOptions {
             fsync: FsyncPolicy::Batch,
             ownership: Ownership::RunningUser,
+            read_ahead: Spool::MAX_BYTES,
         }
     }
 
@@ -1647,6 +1664,7 @@ mod tests {
         let options = ApplyOptions {
             fsync: FsyncPolicy::None,
             ownership: Ownership::RunningUser,
+            read_ahead: Spool::MAX_BYTES,
         };
         let started = std::time::Instant::now();
         write_subscriptions(root, b"V\t2\n\nINBOX\n", (0, 0), &options).unwrap();
@@ -1675,6 +1693,7 @@ mod tests {
         let options = ApplyOptions {
             fsync: FsyncPolicy::None,
             ownership: Ownership::RunningUser,
+            read_ahead: Spool::MAX_BYTES,
         };
         let started = std::time::Instant::now();
         write_subscriptions(root, b"V\t2\n\n", (0, 0), &options).unwrap();

@@ -12,9 +12,10 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::progress::{Event, Progress};
 use crate::replica::Replica;
+use crate::replica::spool::Spool;
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
-use crate::sync::apply::{ApplyOptions, ApplyReport};
+use crate::sync::apply::{self, ApplyOptions, ApplyReport};
 use crate::sync::backup::{self, BackupOptions, Completion};
 use crate::sync::base::{self, BaseState, guid_hash};
 use crate::sync::diff;
@@ -399,20 +400,49 @@ fn apply_both(
     let keep = || keep_scans(sides, ta, tb, Some((&plan_a, &plan_b)), progress);
     // Neither plan renames or removes a file the other copies (a message is copied only to
     // the side that lacks it, with the flags of the side that has it), so two local sides
-    // apply at once. A remote side's connection carries one exchange at a time.
-    let local = a.wire_bytes().is_none() && b.wire_bytes().is_none();
-    let (ra, rb) = if local {
-        rayon::join(
+    // apply at once. A remote side's connection carries one exchange at a time: the bodies
+    // the local side needs are read ahead from it first (when they fit the spool), then the
+    // two applies overlap; else they run one after the other.
+    let (ra, rb) = match (a.wire_bytes().is_some(), b.wire_bytes().is_some()) {
+        (false, false) => rayon::join(
             || a.apply(&plan_a, b, options, &pa),
             || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
-        )
-    } else {
-        let ra = a.apply(&plan_a, b, options, &pa);
-        (ra, b.apply_overlapping(&plan_b, a, options, &pb, &keep))
+        ),
+        (false, true) if reads_ahead(outcome.a.planned.bytes, options) => {
+            let spool = read_ahead(b, &plan_a)?;
+            rayon::join(
+                || a.apply(&plan_a, &spool, options, &pa),
+                || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
+            )
+        }
+        (true, false) if reads_ahead(outcome.b.planned.bytes, options) => {
+            let spool = read_ahead(a, &plan_b)?;
+            rayon::join(
+                || a.apply_overlapping(&plan_a, b, options, &pa, &keep),
+                || b.apply(&plan_b, &spool, options, &pb),
+            )
+        }
+        _ => {
+            let ra = a.apply(&plan_a, b, options, &pa);
+            (ra, b.apply_overlapping(&plan_b, a, options, &pb, &keep))
+        }
     };
     outcome.a.report = ra?;
     outcome.b.report = rb?;
     Ok(())
+}
+
+/// Whether a plan copying `bytes` has its bodies read ahead into memory.
+fn reads_ahead(bytes: u64, options: &ApplyOptions) -> bool {
+    bytes > 0 && bytes <= options.read_ahead
+}
+
+/// Reads from the remote side `from` every body `plan` (the other side's) copies.
+fn read_ahead(from: &dyn Replica, plan: &Plan) -> Result<Spool> {
+    Spool::fill(from, &apply::copy_keys(plan)).map_err(|e| crate::error::Error::Remote {
+        location: from.location(),
+        message: format!("cannot read bodies ahead: {e}"),
+    })
 }
 
 /// Stores the freshly listed mailboxes in both scan caches, except those a plan changed.
@@ -604,6 +634,7 @@ pub(crate) fn test_options(state: &Path) -> SyncOptions {
         apply: ApplyOptions {
             fsync: FsyncPolicy::None,
             ownership: Ownership::RunningUser,
+            read_ahead: crate::replica::spool::Spool::MAX_BYTES,
         },
         dry_run: false,
         max_delete: crate::sync::backup::DeleteLimit::Percent(100),

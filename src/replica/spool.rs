@@ -1,0 +1,244 @@
+//! Bodies read ahead from a streamed source into memory, so that one side's apply can read
+//! them while the connection that brought them carries the other side's apply. Holds a
+//! bounded number of bytes; never touches a disk.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use crate::model::Subdir;
+use crate::replica::{Body, BodyData, BodyError, BodySource, Key};
+use crate::storage::maildir::writer::BodyMeta;
+
+/// One body as the source answered for it.
+enum Spooled {
+    Data {
+        meta: BodyMeta,
+        bytes: Vec<u8>,
+        origin: String,
+    },
+    Vanished(String),
+    Failed(String),
+}
+
+/// Bodies fetched from a source up front, handed out again by key. A two-way sync with one
+/// remote side fills it with what the local side needs before the remote side's apply
+/// takes the connection, so the two applies (and their `syncfs`) overlap.
+pub struct Spool {
+    bodies: HashMap<Key, Spooled>,
+}
+
+impl Spool {
+    /// Most planned body bytes read ahead: a plan that copies more streams its bodies
+    /// straight into the tree instead, one apply after the other.
+    pub const MAX_BYTES: u64 = 64 << 20;
+
+    /// Most bytes a spool ever holds, whatever the planned sizes said (a file name's `S=`
+    /// is the peer's word): past it the fill fails instead of growing.
+    const HARD_CAP: u64 = 4 * Self::MAX_BYTES;
+
+    /// Reads every body `keys` names from `source` (announced once, then read in order).
+    /// A vanished or failed body is kept as such, for the applier to skip or report; a
+    /// body that breaks off mid-stream, or one longer than the spool may hold, is an error.
+    pub fn fill(source: &dyn BodySource, keys: &[Key]) -> Result<Spool, BodyError> {
+        let mut bodies = HashMap::with_capacity(keys.len());
+        if keys.is_empty() {
+            return Ok(Spool { bodies });
+        }
+        source.announce(keys)?;
+        let mut held = 0u64;
+        for key in keys {
+            let spooled = match source.open_body(&key.dir, key.sub, &key.name) {
+                Ok(body) => {
+                    let spooled = read_whole(body, Self::HARD_CAP - held.min(Self::HARD_CAP))?;
+                    if let Spooled::Data { bytes, .. } = &spooled {
+                        held += bytes.len() as u64;
+                    }
+                    spooled
+                }
+                Err(BodyError::Vanished(origin)) => Spooled::Vanished(origin),
+                Err(BodyError::Failed(why)) => Spooled::Failed(why),
+            };
+            bodies.insert(key.clone(), spooled);
+        }
+        Ok(Spool { bodies })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bodies
+            .values()
+            .map(|s| match s {
+                Spooled::Data { bytes, .. } => bytes.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Reads one opened body to its end, refusing more than `room` bytes.
+fn read_whole(mut body: Body<'_>, room: u64) -> Result<Spooled, BodyError> {
+    if body.meta.len > room {
+        return Err(BodyError::Failed(format!(
+            "{}: {} bytes do not fit the read-ahead spool",
+            body.origin, body.meta.len
+        )));
+    }
+    let mut bytes = Vec::with_capacity(body.meta.len as usize);
+    body.data
+        .as_read()
+        .take(room + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| BodyError::Failed(format!("{}: {e}", body.origin)))?;
+    if bytes.len() as u64 > room {
+        return Err(BodyError::Failed(format!(
+            "{}: longer than announced",
+            body.origin
+        )));
+    }
+    Ok(Spooled::Data {
+        meta: body.meta,
+        bytes,
+        origin: body.origin,
+    })
+}
+
+impl BodySource for Spool {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
+        let key = Key {
+            dir: dir.to_string(),
+            sub,
+            name: name.to_string(),
+        };
+        match self.bodies.get(&key) {
+            Some(Spooled::Data {
+                meta,
+                bytes,
+                origin,
+            }) => Ok(Body {
+                data: BodyData::Stream(Box::new(bytes.as_slice())),
+                meta: *meta,
+                origin: origin.clone(),
+            }),
+            Some(Spooled::Vanished(origin)) => Err(BodyError::Vanished(origin.clone())),
+            Some(Spooled::Failed(why)) => Err(BodyError::Failed(why.clone())),
+            None => Err(BodyError::Failed(format!(
+                "{dir}/{}/{name}: not read ahead",
+                sub.as_str()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A sequential source that hands out `bodies` in announced order and records what it
+    /// was asked.
+    struct Stream {
+        bodies: Vec<(&'static str, Option<&'static [u8]>)>,
+        announced: Mutex<Vec<Key>>,
+        next: Mutex<usize>,
+    }
+
+    fn meta(len: usize) -> BodyMeta {
+        BodyMeta {
+            mtime: (1, 0),
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            len: len as u64,
+        }
+    }
+
+    impl BodySource for Stream {
+        fn open_body(&self, _: &str, _: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
+            let mut next = self.next.lock().unwrap();
+            let (expected, bytes) = self.bodies[*next];
+            *next += 1;
+            assert_eq!(name, expected, "opened out of announced order");
+            match bytes {
+                Some(b) => Ok(Body {
+                    data: BodyData::Stream(Box::new(b)),
+                    meta: meta(b.len()),
+                    origin: format!("far:{name}"),
+                }),
+                None => Err(BodyError::Vanished(format!("far:{name}"))),
+            }
+        }
+
+        fn sequential(&self) -> bool {
+            true
+        }
+
+        fn announce(&self, keys: &[Key]) -> Result<(), BodyError> {
+            self.announced.lock().unwrap().extend_from_slice(keys);
+            Ok(())
+        }
+    }
+
+    fn key(name: &str) -> Key {
+        Key {
+            dir: ".Work".into(),
+            sub: Subdir::Cur,
+            name: name.into(),
+        }
+    }
+
+    fn read(spool: &Spool, name: &str) -> Result<Vec<u8>, BodyError> {
+        let mut body = spool.open_body(".Work", Subdir::Cur, name)?;
+        let mut out = Vec::new();
+        body.data.as_read().read_to_end(&mut out).unwrap();
+        assert_eq!(body.meta.len, out.len() as u64);
+        Ok(out)
+    }
+
+    #[test]
+    fn bodies_are_announced_once_and_handed_out_in_any_order() {
+        let source = Stream {
+            bodies: vec![("m1", Some(b"one")), ("m2", None), ("m3", Some(b"three"))],
+            announced: Mutex::default(),
+            next: Mutex::default(),
+        };
+        let keys = [key("m1"), key("m2"), key("m3")];
+        let spool = Spool::fill(&source, &keys).unwrap();
+        assert_eq!(*source.announced.lock().unwrap(), keys);
+        assert_eq!(spool.bytes(), 8);
+        assert_eq!(read(&spool, "m3").unwrap(), b"three");
+        assert_eq!(read(&spool, "m1").unwrap(), b"one");
+        assert!(matches!(read(&spool, "m2"), Err(BodyError::Vanished(_))));
+        assert!(matches!(read(&spool, "m4"), Err(BodyError::Failed(_))));
+        assert!(!spool.sequential(), "the applier may stage in parallel");
+    }
+
+    #[test]
+    fn nothing_is_announced_for_no_keys() {
+        let source = Stream {
+            bodies: vec![],
+            announced: Mutex::default(),
+            next: Mutex::default(),
+        };
+        let spool = Spool::fill(&source, &[]).unwrap();
+        assert!(source.announced.lock().unwrap().is_empty());
+        assert_eq!(spool.bytes(), 0);
+    }
+
+    #[test]
+    fn a_body_larger_than_the_room_left_is_refused() {
+        let big: &'static [u8] = Box::leak(vec![7u8; 1024].into_boxed_slice());
+        let body = Body {
+            data: BodyData::Stream(Box::new(big)),
+            meta: meta(big.len()),
+            origin: "far:big".into(),
+        };
+        assert!(matches!(read_whole(body, 1000), Err(BodyError::Failed(_))));
+        // A body that says it is short but streams more is refused as well.
+        let body = Body {
+            data: BodyData::Stream(Box::new(big)),
+            meta: meta(10),
+            origin: "far:liar".into(),
+        };
+        assert!(matches!(read_whole(body, 1000), Err(BodyError::Failed(_))));
+    }
+}
