@@ -49,6 +49,16 @@ build_mdsync() {
   fi
 }
 
+# retire DIR: moves a finished destination into $W/retired instead of deleting it; the
+# scratch directory goes at exit. On ext4 without a journal the kernel avoids reusing inodes
+# freed in the last minutes and checks each of them on every file creation: a tree created
+# right after 100,000 files were deleted paid about 0.6 ms a file instead of 20 us.
+retire() {
+  [ -e "$1" ] || return 0
+  mkdir -p "$W/retired"
+  mv "$1" "$(mktemp -u "$W/retired/$(basename "$1").XXXXXX")"
+}
+
 # Message base names of a tree (file names in */cur and */new up to the first ':').
 msg_names() {
   find "$1" \( -path '*/cur/*' -o -path '*/new/*' \) -type f -printf '%f\n' \

@@ -48,6 +48,9 @@
 # "compressed new bytes + 64 bytes per changed message"; and the whole corpus compressed,
 # for the initial copy.
 #
+# A destination is never deleted between runs: it is retired (see bench-common.sh) and
+# removed at exit, so no run creates its files where another run's were just deleted.
+#
 # Client and server run on the same machine and share its CPUs: the wall times include the
 # far side's work and both ends of ssh's encryption. It never touches anything outside its
 # scratch directory, the --out file and cargo's target directory (it creates /run/sshd when
@@ -93,8 +96,9 @@ if [ -z "${BENCH_REMOTE_SCRATCH:-}" ]; then
   trap 'exit 130' INT TERM
   # The ssh command line travels as one string (-e): no whitespace or quotes in paths.
   [[ $W =~ ^[A-Za-z0-9_./+-]+$ ]] || { log "scratch path $W needs a plain BENCH_DIR"; exit 2; }
-  # Source + 4 destinations, ~28 KiB per message plus file system overhead.
-  require_space $((messages * 31 * 1024 * 5))
+  # Source + 4 destinations per run (retired ones are kept until exit), ~28 KiB per
+  # message plus file system overhead.
+  require_space $((messages * 31 * 1024 * (1 + 4 * runs)))
   mkdir -p "$W/logs" "$W/bin"
   mdsync=""
   if has mdsync; then
@@ -254,7 +258,7 @@ measure() {
 
 sync_tools=()
 for t in mdsync rsync rsync-z doveadm; do has "$t" && sync_tools+=("$t"); done
-fresh_dst() { rm -rf "$W/dst-$1"; install -d -o vmail -g vmail -m 700 "$W/dst-$1"; }
+fresh_dst() { retire "$W/dst-$1"; install -d -o vmail -g vmail -m 700 "$W/dst-$1"; }
 # Message files of the source, "path<TAB>size", for the mutation statistics.
 list_src() { find "$SRC" \( -path '*/cur/*' -o -path '*/new/*' \) -type f -printf '%P\t%s\n' >"$1"; }
 
@@ -281,7 +285,7 @@ warm_src_index
 
 # 1. Initial copy. The scan caches go too: a first copy has none.
 for ((run = 1; run <= runs; run++)); do
-  for t in "${sync_tools[@]}"; do rm -rf "$W/dst-$t"; done
+  for t in "${sync_tools[@]}"; do retire "$W/dst-$t"; done
   for t in $(rotate "$run" "${sync_tools[@]}"); do
     rm -rf "$W/cache/local" "$W/cache/remote"
     fresh_dst "$t"; measure initial "$t" "$run"

@@ -59,7 +59,8 @@ bench_prerequisites
 make_scratch mdsync-bench
 if [ "$keep" = 1 ]; then log "scratch directory: $W (kept)"; else trap 'rm -rf "$W"' EXIT; fi
 trap 'exit 130' INT TERM
-require_space $((messages * 31 * 1024 * 4))   # ~28 KiB per message plus file system overhead
+# ~28 KiB per message plus file system overhead: the source and 4 destinations per run.
+require_space $((messages * 31 * 1024 * (1 + 4 * runs)))
 
 SRC=$W/src
 mkdir -p "$W/logs" "$W/run"
@@ -123,7 +124,7 @@ measure() {
 
 sync_tools=()
 for t in mdsync rsync doveadm; do has "$t" && sync_tools+=("$t"); done
-fresh_dst() { rm -rf "$W/dst-$1"; [ "$1" = cp ] || install -d -o vmail -g vmail -m 700 "$W/dst-$1"; }
+fresh_dst() { retire "$W/dst-$1"; [ "$1" = cp ] || install -d -o vmail -g vmail -m 700 "$W/dst-$1"; }
 
 log "generating $messages messages in $SRC"
 gen_start=$(date +%s%N)
@@ -134,10 +135,10 @@ corpus_bytes=$(du -sb "$SRC" | cut -f1)
 src_names=$(msg_names "$SRC")
 warm_src_index
 
-# 1. Initial copy. cp goes first and its copy is deleted at once, to keep disk use at 4x.
+# 1. Initial copy. Earlier runs' destinations are retired, not deleted (see retire).
 for ((run = 1; run <= runs; run++)); do
-  for t in "${sync_tools[@]}" cp; do rm -rf "$W/dst-$t"; done
-  if has cp; then fresh_dst cp; measure initial cp "$run"; rm -rf "$W/dst-cp"; fi
+  for t in "${sync_tools[@]}" cp; do retire "$W/dst-$t"; done
+  if has cp; then fresh_dst cp; measure initial cp "$run"; retire "$W/dst-cp"; fi
   for t in $(rotate "$run" "${sync_tools[@]}"); do fresh_dst "$t"; measure initial "$t" "$run"; done
 done
 
