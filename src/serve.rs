@@ -328,7 +328,12 @@ impl Session<'_> {
                     ..options
                 };
                 let source = StreamSource { inbox: &self.inbox };
-                let bytes = plan.counts().bytes;
+                // The client's sizes, summed without trusting them not to overflow.
+                let bytes = plan
+                    .mailboxes
+                    .iter()
+                    .flat_map(|m| &m.copies)
+                    .fold(0u64, |sum, c| sum.saturating_add(c.size));
                 let report = if bytes > 0 && bytes <= options.read_ahead.min(Spool::MAX_BYTES) {
                     // Received whole first, then staged in parallel: the stream never
                     // waits on a disk write, nor the writes on the stream.

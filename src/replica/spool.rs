@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 
+use crate::interrupt;
 use crate::model::Subdir;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Key};
 use crate::storage::maildir::writer::BodyMeta;
@@ -37,8 +38,11 @@ impl Spool {
     const HARD_CAP: u64 = 4 * Self::MAX_BYTES;
 
     /// Reads every body `keys` names from `source` (announced once, then read in order).
-    /// A vanished or failed body is kept as such, for the applier to skip or report; a
-    /// body that breaks off mid-stream, or one longer than the spool may hold, is an error.
+    /// A body that vanished, failed on the sending side, broke off, or would not fit is
+    /// kept as a failure of that message alone, for the applier to skip or report, as it
+    /// would have met it streaming (a broken connection fails every later body, and the
+    /// session with it). After an interrupt the bodies not read yet are left out: the
+    /// applier stops before it opens one.
     pub fn fill(source: &dyn BodySource, keys: &[Key]) -> Result<Spool, BodyError> {
         let mut bodies = HashMap::with_capacity(keys.len());
         if keys.is_empty() {
@@ -47,59 +51,47 @@ impl Spool {
         source.announce(keys)?;
         let mut held = 0u64;
         for key in keys {
+            if interrupt::requested() {
+                break;
+            }
             let spooled = match source.open_body(&key.dir, key.sub, &key.name) {
-                Ok(body) => {
-                    let spooled = read_whole(body, Self::HARD_CAP - held.min(Self::HARD_CAP))?;
-                    if let Spooled::Data { bytes, .. } = &spooled {
-                        held += bytes.len() as u64;
-                    }
-                    spooled
-                }
+                Ok(body) => read_whole(body, Self::HARD_CAP - held.min(Self::HARD_CAP)),
                 Err(BodyError::Vanished(origin)) => Spooled::Vanished(origin),
                 Err(BodyError::Failed(why)) => Spooled::Failed(why),
             };
+            if let Spooled::Data { bytes, .. } = &spooled {
+                held += bytes.len() as u64;
+            }
             bodies.insert(key.clone(), spooled);
         }
         Ok(Spool { bodies })
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.bodies
-            .values()
-            .map(|s| match s {
-                Spooled::Data { bytes, .. } => bytes.len() as u64,
-                _ => 0,
-            })
-            .sum()
-    }
 }
 
-/// Reads one opened body to its end, refusing more than `room` bytes.
-fn read_whole(mut body: Body<'_>, room: u64) -> Result<Spooled, BodyError> {
-    if body.meta.len > room {
-        return Err(BodyError::Failed(format!(
-            "{}: {} bytes do not fit the read-ahead spool",
-            body.origin, body.meta.len
-        )));
-    }
-    let mut bytes = Vec::with_capacity(body.meta.len as usize);
-    body.data
-        .as_read()
-        .take(room + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| BodyError::Failed(format!("{}: {e}", body.origin)))?;
-    if bytes.len() as u64 > room {
-        return Err(BodyError::Failed(format!(
-            "{}: longer than announced",
+/// Reads one opened body to its end: its data, or why not (a read error, a length other
+/// than announced, or more than `room` bytes, left unread).
+fn read_whole(mut body: Body<'_>, room: u64) -> Spooled {
+    let len = body.meta.len;
+    if len > room {
+        return Spooled::Failed(format!(
+            "{}: {len} bytes do not fit the read-ahead spool",
             body.origin
-        )));
+        ));
     }
-    Ok(Spooled::Data {
-        meta: body.meta,
-        bytes,
-        origin: body.origin,
-    })
+    let mut bytes = Vec::with_capacity(len as usize);
+    let read = body.data.as_read().take(len + 1).read_to_end(&mut bytes);
+    match read {
+        Err(e) => Spooled::Failed(format!("{}: {e}", body.origin)),
+        Ok(n) if n as u64 != len => Spooled::Failed(format!(
+            "{}: {n} bytes where {len} were announced",
+            body.origin
+        )),
+        Ok(_) => Spooled::Data {
+            meta: body.meta,
+            bytes,
+            origin: body.origin,
+        },
+    }
 }
 
 impl BodySource for Spool {
@@ -186,6 +178,17 @@ mod tests {
         }
     }
 
+    fn held(spool: &Spool) -> usize {
+        spool
+            .bodies
+            .values()
+            .map(|s| match s {
+                Spooled::Data { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     fn read(spool: &Spool, name: &str) -> Result<Vec<u8>, BodyError> {
         let mut body = spool.open_body(".Work", Subdir::Cur, name)?;
         let mut out = Vec::new();
@@ -204,7 +207,7 @@ mod tests {
         let keys = [key("m1"), key("m2"), key("m3")];
         let spool = Spool::fill(&source, &keys).unwrap();
         assert_eq!(*source.announced.lock().unwrap(), keys);
-        assert_eq!(spool.bytes(), 8);
+        assert_eq!(held(&spool), 8);
         assert_eq!(read(&spool, "m3").unwrap(), b"three");
         assert_eq!(read(&spool, "m1").unwrap(), b"one");
         assert!(matches!(read(&spool, "m2"), Err(BodyError::Vanished(_))));
@@ -221,24 +224,40 @@ mod tests {
         };
         let spool = Spool::fill(&source, &[]).unwrap();
         assert!(source.announced.lock().unwrap().is_empty());
-        assert_eq!(spool.bytes(), 0);
+        assert_eq!(held(&spool), 0);
+    }
+
+    /// A reader that fails after `good` bytes, as a body the sender failed mid-way.
+    struct Broken(usize);
+
+    impl Read for Broken {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("file shrank while it was sent"));
+            }
+            let n = buf.len().min(self.0);
+            buf[..n].fill(b'x');
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    fn body<'a>(data: impl Read + 'a, announced: usize) -> Body<'a> {
+        Body {
+            data: BodyData::Stream(Box::new(data)),
+            meta: meta(announced),
+            origin: "far:m".into(),
+        }
     }
 
     #[test]
-    fn a_body_larger_than_the_room_left_is_refused() {
-        let big: &'static [u8] = Box::leak(vec![7u8; 1024].into_boxed_slice());
-        let body = Body {
-            data: BodyData::Stream(Box::new(big)),
-            meta: meta(big.len()),
-            origin: "far:big".into(),
-        };
-        assert!(matches!(read_whole(body, 1000), Err(BodyError::Failed(_))));
-        // A body that says it is short but streams more is refused as well.
-        let body = Body {
-            data: BodyData::Stream(Box::new(big)),
-            meta: meta(10),
-            origin: "far:liar".into(),
-        };
-        assert!(matches!(read_whole(body, 1000), Err(BodyError::Failed(_))));
+    fn a_body_that_does_not_fit_or_is_not_what_was_announced_fails_alone() {
+        let big = vec![7u8; 1024];
+        let failed = |s: Spooled| matches!(s, Spooled::Failed(_));
+        assert!(failed(read_whole(body(big.as_slice(), 1024), 1000)));
+        assert!(failed(read_whole(body(big.as_slice(), 10), 1000)));
+        assert!(failed(read_whole(body(&big[..5], 10), 1000)));
+        assert!(failed(read_whole(body(Broken(100), 200), 1000)));
+        assert!(!failed(read_whole(body(big.as_slice(), 1024), 1024)));
     }
 }

@@ -360,7 +360,9 @@ fn forget_untrusted(
 }
 
 /// Applies mailbox renames on both sides first (copies then find every mailbox where the
-/// other side's plan names it), then A's plan with B as the body source, then B's with A.
+/// other side's plan names it), then A's plan with B as the body source and B's with A:
+/// both at once, with a remote side's bodies read ahead when they fit (else one after
+/// the other).
 #[allow(clippy::too_many_arguments)]
 fn apply_both(
     sides: &Sides<'_>,
@@ -410,17 +412,18 @@ fn apply_both(
         ),
         (false, true) if reads_ahead(outcome.a.planned.bytes, options) => {
             let spool = read_ahead(b, &plan_a)?;
-            rayon::join(
+            beside_remote(
                 || a.apply(&plan_a, &spool, options, &pa),
                 || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
             )
         }
         (true, false) if reads_ahead(outcome.b.planned.bytes, options) => {
             let spool = read_ahead(a, &plan_b)?;
-            rayon::join(
-                || a.apply_overlapping(&plan_a, b, options, &pa, &keep),
+            let (rb, ra) = beside_remote(
                 || b.apply(&plan_b, &spool, options, &pb),
-            )
+                || a.apply_overlapping(&plan_a, b, options, &pa, &keep),
+            );
+            (ra, rb)
         }
         _ => {
             let ra = a.apply(&plan_a, b, options, &pa);
@@ -432,9 +435,27 @@ fn apply_both(
     Ok(())
 }
 
-/// Whether a plan copying `bytes` has its bodies read ahead into memory.
+/// Whether a plan copying `bytes` has its bodies read ahead into memory (never more than
+/// a spool is made for, whatever `--read-ahead` asked).
 fn reads_ahead(bytes: u64, options: &ApplyOptions) -> bool {
-    bytes > 0 && bytes <= options.read_ahead
+    bytes > 0 && bytes <= options.read_ahead.min(Spool::MAX_BYTES)
+}
+
+/// Runs the local side's apply here and the remote side's on a thread of its own: the
+/// remote one mostly waits on the connection, and would otherwise hold one of the rayon
+/// threads the local apply stages with.
+fn beside_remote<L, R>(local: impl FnOnce() -> L, remote: impl FnOnce() -> R + Send) -> (L, R)
+where
+    R: Send,
+{
+    std::thread::scope(|scope| {
+        let remote = scope.spawn(remote);
+        let local = local();
+        let remote = remote
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (local, remote)
+    })
 }
 
 /// Reads from the remote side `from` every body `plan` (the other side's) copies.

@@ -266,6 +266,9 @@ impl FrameReader {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         out.clear();
         if !self.zstd {
+            if payload.len() > CHUNK {
+                return Err(WireError::protocol("a body chunk beyond 256 KiB"));
+            }
             out.extend_from_slice(payload);
             return Ok(());
         }
@@ -292,11 +295,11 @@ impl FrameReader {
                     "a body chunk decompresses beyond 256 KiB",
                 ));
             }
-            if input.pos() == payload.len() && !full {
+            // Not full (a full buffer is past CHUNK, refused above): zstd wrote all it
+            // could, so the chunk is complete once its input is consumed.
+            debug_assert!(!full);
+            if input.pos() == payload.len() {
                 return Ok(());
-            }
-            if full {
-                out.reserve(CHUNK + 1 - out.len().min(CHUNK));
             }
         }
     }
@@ -882,5 +885,35 @@ mod tests {
         let mut r = pair(buf.lock().unwrap().clone(), true);
         let (_, payload) = r.frame().unwrap();
         assert!(r.chunk(&payload).is_err());
+    }
+
+    #[test]
+    fn an_uncompressed_chunk_past_256_kib_is_refused() {
+        let (mut w, buf) = writer(false);
+        w.frame(Kind::BodyChunk, &vec![b'x'; CHUNK + 1]).unwrap();
+        w.frame(Kind::BodyChunk, &vec![b'y'; CHUNK]).unwrap();
+        w.flush().unwrap();
+        let mut r = pair(buf.lock().unwrap().clone(), false);
+        let (_, too_long) = r.frame().unwrap();
+        assert!(r.chunk(&too_long).is_err());
+        let (_, whole) = r.frame().unwrap();
+        assert_eq!(r.chunk(&whole).unwrap().len(), CHUNK);
+    }
+
+    #[test]
+    fn one_reused_buffer_decompresses_chunk_after_chunk() {
+        let (mut w, buf) = writer(true);
+        let bodies: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; CHUNK - usize::from(i)]).collect();
+        for body in &bodies {
+            w.chunk(body).unwrap();
+        }
+        w.flush().unwrap();
+        let mut r = pair(buf.lock().unwrap().clone(), true);
+        let mut out = Vec::new();
+        for body in &bodies {
+            let (_, payload) = r.frame().unwrap();
+            r.chunk_into(&payload, &mut out).unwrap();
+            assert_eq!(&out, body);
+        }
     }
 }
