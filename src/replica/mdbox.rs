@@ -154,6 +154,14 @@ impl Replica for MdboxReplica {
         table
     }
 
+    fn rescan_mailboxes(&self, layout: Layout, dirs: &[String]) -> Result<Vec<MailboxTable>> {
+        // As above, once for the batch: the map index is read once, not once a mailbox.
+        self.store.clear();
+        let tables = scan::mdbox::rescan_mailboxes(&self.root, layout, dirs, &self.store);
+        tables.iter().for_each(|t| self.remember(t));
+        Ok(tables)
+    }
+
     fn content_hash(&self, dir: &str, _sub: Subdir, name: &str) -> Result<u128, BodyError> {
         let mut body = self.body(dir, name)?;
         let mut bytes = Vec::with_capacity(body.meta.len as usize);

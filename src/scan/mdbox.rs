@@ -139,40 +139,54 @@ fn record_cache(root: &Path, options: &ScanOptions) -> DboxCache {
 
 /// Scans the one mailbox whose Maildir directory is `dir` again.
 pub fn rescan_mailbox(root: &Path, layout: Layout, dir: &str, store: &Store) -> MailboxTable {
-    let broken = |why: String| MailboxTable {
+    let mut tables = rescan_mailboxes(root, layout, &[dir.to_string()], store);
+    tables.pop().expect("one table per directory")
+}
+
+/// Scans the mailboxes whose Maildir directories are `dirs` again (a watch batch), in
+/// parallel, with the map index and the mailbox list read once for all of them.
+pub fn rescan_mailboxes(
+    root: &Path,
+    layout: Layout,
+    dirs: &[String],
+    store: &Store,
+) -> Vec<MailboxTable> {
+    let empty = |dir: &str| MailboxTable {
         dir: dir.to_string(),
         name: layout.display_name(dir),
-        broken: Some(why),
         ..MailboxTable::default()
+    };
+    let all_broken = |why: String| {
+        dirs.iter()
+            .map(|dir| MailboxTable {
+                broken: Some(why.clone()),
+                ..empty(dir)
+            })
+            .collect()
     };
     let map = match MapIndex::load(&root.join("storage")) {
         Ok(map) => map,
-        Err(e) => return broken(e.to_string()),
+        Err(e) => return all_broken(e.to_string()),
     };
     let found = match list_mailboxes(root) {
         Ok(found) => found,
-        Err(e) => return broken(format!("{}: {e}", root.join("mailboxes").display())),
+        Err(e) => return all_broken(format!("{}: {e}", root.join("mailboxes").display())),
     };
-    match found
-        .iter()
-        .find(|mb| maildir_dir(layout, &mb.dir).as_deref() == Some(dir))
-    {
-        Some(mb) => {
-            let records = DboxCache::load(None);
-            let sources = Sources {
-                root,
-                map: &map,
-                store,
-                records: &records,
-            };
-            read_mailbox(&sources, dir, mb)
-        }
-        None => MailboxTable {
-            dir: dir.to_string(),
-            name: layout.display_name(dir),
-            ..MailboxTable::default()
-        },
-    }
+    let records = DboxCache::load(None);
+    let sources = Sources {
+        root,
+        map: &map,
+        store,
+        records: &records,
+    };
+    dirs.par_iter()
+        .map(|dir| {
+            found
+                .iter()
+                .find(|mb| maildir_dir(layout, &mb.dir).as_deref() == Some(dir.as_str()))
+                .map_or_else(|| empty(dir), |mb| read_mailbox(&sources, dir, mb))
+        })
+        .collect()
 }
 
 /// The stamps that change whenever Dovecot changes a mailbox: its index log (appended to
@@ -498,5 +512,40 @@ mod tests {
             assert_eq!(inbox.dbox.file_id.len(), inbox.len());
             assert!(table.mailbox(".Entw&APw-rfe").is_some());
         }
+    }
+
+    /// A batch of mailboxes read again (one map index for all) holds what a whole scan
+    /// holds for them; a mailbox gone since is empty, not broken.
+    #[test]
+    fn a_batch_rescan_reads_each_mailbox_as_the_whole_scan_does() {
+        let root = fixture("live");
+        let store = Store::new(&root);
+        let layout = Layout::MaildirPlusPlus;
+        let options = ScanOptions {
+            layout: Some(layout),
+            ..ScanOptions::default()
+        };
+        let whole = scan(&root, &options, &NoProgress, &store).unwrap();
+        let mut dirs: Vec<String> = whole.mailboxes.iter().map(|m| m.dir.clone()).collect();
+        assert!(dirs.len() >= 2, "the fixture has several mailboxes");
+        dirs.push(".Gone".into());
+        let again = rescan_mailboxes(&root, layout, &dirs, &store);
+        assert_eq!(again.len(), dirs.len());
+        for ((m, r), dir) in whole.mailboxes.iter().zip(&again).zip(&dirs) {
+            assert_eq!((&r.dir, &r.name), (&m.dir, &m.name));
+            assert!(r.broken.is_none(), "{dir}: {:?}", r.broken);
+            assert_eq!(r.msgs.uid, m.msgs.uid, "{dir}");
+            assert_eq!(r.msgs.flags, m.msgs.flags, "{dir}");
+            let guids = |t: &MailboxTable| {
+                (0..t.len())
+                    .map(|i| t.guid(i).to_string())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(guids(r), guids(m), "{dir}");
+        }
+        let gone = again.last().unwrap();
+        assert!(gone.is_empty() && gone.broken.is_none());
+        let one = rescan_mailbox(&root, layout, &dirs[0], &store);
+        assert_eq!(one.msgs.uid, whole.mailboxes[0].msgs.uid);
     }
 }
