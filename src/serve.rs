@@ -328,13 +328,7 @@ impl Session<'_> {
                     ..options
                 };
                 let source = StreamSource { inbox: &self.inbox };
-                // The client's sizes, summed without trusting them not to overflow.
-                let bytes = plan
-                    .mailboxes
-                    .iter()
-                    .flat_map(|m| &m.copies)
-                    .fold(0u64, |sum, c| sum.saturating_add(c.size));
-                let report = if bytes > 0 && bytes <= options.read_ahead.min(Spool::MAX_BYTES) {
+                let report = if Spool::reads_ahead(plan.counts().bytes, options.read_ahead) {
                     // Received whole first, then staged in parallel: the stream never
                     // waits on a disk write, nor the writes on the stream.
                     let keys = crate::sync::apply::copy_keys(&plan);

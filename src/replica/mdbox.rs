@@ -77,6 +77,16 @@ impl MdboxReplica {
         })
     }
 
+    /// Reads the mailboxes `dirs` again, the map index once for all of them. Dovecot
+    /// appends new messages to an existing `m.N` (and a purge replaces files): a mapping
+    /// made before would end short of them, so the store starts afresh.
+    fn rescan_batch(&self, layout: Layout, dirs: &[String]) -> Vec<MailboxTable> {
+        self.store.clear();
+        let tables = scan::mdbox::rescan_mailboxes(&self.root, layout, dirs, &self.store);
+        tables.iter().for_each(|t| self.remember(t));
+        tables
+    }
+
     fn remember(&self, mailbox: &MailboxTable) {
         let places: Locations = (0..mailbox.dbox.file_id.len())
             .map(|i| {
@@ -146,20 +156,12 @@ impl Replica for MdboxReplica {
     }
 
     fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
-        // Dovecot appends new messages to an existing `m.N` (and a purge replaces files):
-        // a mapping made before would end short of them.
-        self.store.clear();
-        let table = scan::mdbox::rescan_mailbox(&self.root, layout, dir, &self.store);
-        self.remember(&table);
-        table
+        let mut tables = self.rescan_batch(layout, &[dir.to_string()]);
+        tables.pop().expect("one table per directory")
     }
 
     fn rescan_mailboxes(&self, layout: Layout, dirs: &[String]) -> Result<Vec<MailboxTable>> {
-        // As above, once for the batch: the map index is read once, not once a mailbox.
-        self.store.clear();
-        let tables = scan::mdbox::rescan_mailboxes(&self.root, layout, dirs, &self.store);
-        tables.iter().for_each(|t| self.remember(t));
-        Ok(tables)
+        Ok(self.rescan_batch(layout, dirs))
     }
 
     fn content_hash(&self, dir: &str, _sub: Subdir, name: &str) -> Result<u128, BodyError> {

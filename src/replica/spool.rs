@@ -34,8 +34,15 @@ impl Spool {
     pub const MAX_BYTES: u64 = 64 << 20;
 
     /// Most bytes a spool ever holds, whatever the planned sizes said (a file name's `S=`
-    /// is the peer's word): past it the fill fails instead of growing.
+    /// is the peer's word): a body past it fails alone instead of growing the spool.
     const HARD_CAP: u64 = 4 * Self::MAX_BYTES;
+
+    /// Whether a plan copying `bytes` has its bodies read ahead under `limit` (the
+    /// `--read-ahead` asked for): never an empty plan, never past [`Spool::MAX_BYTES`].
+    /// The one rule for both ends of a session.
+    pub fn reads_ahead(bytes: u64, limit: u64) -> bool {
+        bytes > 0 && bytes <= limit.min(Self::MAX_BYTES)
+    }
 
     /// Reads every body `keys` names from `source` (announced once, then read in order).
     /// A body that vanished, failed on the sending side, broke off, or would not fit is
@@ -55,7 +62,7 @@ impl Spool {
                 break;
             }
             let spooled = match source.open_body(&key.dir, key.sub, &key.name) {
-                Ok(body) => read_whole(body, Self::HARD_CAP - held.min(Self::HARD_CAP)),
+                Ok(body) => read_whole(body, Self::HARD_CAP.saturating_sub(held)),
                 Err(BodyError::Vanished(origin)) => Spooled::Vanished(origin),
                 Err(BodyError::Failed(why)) => Spooled::Failed(why),
             };
@@ -213,6 +220,14 @@ mod tests {
         assert!(matches!(read(&spool, "m2"), Err(BodyError::Vanished(_))));
         assert!(matches!(read(&spool, "m4"), Err(BodyError::Failed(_))));
         assert!(!spool.sequential(), "the applier may stage in parallel");
+    }
+
+    #[test]
+    fn only_a_plan_with_bytes_under_both_limits_is_read_ahead() {
+        assert!(Spool::reads_ahead(1, 1));
+        assert!(!Spool::reads_ahead(0, Spool::MAX_BYTES));
+        assert!(!Spool::reads_ahead(2, 1));
+        assert!(!Spool::reads_ahead(Spool::MAX_BYTES + 1, u64::MAX));
     }
 
     #[test]

@@ -137,12 +137,6 @@ fn record_cache(root: &Path, options: &ScanOptions) -> DboxCache {
     DboxCache::load(dir.as_deref())
 }
 
-/// Scans the one mailbox whose Maildir directory is `dir` again.
-pub fn rescan_mailbox(root: &Path, layout: Layout, dir: &str, store: &Store) -> MailboxTable {
-    let mut tables = rescan_mailboxes(root, layout, &[dir.to_string()], store);
-    tables.pop().expect("one table per directory")
-}
-
 /// Scans the mailboxes whose Maildir directories are `dirs` again (a watch batch), in
 /// parallel, with the map index and the mailbox list read once for all of them.
 pub fn rescan_mailboxes(
@@ -545,7 +539,7 @@ mod tests {
         }
         let gone = again.last().unwrap();
         assert!(gone.is_empty() && gone.broken.is_none());
-        let one = rescan_mailbox(&root, layout, &dirs[0], &store);
-        assert_eq!(one.msgs.uid, whole.mailboxes[0].msgs.uid);
+        let one = rescan_mailboxes(&root, layout, &dirs[..1], &store);
+        assert_eq!(one[0].msgs.uid, whole.mailboxes[0].msgs.uid);
     }
 }

@@ -228,7 +228,11 @@ impl Plan {
         for m in &self.mailboxes {
             c.mailboxes_created += u64::from(m.create.is_some());
             c.copies += m.copies.len() as u64;
-            c.bytes += m.copies.iter().map(|op| op.size).sum::<u64>();
+            // Saturating: a plan from a peer carries sizes nobody checked.
+            c.bytes = m
+                .copies
+                .iter()
+                .fold(c.bytes, |sum, op| sum.saturating_add(op.size));
             for r in &m.renames {
                 if r.is_move_only() {
                     c.moves += 1;
@@ -341,4 +345,31 @@ fn uid_text(uid: u32) -> String {
 /// The `:2,…` part of a name, or `-` when there is none.
 fn flags_part(name: &str) -> &str {
     name.find(':').map_or("-", |i| &name[i + 1..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's plan can claim any sizes: counting them saturates instead of overflowing.
+    #[test]
+    fn copy_bytes_a_peer_claims_are_counted_without_overflow() {
+        let copy = |size| CopyOp {
+            uid: 0,
+            src_sub: Subdir::Cur,
+            src_name: "m".into(),
+            dst_sub: Subdir::Cur,
+            dst_name: "m".into(),
+            size,
+        };
+        let plan = Plan {
+            mailboxes: vec![MailboxPlan {
+                copies: vec![copy(1 << 63), copy(1 << 63), copy(7)],
+                ..MailboxPlan::default()
+            }],
+            ..Plan::default()
+        };
+        let counts = plan.counts();
+        assert_eq!((counts.copies, counts.bytes), (3, u64::MAX));
+    }
 }

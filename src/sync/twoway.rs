@@ -410,14 +410,14 @@ fn apply_both(
             || a.apply(&plan_a, b, options, &pa),
             || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
         ),
-        (false, true) if reads_ahead(outcome.a.planned.bytes, options) => {
+        (false, true) if Spool::reads_ahead(outcome.a.planned.bytes, options.read_ahead) => {
             let spool = read_ahead(b, &plan_a)?;
             beside_remote(
                 || a.apply(&plan_a, &spool, options, &pa),
                 || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
             )
         }
-        (true, false) if reads_ahead(outcome.b.planned.bytes, options) => {
+        (true, false) if Spool::reads_ahead(outcome.b.planned.bytes, options.read_ahead) => {
             let spool = read_ahead(a, &plan_b)?;
             let (rb, ra) = beside_remote(
                 || b.apply(&plan_b, &spool, options, &pb),
@@ -433,12 +433,6 @@ fn apply_both(
     outcome.a.report = ra?;
     outcome.b.report = rb?;
     Ok(())
-}
-
-/// Whether a plan copying `bytes` has its bodies read ahead into memory (never more than
-/// a spool is made for, whatever `--read-ahead` asked).
-fn reads_ahead(bytes: u64, options: &ApplyOptions) -> bool {
-    bytes > 0 && bytes <= options.read_ahead.min(Spool::MAX_BYTES)
 }
 
 /// Runs the local side's apply here and the remote side's on a thread of its own: the
