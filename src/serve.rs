@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,14 +72,11 @@ pub fn serve(
         offline: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let ticker = keepalive(
-        session.out.clone(),
-        session.keepalive_ms.clone(),
-        stop.clone(),
-    );
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let ticker = keepalive(session.out.clone(), session.keepalive_ms.clone(), stopped);
     let result = session.run();
-    stop.store(true, Ordering::Relaxed);
+    // Wakes the ticker at once: the session's end must not wait out its sleep.
+    drop(stop);
     let _ = ticker.map(|t| t.join());
     if let Err(e) = &result
         && !matches!(e, WireError::Remote(_))
@@ -90,19 +87,22 @@ pub fn serve(
     result
 }
 
-/// Sends an empty event every `interval_ms` (once the client set it) until `stop`. Never
-/// inside a body stream or an object: those are written under the writer's lock.
+/// Sends an empty event every `interval_ms` (once the client set it) until `stopped`
+/// disconnects. Never inside a body stream or an object: those are written under the
+/// writer's lock.
 fn keepalive(
     out: Arc<Mutex<FrameWriter>>,
     interval_ms: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    stopped: std::sync::mpsc::Receiver<()>,
 ) -> Option<std::thread::JoinHandle<()>> {
+    use std::sync::mpsc::RecvTimeoutError;
     std::thread::Builder::new()
         .name("mdsync-keepalive".into())
         .spawn(move || {
             let mut last = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
+            while let Err(RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_millis(100))
+            {
                 let every = interval_ms.load(Ordering::Relaxed);
                 if every > 0 && last.elapsed() >= Duration::from_millis(every) {
                     let idle = WireEvent::Progressed {
@@ -328,21 +328,27 @@ impl Session<'_> {
                     ..options
                 };
                 let source = StreamSource { inbox: &self.inbox };
-                let report = if Spool::reads_ahead(plan.counts().bytes, options.read_ahead) {
-                    // Received whole first, then staged in parallel: the stream never
-                    // waits on a disk write, nor the writes on the stream.
-                    let keys = crate::sync::apply::copy_keys(&plan);
-                    let spool = Spool::fill(&source, &keys)
-                        .map_err(|e| WireError::Failed(format!("receiving bodies: {e}")))?;
-                    replica.apply(&plan, &spool, &options, &progress)
-                } else {
-                    replica.apply(&plan, &source, &options, &progress)
-                }
-                .map_err(|e| self.fatal(e))?;
+                let apply = || {
+                    match self.spool_bodies(&source, &plan, &options)? {
+                        Some(spool) => replica.apply(&plan, &spool, &options, &progress),
+                        None => replica.apply(&plan, &source, &options, &progress),
+                    }
+                    .map_err(|e| self.fatal(e))
+                };
+                // The next baselines are worked out while the plan is applied.
+                let (report, predicted) = std::thread::scope(|scope| {
+                    let predicting = scope.spawn(|| self.baselines.predict(&plan));
+                    (apply(), predicting.join())
+                });
+                let report = report?;
                 locked(&self.inbox).drain()?;
-                self.baselines.stage_predictions(&plan);
+                self.baselines.stage_predicted(
+                    predicted.map_err(|_| WireError::Failed("predicting panicked".into()))?,
+                );
                 progress.flush();
                 locked(&self.out).json(Kind::Answer, &Answer::Applied { report })?;
+                // Written now, while the client winds up, rather than when it says bye.
+                self.baselines.persist();
             }
             Request::NewMdbox { mailboxes, root } => {
                 let table = self.receive_tables(mailboxes, root)?;
@@ -482,6 +488,24 @@ impl Session<'_> {
             }
         }
         Ok(keys)
+    }
+
+    /// The bodies of `plan`'s copies, received whole when they fit the read-ahead limit
+    /// (then staged in parallel: the stream never waits on a disk write, nor the writes on
+    /// the stream); `None` when they are to be staged as they arrive.
+    fn spool_bodies(
+        &self,
+        source: &StreamSource<'_>,
+        plan: &Plan,
+        options: &ApplyOptions,
+    ) -> Result<Option<Spool>, WireError> {
+        if !Spool::reads_ahead(plan.counts().bytes, options.read_ahead) {
+            return Ok(None);
+        }
+        let keys = crate::sync::apply::copy_keys(plan);
+        let spool = Spool::fill(source, &keys)
+            .map_err(|e| WireError::Failed(format!("receiving bodies: {e}")))?;
+        Ok(Some(spool))
     }
 
     fn send_bodies(&self, replica: &dyn Replica, keys: &[codec::Key]) -> Result<(), WireError> {

@@ -22,6 +22,11 @@ pub struct Baselines {
     on_disk: Mutex<HashMap<String, u128>>,
 }
 
+/// Predicted baselines of the mailboxes a plan changes (mailbox dir, encoding), to be
+/// staged once the plan was applied.
+#[derive(Debug, Default)]
+pub struct Predicted(Vec<(String, Vec<u8>)>);
+
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -44,21 +49,22 @@ impl Baselines {
         }
     }
 
-    /// After a plan was applied to the far side: stages, for every mailbox the plan
-    /// changed, the table [`crate::sync::predict`] expects, starting from the table staged
-    /// in this session (the one exchanged). Both ends of a session do this with the same
-    /// tables and plan, so they keep the same baselines. A mailbox the plan creates starts
+    /// The tables [`crate::sync::predict`] expects after `plan`, for every mailbox the
+    /// plan changes, starting from the table staged in this session (the one exchanged).
+    /// Both ends of a session stage these ([`Baselines::stage_predicted`]) once the plan
+    /// was applied, so they keep the same baselines; computed apart from the staging so
+    /// that it can run while the plan is being applied. A mailbox the plan creates starts
     /// from an empty table.
-    pub fn stage_predictions(&self, plan: &crate::sync::plan::Plan) {
+    pub fn predict(&self, plan: &crate::sync::plan::Plan) -> Predicted {
         use crate::table::MailboxTable;
         use crate::wire::table::{decode, encode};
         use rayon::prelude::*;
         if self.dir.is_none() {
-            return;
+            return Predicted(Vec::new());
         }
-        let mut staged = locked(&self.staged);
+        let staged = locked(&self.staged);
         let exchanged = &*staged;
-        let predictions: Vec<(String, Vec<u8>)> = plan
+        let tables = plan
             .mailboxes
             .par_iter()
             .filter(|m| !m.is_empty())
@@ -76,7 +82,12 @@ impl Baselines {
                 Some((m.dir.clone(), encode(&after)))
             })
             .collect();
-        staged.extend(predictions);
+        Predicted(tables)
+    }
+
+    /// Stages what [`Baselines::predict`] made, once its plan was applied.
+    pub fn stage_predicted(&self, predicted: Predicted) {
+        locked(&self.staged).extend(predicted.0);
     }
 
     /// Writes what the session staged, in parallel, skipping what is already on disk.

@@ -82,6 +82,20 @@ pub trait BodySource: Sync {
 
 pub use crate::wire::codec::Key;
 
+/// Runs `work` with a `meanwhile` that does its job at most once, then makes sure it ran
+/// exactly once: when `work` never got to call it (it failed first, or had no moment for
+/// it), it runs after. The contract of [`Replica::apply_overlapping`].
+pub(crate) fn with_meanwhile_once<T>(
+    meanwhile: &(dyn Fn() + Sync),
+    work: impl FnOnce(&(dyn Fn() + Sync)) -> T,
+) -> T {
+    let ran = std::sync::Once::new();
+    let once = || ran.call_once(meanwhile);
+    let done = work(&once);
+    once();
+    done
+}
+
 /// One side of a sync.
 pub trait Replica: BodySource + Send {
     /// Where this replica lives, for messages.

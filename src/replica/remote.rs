@@ -491,12 +491,15 @@ impl RemoteReplica {
         }
     }
 
+    /// Has the far side apply `plan`, bodies from `source`. Once the bodies are sent, the
+    /// next baselines are worked out and `meanwhile` runs, while the far side still works.
     fn apply_remote(
         &self,
         plan: &Plan,
         source: &dyn BodySource,
         options: &ApplyOptions,
         progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
     ) -> Result<ApplyReport, WireError> {
         let _x = locked(&self.exchange);
         let plan_json = serde_json::to_vec(plan).map_err(|e| WireError::Failed(e.to_string()))?;
@@ -507,10 +510,18 @@ impl RemoteReplica {
                 .iter()
                 .map(|c| (m.dir.as_str(), c.src_sub, c.src_name.as_str()))
         });
-        match self.stream_bodies(inbox, copies, source, progress)? {
+        let predicted = Mutex::new(None);
+        let after_sent = || {
+            *locked(&predicted) = Some(self.baselines.predict(plan));
+            meanwhile();
+        };
+        let answer = self.stream_bodies(inbox, copies, source, progress, &after_sent)?;
+        match answer {
             Answer::Applied { report } => {
                 // The far side keeps the same predictions (see `sync::predict`).
-                self.baselines.stage_predictions(plan);
+                let predicted = locked(&predicted).take();
+                self.baselines
+                    .stage_predicted(predicted.unwrap_or_else(|| self.baselines.predict(plan)));
                 Ok(report)
             }
             other => Err(unexpected(&other)),
@@ -519,13 +530,15 @@ impl RemoteReplica {
 
     /// Streams the bodies of `keys`, in order, from `source` while the far side's events
     /// come back, and returns its answer. After an interrupt the rest are sent as failed,
-    /// so the far side finishes cleanly with what it has.
+    /// so the far side finishes cleanly with what it has. `after_sent` runs once the last
+    /// body is out (not when sending fails), while the far side still works.
     fn stream_bodies<'k>(
         &self,
         mut inbox: MutexGuard<'_, Inbox>,
         keys: impl Iterator<Item = (&'k str, Subdir, &'k str)> + Send,
         source: &dyn BodySource,
         progress: &dyn Progress,
+        after_sent: &(dyn Fn() + Sync),
     ) -> Result<Answer, WireError> {
         let send = || -> std::io::Result<()> {
             let mut out = locked(&self.out);
@@ -537,7 +550,10 @@ impl RemoteReplica {
                 let (dir, sub, name) = key;
                 send_body(&mut out, key, source.open_body(dir, sub, name))?;
             }
-            out.flush()
+            out.flush()?;
+            drop(out);
+            after_sent();
+            Ok(())
         };
         std::thread::scope(|scope| {
             let sender = scope.spawn(send);
@@ -595,7 +611,7 @@ impl RemoteReplica {
         let keys = keys
             .iter()
             .map(|k| (k.dir.as_str(), k.sub, k.name.as_str()));
-        match self.stream_bodies(inbox, keys, source, progress)? {
+        match self.stream_bodies(inbox, keys, source, progress, &|| ())? {
             Answer::NewMdboxWritten { report } => Ok(report),
             other => Err(unexpected(&other)),
         }
@@ -765,8 +781,22 @@ impl Replica for RemoteReplica {
         options: &ApplyOptions,
         progress: &dyn Progress,
     ) -> Result<ApplyReport> {
-        self.apply_remote(plan, source, options, progress)
-            .map_err(|e| self.error(e))
+        self.apply_overlapping(plan, source, options, progress, &|| ())
+    }
+
+    /// `meanwhile` runs once the bodies are sent, while the far side applies.
+    fn apply_overlapping(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
+    ) -> Result<ApplyReport> {
+        super::with_meanwhile_once(meanwhile, |once| {
+            self.apply_remote(plan, source, options, progress, once)
+        })
+        .map_err(|e| self.error(e))
     }
 
     fn check_writable(&self) -> Result<()> {

@@ -105,11 +105,9 @@ pub fn apply_overlapping(
     progress: &dyn Progress,
     meanwhile: &(dyn Fn() + Sync),
 ) -> Result<ApplyReport> {
-    let ran = std::sync::Once::new();
-    let once = || ran.call_once(meanwhile);
-    let applied = apply_inner(root, plan, source, options, progress, &once);
-    once();
-    applied
+    crate::replica::with_meanwhile_once(meanwhile, |once| {
+        apply_inner(root, plan, source, options, progress, once)
+    })
 }
 
 fn apply_inner(

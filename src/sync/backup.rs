@@ -196,14 +196,14 @@ pub fn backup_keeping(
         progress,
     };
     progress.event(Event::ScanStarted { side: "source" });
-    let (src_table, dst_table) = rayon::join(
-        || src.scan(&src_scan, progress),
-        || {
+    let (src_table, dst_table) = super::both(
+        (src, || src.scan(&src_scan, progress)),
+        (dst, || {
             if options.scan.layout.is_none() {
                 check_destination_layout(src, dst, layout)?;
             }
             dst.scan(&dst_scan, progress)
-        },
+        }),
     );
     let (mut src_table, mut dst_table) = (src_table?, dst_table?);
     read_one_sided(src, dst, &mut src_table, &mut dst_table);

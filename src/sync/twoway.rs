@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::progress::{Event, Progress};
-use crate::replica::Replica;
 use crate::replica::spool::Spool;
+use crate::replica::{BodyError, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{self, ApplyOptions, ApplyReport};
@@ -169,12 +169,14 @@ pub fn scan_pair(
     options: &SyncOptions,
     progress: &dyn Progress,
 ) -> Result<ScannedPair> {
+    // B is asked only when A cannot tell: asking a remote B waits for its connection,
+    // which A's scan should overlap.
     let layout = match options.scan.layout {
         Some(layout) => layout,
-        None => a
-            .detect_layout()?
-            .or(b.detect_layout()?)
-            .unwrap_or(Layout::MaildirPlusPlus),
+        None => match a.detect_layout()? {
+            Some(layout) => layout,
+            None => b.detect_layout()?.unwrap_or(Layout::MaildirPlusPlus),
+        },
     };
     let scan_a = ScanOptions {
         layout: Some(layout),
@@ -187,19 +189,19 @@ pub fn scan_pair(
         ..scan_a.clone()
     };
     progress.event(Event::ScanStarted { side: "A and B" });
-    let (ta, tb) = rayon::join(
-        || {
+    let (ta, tb) = super::both(
+        (a, || {
             if options.scan.layout.is_none() {
                 backup::check_destination_layout(b, a, layout)?;
             }
             a.scan(&scan_a, progress)
-        },
-        || {
+        }),
+        (b, || {
             if options.scan.layout.is_none() {
                 backup::check_destination_layout(a, b, layout)?;
             }
             b.scan(&scan_b, progress)
-        },
+        }),
     );
     Ok(ScannedPair {
         ta: ta?,
@@ -403,26 +405,19 @@ fn apply_both(
     // Neither plan renames or removes a file the other copies (a message is copied only to
     // the side that lacks it, with the flags of the side that has it), so two local sides
     // apply at once. A remote side's connection carries one exchange at a time: the bodies
-    // the local side needs are read ahead from it first (when they fit the spool), then the
-    // two applies overlap; else they run one after the other.
+    // the local side needs are read ahead from it first (when they fit the spool; none
+    // needed fit), then the two applies overlap; else they run one after the other.
+    let fits = |c: &PlanCounts| c.copies == 0 || Spool::reads_ahead(c.bytes, options.read_ahead);
     let (ra, rb) = match (a.wire_bytes().is_some(), b.wire_bytes().is_some()) {
         (false, false) => rayon::join(
             || a.apply(&plan_a, b, options, &pa),
             || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
         ),
-        (false, true) if Spool::reads_ahead(outcome.a.planned.bytes, options.read_ahead) => {
-            let spool = read_ahead(b, &plan_a)?;
-            beside_remote(
-                || a.apply(&plan_a, &spool, options, &pa),
-                || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
-            )
+        (false, true) if fits(&outcome.a.planned) => {
+            beside_remote((a, &plan_a, &pa), (b, &plan_b, &pb), options, &keep)?
         }
-        (true, false) if Spool::reads_ahead(outcome.b.planned.bytes, options.read_ahead) => {
-            let spool = read_ahead(a, &plan_b)?;
-            let (rb, ra) = beside_remote(
-                || b.apply(&plan_b, &spool, options, &pb),
-                || a.apply_overlapping(&plan_a, b, options, &pa, &keep),
-            );
+        (true, false) if fits(&outcome.b.planned) => {
+            let (rb, ra) = beside_remote((b, &plan_b, &pb), (a, &plan_a, &pa), options, &keep)?;
             (ra, rb)
         }
         _ => {
@@ -435,29 +430,33 @@ fn apply_both(
     Ok(())
 }
 
-/// Runs the local side's apply here and the remote side's on a thread of its own: the
-/// remote one mostly waits on the connection, and would otherwise hold one of the rayon
-/// threads the local apply stages with.
-fn beside_remote<L, R>(local: impl FnOnce() -> L, remote: impl FnOnce() -> R + Send) -> (L, R)
-where
-    R: Send,
-{
-    std::thread::scope(|scope| {
-        let remote = scope.spawn(remote);
-        let local = local();
-        let remote = remote
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (local, remote)
-    })
+/// Applies the local side's plan and the remote side's at once: the local side's bodies
+/// (which fit the spool) are read from the remote side into memory first, then the
+/// remote side's apply takes the connection. `keep` runs once the remote side has its
+/// bodies.
+fn beside_remote(
+    (local, local_plan, local_progress): (&dyn Replica, &Plan, &Sided<'_>),
+    (remote, remote_plan, remote_progress): (&dyn Replica, &Plan, &Sided<'_>),
+    options: &ApplyOptions,
+    keep: &(dyn Fn() + Sync),
+) -> Result<(Result<ApplyReport>, Result<ApplyReport>)> {
+    let spool = read_ahead(remote, local_plan)?;
+    Ok(super::beside_remote(
+        || local.apply(local_plan, &spool, options, local_progress),
+        || remote.apply_overlapping(remote_plan, local, options, remote_progress, keep),
+    ))
+}
+
+fn read_ahead_failed(from: &dyn Replica, e: BodyError) -> crate::error::Error {
+    crate::error::Error::Remote {
+        location: from.location(),
+        message: format!("cannot read bodies ahead: {e}"),
+    }
 }
 
 /// Reads from the remote side `from` every body `plan` (the other side's) copies.
 fn read_ahead(from: &dyn Replica, plan: &Plan) -> Result<Spool> {
-    Spool::fill(from, &apply::copy_keys(plan)).map_err(|e| crate::error::Error::Remote {
-        location: from.location(),
-        message: format!("cannot read bodies ahead: {e}"),
-    })
+    Spool::fill(from, &apply::copy_keys(plan)).map_err(|e| read_ahead_failed(from, e))
 }
 
 /// Stores the freshly listed mailboxes in both scan caches, except those a plan changed.
