@@ -67,6 +67,7 @@ pub fn serve(
         options,
         replica: None,
         baselines: Baselines::new(None, ""),
+        unkept: Mutex::new(None),
         verbose: false,
         use_cache: false,
         offline: false,
@@ -125,6 +126,9 @@ struct Session<'a> {
     options: &'a ServeOptions,
     replica: Option<Served>,
     baselines: Baselines,
+    /// The last whole scan, its listed mailboxes not yet in the scan cache: kept once the
+    /// plan that follows it is known (not the mailboxes it writes), or at `Bye`.
+    unkept: Mutex<Option<(ScanOptions, MailTable)>>,
     verbose: bool,
     use_cache: bool,
     /// The client asserted that no Dovecot uses the replica (`--offline`).
@@ -163,7 +167,7 @@ impl Session<'_> {
                     self.open(&path, how)?
                 }
                 Request::Bye => {
-                    self.baselines.persist();
+                    rayon::join(|| self.baselines.persist(), || self.keep_scan(None));
                     locked(&self.out).json(Kind::Answer, &Answer::Bye)?;
                     return Ok(());
                 }
@@ -189,6 +193,8 @@ impl Session<'_> {
     }
 
     fn open(&mut self, path: &str, how: OpenHow) -> Result<(), WireError> {
+        // A scan of the replica open so far belongs in that replica's cache.
+        self.keep_scan(None);
         let resolved = resolve_path(path, self.options.root.as_deref())
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
@@ -243,8 +249,10 @@ impl Session<'_> {
                         .into_iter()
                         .map(|(dir, stamps, count)| (dir, (stamps, count)))
                         .collect(),
-                    ..ScanOptions::default()
+                    // Not while the client waits for the tables: see `keep_scan`.
+                    defer_cache_writes: true,
                 };
+                self.keep_scan(None);
                 let table = replica
                     .scan(&options, &progress)
                     .map_err(|e| self.fatal(e))?;
@@ -270,6 +278,7 @@ impl Session<'_> {
                     root: RootFacts::of(&table),
                 };
                 out.json(Kind::Answer, &answer)?;
+                *locked(&self.unkept) = Some((options, table));
             }
             Request::Rescan {
                 layout,
@@ -328,10 +337,17 @@ impl Session<'_> {
                     ..options
                 };
                 let source = StreamSource { inbox: &self.inbox };
+                // The scan's mailboxes the plan leaves alone go into the scan cache while
+                // the applier's closing sync waits for the disk.
+                let keep = || self.keep_scan(Some(&plan));
                 let apply = || {
                     match self.spool_bodies(&source, &plan, &options)? {
-                        Some(spool) => replica.apply(&plan, &spool, &options, &progress),
-                        None => replica.apply(&plan, &source, &options, &progress),
+                        Some(spool) => {
+                            replica.apply_overlapping(&plan, &spool, &options, &progress, &keep)
+                        }
+                        None => {
+                            replica.apply_overlapping(&plan, &source, &options, &progress, &keep)
+                        }
                     }
                     .map_err(|e| self.fatal(e))
                 };
@@ -488,6 +504,21 @@ impl Session<'_> {
             }
         }
         Ok(keys)
+    }
+
+    /// Puts the mailboxes the last whole scan listed into the scan cache, except those
+    /// `plan` writes: once, after the tables went out (the client waits for those), and
+    /// not for mailboxes about to change. A store that fails only costs speed.
+    fn keep_scan(&self, plan: Option<&Plan>) {
+        let Some((options, table)) = locked(&self.unkept).take() else {
+            return;
+        };
+        let touched = plan.map(Plan::touched_dirs).unwrap_or_default();
+        if let Ok(served) = self.replica() {
+            let _ = served
+                .replica()
+                .save_scan_cache(&options, &table, &|dir| touched.contains(dir));
+        }
     }
 
     /// The bodies of `plan`'s copies, received whole when they fit the read-ahead limit

@@ -487,3 +487,44 @@ fn a_slow_transfer_is_not_a_timeout() {
     );
     assert_same_oracle(&dc, &src, &dst, "after a slow transfer");
 }
+
+#[test]
+fn the_far_side_caches_its_scan_except_the_mailboxes_the_plan_wrote() {
+    use mdsync::scan::cache::{ScanCache, take_stamps};
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, cache) = (
+        dir.path().join("src"),
+        dir.path().join("dst"),
+        dir.path().join("cache"),
+    );
+    support::corpus::write_corpus(&src, 60, 5);
+    let remote = Remote::new(Via::Pipe);
+    let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
+    remote
+        .backup(Direction::Push, &src, &dst, &cache_arg)
+        .assert_ok();
+    // Old enough to cache, then one flag change in INBOX only.
+    std::thread::sleep(Duration::from_millis(2100));
+    let file = mail_files(&src)
+        .into_iter()
+        .find(|f| f.mailbox == Path::new("") && f.path.to_str().unwrap().contains(":2,"))
+        .unwrap();
+    fs::rename(&file.path, file.path.to_str().unwrap().to_string() + "F").unwrap();
+    let (inbox_before, sent_before) = (take_stamps(&dst), take_stamps(&dst.join(".Sent")));
+    let run = remote.backup(Direction::Push, &src, &dst, &cache_arg);
+    run.assert_ok();
+    assert_eq!(run.count("flag_changes"), 1, "{}", run.describe());
+    // The server kept its own scan (the client keeps none for a remote side): the
+    // mailbox the plan left alone, not the one it wrote.
+    let served = ScanCache::for_root(&cache, &dst);
+    assert_eq!(take_stamps(&dst.join(".Sent")), sent_before);
+    assert!(
+        served.take(".Sent", &sent_before).is_some(),
+        "an untouched mailbox of the far side is cached"
+    );
+    assert_ne!(take_stamps(&dst), inbox_before);
+    assert!(
+        served.take("", &inbox_before).is_none(),
+        "the far side's INBOX, read before the plan changed it, must not be cached"
+    );
+}

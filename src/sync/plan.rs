@@ -206,6 +206,22 @@ pub struct PlanCounts {
 }
 
 impl Plan {
+    /// Directories the plan writes to, deletes or renames (both names): what a scan cache
+    /// must not keep from a scan taken before it was applied.
+    pub fn touched_dirs(&self) -> std::collections::HashSet<String> {
+        self.mailboxes
+            .iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| m.dir.clone())
+            .chain(self.delete_mailboxes.iter().map(|d| d.dir.clone()))
+            .chain(
+                self.rename_mailboxes
+                    .iter()
+                    .flat_map(|r| [r.from_dir.clone(), r.to_dir.clone()]),
+            )
+            .collect()
+    }
+
     /// True when the destination already matches.
     pub fn is_empty(&self) -> bool {
         self.delete_mailboxes.is_empty()

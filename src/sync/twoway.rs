@@ -467,8 +467,9 @@ fn keep_scans(
     plans: Option<(&Plan, &Plan)>,
     progress: &dyn Progress,
 ) {
-    let changed =
-        |plan: Option<&Plan>| -> HashSet<String> { plan.map(touched_dirs).unwrap_or_default() };
+    let changed = |plan: Option<&Plan>| -> HashSet<String> {
+        plan.map(Plan::touched_dirs).unwrap_or_default()
+    };
     let (ca, cb) = (changed(plans.map(|p| p.0)), changed(plans.map(|p| p.1)));
     let (ka, kb) = rayon::join(
         || {
@@ -489,21 +490,6 @@ fn keep_scans(
     }
 }
 
-/// Directories a plan writes to, deletes or renames (both names).
-fn touched_dirs(plan: &Plan) -> HashSet<String> {
-    plan.mailboxes
-        .iter()
-        .filter(|m| !m.is_empty())
-        .map(|m| m.dir.clone())
-        .chain(plan.delete_mailboxes.iter().map(|d| d.dir.clone()))
-        .chain(
-            plan.rename_mailboxes
-                .iter()
-                .flat_map(|r| [r.from_dir.clone(), r.to_dir.clone()]),
-        )
-        .collect()
-}
-
 /// The merge's next base with the stamps of every mailbox both plans left alone and both
 /// scans can vouch for, so the next run need not read it.
 fn with_stamps(
@@ -513,9 +499,10 @@ fn with_stamps(
     plan_a: &Plan,
     plan_b: &Plan,
 ) -> BaseState {
-    let touched: HashSet<String> = touched_dirs(plan_a)
+    let touched: HashSet<String> = plan_a
+        .touched_dirs()
         .into_iter()
-        .chain(touched_dirs(plan_b))
+        .chain(plan_b.touched_dirs())
         .collect();
     for m in &mut next.mailboxes {
         if m.stamps_a.is_some() && m.stamps_b.is_some() {
