@@ -68,6 +68,7 @@ pub fn serve(
         replica: None,
         baselines: Baselines::new(None, ""),
         unkept: Mutex::new(None),
+        touched: Mutex::new(HashSet::new()),
         verbose: false,
         use_cache: false,
         offline: false,
@@ -129,6 +130,8 @@ struct Session<'a> {
     /// The last whole scan, its listed mailboxes not yet in the scan cache: kept once the
     /// plan that follows it is known (not the mailboxes it writes), or at `Bye`.
     unkept: Mutex<Option<(ScanOptions, MailTable)>>,
+    /// Mailboxes the session's plans touched since that scan.
+    touched: Mutex<HashSet<String>>,
     verbose: bool,
     use_cache: bool,
     /// The client asserted that no Dovecot uses the replica (`--offline`).
@@ -253,6 +256,7 @@ impl Session<'_> {
                     defer_cache_writes: true,
                 };
                 self.keep_scan(None);
+                locked(&self.touched).clear();
                 let table = replica
                     .scan(&options, &progress)
                     .map_err(|e| self.fatal(e))?;
@@ -507,13 +511,24 @@ impl Session<'_> {
     }
 
     /// Puts the mailboxes the last whole scan listed into the scan cache, except those
-    /// `plan` writes: once, after the tables went out (the client waits for those), and
-    /// not for mailboxes about to change. A store that fails only costs speed.
+    /// the session's plans touched (`plan`'s too): once, after the tables went out (the
+    /// client waits for those), and not for mailboxes about to change. A plan that only
+    /// renames folders (a two-way sync's first, its main plan comes next) just adds to
+    /// what is left out. A store that fails only costs speed.
     fn keep_scan(&self, plan: Option<&Plan>) {
+        if let Some(plan) = plan {
+            locked(&self.touched).extend(plan.touched_dirs());
+            let only_renames = !plan.rename_mailboxes.is_empty()
+                && plan.delete_mailboxes.is_empty()
+                && plan.mailboxes.iter().all(|m| m.is_empty());
+            if only_renames {
+                return;
+            }
+        }
         let Some((options, table)) = locked(&self.unkept).take() else {
             return;
         };
-        let touched = plan.map(Plan::touched_dirs).unwrap_or_default();
+        let touched = std::mem::take(&mut *locked(&self.touched));
         if let Ok(served) = self.replica() {
             let _ = served
                 .replica()

@@ -9,7 +9,7 @@ mod support;
 use std::fs;
 use std::path::Path;
 
-use support::sshd::Sshd;
+use support::sshd::{Sshd, remote_wrapper};
 use support::tree::{Run, conflict_kinds, run_mdsync};
 use support::{Dovecot, copy_tree, message};
 
@@ -28,6 +28,7 @@ fn sync_run(via: &Via<'_>, a: &Path, b: &Path, options: &[&str]) -> Run {
     args.extend_from_slice(options);
     let rsh;
     let remote;
+    let wrapper;
     match via {
         Via::Local => {
             args.push(&a);
@@ -37,7 +38,9 @@ fn sync_run(via: &Via<'_>, a: &Path, b: &Path, options: &[&str]) -> Run {
             rsh = sshd.rsh();
             let a_remote = matches!(via, Via::SshA(_));
             remote = format!("{}:{}", sshd.host(), if a_remote { &a } else { &b });
-            args.extend(["-e", &rsh, "--remote-mdsync", env!("CARGO_BIN_EXE_mdsync")]);
+            // The far side caches in the test's cache home, not the user's.
+            wrapper = remote_wrapper(sshd.dir()).display().to_string();
+            args.extend(["-e", &rsh, "--remote-mdsync", &wrapper]);
             if a_remote {
                 args.extend([remote.as_str(), b.as_str()]);
             } else {
@@ -398,6 +401,43 @@ fn over_ssh() {
     scenario_new_mail_on_both_sides(&via, &[]);
     scenario_new_mail_on_both_sides(&via, &["--read-ahead", "0"]);
     scenario_mailboxes(&via);
+}
+
+#[test]
+fn the_far_side_caches_no_mailbox_a_plan_after_its_renames_wrote() {
+    use mdsync::scan::cache::{ScanCache, take_stamps};
+    let sshd = Sshd::start();
+    let via = Via::Ssh(&sshd);
+    let dovecot = Dovecot::new();
+    let (a, b) = synced_pair(&dovecot, &via);
+    dovecot.create_mailbox(&a, "Quiet");
+    dovecot.save(&a, "Quiet", &message("q1", "quiet", 2));
+    sync_ok(&via, &a, &b);
+    // Flags changed on B in INBOX and Quiet, so that B's scan lists both; old enough to
+    // cache. Then a folder renamed on A and new mail in A's INBOX: B gets a plan of
+    // renames alone, then its main plan, which writes INBOX and leaves Quiet alone.
+    dovecot.flags_add(&b, "INBOX", "2", "\\Flagged");
+    dovecot.flags_add(&b, "Quiet", "1", "\\Flagged");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    fs::rename(a.join(".Archive"), a.join(".Old")).unwrap();
+    dovecot.save(&a, "INBOX", &message("m4", "late", 3));
+    let served = ScanCache::for_root(&support::cache_home().join("remote/mdsync"), &b);
+    let _ = fs::remove_dir_all(served.dir());
+    let (inbox_before, quiet_before) = (take_stamps(&b), take_stamps(&b.join(".Quiet")));
+    let json = sync_ok(&via, &a, &b);
+    assert_eq!(json["b"]["mailboxes_renamed"], 1, "{json}");
+    assert_eq!(json["b"]["messages_copied"], 1, "{json}");
+    assert_eq!(take_stamps(&b.join(".Quiet")), quiet_before);
+    assert!(
+        served.take(".Quiet", &quiet_before).is_some(),
+        "a mailbox no plan touched is cached by the far side"
+    );
+    assert_ne!(take_stamps(&b), inbox_before);
+    assert!(
+        served.take("", &inbox_before).is_none(),
+        "INBOX, read before the main plan wrote it, must not be cached"
+    );
+    assert_equal(&dovecot, &a, &b);
 }
 
 /// (mailbox, Message-ID, GUID, flags) of every message, sorted, UIDs left out: where

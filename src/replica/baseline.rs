@@ -91,14 +91,22 @@ impl Baselines {
     }
 
     /// Writes what the session staged, in parallel, skipping what is already on disk.
+    /// The staged tables stay: a later apply in the same session predicts from them.
     pub fn persist(&self) {
         use rayon::prelude::*;
-        let staged: Vec<(String, Vec<u8>)> = locked(&self.staged).drain().collect();
         let on_disk = locked(&self.on_disk).clone();
-        staged
-            .par_iter()
-            .filter(|(dir, encoding)| on_disk.get(dir) != Some(&id_of(encoding)))
-            .for_each(|(dir, encoding)| self.put(dir, encoding));
+        let to_write: Vec<(String, Vec<u8>, u128)> = locked(&self.staged)
+            .iter()
+            .filter_map(|(dir, encoding)| {
+                let id = id_of(encoding);
+                (on_disk.get(dir) != Some(&id)).then(|| (dir.clone(), encoding.clone(), id))
+            })
+            .collect();
+        let written: Vec<(String, u128)> = to_write
+            .into_par_iter()
+            .filter_map(|(dir, encoding, id)| self.put(&dir, &encoding).then_some((dir, id)))
+            .collect();
+        locked(&self.on_disk).extend(written);
     }
 
     fn file_for(&self, mailbox_dir: &str) -> Option<PathBuf> {
@@ -143,11 +151,11 @@ impl Baselines {
         all
     }
 
-    /// Keeps `encoding` as the baseline of `mailbox_dir` on disk now (atomically; errors
-    /// are ignored, since a lost baseline only costs bytes next time).
-    pub fn put(&self, mailbox_dir: &str, encoding: &[u8]) {
+    /// Keeps `encoding` as the baseline of `mailbox_dir` on disk now (atomically); false
+    /// when it could not, which only costs bytes next time.
+    pub fn put(&self, mailbox_dir: &str, encoding: &[u8]) -> bool {
         let (Some(dir), Some(file)) = (&self.dir, self.file_for(mailbox_dir)) else {
-            return;
+            return false;
         };
         let mut bytes = Vec::with_capacity(encoding.len() + mailbox_dir.len() + 4);
         bytes.extend_from_slice(&(mailbox_dir.len() as u32).to_le_bytes());
@@ -157,7 +165,9 @@ impl Baselines {
         let tmp = dir.join(writer::temp_name());
         if fs::write(&tmp, &bytes).is_err() || fs::rename(&tmp, &file).is_err() {
             let _ = fs::remove_file(&tmp);
+            return false;
         }
+        true
     }
 
     /// Drops the baselines of mailboxes not in `keep`, staged ones too: a session that
@@ -221,7 +231,40 @@ mod tests {
         assert!(b.get(".Renamed").is_none());
         assert_eq!(b.get(".A").unwrap(), b"newer");
         let none = Baselines::new(None, "x");
-        none.put("", b"t");
+        assert!(!none.put("", b"t"));
         assert!(none.get("").is_none() && none.load_all().is_empty());
+    }
+
+    #[test]
+    fn a_session_predicts_from_its_tables_after_writing_them() {
+        use crate::sync::plan::{MailboxPlan, Plan};
+        use crate::table::MailboxTable;
+        let dir = tempfile::tempdir().unwrap();
+        let b = Baselines::new(Some(dir.path()), "host:/srv/mail");
+        let table = MailboxTable {
+            dir: ".A".into(),
+            name: "A".into(),
+            ..MailboxTable::default()
+        };
+        b.stage(".A", crate::wire::table::encode(&table));
+        let plan = Plan {
+            mailboxes: vec![MailboxPlan {
+                dir: ".A".into(),
+                reset_index: true,
+                ..MailboxPlan::default()
+            }],
+            ..Plan::default()
+        };
+        // The server writes its baselines after each apply; a second apply in the same
+        // session (a two-way sync's renames, then its plan) must still predict, as the
+        // client, which writes only at the end, does.
+        b.persist();
+        assert_eq!(b.predict(&plan).0.len(), 1);
+        let on_disk = fs::read_dir(dir.path().join("baselines")).unwrap().count();
+        b.persist();
+        assert_eq!(
+            fs::read_dir(dir.path().join("baselines")).unwrap().count(),
+            on_disk
+        );
     }
 }

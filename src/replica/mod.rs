@@ -89,8 +89,13 @@ pub(crate) fn with_meanwhile_once<T>(
     meanwhile: &(dyn Fn() + Sync),
     work: impl FnOnce(&(dyn Fn() + Sync)) -> T,
 ) -> T {
-    let ran = std::sync::Once::new();
-    let once = || ran.call_once(meanwhile);
+    // A flag rather than `Once`: a `meanwhile` that panics must not poison the second call.
+    let ran = std::sync::atomic::AtomicBool::new(false);
+    let once = || {
+        if !ran.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            meanwhile();
+        }
+    };
     let done = work(&once);
     once();
     done
@@ -110,7 +115,8 @@ pub trait Replica: BodySource + Send {
     /// Applies a plan like [`Replica::apply`] and runs `meanwhile` while the applier waits
     /// for its closing sync: work that needs the CPU but not this replica's durability,
     /// such as writing scan caches. `meanwhile` runs once, also when the apply fails; the
-    /// default runs it afterwards.
+    /// default runs it afterwards. It must not use this replica: a remote one runs it
+    /// while its connection is held for the apply.
     fn apply_overlapping(
         &self,
         plan: &Plan,
