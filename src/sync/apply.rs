@@ -739,9 +739,9 @@ fn stage_one<'a>(
         BodyData::File(mut file) => {
             writer::write_to_tmp(tmp_dir, &mut file, &meta, options.ownership, options.fsync)
         }
-        BodyData::Stream(mut stream) => writer::write_to_tmp(
+        BodyData::Stream(mut stream) => writer::write_stream_to_tmp(
             tmp_dir,
-            &mut stream,
+            &mut *stream,
             &meta,
             options.ownership,
             options.fsync,
