@@ -345,15 +345,14 @@ impl Session<'_> {
                 // the applier's closing sync waits for the disk.
                 let keep = || self.keep_scan(Some(&plan));
                 let apply = || {
-                    match self.spool_bodies(&source, &plan, &options)? {
-                        Some(spool) => {
-                            replica.apply_overlapping(&plan, &spool, &options, &progress, &keep)
-                        }
-                        None => {
-                            replica.apply_overlapping(&plan, &source, &options, &progress, &keep)
-                        }
-                    }
-                    .map_err(|e| self.fatal(e))
+                    let spool = self.spool_bodies(&source, &plan, &options)?;
+                    let bodies: &dyn BodySource = match &spool {
+                        Some(spool) => spool,
+                        None => &source,
+                    };
+                    replica
+                        .apply_overlapping(&plan, bodies, &options, &progress, &keep)
+                        .map_err(|e| self.fatal(e))
                 };
                 // The next baselines are worked out while the plan is applied.
                 let (report, predicted) = std::thread::scope(|scope| {

@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::progress::{Event, Progress};
+use crate::replica::Replica;
 use crate::replica::spool::Spool;
-use crate::replica::{BodyError, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{self, ApplyOptions, ApplyReport};
@@ -414,10 +414,11 @@ fn apply_both(
             || b.apply_overlapping(&plan_b, a, options, &pb, &keep),
         ),
         (false, true) if fits(&outcome.a.planned) => {
-            beside_remote((a, &plan_a, &pa), (b, &plan_b, &pb), options, &keep)?
+            apply_beside_remote((a, &plan_a, &pa), (b, &plan_b, &pb), options, &keep)?
         }
         (true, false) if fits(&outcome.b.planned) => {
-            let (rb, ra) = beside_remote((b, &plan_b, &pb), (a, &plan_a, &pa), options, &keep)?;
+            let (rb, ra) =
+                apply_beside_remote((b, &plan_b, &pb), (a, &plan_a, &pa), options, &keep)?;
             (ra, rb)
         }
         _ => {
@@ -434,7 +435,7 @@ fn apply_both(
 /// (which fit the spool) are read from the remote side into memory first, then the
 /// remote side's apply takes the connection. `keep` runs once the remote side has its
 /// bodies.
-fn beside_remote(
+fn apply_beside_remote(
     (local, local_plan, local_progress): (&dyn Replica, &Plan, &Sided<'_>),
     (remote, remote_plan, remote_progress): (&dyn Replica, &Plan, &Sided<'_>),
     options: &ApplyOptions,
@@ -447,16 +448,12 @@ fn beside_remote(
     ))
 }
 
-fn read_ahead_failed(from: &dyn Replica, e: BodyError) -> crate::error::Error {
-    crate::error::Error::Remote {
-        location: from.location(),
-        message: format!("cannot read bodies ahead: {e}"),
-    }
-}
-
 /// Reads from the remote side `from` every body `plan` (the other side's) copies.
 fn read_ahead(from: &dyn Replica, plan: &Plan) -> Result<Spool> {
-    Spool::fill(from, &apply::copy_keys(plan)).map_err(|e| read_ahead_failed(from, e))
+    Spool::fill(from, &apply::copy_keys(plan)).map_err(|e| crate::error::Error::Remote {
+        location: from.location(),
+        message: format!("cannot read bodies ahead: {e}"),
+    })
 }
 
 /// Stores the freshly listed mailboxes in both scan caches, except those a plan changed.
