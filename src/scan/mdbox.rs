@@ -173,12 +173,22 @@ pub fn rescan_mailboxes(
         store,
         records: &records,
     };
+    // A dirty mailbox no longer listed was renamed or deleted since the event: read as
+    // empty, it would have its copy expunged before the folder change is seen. Broken, the
+    // batch reads the folder list instead.
+    let gone = |dir: &str| MailboxTable {
+        broken: Some(format!(
+            "{}: no longer listed (renamed or deleted meanwhile)",
+            root.join("mailboxes").display()
+        )),
+        ..empty(dir)
+    };
     dirs.par_iter()
         .map(|dir| {
             found
                 .iter()
                 .find(|mb| maildir_dir(layout, &mb.dir).as_deref() == Some(dir.as_str()))
-                .map_or_else(|| empty(dir), |mb| read_mailbox(&sources, dir, mb))
+                .map_or_else(|| gone(dir), |mb| read_mailbox(&sources, dir, mb))
         })
         .collect()
 }
@@ -252,9 +262,24 @@ fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
         flat: true,
         ..MailboxTable::default()
     };
-    table.dir_meta = dir_meta(&mb.index_dir).unwrap_or_default();
+    table.dir_meta = match dir_meta(&mb.index_dir) {
+        Ok(meta) => meta,
+        Err(e) => {
+            table.broken = Some(e.to_string());
+            return table;
+        }
+    };
     let index = match MailboxIndex::load(&mb.index_dir) {
         Ok(Some(index)) => index,
+        // No index files because the directory was renamed or deleted after it was
+        // listed: not an empty mailbox, whose copy would be expunged.
+        Ok(None) if !mb.index_dir.is_dir() => {
+            let path = mb.index_dir.display();
+            table.broken = Some(format!(
+                "{path}: gone (renamed or deleted while being read)"
+            ));
+            return table;
+        }
         Ok(None) => {
             table.next_uid = 1;
             table.settled = true;
@@ -509,7 +534,8 @@ mod tests {
     }
 
     /// A batch of mailboxes read again (one map index for all) holds what a whole scan
-    /// holds for them; a mailbox gone since is empty, not broken.
+    /// holds for them; a mailbox gone since is broken (the batch then reads the folder
+    /// list), not empty (its copy would be expunged).
     #[test]
     fn a_batch_rescan_reads_each_mailbox_as_the_whole_scan_does() {
         let root = fixture("live");
@@ -538,8 +564,37 @@ mod tests {
             assert_eq!(guids(r), guids(m), "{dir}");
         }
         let gone = again.last().unwrap();
-        assert!(gone.is_empty() && gone.broken.is_none());
+        let why = gone
+            .broken
+            .as_deref()
+            .expect("a vanished mailbox is broken");
+        assert!(why.contains("no longer listed"), "{why}");
         let one = rescan_mailboxes(&root, layout, &dirs[..1], &store);
         assert_eq!(one[0].msgs.uid, whole.mailboxes[0].msgs.uid);
+    }
+
+    /// A mailbox listed, then renamed or deleted before its index was read, is broken (left
+    /// alone this run), never an empty mailbox whose copy the plan would expunge.
+    #[test]
+    fn a_mailbox_gone_between_listing_and_reading_is_broken_not_empty() {
+        let root = fixture("live");
+        let store = Store::new(&root);
+        let map = MapIndex::load(&root.join("storage")).unwrap();
+        let records = DboxCache::load(None);
+        let sources = Sources {
+            root: &root,
+            map: &map,
+            store: &store,
+            records: &records,
+        };
+        let listed = MailboxDir {
+            dir: "Projects".into(),
+            name: "Projects".into(),
+            index_dir: root.join("mailboxes/Projects/dbox-Mails"),
+        };
+        let table = read_mailbox(&sources, ".Projects", &listed);
+        let why = table.broken.as_deref().expect("broken");
+        assert!(why.contains("mailboxes/Projects/dbox-Mails"), "{why}");
+        assert!(!table.settled);
     }
 }
