@@ -167,6 +167,10 @@ pub struct MailboxTable {
     pub arena: String,
     /// Why this mailbox must not be touched (corrupt uidlist, unreadable directory).
     pub broken: Option<String>,
+    /// True when it is broken because its directory was gone when it was read: renamed
+    /// or deleted while this run read it. Not bad input: the run ends "partial" (exit 2)
+    /// rather than in error, and the next run finds the folder under its new name.
+    pub vanished: bool,
     /// Problems with single entries.
     pub anomalies: Vec<Anomaly>,
     /// Stamps of `cur/`, `new/`, uidlist and keywords, taken before the mailbox was read.

@@ -27,6 +27,9 @@ enum Trick {
     HideFromFirstScan(&'static str),
     /// Delete this file after the scan (Dovecot expunged it before we copied it).
     DeleteAfterScan(&'static str),
+    /// Rename folder `.0` to `.1` after the folder list was taken and before `.0` was
+    /// read (a user renamed it in their mail client meanwhile).
+    RenameFolderWhileRead(&'static str, &'static str),
 }
 
 struct Tricky {
@@ -65,6 +68,17 @@ impl Replica for Tricky {
                 let table = self.inner.scan(options, progress);
                 fs::remove_file(self.inner.root().join("cur").join(name)).unwrap();
                 table
+            }
+            Trick::RenameFolderWhileRead(from, to) => {
+                let root = self.inner.root();
+                fs::rename(root.join(from), root.join(to)).unwrap();
+                let mut table = self.inner.scan(options, progress)?;
+                // What a scan that listed the folders before the rename read.
+                let listed_before = mdsync::scan::scan_mailbox(root, table.layout, from);
+                table.mailboxes.retain(|m| m.dir != to);
+                table.mailboxes.push(listed_before);
+                table.mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
+                Ok(table)
             }
         }
     }
@@ -180,6 +194,39 @@ fn message_expunged_before_copy_is_skipped_and_rerun_is_asked() {
         leftovers.is_empty(),
         "nothing staged may linger: {leftovers:?}"
     );
+}
+
+/// A folder renamed while the source was read is left alone for the run, never read as an
+/// empty folder whose copy would be emptied; the run is partial (exit 2) and the next run
+/// renames the copy.
+#[test]
+fn a_folder_renamed_while_read_is_left_alone_and_the_next_run_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    make_source(&src);
+    make_source(&src.join(".Work"));
+    fs::write(src.join(".Work/maildirfolder"), "").unwrap();
+    let (s, d) = (LocalReplica::new(&src), LocalReplica::new(&dst));
+    backup(&s, &d, &options(), &NoProgress).unwrap();
+    assert!(dst.join(".Work/cur/a,S=1:2,S").exists());
+
+    let tricky = Tricky {
+        inner: LocalReplica::new(&src),
+        trick: Trick::RenameFolderWhileRead(".Work", ".Moved"),
+        rescans: Mutex::new(0),
+    };
+    let outcome = backup(&tricky, &d, &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.completion(), Completion::Partial, "{outcome:?}");
+    assert_eq!(outcome.skipped.len(), 1, "{:?}", outcome.skipped);
+    assert!(outcome.skipped[0].changed && outcome.skipped[0].why.contains(".Work"));
+    assert_eq!(outcome.planned.expunges, 0, "the copy was emptied");
+    assert!(dst.join(".Work/cur/a,S=1:2,S").exists());
+    assert!(dst.join(".Work/cur/b,S=1:2,S").exists());
+
+    let outcome = backup(&s, &d, &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.completion(), Completion::Complete, "{outcome:?}");
+    assert!(dst.join(".Moved/cur/a,S=1:2,S").exists());
+    assert!(!dst.join(".Work").exists());
 }
 
 #[test]

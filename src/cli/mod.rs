@@ -643,7 +643,7 @@ fn parse_delete_limit(text: &str) -> anyhow::Result<DeleteLimit> {
 
 fn report(outcome: &BackupOutcome, a: &BackupArgs) {
     for s in &outcome.skipped {
-        eprintln!("mdsync: error: {}: {}", join(&a.src, &s.path), s.why);
+        eprintln!("mdsync: {}", output::skip_line(&join(&a.src, &s.path), s));
     }
     for w in &outcome.warnings {
         eprintln!("mdsync: warning: {}: {}", join(&a.src, &w.path), w.why);

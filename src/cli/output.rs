@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mdsync::progress::{Event, Progress};
 use mdsync::sync::backup::BackupOutcome;
+use mdsync::sync::plan::Skipped;
 
 /// The CLI's [`Progress`].
 pub struct Renderer {
@@ -134,6 +135,18 @@ impl Progress for Renderer {
 }
 
 /// `1.5 MiB`-style sizes.
+/// How a skipped item is labelled on stderr: `error` for bad input (exit 1); for a folder
+/// that changed while the run read it (exit 2), what to do about it.
+pub fn skip_line(path: &str, s: &Skipped) -> String {
+    match s.changed {
+        true => format!(
+            "{path}: {} (changed during the run; re-run to finish)",
+            s.why
+        ),
+        false => format!("error: {path}: {}", s.why),
+    }
+}
+
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -206,7 +219,7 @@ pub fn json_report(o: &BackupOutcome, dry_run: bool) -> String {
         "expunged": expunged,
         "skipped": o.skipped.len() as u64 + r.vanished + r.errors.len() as u64,
         "vanished": r.vanished,
-        "errors": r.errors.iter().chain(o.skipped.iter().map(|s| &s.path)).collect::<Vec<_>>(),
+        "errors": r.errors.iter().chain(o.skipped.iter().filter(|s| !s.changed).map(|s| &s.path)).collect::<Vec<_>>(),
         "source_messages": o.source_messages,
         "unchanged_mailboxes": o.unchanged_mailboxes,
         "seconds": o.seconds,

@@ -25,7 +25,7 @@ pub(super) fn run(a: SyncArgs) -> anyhow::Result<ExitCode> {
 
 fn report(o: &SyncOutcome, a: &SyncArgs) {
     for s in &o.skipped {
-        eprintln!("mdsync: error: {}: {}", s.path, s.why);
+        eprintln!("mdsync: {}", super::output::skip_line(&s.path, s));
     }
     for w in &o.warnings {
         eprintln!("mdsync: warning: {}: {}", w.path, w.why);

@@ -337,7 +337,7 @@ impl Monitor for Renderer<'_> {
                     r.mailboxes_deleted,
                 ));
                 for s in &o.skipped {
-                    self.line(&format!("error: {}: {}", s.path, s.why));
+                    self.line(&super::output::skip_line(&s.path, s));
                 }
                 for e in &r.errors {
                     self.line(&format!("error: {e}"));

@@ -181,6 +181,7 @@ pub fn rescan_mailboxes(
             "{}: no longer listed (renamed or deleted meanwhile)",
             root.join("mailboxes").display()
         )),
+        vanished: true,
         ..empty(dir)
     };
     dirs.par_iter()
@@ -266,6 +267,7 @@ fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
         Ok(meta) => meta,
         Err(e) => {
             table.broken = Some(e.to_string());
+            table.vanished = super::is_gone(&mb.index_dir);
             return table;
         }
     };
@@ -278,6 +280,7 @@ fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
             table.broken = Some(format!(
                 "{path}: gone (renamed or deleted while being read)"
             ));
+            table.vanished = true;
             return table;
         }
         Ok(None) => {
@@ -568,7 +571,7 @@ mod tests {
             .broken
             .as_deref()
             .expect("a vanished mailbox is broken");
-        assert!(why.contains("no longer listed"), "{why}");
+        assert!(why.contains("no longer listed") && gone.vanished, "{why}");
         let one = rescan_mailboxes(&root, layout, &dirs[..1], &store);
         assert_eq!(one[0].msgs.uid, whole.mailboxes[0].msgs.uid);
     }
@@ -594,7 +597,10 @@ mod tests {
         };
         let table = read_mailbox(&sources, ".Projects", &listed);
         let why = table.broken.as_deref().expect("broken");
-        assert!(why.contains("mailboxes/Projects/dbox-Mails"), "{why}");
+        assert!(
+            why.contains("mailboxes/Projects/dbox-Mails") && table.vanished,
+            "{why}"
+        );
         assert!(!table.settled);
     }
 }

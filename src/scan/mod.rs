@@ -317,8 +317,15 @@ fn read_mailbox_once(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
     };
     if let Err(why) = fill_mailbox(&path, &mut mailbox) {
         mailbox.broken = Some(why);
+        mailbox.vanished = is_gone(&path);
     }
     mailbox
+}
+
+/// True when nothing is at `path` any more: a folder listed, then renamed or deleted
+/// before (or while) it was read.
+pub(crate) fn is_gone(path: &Path) -> bool {
+    matches!(fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 fn fill_mailbox(path: &Path, mailbox: &mut MailboxTable) -> std::result::Result<(), String> {
@@ -666,6 +673,22 @@ mod tests {
             why.contains("dovecot-uidlist") && why.contains("duplicate uid 1"),
             "{why}"
         );
+        assert!(!table.mailboxes[0].vanished, "bad input, not a folder gone");
+    }
+
+    /// A folder listed, then renamed or deleted before it was read, is broken and marked
+    /// as vanished (the run is partial, exit 2), never read as an empty folder.
+    #[test]
+    fn a_folder_gone_before_it_is_read_is_broken_and_vanished() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join(".Gone/cur/a:2,S"), "x");
+        let listed = scan_mailbox(dir.path(), Layout::MaildirPlusPlus, ".Gone");
+        assert!(listed.broken.is_none() && listed.len() == 1);
+        fs::rename(dir.path().join(".Gone"), dir.path().join(".Moved")).unwrap();
+        let gone = scan_mailbox(dir.path(), Layout::MaildirPlusPlus, ".Gone");
+        let why = gone.broken.as_deref().expect("broken");
+        assert!(why.contains(".Gone") && gone.vanished, "{why}");
+        assert!(gone.is_empty());
     }
 
     #[test]

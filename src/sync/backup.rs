@@ -100,9 +100,10 @@ pub enum Completion {
 impl BackupOutcome {
     /// Classifies the run.
     pub fn completion(&self) -> Completion {
-        if !self.report.errors.is_empty() || !self.skipped.is_empty() {
+        let changed = self.skipped.iter().any(|s| s.changed);
+        if !self.report.errors.is_empty() || self.skipped.iter().any(|s| !s.changed) {
             Completion::Errors
-        } else if self.report.vanished > 0 {
+        } else if self.report.vanished > 0 || changed {
             Completion::Partial
         } else {
             Completion::Complete
@@ -504,5 +505,24 @@ mod tests {
         assert_eq!(DeleteLimit::Percent(100).allowed(7), 7);
         assert_eq!(DeleteLimit::Count(3).allowed(1000), 3);
         assert_eq!(DeleteLimit::default().allowed(0), 0);
+    }
+
+    /// A folder that changed while it was read makes the run partial (exit 2); bad input
+    /// beside it still makes it an error (exit 1).
+    #[test]
+    fn a_skip_that_changed_meanwhile_is_partial_and_bad_input_an_error() {
+        let skip = |changed| Skipped {
+            path: ".A".into(),
+            why: "left alone".into(),
+            changed,
+        };
+        let outcome = |skipped: Vec<Skipped>| BackupOutcome {
+            skipped,
+            ..BackupOutcome::default()
+        };
+        assert_eq!(outcome(vec![]).completion(), Completion::Complete);
+        assert_eq!(outcome(vec![skip(true)]).completion(), Completion::Partial);
+        let both = outcome(vec![skip(true), skip(false)]);
+        assert_eq!(both.completion(), Completion::Errors);
     }
 }

@@ -159,6 +159,7 @@ pub fn diff_backup(
         let item = Skipped {
             path: a.path.clone(),
             why: a.what.clone(),
+            changed: false,
         };
         if a.serious {
             skipped.push(item)
@@ -178,6 +179,7 @@ pub fn diff_backup(
                     vec![Skipped {
                         path: s.dir.clone(),
                         why: why.into(),
+                        changed: false,
                     }],
                 );
             }
@@ -330,15 +332,15 @@ impl<'a> MailboxDiff<'a> {
             return None;
         }
         if let Some(why) = &self.s.broken {
-            self.skip(
-                &self.s.dir.clone(),
-                &format!("source mailbox left alone: {why}"),
-            );
+            let why = format!("source mailbox left alone: {why}");
+            self.skip_changed(&self.s.dir.clone(), &why, self.s.vanished);
             return None;
         }
-        if let Some(why) = self.d.and_then(|d| d.broken.as_ref()) {
+        if let Some(d) = self.d
+            && let Some(why) = &d.broken
+        {
             let why = format!("destination mailbox left alone: {why}");
-            self.skip(&self.s.dir.clone(), &why);
+            self.skip_changed(&self.s.dir.clone(), &why, d.vanished);
             return None;
         }
         // An empty shell (no uidlist, no mail) is what a run killed while creating the
@@ -364,9 +366,16 @@ impl<'a> MailboxDiff<'a> {
     }
 
     fn skip(&mut self, path: &str, why: &str) {
+        self.skip_changed(path, why, false);
+    }
+
+    /// Skips `path`; `changed` when it changed while the run read it (see
+    /// [`Skipped::changed`]).
+    fn skip_changed(&mut self, path: &str, why: &str, changed: bool) {
         self.skipped.push(Skipped {
             path: path.to_string(),
             why: why.to_string(),
+            changed,
         });
     }
 

@@ -429,12 +429,14 @@ impl Targets {
     }
 
     /// Keeps both sides' copies exactly as they are (the target equals the side), and the
-    /// base entry as it was.
-    fn hold(&mut self, g: &Group<'_>, why: &str) {
+    /// base entry as it was. `changing`: held because a side changed while it was read (a
+    /// re-run settles it), not because of bad input.
+    fn hold(&mut self, g: &Group<'_>, why: &str, changing: bool) {
         for (side, out) in [(g.a, &mut self.for_a), (g.b, &mut self.for_b)] {
             if let Some(m) = side {
                 let mut kept = m.clone();
                 kept.broken = Some(why.to_string());
+                kept.vanished = changing;
                 out.push(kept);
             }
         }
@@ -475,7 +477,7 @@ fn merge_group(
     }
     if let Some(why) = hold {
         conflict(conflicts, ConflictKind::NameClash, why.clone());
-        return t.hold(g, &why);
+        return t.hold(g, &why, false);
     }
     if a.is_unfollowed(&dir) || b.is_unfollowed(&dir) {
         conflict(
@@ -483,14 +485,16 @@ fn merge_group(
             ConflictKind::LeftAlone,
             "a symlink (or odd name) on one side; left alone".into(),
         );
-        return t.hold(g, "a symlink or odd name on one side");
+        return t.hold(g, "a symlink or odd name on one side", false);
     }
-    if let Some(why) =
-        g.a.and_then(|m| m.broken.clone())
-            .or_else(|| g.b.and_then(|m| m.broken.clone()))
+    if let Some(broken) = [g.a, g.b]
+        .into_iter()
+        .flatten()
+        .find(|m| m.broken.is_some())
     {
+        let why = broken.broken.clone().unwrap_or_default();
         conflict(conflicts, ConflictKind::LeftAlone, why.clone());
-        return t.hold(g, &why);
+        return t.hold(g, &why, broken.vanished);
     }
     if renamed_twice {
         let (ad, bd) = (g.a.map_or("", |m| &m.dir), g.b.map_or("", |m| &m.dir));
@@ -518,14 +522,14 @@ fn merge_group(
         .any(|m| m.unchanged.is_some())
     {
         // The caller reads a mailbox unchanged on one side only; if it did not, wait.
-        return t.hold(g, "not read on one side; next run");
+        return t.hold(g, "not read on one side; next run", true);
     }
     if let Some(side) = phantom_side(g) {
         let why = format!(
             "changing on {side} while read: a file its uidlist names was not listed; next run"
         );
         conflict(conflicts, ConflictKind::LeftAlone, why.clone());
-        return t.hold(g, &why);
+        return t.hold(g, &why, true);
     }
     // Deleted on one side since the last sync.
     if let Some(base) = g.base

@@ -153,6 +153,10 @@ pub struct Skipped {
     pub path: String,
     /// Why.
     pub why: String,
+    /// True when the item changed while the run read it (a folder renamed or deleted
+    /// meanwhile): a re-run picks it up, so the run is partial (exit 2), not in error.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub changed: bool,
 }
 
 /// The whole plan for one destination.

@@ -71,9 +71,10 @@ impl SyncOutcome {
     /// Classifies the run, as for a backup.
     pub fn completion(&self) -> Completion {
         let errors = !self.a.report.errors.is_empty() || !self.b.report.errors.is_empty();
-        if errors || !self.skipped.is_empty() {
+        let changed = self.skipped.iter().any(|s| s.changed);
+        if errors || self.skipped.iter().any(|s| !s.changed) {
             Completion::Errors
-        } else if self.a.report.vanished + self.b.report.vanished > 0 {
+        } else if self.a.report.vanished + self.b.report.vanished > 0 || changed {
             Completion::Partial
         } else {
             Completion::Complete
@@ -766,6 +767,12 @@ mod tests {
                 .iter()
                 .any(|c| c.kind == merge::ConflictKind::LeftAlone);
             assert_eq!(left_alone, always, "{:?}", outcome.conflicts);
+            // Held because A kept changing, not for bad input: re-run (exit 2).
+            let want = match always {
+                true => Completion::Partial,
+                false => Completion::Complete,
+            };
+            assert_eq!(outcome.completion(), want, "{:?}", outcome.skipped);
         }
         // A real expunge on A does reach B.
         let gone = a.join("cur").join("1700000000.M2P1.host,S=6:2,S");

@@ -32,6 +32,9 @@ struct Head {
     stamps: MailboxStamps,
     settled: bool,
     broken: Option<String>,
+    /// Broken because it was renamed or deleted while read; left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    vanished: bool,
     unchanged: Option<u64>,
     anomalies: Vec<Anomaly>,
     /// An mdbox mailbox (no `new/`); left out for Maildir, whose encoding stays as it was.
@@ -65,6 +68,7 @@ pub fn encode(m: &MailboxTable) -> Vec<u8> {
         stamps: m.stamps,
         settled: m.settled,
         broken: m.broken.clone(),
+        vanished: m.vanished,
         unchanged: m.unchanged,
         anomalies: m.anomalies.clone(),
         flat: m.flat,
@@ -145,6 +149,7 @@ pub fn decode(bytes: &[u8]) -> Result<MailboxTable, WireError> {
         stamps: head.stamps,
         settled: head.settled,
         broken: head.broken,
+        vanished: head.vanished,
         unchanged: head.unchanged,
         anomalies: head.anomalies,
         flat: head.flat,
@@ -379,6 +384,18 @@ mod tests {
         let mut t = sample(1 << 18);
         t.flat = true;
         assert!(decode(&encode(&t)).unwrap().flat);
+    }
+
+    /// A far side's folder that vanished while it was read stays "changed meanwhile" on
+    /// this side (exit 2, not 1); a head without it (an older peer's) reads as not.
+    #[test]
+    fn vanished_travels_and_is_left_out_when_false() {
+        assert!(!String::from_utf8_lossy(&encode(&sample(1 << 18))).contains("vanished"));
+        let mut t = sample(1 << 18);
+        t.broken = Some("gone".into());
+        t.vanished = true;
+        let back = decode(&encode(&t)).unwrap();
+        assert!(back.vanished && back.broken.as_deref() == Some("gone"));
     }
 
     #[test]

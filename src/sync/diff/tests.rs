@@ -287,6 +287,26 @@ fn broken_source_mailbox_is_left_alone() {
     let plan = plan_of(&table(vec![s]), &table(vec![d]));
     assert!(plan.mailboxes.is_empty() && plan.delete_mailboxes.is_empty());
     assert_eq!(plan.skipped.len(), 1);
+    assert!(!plan.skipped[0].changed, "bad input");
+}
+
+/// A folder renamed or deleted while it was read is left alone like a broken one, but
+/// counts as changed during the run (exit 2), on either side.
+#[test]
+fn a_vanished_mailbox_is_left_alone_as_changed_during_the_run() {
+    let vanished = |m: MailboxTable| MailboxTable {
+        broken: Some("gone".into()),
+        vanished: true,
+        ..m
+    };
+    let s = mailbox(".A", 7, 2, &[]);
+    let d = mailbox(".A", 7, 2, &[(1, "a", "", false)]);
+    for (src, dst) in [(vanished(s.clone()), d.clone()), (s, vanished(d))] {
+        let plan = plan_of(&table(vec![src]), &table(vec![dst]));
+        assert!(plan.mailboxes.is_empty() && plan.delete_mailboxes.is_empty());
+        assert_eq!(plan.skipped.len(), 1);
+        assert!(plan.skipped[0].changed, "{:?}", plan.skipped);
+    }
 }
 
 #[test]
