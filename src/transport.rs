@@ -164,11 +164,29 @@ pub fn spawn_ssh(spec: &RemoteSpec, options: &ConnectOptions) -> io::Result<Chan
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", words[0])))?;
     let input = child.stdout.take().expect("piped stdout");
     let output = child.stdin.take().expect("piped stdin");
+    widen_pipe(&input);
+    widen_pipe(&output);
     Ok(Channel {
         input: Box::new(input),
         output: Box::new(output),
         peer: Peer::Child(child),
     })
+}
+
+/// Largest pipe buffer an unprivileged process may ask for (Linux's default
+/// `fs.pipe-max-size`).
+const PIPE_BYTES: i32 = 1 << 20;
+
+/// Widens the pipe `fd` to [`PIPE_BYTES`], when it is a pipe and the kernel allows it.
+///
+/// Why: every byte to and from the far side crosses two pipes per end (mdsync ↔ ssh, sshd
+/// ↔ `mdsync serve`). At the default 64 KiB each, a few megabytes of bodies take hundreds
+/// of wake-ups of ssh and of mdsync, each waiting for a CPU that the appliers keep busy; a
+/// 1 MiB pipe lets each side run longer at once. A two-way sync over ssh of a 100,000-message
+/// tree after a 1% change took 0.78–0.85 s instead of 0.90–0.98 s, and 0.1 s less CPU.
+/// Anything else (not a pipe, a lower limit) leaves the pipe as it was.
+pub fn widen_pipe(fd: &impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
 }
 
 /// Starts a server in this process on a pair of pipes: the real codec end to end, without
@@ -205,6 +223,19 @@ pub fn kill_tree(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both ends of a pipe get the wide buffer; a file is left as it is.
+    #[test]
+    fn pipes_are_widened_and_files_left_alone() {
+        use nix::fcntl::{FcntlArg, fcntl};
+        let (reader, writer) = std::io::pipe().unwrap();
+        assert!(fcntl(&reader, FcntlArg::F_GETPIPE_SZ).unwrap() < PIPE_BYTES);
+        widen_pipe(&reader);
+        assert_eq!(fcntl(&writer, FcntlArg::F_GETPIPE_SZ).unwrap(), PIPE_BYTES);
+        let file = tempfile::tempfile().unwrap();
+        widen_pipe(&file);
+        assert!(fcntl(&file, FcntlArg::F_GETPIPE_SZ).is_err());
+    }
 
     fn remote(user_host: &str, port: Option<u16>, path: &str) -> Location {
         Location::Remote(RemoteSpec {

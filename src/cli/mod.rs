@@ -253,6 +253,8 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         },
     };
     // Errors went to the client as an Error frame; stderr reaches the user through ssh too.
+    mdsync::transport::widen_pipe(&std::io::stdin());
+    mdsync::transport::widen_pipe(&std::io::stdout());
     mdsync::serve::serve(
         Box::new(std::io::stdin()),
         Box::new(std::io::stdout()),
