@@ -645,7 +645,10 @@ fn parse_delete_limit(text: &str) -> anyhow::Result<DeleteLimit> {
 
 fn report(outcome: &BackupOutcome, a: &BackupArgs) {
     for s in &outcome.skipped {
-        eprintln!("mdsync: {}", output::skip_line(&join(&a.src, &s.path), s));
+        eprintln!(
+            "mdsync: {}",
+            output::skip_line(&join(&a.src, &s.path), s, output::RERUN)
+        );
     }
     for w in &outcome.warnings {
         eprintln!("mdsync: warning: {}: {}", join(&a.src, &w.path), w.why);

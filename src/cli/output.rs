@@ -134,19 +134,19 @@ impl Progress for Renderer {
     }
 }
 
-/// `1.5 MiB`-style sizes.
-/// How a skipped item is labelled on stderr: `error` for bad input (exit 1); for a folder
-/// that changed while the run read it (exit 2), what to do about it.
-pub fn skip_line(path: &str, s: &Skipped) -> String {
+/// How a skipped item is labelled: `error` for bad input (exit 1); for a folder that
+/// changed while it was read (exit 2), `then`: what happens to it next.
+pub fn skip_line(path: &str, s: &Skipped, then: &str) -> String {
     match s.changed {
-        true => format!(
-            "{path}: {} (changed during the run; re-run to finish)",
-            s.why
-        ),
+        true => format!("{path}: {} (changed while read; {then})", s.why),
         false => format!("error: {path}: {}", s.why),
     }
 }
 
+/// What a one-shot run says about a folder that changed while it was read.
+pub const RERUN: &str = "re-run to finish";
+
+/// `1.5 MiB`-style sizes.
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;

@@ -25,7 +25,10 @@ pub(super) fn run(a: SyncArgs) -> anyhow::Result<ExitCode> {
 
 fn report(o: &SyncOutcome, a: &SyncArgs) {
     for s in &o.skipped {
-        eprintln!("mdsync: {}", super::output::skip_line(&s.path, s));
+        eprintln!(
+            "mdsync: {}",
+            super::output::skip_line(&s.path, s, super::output::RERUN)
+        );
     }
     for w in &o.warnings {
         eprintln!("mdsync: warning: {}: {}", w.path, w.why);

@@ -337,7 +337,11 @@ impl Monitor for Renderer<'_> {
                     r.mailboxes_deleted,
                 ));
                 for s in &o.skipped {
-                    self.line(&super::output::skip_line(&s.path, s));
+                    self.line(&super::output::skip_line(
+                        &s.path,
+                        s,
+                        "read again at its next change",
+                    ));
                 }
                 for e in &r.errors {
                     self.line(&format!("error: {e}"));

@@ -275,7 +275,7 @@ fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
         Ok(Some(index)) => index,
         // No index files because the directory was renamed or deleted after it was
         // listed: not an empty mailbox, whose copy would be expunged.
-        Ok(None) if !mb.index_dir.is_dir() => {
+        Ok(None) if super::is_gone(&mb.index_dir) => {
             let path = mb.index_dir.display();
             table.broken = Some(format!(
                 "{path}: gone (renamed or deleted while being read)"
@@ -295,6 +295,16 @@ fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
     };
     if let Err(why) = fill(&mut table, &index, src) {
         table.broken = Some(why);
+        return table;
+    }
+    // Gone by now: what was read may be a snapshot without its log (the directory went
+    // between the two reads). Left alone like a mailbox gone before it was read.
+    if super::is_gone(&mb.index_dir) {
+        let path = mb.index_dir.display();
+        table.broken = Some(format!(
+            "{path}: gone (renamed or deleted while being read)"
+        ));
+        table.vanished = true;
         return table;
     }
     table.settled = take_stamps(&mb.index_dir) == stamps

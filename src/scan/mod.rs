@@ -315,9 +315,18 @@ fn read_mailbox_once(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
         stamps: cache::take_stamps(&path),
         ..MailboxTable::default()
     };
-    if let Err(why) = fill_mailbox(&path, &mut mailbox) {
-        mailbox.broken = Some(why);
-        mailbox.vanished = is_gone(&path);
+    match fill_mailbox(&path, &mut mailbox) {
+        Err(why) => {
+            mailbox.broken = Some(why);
+            mailbox.vanished = is_gone(&path);
+        }
+        // Gone while it was read: a missing uidlist or `cur/` read as none, not the folder.
+        Ok(()) if is_gone(&path) => {
+            let why = "gone (renamed or deleted while being read)";
+            mailbox.broken = Some(format!("{}: {why}", path.display()));
+            mailbox.vanished = true;
+        }
+        Ok(()) => {}
     }
     mailbox
 }

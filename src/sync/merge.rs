@@ -487,14 +487,16 @@ fn merge_group(
         );
         return t.hold(g, "a symlink or odd name on one side", false);
     }
-    if let Some(broken) = [g.a, g.b]
+    let broken: Vec<&MailboxTable> = [g.a, g.b]
         .into_iter()
         .flatten()
-        .find(|m| m.broken.is_some())
-    {
-        let why = broken.broken.clone().unwrap_or_default();
+        .filter(|m| m.broken.is_some())
+        .collect();
+    if let Some(first) = broken.first() {
+        let why = first.broken.clone().unwrap_or_default();
         conflict(conflicts, ConflictKind::LeftAlone, why.clone());
-        return t.hold(g, &why, broken.vanished);
+        // Changing only when every broken side vanished: bad input beside it is an error.
+        return t.hold(g, &why, broken.iter().all(|m| m.vanished));
     }
     if renamed_twice {
         let (ad, bd) = (g.a.map_or("", |m| &m.dir), g.b.map_or("", |m| &m.dir));
@@ -522,7 +524,7 @@ fn merge_group(
         .any(|m| m.unchanged.is_some())
     {
         // The caller reads a mailbox unchanged on one side only; if it did not, wait.
-        return t.hold(g, "not read on one side; next run", true);
+        return t.hold(g, "not read on one side; next run", false);
     }
     if let Some(side) = phantom_side(g) {
         let why = format!(

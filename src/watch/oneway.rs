@@ -36,19 +36,22 @@ struct Side {
     root: MailTable,
 }
 
+/// What a read of `m` vouches for: its stamps and count, unless it could not be read (a
+/// broken mailbox's stamps would let later batches skip it as unchanged).
+fn known_of(m: &MailboxTable) -> Known {
+    Known {
+        stamps: m.broken.is_none().then_some(m.stamps),
+        count: m.message_count(),
+    }
+}
+
 impl Side {
     fn from_table(table: &MailTable) -> Side {
         Side {
             known: table
                 .mailboxes
                 .iter()
-                .map(|m| {
-                    let known = Known {
-                        stamps: Some(m.stamps),
-                        count: m.message_count(),
-                    };
-                    (m.dir.clone(), known)
-                })
+                .map(|m| (m.dir.clone(), known_of(m)))
                 .collect(),
             root: MailTable {
                 mailboxes: Vec::new(),
@@ -165,22 +168,10 @@ fn remember(
         _ => (Side::from_table(src_table), Side::from_table(dst_table)),
     };
     for m in src_table.mailboxes.iter().filter(|m| m.unchanged.is_none()) {
-        src.known.insert(
-            m.dir.clone(),
-            Known {
-                stamps: Some(m.stamps),
-                count: m.message_count(),
-            },
-        );
+        src.known.insert(m.dir.clone(), known_of(m));
     }
     for m in dst_table.mailboxes.iter().filter(|m| m.unchanged.is_none()) {
-        dst.known.insert(
-            m.dir.clone(),
-            Known {
-                stamps: Some(m.stamps),
-                count: m.message_count(),
-            },
-        );
+        dst.known.insert(m.dir.clone(), known_of(m));
     }
     for m in &plan.mailboxes {
         let count = src.known.get(&m.dir).map_or(0, |k| k.count);
@@ -379,6 +370,24 @@ mod tests {
             root_meta: Default::default(),
             scanned_at_ns: 0,
             anomalies: Vec::new(),
+        }
+    }
+
+    /// A mailbox read as broken (gone while read, or bad input) is remembered without
+    /// stamps: no later batch skips it as unchanged.
+    #[test]
+    fn a_mailbox_that_could_not_be_read_is_never_vouched_for() {
+        let mut gone = mailbox(".Gone", 0, 7);
+        gone.broken = Some("gone while read".into());
+        gone.vanished = true;
+        let src = tree(vec![mailbox("", 1, 1), gone], b"");
+        let dst = tree(vec![mailbox("", 1, 2), mailbox(".Gone", 3, 8)], b"");
+        for structure in [true, false] {
+            let before = Some((Side::from_table(&src), Side::from_table(&dst)));
+            let (src_side, _) = remember(before, &src, &dst, &Plan::default(), structure);
+            let hints = src_side.hints(&Dirty::default());
+            assert!(hints.contains_key(""), "a clean read is vouched for");
+            assert!(!hints.contains_key(".Gone"), "{hints:?}");
         }
     }
 

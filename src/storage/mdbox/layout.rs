@@ -60,7 +60,12 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<MailboxDir>) -> io::Result<()> {
                 dir: child.clone(),
             });
         }
-        walk(&path, &child, out)?;
+        match walk(&path, &child, out) {
+            // Renamed or deleted while the tree was listed: not an error of the tree. Its
+            // mailboxes are read as gone (left alone), and the next listing finds them.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
     }
     Ok(())
 }
