@@ -56,7 +56,8 @@ fn corrupt_uidlist_leaves_that_mailbox_alone_and_syncs_the_rest() {
 
     let run = backup(&src, &dst, &["--json"]);
     run.assert_no_panic();
-    assert_ne!(run.code, Some(0), "{}", run.describe());
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert_eq!(run.json()["completion"], "errors", "{}", run.describe());
     assert!(
         run.stderr.contains(&uidlist.display().to_string()),
         "stderr names {}: {}",

@@ -68,6 +68,7 @@ fn assert_equal(dovecot: &Dovecot, a: &Path, b: &Path) -> String {
 fn assert_second_sync_is_noop(via: &Via<'_>, a: &Path, b: &Path) {
     let json = sync_ok(via, a, b);
     assert_eq!(json["in_sync"], true, "second sync did work: {json}");
+    assert_eq!(json["completion"], "complete", "{json}");
     assert!(json["conflicts"].as_array().unwrap().is_empty(), "{json}");
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mdsync::progress::{Event, Progress};
-use mdsync::sync::backup::BackupOutcome;
+use mdsync::sync::backup::{BackupOutcome, Completion};
 use mdsync::sync::plan::Skipped;
 
 /// The CLI's [`Progress`].
@@ -184,6 +184,15 @@ pub fn summary_line(o: &BackupOutcome) -> String {
     )
 }
 
+/// How a run ended, as the `--json` reports name it (the exit code's meaning).
+pub fn completion_name(completion: Completion) -> &'static str {
+    match completion {
+        Completion::Complete => "complete",
+        Completion::Partial => "partial",
+        Completion::Errors => "errors",
+    }
+}
+
 /// The `--json` report.
 pub fn json_report(o: &BackupOutcome, dry_run: bool) -> String {
     let p = &o.planned;
@@ -220,6 +229,7 @@ pub fn json_report(o: &BackupOutcome, dry_run: bool) -> String {
         "skipped": o.skipped.len() as u64 + r.vanished + r.errors.len() as u64,
         "vanished": r.vanished,
         "errors": r.errors.iter().chain(o.skipped.iter().filter(|s| !s.changed).map(|s| &s.path)).collect::<Vec<_>>(),
+        "completion": completion_name(o.completion()),
         "source_messages": o.source_messages,
         "unchanged_mailboxes": o.unchanged_mailboxes,
         "seconds": o.seconds,

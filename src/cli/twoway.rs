@@ -128,6 +128,7 @@ fn json_report(o: &SyncOutcome, dry_run: bool) -> String {
         "b": side_json(&o.b, dry_run),
         "conflicts": o.conflicts,
         "skipped": o.skipped.iter().map(|s| format!("{}: {}", s.path, s.why)).collect::<Vec<_>>(),
+        "completion": super::output::completion_name(o.completion()),
         "first_sync": o.first_sync,
         "in_sync": o.is_noop(),
         "unchanged_mailboxes": o.unchanged_mailboxes,
