@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use mdsync::model::Subdir;
 use mdsync::progress::{NoProgress, Progress};
 use mdsync::replica::local::LocalReplica;
+use mdsync::replica::mdbox::MdboxReplica;
 use mdsync::replica::{Body, BodyError, BodySource, Replica};
 use mdsync::scan::ScanOptions;
 use mdsync::storage::maildir::layout::Layout;
@@ -382,4 +383,97 @@ fn a_destination_laid_out_differently_is_refused_not_rewritten() {
     let err = result.expect_err("layouts disagree");
     assert!(err.to_string().contains("--layout"), "{err}");
     assert!(dst.join("Work/cur/w,S=1:2,S").exists());
+}
+
+/// An mdbox source whose scan lists its folders before `from` is renamed to `to` (a user
+/// renaming it in their mail client meanwhile): the real listing shows `to`, and `from` is
+/// read as the scanner reads a folder no longer there.
+struct RenamingMdbox {
+    inner: MdboxReplica,
+    from: (&'static str, &'static str),
+    to: (&'static str, &'static str),
+}
+
+impl BodySource for RenamingMdbox {
+    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
+        self.inner.open_body(dir, sub, name)
+    }
+}
+
+impl Replica for RenamingMdbox {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn detect_layout(&self) -> mdsync::Result<Option<Layout>> {
+        self.inner.detect_layout()
+    }
+
+    fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> mdsync::Result<MailTable> {
+        let ((from, from_dir), (to, to_dir)) = (self.from, self.to);
+        let mailboxes = self.inner.root().join("mailboxes");
+        fs::rename(mailboxes.join(from), mailboxes.join(to)).unwrap();
+        let mut table = self.inner.scan(options, progress)?;
+        let listed_before = self.inner.rescan_mailbox(table.layout, from_dir);
+        table.mailboxes.retain(|m| m.dir != to_dir);
+        table.mailboxes.push(listed_before);
+        table.mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok(table)
+    }
+
+    fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+        self.inner.rescan_mailbox(layout, dir)
+    }
+
+    fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError> {
+        self.inner.content_hash(dir, sub, name)
+    }
+
+    fn apply(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+    ) -> mdsync::Result<ApplyReport> {
+        self.inner.apply(plan, source, options, progress)
+    }
+}
+
+/// The same for an mdbox source (Dovecot's fixture tree): the folder renamed while read is
+/// left alone on the Maildir copy, the run is partial, and the next run renames the copy.
+#[test]
+fn an_mdbox_folder_renamed_while_read_is_left_alone_and_the_next_run_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/mdbox/live");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&fixture)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let d = LocalReplica::new(&dst);
+    backup(&MdboxReplica::new(&src), &d, &options(), &NoProgress).unwrap();
+    let sent_files = || fs::read_dir(dst.join(".Sent/cur")).unwrap().count();
+    assert_eq!(sent_files(), 1);
+
+    let tricky = RenamingMdbox {
+        inner: MdboxReplica::new(&src),
+        from: ("Sent", ".Sent"),
+        to: ("Sent2", ".Sent2"),
+    };
+    let outcome = backup(&tricky, &d, &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.completion(), Completion::Partial, "{outcome:?}");
+    assert_eq!(outcome.skipped.len(), 1, "{:?}", outcome.skipped);
+    assert!(outcome.skipped[0].changed, "{:?}", outcome.skipped);
+    assert_eq!(outcome.planned.expunges, 0, "the copy was emptied");
+    assert_eq!(outcome.planned.mailboxes_deleted, 0);
+    assert_eq!(sent_files(), 1);
+
+    let outcome = backup(&MdboxReplica::new(&src), &d, &options(), &NoProgress).unwrap();
+    assert_eq!(outcome.completion(), Completion::Complete, "{outcome:?}");
+    assert_eq!(fs::read_dir(dst.join(".Sent2/cur")).unwrap().count(), 1);
+    assert!(!dst.join(".Sent").exists());
 }
