@@ -77,8 +77,18 @@ pub fn predict(before: &MailboxTable, plan: &MailboxPlan) -> MailboxTable {
         if expunged.contains(&key) {
             continue;
         }
-        let (sub, name) = renamed.get(&key).copied().unwrap_or(key);
+        let renamed_to = renamed.get(&key).copied();
         let mut uid = before.msgs.uid[i];
+        if renamed_to.is_none()
+            && !renumbered.contains_key(before.base(i))
+            && !removed.contains(&uid)
+            && !upserts.contains_key(&uid)
+            && copied_as_is(before, i)
+        {
+            copy_row(&mut after, before, i);
+            continue;
+        }
+        let (sub, name) = renamed_to.unwrap_or(key);
         if let Some(&to) = renumbered.get(before.base(i)) {
             uid = to;
         } else if removed.contains(&uid) && !upserts.contains_key(&uid) {
@@ -123,6 +133,35 @@ pub fn predict(before: &MailboxTable, plan: &MailboxPlan) -> MailboxTable {
     let header_n = after.header.as_ref().map_or(1, |h| h.next_uid);
     after.next_uid = header_n.max(last_uid + 1).max(before.next_uid);
     after
+}
+
+/// True when row `i` can be copied column by column: what [`push_row`] would work out
+/// again from its name is what the scan stored (a Maildir name that parsed; an mdbox
+/// table's flags come from its index, not its names).
+fn copied_as_is(before: &MailboxTable, i: usize) -> bool {
+    !before.flat && before.msgs.status[i] & status::BROKEN == 0
+}
+
+/// Row `i` of `before` as it is: the same name, flags, size and uidlist fields. The rows
+/// of the mailboxes a plan touches are mostly these, and parsing their names again cost
+/// most of a prediction.
+fn copy_row(after: &mut MailboxTable, before: &MailboxTable, i: usize) {
+    let (guid, base, ext) = (before.guid(i), before.base(i), before.ext(i));
+    let extras = (guid != base || !ext.is_empty()).then(|| Extras {
+        guid: (guid != base).then(|| after.intern(guid)),
+        ext: (!ext.is_empty()).then(|| after.intern(ext)),
+    });
+    let name = after.intern(before.name(i));
+    let msgs = &before.msgs;
+    after.push_interned(
+        msgs.uid[i],
+        name,
+        usize::from(msgs.base_len[i]),
+        msgs.flags[i],
+        msgs.size[i],
+        extras,
+        msgs.status[i],
+    );
 }
 
 fn push_row(
@@ -235,5 +274,79 @@ mod tests {
                 keywords: 0
             }
         );
+    }
+
+    /// Rows the plan leaves alone are copied column by column; the result is byte for byte
+    /// what working each row out from its name gives (as for an mdbox table), on a table
+    /// the Maildir scanner made: GUID and other uidlist fields, `new/`, an odd info part, a
+    /// name that does not parse, a record without a file.
+    #[test]
+    fn untouched_rows_copied_as_is_predict_what_reparsing_them_predicts() {
+        use crate::storage::maildir::layout::Layout;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let write = |rel: &str, text: &str| {
+            let path = root.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write(
+            "dovecot-uidlist",
+            "3 V7 N9 G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n1 G77 :a,S=3\n2 W12 :b,S=4\n\
+             3 :c,S=1\n4 :d,S=2\n5 :e,S=1\n6 :f\n7 :gone,S=1\n",
+        );
+        write("cur/a,S=3:2,S", "abc");
+        write("cur/b,S=4:2,FS", "abcd");
+        write("cur/c,S=1:2,", "c");
+        write("new/d,S=2", "dd");
+        write("cur/e,S=1:2,S,odd", "e");
+        write("cur/f:2,S=x", "f");
+        let before = crate::scan::scan_mailbox(root, Layout::MaildirPlusPlus, "");
+        assert!(before.broken.is_none() && before.len() >= 5, "{before:?}");
+        let plan = MailboxPlan {
+            renames: vec![RenameOp {
+                uid: 3,
+                from_sub: Subdir::Cur,
+                from_name: "c,S=1:2,".into(),
+                to_sub: Subdir::Cur,
+                to_name: "c,S=1:2,F".into(),
+            }],
+            expunges: vec![ExpungeOp {
+                uid: 1,
+                sub: Subdir::Cur,
+                name: "a,S=3:2,S".into(),
+            }],
+            copies: vec![CopyOp {
+                uid: 9,
+                src_sub: Subdir::Cur,
+                src_name: "g,S=1:2,S".into(),
+                dst_sub: Subdir::Cur,
+                dst_name: "g,S=1:2,S".into(),
+                size: 1,
+            }],
+            uidlist: Some(UidlistChange::Write(UidlistEdit {
+                header: before.header.clone().unwrap(),
+                remove: vec![1],
+                upsert: vec![OwnedRecord {
+                    uid: 9,
+                    guid: Some("g-guid".into()),
+                    ext: String::new(),
+                    base: "g,S=1".into(),
+                }],
+            })),
+            ..MailboxPlan::default()
+        };
+        let reparsed = MailboxTable {
+            flat: true,
+            ..before.clone()
+        };
+        let encode = crate::wire::table::encode;
+        let fast = predict(&before, &plan);
+        assert_eq!(encode(&fast), encode(&predict(&reparsed, &plan)));
+        assert_eq!(fast.len(), before.len());
+        let d = (0..fast.len()).find(|&i| fast.base(i) == "d,S=2").unwrap();
+        assert_eq!(fast.subdir(d), Subdir::New);
+        let b = (0..fast.len()).find(|&i| fast.base(i) == "b,S=4").unwrap();
+        assert_eq!(fast.ext(b), before.ext(1));
     }
 }
