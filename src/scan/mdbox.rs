@@ -272,39 +272,28 @@ fn read_mailbox(src: &Sources, dir: &str, mb: &MailboxDir) -> MailboxTable {
         }
     };
     let index = match MailboxIndex::load(&mb.index_dir) {
-        Ok(Some(index)) => index,
-        // No index files because the directory was renamed or deleted after it was
-        // listed: not an empty mailbox, whose copy would be expunged.
-        Ok(None) if super::is_gone(&mb.index_dir) => {
-            let path = mb.index_dir.display();
-            table.broken = Some(format!(
-                "{path}: gone (renamed or deleted while being read)"
-            ));
-            table.vanished = true;
-            return table;
-        }
-        Ok(None) => {
-            table.next_uid = 1;
-            table.settled = true;
-            return table;
-        }
+        Ok(index) => index,
         Err(e) => {
             table.broken = Some(e.to_string());
             return table;
         }
     };
-    if let Err(why) = fill(&mut table, &index, src) {
+    if let Some(index) = &index
+        && let Err(why) = fill(&mut table, index, src)
+    {
         table.broken = Some(why);
         return table;
     }
-    // Gone by now: what was read may be a snapshot without its log (the directory went
-    // between the two reads). Left alone like a mailbox gone before it was read.
+    // Gone by now: the missing index files, or a snapshot read without its log (the
+    // directory went between the two reads), do not describe the mailbox; read as empty
+    // or stale, its copy would be expunged. Left alone like one gone before it was read.
     if super::is_gone(&mb.index_dir) {
-        let path = mb.index_dir.display();
-        table.broken = Some(format!(
-            "{path}: gone (renamed or deleted while being read)"
-        ));
-        table.vanished = true;
+        super::mark_gone(&mut table, &mb.index_dir);
+        return table;
+    }
+    if index.is_none() {
+        table.next_uid = 1;
+        table.settled = true;
         return table;
     }
     table.settled = take_stamps(&mb.index_dir) == stamps

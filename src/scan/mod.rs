@@ -321,11 +321,7 @@ fn read_mailbox_once(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
             mailbox.vanished = is_gone(&path);
         }
         // Gone while it was read: a missing uidlist or `cur/` read as none, not the folder.
-        Ok(()) if is_gone(&path) => {
-            let why = "gone (renamed or deleted while being read)";
-            mailbox.broken = Some(format!("{}: {why}", path.display()));
-            mailbox.vanished = true;
-        }
+        Ok(()) if is_gone(&path) => mark_gone(&mut mailbox, &path),
         Ok(()) => {}
     }
     mailbox
@@ -335,6 +331,14 @@ fn read_mailbox_once(root: &Path, layout: Layout, dir: &str) -> MailboxTable {
 /// before (or while) it was read.
 pub(crate) fn is_gone(path: &Path) -> bool {
     matches!(fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Leaves `mailbox` alone because its directory `path` went while it was read (see
+/// [`MailboxTable::vanished`]), whatever was read of it.
+pub(crate) fn mark_gone(mailbox: &mut MailboxTable, path: &Path) {
+    let why = "gone (renamed or deleted while being read)";
+    mailbox.broken = Some(format!("{}: {why}", path.display()));
+    mailbox.vanished = true;
 }
 
 fn fill_mailbox(path: &Path, mailbox: &mut MailboxTable) -> std::result::Result<(), String> {

@@ -97,17 +97,26 @@ pub enum Completion {
     Errors,
 }
 
-impl BackupOutcome {
-    /// Classifies the run.
-    pub fn completion(&self) -> Completion {
-        let changed = self.skipped.iter().any(|s| s.changed);
-        if !self.report.errors.is_empty() || self.skipped.iter().any(|s| !s.changed) {
+impl Completion {
+    /// How a run ended, for `backup` and `sync` alike: in error when an item `failed` or
+    /// was skipped for bad input; partial when something changed under the run (messages
+    /// `vanished`, a folder that changed while it was read).
+    pub fn of(failed: bool, vanished: u64, skipped: &[Skipped]) -> Completion {
+        if failed || skipped.iter().any(|s| !s.changed) {
             Completion::Errors
-        } else if self.report.vanished > 0 || changed {
+        } else if vanished > 0 || !skipped.is_empty() {
             Completion::Partial
         } else {
             Completion::Complete
         }
+    }
+}
+
+impl BackupOutcome {
+    /// Classifies the run.
+    pub fn completion(&self) -> Completion {
+        let r = &self.report;
+        Completion::of(!r.errors.is_empty(), r.vanished, &self.skipped)
     }
 }
 

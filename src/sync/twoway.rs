@@ -70,15 +70,9 @@ pub struct SyncOutcome {
 impl SyncOutcome {
     /// Classifies the run, as for a backup.
     pub fn completion(&self) -> Completion {
-        let errors = !self.a.report.errors.is_empty() || !self.b.report.errors.is_empty();
-        let changed = self.skipped.iter().any(|s| s.changed);
-        if errors || self.skipped.iter().any(|s| !s.changed) {
-            Completion::Errors
-        } else if self.a.report.vanished + self.b.report.vanished > 0 || changed {
-            Completion::Partial
-        } else {
-            Completion::Complete
-        }
+        let (a, b) = (&self.a.report, &self.b.report);
+        let failed = !a.errors.is_empty() || !b.errors.is_empty();
+        Completion::of(failed, a.vanished + b.vanished, &self.skipped)
     }
 
     /// True when neither side needed a change.
