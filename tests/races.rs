@@ -28,24 +28,45 @@ enum Trick {
     HideFromFirstScan(&'static str),
     /// Delete this file after the scan (Dovecot expunged it before we copied it).
     DeleteAfterScan(&'static str),
-    /// Rename folder `.0` to `.1` after the folder list was taken and before `.0` was
-    /// read (a user renamed it in their mail client meanwhile).
-    RenameFolderWhileRead(&'static str, &'static str),
+    /// Rename the folder at `path.0` (below the root) to `path.1` after the folder list
+    /// was taken and before it was read (a user renamed it in their mail client
+    /// meanwhile); `dir` are the two names as the table has them.
+    RenameFolderWhileRead {
+        path: (&'static str, &'static str),
+        dir: (&'static str, &'static str),
+    },
 }
 
-struct Tricky {
-    inner: LocalReplica,
+/// A replica on a local tree, Maildir or mdbox, that the tricks can reach on disk.
+trait Rooted: Replica {
+    fn root(&self) -> &Path;
+}
+
+impl Rooted for LocalReplica {
+    fn root(&self) -> &Path {
+        LocalReplica::root(self)
+    }
+}
+
+impl Rooted for MdboxReplica {
+    fn root(&self) -> &Path {
+        MdboxReplica::root(self)
+    }
+}
+
+struct Tricky<R> {
+    inner: R,
     trick: Trick,
     rescans: Mutex<u32>,
 }
 
-impl BodySource for Tricky {
+impl<R: Rooted> BodySource for Tricky<R> {
     fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
         self.inner.open_body(dir, sub, name)
     }
 }
 
-impl Replica for Tricky {
+impl<R: Rooted> Replica for Tricky<R> {
     fn location(&self) -> String {
         self.inner.location()
     }
@@ -70,13 +91,13 @@ impl Replica for Tricky {
                 fs::remove_file(self.inner.root().join("cur").join(name)).unwrap();
                 table
             }
-            Trick::RenameFolderWhileRead(from, to) => {
+            Trick::RenameFolderWhileRead { path, dir } => {
                 let root = self.inner.root();
-                fs::rename(root.join(from), root.join(to)).unwrap();
+                fs::rename(root.join(path.0), root.join(path.1)).unwrap();
                 let mut table = self.inner.scan(options, progress)?;
                 // What a scan that listed the folders before the rename read.
-                let listed_before = mdsync::scan::scan_mailbox(root, table.layout, from);
-                table.mailboxes.retain(|m| m.dir != to);
+                let listed_before = self.inner.rescan_mailbox(table.layout, dir.0);
+                table.mailboxes.retain(|m| m.dir != dir.1);
                 table.mailboxes.push(listed_before);
                 table.mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
                 Ok(table)
@@ -213,7 +234,10 @@ fn a_folder_renamed_while_read_is_left_alone_and_the_next_run_follows_it() {
 
     let tricky = Tricky {
         inner: LocalReplica::new(&src),
-        trick: Trick::RenameFolderWhileRead(".Work", ".Moved"),
+        trick: Trick::RenameFolderWhileRead {
+            path: (".Work", ".Moved"),
+            dir: (".Work", ".Moved"),
+        },
         rescans: Mutex::new(0),
     };
     let outcome = backup(&tricky, &d, &options(), &NoProgress).unwrap();
@@ -385,61 +409,6 @@ fn a_destination_laid_out_differently_is_refused_not_rewritten() {
     assert!(dst.join("Work/cur/w,S=1:2,S").exists());
 }
 
-/// An mdbox source whose scan lists its folders before `from` is renamed to `to` (a user
-/// renaming it in their mail client meanwhile): the real listing shows `to`, and `from` is
-/// read as the scanner reads a folder no longer there.
-struct RenamingMdbox {
-    inner: MdboxReplica,
-    from: (&'static str, &'static str),
-    to: (&'static str, &'static str),
-}
-
-impl BodySource for RenamingMdbox {
-    fn open_body(&self, dir: &str, sub: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
-        self.inner.open_body(dir, sub, name)
-    }
-}
-
-impl Replica for RenamingMdbox {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-
-    fn detect_layout(&self) -> mdsync::Result<Option<Layout>> {
-        self.inner.detect_layout()
-    }
-
-    fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> mdsync::Result<MailTable> {
-        let ((from, from_dir), (to, to_dir)) = (self.from, self.to);
-        let mailboxes = self.inner.root().join("mailboxes");
-        fs::rename(mailboxes.join(from), mailboxes.join(to)).unwrap();
-        let mut table = self.inner.scan(options, progress)?;
-        let listed_before = self.inner.rescan_mailbox(table.layout, from_dir);
-        table.mailboxes.retain(|m| m.dir != to_dir);
-        table.mailboxes.push(listed_before);
-        table.mailboxes.sort_by(|a, b| a.dir.cmp(&b.dir));
-        Ok(table)
-    }
-
-    fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
-        self.inner.rescan_mailbox(layout, dir)
-    }
-
-    fn content_hash(&self, dir: &str, sub: Subdir, name: &str) -> Result<u128, BodyError> {
-        self.inner.content_hash(dir, sub, name)
-    }
-
-    fn apply(
-        &self,
-        plan: &Plan,
-        source: &dyn BodySource,
-        options: &ApplyOptions,
-        progress: &dyn Progress,
-    ) -> mdsync::Result<ApplyReport> {
-        self.inner.apply(plan, source, options, progress)
-    }
-}
-
 /// The same for an mdbox source (Dovecot's fixture tree): the folder renamed while read is
 /// left alone on the Maildir copy, the run is partial, and the next run renames the copy.
 #[test]
@@ -459,10 +428,13 @@ fn an_mdbox_folder_renamed_while_read_is_left_alone_and_the_next_run_follows_it(
     let sent_files = || fs::read_dir(dst.join(".Sent/cur")).unwrap().count();
     assert_eq!(sent_files(), 1);
 
-    let tricky = RenamingMdbox {
+    let tricky = Tricky {
         inner: MdboxReplica::new(&src),
-        from: ("Sent", ".Sent"),
-        to: ("Sent2", ".Sent2"),
+        trick: Trick::RenameFolderWhileRead {
+            path: ("mailboxes/Sent", "mailboxes/Sent2"),
+            dir: (".Sent", ".Sent2"),
+        },
+        rescans: Mutex::new(0),
     };
     let outcome = backup(&tricky, &d, &options(), &NoProgress).unwrap();
     assert_eq!(outcome.completion(), Completion::Partial, "{outcome:?}");
