@@ -107,19 +107,7 @@ pub fn read_frame(input: &mut impl Read) -> Result<Frame, FrameError> {
     Ok(Frame { kind, payload })
 }
 
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
-pub fn read_full(input: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
+pub use crate::storage::maildir::writer::read_full;
 
 /// A cursor over a payload whose every read is bounds-checked: a short or lying payload
 /// yields `None`, never a panic or an oversized allocation.

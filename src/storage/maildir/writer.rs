@@ -157,15 +157,7 @@ fn copy_in_large_writes(reader: &mut dyn io::Read, file: &mut File) -> io::Resul
         buffer.resize(256 << 10, 0);
         let mut total = 0u64;
         loop {
-            let mut filled = 0;
-            while filled < buffer.len() {
-                match reader.read(&mut buffer[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let filled = read_full(reader, buffer)?;
             file.write_all(&buffer[..filled])?;
             total += filled as u64;
             if filled < buffer.len() {
@@ -173,6 +165,21 @@ fn copy_in_large_writes(reader: &mut dyn io::Read, file: &mut File) -> io::Resul
             }
         }
     })
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read. (Also what the
+/// wire's frame reader reads headers and payloads with.)
+pub fn read_full(input: &mut (impl io::Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Creates a temp file in `tmp_dir`, fills it with `copy`, and gives it the source's
