@@ -8,7 +8,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::storage::maildir::writer;
 use crate::wire::table::id_of;
 
 /// The baselines of one replica as seen from one side: those on disk, and those staged in
@@ -161,13 +160,7 @@ impl Baselines {
         bytes.extend_from_slice(&(mailbox_dir.len() as u32).to_le_bytes());
         bytes.extend_from_slice(mailbox_dir.as_bytes());
         bytes.extend_from_slice(encoding);
-        let _ = fs::create_dir_all(dir);
-        let tmp = dir.join(writer::temp_name());
-        if fs::write(&tmp, &bytes).is_err() || fs::rename(&tmp, &file).is_err() {
-            let _ = fs::remove_file(&tmp);
-            return false;
-        }
-        true
+        crate::scan::cache::put_cache_file(dir, &file, &bytes).is_ok()
     }
 
     /// Drops the baselines of mailboxes not in `keep`, staged ones too: a session that
