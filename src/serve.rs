@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -31,7 +32,9 @@ use crate::wire::conn::{
     BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::Kind;
-use crate::wire::hello::{CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
+use crate::wire::hello::{
+    CAP_APPLY_SENDS, CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ROW_DELTA, CAP_ZSTD, Hello,
+};
 use crate::wire::messages::{Answer, Request, RootFacts, StoreFormat, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped};
 
@@ -48,6 +51,10 @@ pub struct ServeOptions {
     pub root: Option<PathBuf>,
     /// The server's scan cache directory; `None` disables it.
     pub cache_dir: Option<PathBuf>,
+    /// Capabilities not offered (`wire::hello::CAP_*` bits): lets tests stand in for an
+    /// older server.
+    #[doc(hidden)]
+    pub withheld_caps: u64,
 }
 
 /// Serves one session on `input`/`output` until the client says goodbye. A protocol
@@ -72,6 +79,7 @@ pub fn serve(
         verbose: false,
         use_cache: false,
         offline: false,
+        row_deltas: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
     };
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -136,6 +144,8 @@ struct Session<'a> {
     use_cache: bool,
     /// The client asserted that no Dovecot uses the replica (`--offline`).
     offline: bool,
+    /// Tables go as row deltas (`CAP_ROW_DELTA` agreed), else as zstd deltas.
+    row_deltas: bool,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,7 +192,9 @@ impl Session<'_> {
     fn handshake(&mut self) -> Result<(), WireError> {
         let payload = locked(&self.inbox).reader.expect(Kind::Hello)?;
         let theirs = Hello::decode(&payload).map_err(|e| WireError::protocol(e.to_string()))?;
-        let ours = Hello::ours(CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX);
+        let all =
+            CAP_ZSTD | CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX | CAP_APPLY_SENDS | CAP_ROW_DELTA;
+        let ours = Hello::ours(all & !self.options.withheld_caps);
         let mut out = locked(&self.out);
         out.frame(Kind::Hello, &ours.encode())?;
         out.flush()?;
@@ -190,6 +202,7 @@ impl Session<'_> {
             .agree(&theirs)
             .map_err(|e| WireError::protocol(e.to_string()))?;
         let zstd = shared & CAP_ZSTD != 0;
+        self.row_deltas = shared & CAP_ROW_DELTA != 0;
         locked(&self.inbox).reader.set_zstd(zstd);
         out.set_zstd(zstd.then_some(3));
         Ok(())
@@ -310,7 +323,7 @@ impl Session<'_> {
                 let keys = self.read_keys(served)?;
                 self.send_bodies(replica, &keys)?;
             }
-            Request::Apply { options } => {
+            Request::Apply { options, also_send } => {
                 let plan_bytes = locked(&self.inbox).reader.object()?;
                 let mut plan: Plan = FrameReader::json(&plan_bytes)?;
                 codec::check_plan(&plan)?;
@@ -334,6 +347,12 @@ impl Session<'_> {
                 for dir in dirs {
                     served.check_dir(None, dir)?;
                 }
+                // The bodies the client asked for with the plan are sent while the plan's
+                // own bodies arrive; the key list is read whole first, as for `Bodies`.
+                let to_send = match also_send {
+                    true => self.read_keys(served)?,
+                    false => Vec::new(),
+                };
                 let copies = plan.mailboxes.iter().map(|m| m.copies.len()).sum();
                 locked(&self.inbox).expect_bodies(copies);
                 let options = ApplyOptions {
@@ -344,8 +363,16 @@ impl Session<'_> {
                 // The scan's mailboxes the plan leaves alone go into the scan cache while
                 // the applier's closing sync waits for the disk.
                 let keep = || self.keep_scan(Some(&plan));
-                let apply = || {
-                    let spool = self.spool_bodies(&source, &plan, &options)?;
+                let apply = |sending: Option<ScopedJoinHandle<'_, Result<(), WireError>>>| {
+                    let spool = self.spool_bodies(&source, &plan, &options);
+                    // All of the `Bodies` answer goes out before any of the apply's: its
+                    // sender holds the writer until it is done.
+                    if let Some(sending) = sending {
+                        sending
+                            .join()
+                            .map_err(|_| WireError::Failed("the body sender panicked".into()))??;
+                    }
+                    let spool = spool?;
                     let bodies: &dyn BodySource = match &spool {
                         Some(spool) => spool,
                         None => &source,
@@ -356,8 +383,10 @@ impl Session<'_> {
                 };
                 // The next baselines are worked out while the plan is applied.
                 let (report, predicted) = std::thread::scope(|scope| {
+                    let sending = (!to_send.is_empty())
+                        .then(|| scope.spawn(|| self.send_bodies(replica, &to_send)));
                     let predicting = scope.spawn(|| self.baselines.predict(&plan));
-                    (apply(), predicting.join())
+                    (apply(sending), predicting.join())
                 });
                 let report = report?;
                 locked(&self.inbox).drain()?;
@@ -428,7 +457,10 @@ impl Session<'_> {
                 .filter(|b| wire_table::id_of(b) == id)
         });
         self.baselines.stage(&table.dir, encoding.clone());
-        Shipped::make(encoding, base.as_deref()).to_bytes()
+        match self.row_deltas {
+            true => Shipped::make_rows(encoding, base.as_deref()).to_bytes(),
+            false => Shipped::make(encoding, base.as_deref()).to_bytes(),
+        }
     }
 
     fn fatal(&self, e: crate::Error) -> WireError {

@@ -327,3 +327,74 @@ fn mdbox_writes_without_offline_or_out_of_bounds_are_refused() {
     let parent: Vec<_> = fs::read_dir(&root).unwrap().flatten().collect();
     assert_eq!(parent.len(), 2, "only alice and mdbox: {parent:?}");
 }
+
+/// An `Apply` that carries nothing to do.
+fn empty_plan() -> String {
+    serde_json::json!({
+        "delete_mailboxes": [], "create_parents": [], "remove_parents": [], "mailboxes": [],
+        "subscriptions": null, "uidvalidity_next": null, "skipped": [], "warnings": [],
+        "root_meta": {"mode": 448, "uid": 0, "gid": 0}, "sweep": []
+    })
+    .to_string()
+}
+
+/// `Apply` asking for bodies too (`also_send`, capability bit 4).
+fn apply_also_sending(keys: &[u8]) -> Vec<u8> {
+    let mut input = request(
+        r#"{"request":"apply","options":{"fsync":"None","ownership":"RunningUser"},"also_send":true}"#,
+    );
+    input.extend(object(empty_plan().as_bytes()));
+    input.extend(object(keys));
+    input
+}
+
+#[test]
+fn an_apply_asking_for_bodies_is_checked_like_bodies_and_answers_them_first() {
+    let (_dir, root) = served_root();
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(apply_also_sending(&key_list("../..", "passwd")));
+    let out = serve(&root, &input);
+    assert_refused(&out, "unsafe path");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("root:"));
+
+    // A message of the served INBOX comes back whole, before the apply's answer.
+    let cur = root.join("alice/cur");
+    fs::create_dir_all(&cur).unwrap();
+    fs::write(cur.join("1700000000.M1P1.host,S=13:2,S"), b"hello, alice\n").unwrap();
+    let mut input = hello();
+    input.extend(open("alice"));
+    input.extend(apply_also_sending(&key_list(
+        "",
+        "1700000000.M1P1.host,S=13:2,S",
+    )));
+    input.extend(request(r#"{"request":"bye"}"#));
+    let out = serve(&root, &input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut stdout = &out.stdout[..];
+    let mut frames = Vec::new();
+    let mut body = Vec::new();
+    while let Ok(f) = read_frame(&mut stdout) {
+        if f.kind == Kind::BodyChunk {
+            body.extend_from_slice(&f.payload);
+        }
+        let applied =
+            f.kind == Kind::Answer && String::from_utf8_lossy(&f.payload).contains("applied");
+        frames.push((f.kind, applied));
+    }
+    let at = |kind| frames.iter().position(|f| *f == (kind, false)).unwrap();
+    let applied = frames
+        .iter()
+        .position(|f| *f == (Kind::Answer, true))
+        .unwrap();
+    assert!(at(Kind::BodyStart) < at(Kind::BodyEnd), "{frames:?}");
+    assert!(at(Kind::BodyEnd) < applied, "{frames:?}");
+    assert_eq!(
+        body, b"hello, alice\n",
+        "sent as it is (no zstd was agreed)"
+    );
+}

@@ -17,13 +17,22 @@ fuzz_target!(|data: &[u8]| {
         Some((flag, rest)) => (flag & 1 == 1, rest),
         None => return,
     };
-    for payload_decoder in [0u8, 1, 2, 3, 4] {
+    // A baseline both sides could hold: a one-row INBOX table.
+    let mut inbox_table = mdsync::table::MailboxTable::default();
+    let flags = mdsync::model::Flags::default();
+    inbox_table.push(1, "1.M1P1.host,S=6:2,S", 13, flags, 6, None, 0);
+    let baseline = mdsync::wire::table::encode(&inbox_table);
+    for payload_decoder in [0u8, 1, 2, 3, 4, 5, 6] {
         let _ = match payload_decoder {
             0 => codec::decode_keys(bytes).map(|_| ()),
             1 => codec::decode_hashes(bytes, 2).map(|_| ()),
             2 => codec::decode_body_header(bytes).map(|_| ()),
             3 => codec::decode_body_end(bytes).map(|_| ()),
-            _ => codec::decode_mailbox(bytes).map(|_| ()),
+            4 => mdsync::wire::table::decode(bytes).map(|_| ()),
+            5 => mdsync::wire::rows::apply(bytes, &baseline).map(|_| ()),
+            _ => mdsync::wire::table::Shipped::from_bytes(bytes)
+                .and_then(|s| s.resolve(Some(&baseline)))
+                .map(|_| ()),
         };
     }
     let mut reader = FrameReader::new(Box::new(Cursor::new(bytes.to_vec())), Arc::default());

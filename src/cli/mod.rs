@@ -251,6 +251,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         } else {
             a.cache_dir.or_else(mdsync::scan::cache::default_cache_dir)
         },
+        ..Default::default()
     };
     // Errors went to the client as an Error frame; stderr reaches the user through ssh too.
     mdsync::transport::widen_pipe(&std::io::stdin());
@@ -339,6 +340,7 @@ fn open_remote(
             let channel = transport::spawn_in_process(mdsync::serve::ServeOptions {
                 root: None,
                 cache_dir: cache_dir(a),
+                ..Default::default()
             })?;
             let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
             let replica = RemoteReplica::connect(channel, "pipe", path_text, &remote_options);

@@ -101,6 +101,10 @@ pub(crate) fn with_meanwhile_once<T>(
     done
 }
 
+/// Where [`Replica::apply_reading_ahead`] hands the bodies it read ahead, or why it could
+/// not ask for them.
+pub type Spooled<'a> = dyn Fn(std::result::Result<spool::Spool, BodyError>) + Sync + 'a;
+
 /// One side of a sync.
 pub trait Replica: BodySource + Send {
     /// Where this replica lives, for messages.
@@ -108,6 +112,12 @@ pub trait Replica: BodySource + Send {
 
     /// The folder layout this replica's folders show, `None` when it has no folder yet.
     fn detect_layout(&self) -> Result<Option<Layout>>;
+
+    /// True while the replica's connection is still being set up (a remote side whose
+    /// ssh has not answered yet): the local side then leaves ssh a core.
+    fn connecting(&self) -> bool {
+        false
+    }
 
     /// Scans the whole replica.
     fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable>;
@@ -128,6 +138,25 @@ pub trait Replica: BodySource + Send {
         let report = self.apply(plan, source, options, progress);
         meanwhile();
         report
+    }
+
+    /// Applies a plan like [`Replica::apply_overlapping`] and reads from this replica,
+    /// into a spool, the bodies `wanted` that the other side's plan copies, handing it to
+    /// `spooled` once (before the apply's answer is awaited), so that the other side's
+    /// apply can start while this one goes on. The default reads them first, then
+    /// applies; a remote replica asks for them with the plan, and they come back while
+    /// the plan's own bodies go out.
+    fn apply_reading_ahead(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
+        (wanted, spooled): (&[Key], &Spooled<'_>),
+    ) -> Result<ApplyReport> {
+        spooled(spool::Spool::fill(self, wanted));
+        self.apply_overlapping(plan, source, options, progress, meanwhile)
     }
 
     /// Keeps what a scan with [`ScanOptions::defer_cache_writes`] listed in this replica's

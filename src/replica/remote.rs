@@ -4,7 +4,7 @@
 //! peer sends is checked by `wire` before use. Never touches the local filesystem.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ use crate::interrupt;
 use crate::model::Subdir;
 use crate::progress::Progress;
 use crate::replica::baseline::Baselines;
-use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
+use crate::replica::spool::Spool;
+use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica, Spooled};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
@@ -28,7 +29,9 @@ use crate::wire::conn::{
     BodyReader, BodyStatus, FrameReader, FrameWriter, Inbox, MAX_OBJECT, Stats, WireError,
 };
 use crate::wire::frame::{FrameError, Kind};
-use crate::wire::hello::{CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ZSTD, Hello};
+use crate::wire::hello::{
+    CAP_APPLY_SENDS, CAP_HASH, CAP_NEW_MDBOX, CAP_RESCAN_MANY, CAP_ROW_DELTA, CAP_ZSTD, Hello,
+};
 use crate::wire::messages::{Answer, Request, RootFacts, StoreFormat, WireEvent};
 use crate::wire::table::{self as wire_table, Shipped, id_of};
 
@@ -86,6 +89,16 @@ pub struct RemoteReplica {
     options: RemoteOptions,
     /// The outcome of greeting the far side and opening the path (see `open`).
     opened: OnceLock<Result<Opened, String>>,
+    /// Requests sent, and mailbox objects received by kind (whole, zstd delta, row delta):
+    /// what a test can see of how the session went.
+    counts: Counts,
+}
+
+/// See [`RemoteReplica::counts`].
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub(crate) requests: AtomicU64,
+    pub(crate) tables: [AtomicU64; 3],
 }
 
 /// What the far side said when the replica was opened.
@@ -133,6 +146,7 @@ impl RemoteReplica {
             timed_out: Arc::new(AtomicBool::new(false)),
             stop_watchdog: Arc::new(AtomicBool::new(false)),
             timeout: options.timeout,
+            counts: Counts::default(),
         };
         replica.start_watchdog();
         replica
@@ -148,6 +162,12 @@ impl RemoteReplica {
             })
             .as_ref()
             .map_err(|why| WireError::Failed(why.clone()))
+    }
+
+    /// What the session did so far (requests, tables by kind), for tests.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> &Counts {
+        &self.counts
     }
 
     /// True when the remote path exists as a directory (opens the replica).
@@ -170,7 +190,9 @@ impl RemoteReplica {
         } else {
             0
         };
-        let ours = Hello::ours(CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX | zstd_cap);
+        let ours = Hello::ours(
+            CAP_HASH | CAP_RESCAN_MANY | CAP_NEW_MDBOX | CAP_APPLY_SENDS | CAP_ROW_DELTA | zstd_cap,
+        );
         {
             let mut out = locked(&self.out);
             out.frame(Kind::Hello, &ours.encode())?;
@@ -311,6 +333,7 @@ impl RemoteReplica {
         self.open()?;
         let mut inbox = locked(&self.inbox);
         inbox.drain()?;
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
         let mut out = locked(&self.out);
         out.json(Kind::Request, request)?;
         if let Some(bytes) = object {
@@ -467,10 +490,13 @@ impl RemoteReplica {
         kept: &HashMap<u128, (String, Vec<u8>)>,
     ) -> Result<MailboxTable, WireError> {
         let shipped = Shipped::from_bytes(bytes)?;
-        let base = match &shipped {
-            Shipped::Delta { base, .. } => kept.get(base),
-            Shipped::Whole(_) => None,
+        let kind = match shipped {
+            Shipped::Whole(_) => 0,
+            Shipped::Delta { .. } => 1,
+            Shipped::Rows { .. } => 2,
         };
+        self.counts.tables[kind].fetch_add(1, Ordering::Relaxed);
+        let base = shipped.base().and_then(|id| kept.get(&id));
         let encoding = shipped.resolve(base.map(|(_, b)| b.as_slice()))?;
         let table = wire_table::decode(&encoding)?;
         if base.is_some_and(|(dir, _)| *dir != table.dir) {
@@ -493,6 +519,9 @@ impl RemoteReplica {
 
     /// Has the far side apply `plan`, bodies from `source`. Once the bodies are sent, the
     /// next baselines are worked out and `meanwhile` runs, while the far side still works.
+    /// With `read_ahead` (only when the far side agreed on `CAP_APPLY_SENDS`), the far
+    /// side also sends the bodies it names while it receives the plan's, and they are
+    /// handed over in a spool before the apply's answer is awaited.
     fn apply_remote(
         &self,
         plan: &Plan,
@@ -500,11 +529,45 @@ impl RemoteReplica {
         options: &ApplyOptions,
         progress: &dyn Progress,
         meanwhile: &(dyn Fn() + Sync),
+        read_ahead: Option<(&[Key], &Spooled<'_>)>,
     ) -> Result<ApplyReport, WireError> {
         let _x = locked(&self.exchange);
         let plan_json = serde_json::to_vec(plan).map_err(|e| WireError::Failed(e.to_string()))?;
-        let request = Request::Apply { options: *options };
-        let inbox = self.request(&request, Some(&plan_json))?;
+        let request = Request::Apply {
+            options: *options,
+            also_send: read_ahead.is_some(),
+        };
+        let mut inbox = self.request(&request, Some(&plan_json))?;
+        if let Some((wanted, _)) = read_ahead {
+            let mut out = locked(&self.out);
+            out.object(&codec::encode_keys(wanted))?;
+            out.flush()?;
+            inbox.expect_bodies(wanted.len());
+        }
+        drop(inbox);
+        // The far side answers for the bodies asked for first, then for the apply. A
+        // refusal (an `Error` frame) or a break in that answer is the session's end: the
+        // spool is not handed over, so the local side applies nothing.
+        let read_first = || -> Result<(), WireError> {
+            let Some((wanted, spooled)) = read_ahead else {
+                return Ok(());
+            };
+            let spool = Spool::fill_announced(self, wanted);
+            let mut inbox = locked(&self.inbox);
+            // Left after an interrupt: read past them to the apply's answer.
+            let drained = inbox.drain();
+            match inbox.broken().map(str::to_string) {
+                Some(why) => {
+                    spooled(Err(BodyError::Failed(why.clone())));
+                    Err(WireError::Failed(why))
+                }
+                None => {
+                    drained?;
+                    spooled(Ok(spool));
+                    Ok(())
+                }
+            }
+        };
         let copies = plan.mailboxes.iter().flat_map(|m| {
             m.copies
                 .iter()
@@ -515,7 +578,7 @@ impl RemoteReplica {
             *locked(&predicted) = Some(self.baselines.predict(plan));
             meanwhile();
         };
-        let answer = self.stream_bodies(inbox, copies, source, progress, &after_sent)?;
+        let answer = self.stream_bodies(copies, source, progress, &after_sent, &read_first)?;
         match answer {
             Answer::Applied { report } => {
                 // The far side keeps the same predictions (see `sync::predict`).
@@ -531,14 +594,15 @@ impl RemoteReplica {
     /// Streams the bodies of `keys`, in order, from `source` while the far side's events
     /// come back, and returns its answer. After an interrupt the rest are sent as failed,
     /// so the far side finishes cleanly with what it has. `after_sent` runs once the last
-    /// body is out (not when sending fails), while the far side still works.
+    /// body is out (not when sending fails), while the far side still works; `read_first`
+    /// reads what the far side sends before the answer, while the bodies go out.
     fn stream_bodies<'k>(
         &self,
-        mut inbox: MutexGuard<'_, Inbox>,
         keys: impl Iterator<Item = (&'k str, Subdir, &'k str)> + Send,
         source: &dyn BodySource,
         progress: &dyn Progress,
         after_sent: &(dyn Fn() + Sync),
+        read_first: &dyn Fn() -> Result<(), WireError>,
     ) -> Result<Answer, WireError> {
         let send = || -> std::io::Result<()> {
             let mut out = locked(&self.out);
@@ -557,7 +621,8 @@ impl RemoteReplica {
         };
         std::thread::scope(|scope| {
             let sender = scope.spawn(send);
-            let result = answer(&mut inbox, Some(progress));
+            let result =
+                read_first().and_then(|()| answer(&mut locked(&self.inbox), Some(progress)));
             if result.is_err() {
                 self.kill_peer();
             }
@@ -599,7 +664,7 @@ impl RemoteReplica {
             mailboxes: table.mailboxes.len() as u32,
             root: RootFacts::of(table),
         };
-        let inbox = self.request(&request, None)?;
+        drop(self.request(&request, None)?);
         {
             let mut out = locked(&self.out);
             for mailbox in &table.mailboxes {
@@ -611,7 +676,7 @@ impl RemoteReplica {
         let keys = keys
             .iter()
             .map(|k| (k.dir.as_str(), k.sub, k.name.as_str()));
-        match self.stream_bodies(inbox, keys, source, progress, &|| ())? {
+        match self.stream_bodies(keys, source, progress, &|| (), &|| Ok(()))? {
             Answer::NewMdboxWritten { report } => Ok(report),
             other => Err(unexpected(&other)),
         }
@@ -718,6 +783,11 @@ impl Replica for RemoteReplica {
         self.location.clone()
     }
 
+    fn connecting(&self) -> bool {
+        let over_ssh = matches!(*locked(&self.peer), Some(Peer::Child(_)));
+        over_ssh && self.opened.get().is_none()
+    }
+
     fn detect_layout(&self) -> Result<Option<Layout>> {
         let _x = locked(&self.exchange);
         let result = self
@@ -794,7 +864,30 @@ impl Replica for RemoteReplica {
         meanwhile: &(dyn Fn() + Sync),
     ) -> Result<ApplyReport> {
         super::with_meanwhile_once(meanwhile, |once| {
-            self.apply_remote(plan, source, options, progress, once)
+            self.apply_remote(plan, source, options, progress, once, None)
+        })
+        .map_err(|e| self.error(e))
+    }
+
+    /// The bodies `wanted` travel with the apply, the other way, when the far side can
+    /// send them while it receives (`CAP_APPLY_SENDS`); else they are read first.
+    fn apply_reading_ahead(
+        &self,
+        plan: &Plan,
+        source: &dyn BodySource,
+        options: &ApplyOptions,
+        progress: &dyn Progress,
+        meanwhile: &(dyn Fn() + Sync),
+        (wanted, spooled): (&[Key], &Spooled<'_>),
+    ) -> Result<ApplyReport> {
+        let together = self.open().is_ok_and(|o| o.caps & CAP_APPLY_SENDS != 0);
+        if wanted.is_empty() || !together {
+            spooled(Spool::fill(self, wanted));
+            return self.apply_overlapping(plan, source, options, progress, meanwhile);
+        }
+        super::with_meanwhile_once(meanwhile, |once| {
+            let read_ahead = Some((wanted, spooled));
+            self.apply_remote(plan, source, options, progress, once, read_ahead)
         })
         .map_err(|e| self.error(e))
     }

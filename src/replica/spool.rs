@@ -50,12 +50,17 @@ impl Spool {
     /// would have met it streaming (a broken connection fails every later body, and the
     /// session with it). After an interrupt the bodies not read yet are left out: the
     /// applier stops before it opens one.
-    pub fn fill(source: &dyn BodySource, keys: &[Key]) -> Result<Spool, BodyError> {
-        let mut bodies = HashMap::with_capacity(keys.len());
-        if keys.is_empty() {
-            return Ok(Spool { bodies });
+    pub fn fill(source: &(impl BodySource + ?Sized), keys: &[Key]) -> Result<Spool, BodyError> {
+        if !keys.is_empty() {
+            source.announce(keys)?;
         }
-        source.announce(keys)?;
+        Ok(Spool::fill_announced(source, keys))
+    }
+
+    /// [`Spool::fill`] from a source that was already told the keys (the request that
+    /// asked for them carried them).
+    pub fn fill_announced(source: &(impl BodySource + ?Sized), keys: &[Key]) -> Spool {
+        let mut bodies = HashMap::with_capacity(keys.len());
         let mut held = 0u64;
         for key in keys {
             if interrupt::requested() {
@@ -71,7 +76,7 @@ impl Spool {
             }
             bodies.insert(key.clone(), spooled);
         }
-        Ok(Spool { bodies })
+        Spool { bodies }
     }
 }
 

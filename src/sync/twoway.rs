@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::progress::{Event, Progress};
-use crate::replica::Replica;
 use crate::replica::spool::Spool;
+use crate::replica::{BodyError, Replica, Spooled};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{self, ApplyOptions, ApplyReport};
@@ -427,8 +427,9 @@ fn apply_both(
 }
 
 /// Applies the local side's plan and the remote side's at once: the local side's bodies
-/// (which fit the spool) are read from the remote side into memory first, then the
-/// remote side's apply takes the connection. `keep` runs once the remote side has its
+/// (which fit the spool) are read from the remote side into memory — with the remote
+/// side's apply, the other way over the same connection, when the far side can — and the
+/// local apply starts as soon as they are in. `keep` runs once the remote side has its
 /// bodies.
 fn apply_beside_remote(
     (local, local_plan, local_progress): (&dyn Replica, &Plan, &Sided<'_>),
@@ -436,19 +437,44 @@ fn apply_beside_remote(
     options: &ApplyOptions,
     keep: &(dyn Fn() + Sync),
 ) -> Result<(Result<ApplyReport>, Result<ApplyReport>)> {
-    let spool = read_ahead(remote, local_plan)?;
-    Ok(super::beside_remote(
-        || local.apply(local_plan, &spool, options, local_progress),
-        || remote.apply_overlapping(remote_plan, local, options, remote_progress, keep),
-    ))
+    let wanted = apply::copy_keys(local_plan);
+    let (hand_over, handed) = std::sync::mpsc::sync_channel(1);
+    // `None`: the remote apply ended without handing over a spool; its error says why.
+    let local_apply = || {
+        let spool: std::result::Result<Spool, BodyError> = handed.recv().ok()?;
+        let spool = spool.map_err(|e| read_ahead_failed(remote, e));
+        Some(spool.and_then(|spool| local.apply(local_plan, &spool, options, local_progress)))
+    };
+    let remote_apply = move || {
+        let hand_over = hand_over;
+        let spooled = |spool: std::result::Result<Spool, BodyError>| {
+            let _ = hand_over.send(spool);
+        };
+        let read_ahead = (wanted.as_slice(), &spooled as &Spooled<'_>);
+        remote.apply_reading_ahead(
+            remote_plan,
+            local,
+            options,
+            remote_progress,
+            keep,
+            read_ahead,
+        )
+    };
+    match super::beside_remote(local_apply, remote_apply) {
+        (Some(local), remote) => Ok((local, remote)),
+        (None, Err(e)) => Err(e),
+        (None, Ok(_)) => Err(read_ahead_failed(
+            remote,
+            BodyError::Failed("no bodies were read ahead".into()),
+        )),
+    }
 }
 
-/// Reads from the remote side `from` every body `plan` (the other side's) copies.
-fn read_ahead(from: &dyn Replica, plan: &Plan) -> Result<Spool> {
-    Spool::fill(from, &apply::copy_keys(plan)).map_err(|e| crate::error::Error::Remote {
+fn read_ahead_failed(from: &dyn Replica, e: BodyError) -> crate::error::Error {
+    crate::error::Error::Remote {
         location: from.location(),
         message: format!("cannot read bodies ahead: {e}"),
-    })
+    }
 }
 
 /// Stores the freshly listed mailboxes in both scan caches, except those a plan changed.
@@ -737,11 +763,7 @@ mod tests {
     #[test]
     fn a_file_missed_by_one_scan_is_confirmed_before_it_counts_as_expunged() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b, state) = (
-            dir.path().join("a"),
-            dir.path().join("b"),
-            dir.path().join("s"),
-        );
+        let (a, b, state) = sides(dir.path());
         maildir(&a);
         maildir(&b);
         let (ra, rb) = (LocalReplica::new(&a), LocalReplica::new(&b));
@@ -774,5 +796,145 @@ mod tests {
         let outcome = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap();
         assert_eq!(outcome.b.report.expunged, 1);
         assert_eq!(files(&b), 2);
+    }
+
+    /// Where a test keeps side A, side B and the pair's state.
+    fn sides(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        (dir.join("a"), dir.join("b"), dir.join("s"))
+    }
+
+    /// Every message file of `root`'s INBOX, `cur/` and `new/`, by content.
+    fn bodies(root: &Path) -> Vec<Vec<u8>> {
+        let mut all: Vec<Vec<u8>> = ["cur", "new"]
+            .iter()
+            .flat_map(|sub| fs::read_dir(root.join(sub)).unwrap())
+            .map(|e| fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Over the real codec: mail new on each side reaches the other whether the far side
+    /// sends the local side's bodies while it receives its own (`CAP_APPLY_SENDS`: one
+    /// request fewer) or, as an older server without it, before; and when the far side's
+    /// plan is too big to spool, so that it sends them all before it reads its own.
+    #[test]
+    fn bodies_cross_both_ways_with_or_without_the_far_side_sending_during_its_apply() {
+        use crate::replica::remote::{RemoteOptions, RemoteReplica};
+        use crate::wire::hello::CAP_APPLY_SENDS;
+        let mut requests = Vec::new();
+        for (withheld, read_ahead) in [(0, 1 << 20), (CAP_APPLY_SENDS, 1 << 20), (0, 16)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b, state) = sides(dir.path());
+            maildir(&a);
+            maildir(&b);
+            let big = "from a, and longer than the far side may read ahead\n".repeat(2);
+            let name = format!("1700000100.M9P1.host,S={}", big.len());
+            fs::write(a.join("new").join(name), &big).unwrap();
+            fs::write(b.join("new/1700000200.M9P2.host,S=8"), b"from b!\n").unwrap();
+            let channel = crate::transport::spawn_in_process(crate::serve::ServeOptions {
+                withheld_caps: withheld,
+                ..Default::default()
+            })
+            .unwrap();
+            let options = RemoteOptions {
+                cache_dir: None,
+                use_cache: false,
+                ..RemoteOptions::default()
+            };
+            let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+            let ra = LocalReplica::new(&a);
+            let mut sync_options = test_options(&state);
+            sync_options.apply.read_ahead = read_ahead;
+            let outcome = sync(&ra, &rb, &sync_options, &NoProgress).unwrap();
+            requests.push(
+                rb.counts()
+                    .requests
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
+            rb.close().unwrap();
+            let copied = (
+                outcome.a.report.messages_copied,
+                outcome.b.report.messages_copied,
+            );
+            assert_eq!(
+                copied,
+                (1, 1),
+                "withheld {withheld:#x}, read-ahead {read_ahead}"
+            );
+            assert_eq!(bodies(&a), bodies(&b));
+            assert_eq!(bodies(&a).len(), 5);
+        }
+        // The older server was asked for the bodies apart.
+        assert_eq!(requests[0] + 1, requests[1], "{requests:?}");
+        assert_eq!(requests[0], requests[2], "{requests:?}");
+    }
+
+    /// Over the real codec, with baselines on both ends: the far side's table comes back as
+    /// a delta, a row delta (`CAP_ROW_DELTA`) or, from an older server, a zstd one, and the
+    /// flag change it carries reaches the other side either way.
+    #[test]
+    fn far_tables_come_as_row_deltas_or_zstd_deltas_from_an_older_server() {
+        use crate::replica::remote::{RemoteOptions, RemoteReplica};
+        use crate::wire::hello::CAP_ROW_DELTA;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut received = Vec::new();
+        for withheld in [0, CAP_ROW_DELTA] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b, state) = sides(dir.path());
+            big_maildir(&a, 400);
+            big_maildir(&b, 400);
+            let run = |a: &Path, b: &Path| {
+                let channel = crate::transport::spawn_in_process(crate::serve::ServeOptions {
+                    cache_dir: Some(dir.path().join("far-cache")),
+                    withheld_caps: withheld,
+                    ..Default::default()
+                })
+                .unwrap();
+                let options = RemoteOptions {
+                    cache_dir: Some(dir.path().join("near-cache")),
+                    use_cache: true,
+                    compress_level: None,
+                    ..RemoteOptions::default()
+                };
+                let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+                let ra = LocalReplica::new(a);
+                let outcome = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap();
+                let kinds = rb.counts().tables.each_ref().map(|n| n.load(Relaxed));
+                rb.close().unwrap();
+                (outcome, kinds)
+            };
+            assert_eq!(run(&a, &b).1, [1, 0, 0], "the first time, whole");
+            let flagged = b.join("cur/1700000000.M2P1.host,S=6:2,S");
+            fs::rename(&flagged, b.join("cur/1700000000.M2P1.host,S=6:2,FS")).unwrap();
+            let (outcome, kinds) = run(&a, &b);
+            let want = match withheld {
+                0 => [0, 0, 1],
+                _ => [0, 1, 0],
+            };
+            assert_eq!(kinds, want, "withheld {withheld:#x}");
+            assert_eq!(outcome.a.report.flag_changes, 1, "withheld {withheld:#x}");
+            assert!(a.join("cur/1700000000.M2P1.host,S=6:2,FS").exists());
+            received.push(outcome.wire.unwrap().1);
+        }
+        // Both are deltas (the whole INBOX table is some 20 KB): about the head and the
+        // changed row.
+        assert!(received.iter().all(|&r| r < 2000), "{received:?}");
+    }
+
+    /// [`maildir`] with `count` messages.
+    fn big_maildir(root: &Path, count: u32) {
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let n = count + 1;
+        let mut uidlist = format!("3 V1700000000 N{n} G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n");
+        for uid in 1..=count {
+            let base = format!("1700000000.M{uid}P1.host,S=6");
+            fs::write(root.join("cur").join(format!("{base}:2,S")), b"hello\n").unwrap();
+            uidlist.push_str(&format!("{uid} :{base}\n"));
+        }
+        fs::write(root.join("dovecot-uidlist"), uidlist).unwrap();
+        fs::write(root.join("dovecot-uidvalidity"), "6553f101").unwrap();
     }
 }

@@ -165,6 +165,16 @@ impl<'a> Payload<'a> {
     pub fn is_done(&self) -> bool {
         self.bytes.is_empty()
     }
+
+    /// How many bytes are left.
+    pub fn left(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Every byte left.
+    pub fn rest(self) -> &'a [u8] {
+        self.bytes
+    }
 }
 
 /// Appends a length-prefixed string.

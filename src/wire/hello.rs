@@ -20,6 +20,11 @@ pub const CAP_HASH: u64 = 1 << 1;
 pub const CAP_RESCAN_MANY: u64 = 1 << 2;
 /// Capability: a new mdbox tree can be written from a scan the client sends (`NewMdbox`).
 pub const CAP_NEW_MDBOX: u64 = 1 << 3;
+/// Capability: an `Apply` may also ask for bodies (`also_send`), which the server sends
+/// while it receives the plan's.
+pub const CAP_APPLY_SENDS: u64 = 1 << 4;
+/// Capability: mailbox tables may come as row deltas (`wire::rows`, object tag 2).
+pub const CAP_ROW_DELTA: u64 = 1 << 5;
 
 /// One side's greeting.
 #[derive(Debug, Clone, PartialEq, Eq)]

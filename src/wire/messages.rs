@@ -70,6 +70,11 @@ pub enum Request {
     Apply {
         /// How to write.
         options: ApplyOptions,
+        /// A key list follows the plan, and the server sends those bodies (as a `Bodies`
+        /// answer) while it receives the plan's (capability `CAP_APPLY_SENDS`): a two-way
+        /// sync's two body transfers share the connection's two directions.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        also_send: bool,
     },
     /// Write a new mdbox tree at the opened path from the mailbox objects that follow
     /// (capability `CAP_NEW_MDBOX`); the bodies of their messages follow them.

@@ -9,4 +9,5 @@ pub mod frame;
 pub mod hello;
 pub mod messages;
 pub mod path;
+pub mod rows;
 pub mod table;
