@@ -523,14 +523,36 @@ struct RateLimit {
     sent: u64,
 }
 
+/// How far ahead of the average rate time spent not sending lets a sender get. Without a
+/// cap, the seconds a session spends scanning and planning were all "saved up", and the
+/// bodies that followed left at full speed — past the `--bwlimit` an admin set to spare a
+/// link. rsync caps it the same way.
+const BURST: Duration = Duration::from_millis(250);
+
 impl RateLimit {
     fn account(&mut self, bytes: usize) {
-        self.sent += bytes as u64;
-        let due = Duration::from_secs_f64(self.sent as f64 / self.bytes_per_sec as f64);
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
+        let pause = self.pause_after(bytes, Instant::now());
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
         }
+    }
+
+    /// How long to wait, at `now`, after sending `bytes` more.
+    fn pause_after(&mut self, bytes: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.started);
+        let due = self.due();
+        if elapsed > due + BURST {
+            // Idle for a while: forget the credit beyond one burst.
+            self.started += elapsed - due - BURST;
+        }
+        self.sent += bytes as u64;
+        let elapsed = now.saturating_duration_since(self.started);
+        self.due().saturating_sub(elapsed)
+    }
+
+    /// When the bytes sent so far are due at the average rate, from `started`.
+    fn due(&self) -> Duration {
+        Duration::from_secs_f64(self.sent as f64 / self.bytes_per_sec as f64)
     }
 }
 
@@ -912,5 +934,34 @@ mod tests {
             r.chunk_into(&payload, &mut out).unwrap();
             assert_eq!(&out, body);
         }
+    }
+
+    /// Time spent not sending earns at most one burst: after an idle minute, a megabyte
+    /// at 1 MB/s still takes most of a second; while sending steadily, the average holds.
+    #[test]
+    fn idle_time_earns_at_most_one_burst() {
+        let start = Instant::now();
+        let mut limit = RateLimit {
+            bytes_per_sec: 1_000_000,
+            started: start,
+            sent: 0,
+        };
+        let later = start + Duration::from_secs(60);
+        let pause = limit.pause_after(1_000_000, later);
+        assert_eq!(pause, Duration::from_secs(1) - BURST);
+        // Sent as due: the next 100 KB wait their 0.1 s.
+        let then = later + pause;
+        assert_eq!(limit.pause_after(100_000, then), Duration::from_millis(100));
+        // A fresh limit owes nothing before its first byte is sent.
+        let mut fresh = RateLimit {
+            bytes_per_sec: 1_000_000,
+            started: start,
+            sent: 0,
+        };
+        assert_eq!(fresh.pause_after(0, start), Duration::ZERO);
+        assert_eq!(
+            fresh.pause_after(500_000, start),
+            Duration::from_millis(500)
+        );
     }
 }
