@@ -870,6 +870,52 @@ mod tests {
         assert_eq!(requests[0], requests[2], "{requests:?}");
     }
 
+    /// A far side that refuses the bodies asked for with its plan (here: a folder turned
+    /// into a symlink since the scan) ends the exchange with its own reason, and the
+    /// other side gets no spool, so it applies nothing.
+    #[test]
+    fn a_refused_read_ahead_reports_the_far_sides_reason_and_hands_over_no_spool() {
+        use crate::replica::remote::{RemoteOptions, RemoteReplica};
+        use crate::replica::{Key, Spooled};
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, _) = sides(dir.path());
+        maildir(&a);
+        maildir(&b);
+        maildir(&dir.path().join("elsewhere"));
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), b.join(".F")).unwrap();
+        let channel = crate::transport::spawn_in_process(Default::default()).unwrap();
+        let options = RemoteOptions {
+            cache_dir: None,
+            use_cache: false,
+            ..RemoteOptions::default()
+        };
+        let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+        let wanted = [Key {
+            dir: ".F".into(),
+            sub: crate::model::Subdir::Cur,
+            name: "1700000000.M1P1.host,S=6:2,S".into(),
+        }];
+        let handed = std::sync::Mutex::new(Vec::new());
+        let spooled = |spool: std::result::Result<Spool, BodyError>| {
+            handed
+                .lock()
+                .unwrap()
+                .push(spool.map(|_| ()).map_err(|e| e.to_string()));
+        };
+        let ra = LocalReplica::new(&a);
+        let options = test_options(&a).apply;
+        let read_ahead = (&wanted[..], &spooled as &Spooled<'_>);
+        let plan = Plan::default();
+        let applied = rb.apply_reading_ahead(&plan, &ra, &options, &NoProgress, &|| (), read_ahead);
+        let why = applied.unwrap_err().to_string();
+        assert!(why.contains("symlink"), "{why}");
+        let handed = handed.into_inner().unwrap();
+        assert!(
+            matches!(&handed[..], [Err(e)] if e.contains("symlink")),
+            "{handed:?}"
+        );
+    }
+
     /// Over the real codec, with baselines on both ends: the far side's table comes back as
     /// a delta, a row delta (`CAP_ROW_DELTA`) or, from an older server, a zstd one, and the
     /// flag change it carries reaches the other side either way.
