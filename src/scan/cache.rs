@@ -28,9 +28,10 @@ const HEAD_LEN: usize = MAGIC.len() + 4 * 4 * 8 + 8;
 /// Writes a cache file (a scan cache entry, a wire baseline) in `dir` as `file`: whole,
 /// under a temp name first, not fsynced. The old file is unlinked before the new one is
 /// renamed into its place rather than renamed over: replacing an existing file makes
-/// ext4 start writing the new one back at once (`auto_da_alloc`), which cost a two-way
-/// run over ssh 15 ms at its end, where the client waits. Killed in between, the cache
-/// only misses that file.
+/// ext4 start writing the new one back at once (`auto_da_alloc`): the far side's table
+/// baselines after a 100,000-message run over ssh took 25–30 ms that way against 14–18 ms,
+/// at the run's end, where the client waits. Killed in between, the cache only misses
+/// that file.
 pub(crate) fn put_cache_file(dir: &Path, file: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let tmp = dir.join(writer::temp_name());

@@ -38,11 +38,12 @@ pub(crate) fn both<A: Send, B: Send>(
 }
 
 /// Runs `work` on one rayon thread fewer than there are cores when it starts while the
-/// remote side is still `connecting`, else as it is; a scan cannot change its pool midway,
-/// so it keeps to that pool after the login too. Why: ssh's key exchange (sntrup761x25519 by default) is
-/// single-threaded and costs about 0.1 CPU-s; a local scan on every core slowed the login,
-/// and with it everything the far side does, by 40–90 ms on two cores, and the scan itself
-/// finished no sooner.
+/// remote side is still `connecting`, else as it is; a scan cannot change its pool
+/// midway, so it keeps to that pool after the login too. Why: ssh's key exchange
+/// (sntrup761x25519 by default) is single-threaded and costs about 0.1 CPU-s; a local scan
+/// on every core slowed the login, and with it everything the far side does (the far
+/// side started 312 ms after launch on average, 274 ms with a core left free, on two
+/// cores), and the scan itself finished no sooner.
 fn leaving_a_core<T: Send>(connecting: bool, work: impl FnOnce() -> T + Send) -> T {
     let cores = rayon::current_num_threads();
     if cores < 2 || !connecting {

@@ -672,21 +672,7 @@ mod tests {
 
     /// A tiny Maildir++ INBOX with three listed messages.
     fn maildir(root: &Path) {
-        for sub in ["cur", "new", "tmp"] {
-            fs::create_dir_all(root.join(sub)).unwrap();
-        }
-        let mut uidlist = String::from("3 V1700000000 N4 G0f1e2d3c4b5a69788796a5b4c3d2e1f0\n");
-        for uid in 1..=3 {
-            let base = format!("1700000000.M{uid}P1.host,S=6");
-            fs::write(root.join("cur").join(format!("{base}:2,S")), b"hello\n").unwrap();
-            uidlist.push_str(&format!("{uid} :{base}\n"));
-        }
-        fs::write(root.join("dovecot-uidlist"), uidlist).unwrap();
-        fs::write(
-            root.join("dovecot-uidvalidity"),
-            format!("{:08x}", 1_700_000_001),
-        )
-        .unwrap();
+        big_maildir(root, 3);
     }
 
     /// A local replica whose whole-replica scan misses one file of INBOX, as `readdir` can
@@ -968,7 +954,7 @@ mod tests {
         assert!(received.iter().all(|&r| r < 2000), "{received:?}");
     }
 
-    /// [`maildir`] with `count` messages.
+    /// A Maildir++ INBOX with `count` listed messages.
     fn big_maildir(root: &Path, count: u32) {
         for sub in ["cur", "new", "tmp"] {
             fs::create_dir_all(root.join(sub)).unwrap();
@@ -981,6 +967,7 @@ mod tests {
             uidlist.push_str(&format!("{uid} :{base}\n"));
         }
         fs::write(root.join("dovecot-uidlist"), uidlist).unwrap();
-        fs::write(root.join("dovecot-uidvalidity"), "6553f101").unwrap();
+        let uidvalidity = format!("{:08x}", 1_700_000_001);
+        fs::write(root.join("dovecot-uidvalidity"), uidvalidity).unwrap();
     }
 }

@@ -526,7 +526,7 @@ struct RateLimit {
 /// How far ahead of the average rate time spent not sending lets a sender get. Without a
 /// cap, the seconds a session spends scanning and planning were all "saved up", and the
 /// bodies that followed left at full speed — past the `--bwlimit` an admin set to spare a
-/// link. rsync caps it the same way.
+/// link. (rsync keeps no credit at all.)
 const BURST: Duration = Duration::from_millis(250);
 
 impl RateLimit {
