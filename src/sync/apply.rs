@@ -449,6 +449,15 @@ fn speculate_uidlist(path: &Path, m: &MailboxPlan, options: &ApplyOptions) -> Op
         Some(text) => Some(uidlist::parse(text).ok()?),
         None => None,
     };
+    // An upsert whose UID the text already gives another file would not land; the locked
+    // path sorts that out. So a speculation vouches that no upsert's UID is taken in
+    // `based_on`, and the lock need not parse the same text again to find out.
+    if current
+        .as_ref()
+        .is_some_and(|current| taken_in(current, edit).upserts > 0)
+    {
+        return None;
+    }
     let text = render_edit(current.as_ref(), edit);
     if based_on.as_deref() == Some(text.as_str()) {
         return None;
@@ -795,7 +804,9 @@ fn apply_locked(
         write_keywords(path, &map.render(), owner, options).map_err(|e| Error::io(path, e))?;
     }
     let raced = match &m.uidlist {
-        Some(UidlistChange::Write(edit)) if !edit.upsert.is_empty() => taken_meanwhile(path, edit),
+        Some(UidlistChange::Write(edit)) if !edit.upsert.is_empty() => {
+            taken_meanwhile(path, edit, speculated.as_ref())
+        }
         _ => Default::default(),
     };
     report.vanished += raced.upserts;
@@ -906,28 +917,45 @@ struct Raced {
 /// file and the plan neither removes nor knew of: Dovecot delivered and numbered a message
 /// after the scan. Writing the upsert would take that UID from it (its IMAP clients have
 /// seen it), so those upserts wait for the next run, which sees Dovecot's record. An
-/// unreadable uidlist finds none; writing it reports the problem.
-fn taken_meanwhile(path: &Path, edit: &UidlistEdit) -> Raced {
-    let mut raced = Raced::default();
+/// unreadable uidlist finds none; writing it reports the problem. A uidlist that still
+/// reads what `speculated` was rendered from is not parsed again: no UID in it was taken
+/// (see [`speculate_uidlist`]).
+fn taken_meanwhile(path: &Path, edit: &UidlistEdit, speculated: Option<&Speculated>) -> Raced {
     let Ok(Some(text)) = read_uidlist_text(&path.join(uidlist::FILE_NAME)) else {
-        return raced;
+        return Raced::default();
     };
-    let Ok(current) = uidlist::parse(&text) else {
-        return raced;
-    };
+    if speculated.is_some_and(|s| s.based_on.as_deref() == Some(text.as_str())) {
+        return Raced::default();
+    }
+    match uidlist::parse(&text) {
+        Ok(current) => taken_in(&current, edit),
+        Err(_) => Raced::default(),
+    }
+}
+
+/// The upserts of `edit` whose UID `current` gives to another file (see
+/// [`taken_meanwhile`]), and the UIDs `current` gives their own files.
+fn taken_in(current: &uidlist::Uidlist<'_>, edit: &UidlistEdit) -> Raced {
+    let mut raced = Raced::default();
     if current.header.uid_validity != edit.header.uid_validity {
         return raced;
     }
-    let holder: std::collections::HashMap<u32, &str> =
-        current.records.iter().map(|r| (r.uid, r.base)).collect();
+    // The parser leaves records sorted by UID, UIDs unique.
+    let records = &current.records;
+    let holder = |uid: u32| {
+        records
+            .binary_search_by_key(&uid, |r| r.uid)
+            .ok()
+            .map(|i| records[i].base)
+    };
     for r in &edit.upsert {
-        let foreign = holder.get(&r.uid).is_some_and(|&base| base != r.base);
+        let foreign = holder(r.uid).is_some_and(|base| base != r.base);
         if !foreign || edit.remove.binary_search(&r.uid).is_ok() {
             continue;
         }
         raced.upserts += 1;
         raced.uids.insert(r.uid);
-        let own = current.records.iter().filter(|c| c.base == r.base);
+        let own = records.iter().filter(|c| c.base == r.base);
         raced.uids.extend(own.map(|c| c.uid));
     }
     raced
@@ -1494,6 +1522,38 @@ mod tests {
             speculate_uidlist(path, &plan, &batch()).is_none(),
             "a torn uidlist is left to the locked path"
         );
+    }
+
+    #[test]
+    fn a_uid_taken_after_the_speculation_is_found_under_the_lock() {
+        let (dir, plan, edit) = speculation_fixture();
+        let path = dir.path();
+        let speculated = speculate_uidlist(path, &plan, &batch()).expect("speculated");
+        let unchanged = taken_meanwhile(path, &edit, Some(&speculated));
+        assert_eq!((unchanged.upserts, unchanged.uids.len()), (0, 0));
+        // Dovecot numbered a new file 3, the UID the plan gives `c`, after the speculation.
+        fs::write(
+            path.join("dovecot-uidlist"),
+            "3 V7 N4\n1 :a\n2 :b\n3 :late\n",
+        )
+        .unwrap();
+        let raced = taken_meanwhile(path, &edit, Some(&speculated));
+        assert_eq!(raced.upserts, 1);
+        assert!(raced.uids.contains(&3));
+    }
+
+    #[test]
+    fn no_speculation_from_a_uidlist_that_already_gives_an_upserts_uid_away() {
+        let (dir, plan, edit) = speculation_fixture();
+        let path = dir.path();
+        fs::write(
+            path.join("dovecot-uidlist"),
+            "3 V7 N4\n1 :a\n2 :b\n3 :late\n",
+        )
+        .unwrap();
+        assert!(speculate_uidlist(path, &plan, &batch()).is_none());
+        assert_eq!(tmp_entries(path), 0);
+        assert_eq!(taken_meanwhile(path, &edit, None).upserts, 1);
     }
 
     #[test]
