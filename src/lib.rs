@@ -18,6 +18,7 @@ pub mod interrupt;
 pub mod model;
 pub mod progress;
 pub mod replica;
+pub mod runlock;
 pub mod scan;
 pub mod serve;
 pub mod storage;

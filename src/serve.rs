@@ -21,6 +21,7 @@ use crate::replica::mdbox::MdboxReplica;
 use crate::replica::remote::send_body;
 use crate::replica::spool::Spool;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
+use crate::runlock::{self, LockError, RunLock};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::writer::Ownership;
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     pub root: Option<PathBuf>,
     /// The server's scan cache directory; `None` disables it.
     pub cache_dir: Option<PathBuf>,
+    /// Where run locks live (the cache directory, also with `--no-cache`); `None`: the
+    /// server takes no run lock.
+    pub lock_dir: Option<PathBuf>,
     /// Capabilities not offered (`wire::hello::CAP_*` bits): lets tests stand in for an
     /// older server.
     #[doc(hidden)]
@@ -81,6 +85,8 @@ pub fn serve(
         offline: false,
         row_deltas: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
+        run_lock: None,
+        lock_warning: Mutex::new(None),
     };
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let ticker = keepalive(session.out.clone(), session.keepalive_ms.clone(), stopped);
@@ -146,6 +152,10 @@ struct Session<'a> {
     offline: bool,
     /// Tables go as row deltas (`CAP_ROW_DELTA` agreed), else as zstd deltas.
     row_deltas: bool,
+    /// The run lock of the open tree, when the client will write it.
+    run_lock: Option<RunLock>,
+    /// Why the run lock could not be taken, told the client with the next scan.
+    lock_warning: Mutex<Option<String>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -166,6 +176,7 @@ impl Session<'_> {
                     verbose,
                     keepalive_ms,
                     offline,
+                    lock_wait_ms,
                 } => {
                     self.keepalive_ms.store(
                         keepalive_ms.max(100 * u64::from(keepalive_ms > 0)),
@@ -176,6 +187,8 @@ impl Session<'_> {
                         use_cache,
                         verbose,
                         offline,
+                        lock_wait: lock_wait_ms
+                            .map(|ms| Duration::from_millis(ms).min(runlock::MAX_WAIT)),
                     };
                     self.open(&path, how)?
                 }
@@ -215,6 +228,21 @@ impl Session<'_> {
             .map_err(|why| WireError::protocol(format!("{path}: {why}")))?;
         let location = resolved.display().to_string();
         let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
+        // Taken before anything is read: a run still writing the tree (the far side of an
+        // interrupted one) finishes first. The lock of a tree opened before goes.
+        self.run_lock = None;
+        if let (Some(wait), Some(lock_dir)) = (how.lock_wait, self.options.lock_dir.as_deref()) {
+            match RunLock::acquire(lock_dir, &resolved, wait) {
+                Ok(lock) => self.run_lock = Some(lock),
+                Err(busy @ LockError::Busy { .. }) => {
+                    return Err(WireError::Failed(busy.to_string()));
+                }
+                Err(unavailable) => {
+                    *locked(&self.lock_warning) =
+                        Some(format!("{unavailable}; going on without it"))
+                }
+            }
+        }
         self.baselines = Baselines::new(
             self.options.cache_dir.as_deref().filter(|_| how.use_cache),
             &format!("served:{location}"),
@@ -270,6 +298,9 @@ impl Session<'_> {
                 };
                 self.keep_scan(None);
                 locked(&self.touched).clear();
+                if let Some(message) = locked(&self.lock_warning).take() {
+                    progress.event(Event::Warning { message });
+                }
                 let table = replica
                     .scan(&options, &progress)
                     .map_err(|e| self.fatal(e))?;
@@ -602,6 +633,8 @@ struct OpenHow {
     use_cache: bool,
     verbose: bool,
     offline: bool,
+    /// The session will write: hold the tree's run lock, waiting this long for it.
+    lock_wait: Option<Duration>,
 }
 
 /// The replica being served: a Maildir tree, or an mdbox tree (writable only when the client

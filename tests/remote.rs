@@ -2,7 +2,7 @@
 //! the in-process pipe transport and over a real sshd on 127.0.0.1, checked against
 //! Dovecot's view of both sides, the inodes on disk and the bytes on the wire; a
 //! forced-command key confined by `--root`; a connection killed mid-transfer; a far side
-//! that never answers; a missing remote binary.
+//! that never answers; a missing remote binary; a destination another run is writing.
 
 mod support;
 
@@ -462,6 +462,61 @@ fn a_far_side_failure_ends_the_run_with_its_message() {
     );
     run.assert_no_panic();
     assert_eq!(fs::read(&dst).unwrap(), b"x");
+}
+
+/// A destination another mdsync run writes, on this host, through the pipe transport and
+/// over ssh: the run waits `--lock-wait`, then stops naming the tree and the holder, having
+/// written nothing; a dry run does not wait; once the holder is gone the run goes through.
+#[test]
+fn a_tree_another_run_writes_is_waited_for_then_left_alone() {
+    use mdsync::runlock::RunLock;
+    let dc = Dovecot::new();
+    let src = dc.sample("src");
+    let local_locks = support::cache_home().join("mdsync");
+    for via in [None, Some(Via::Pipe), Some(Via::Ssh)] {
+        let dst = dc.path().join(format!("dst-{via:?}"));
+        let lock_dir = match via {
+            Some(Via::Ssh) => support::cache_home().join("remote").join("mdsync"),
+            _ => local_locks.clone(),
+        };
+        let remote = via.map(Remote::new);
+        let backup = |extra: &[&str]| match &remote {
+            Some(remote) => remote.backup(Direction::Push, &src, &dst, extra),
+            None => {
+                let mut args = vec!["backup", "--json", "--no-progress"];
+                args.extend_from_slice(extra);
+                let (s, d) = (src.display().to_string(), dst.display().to_string());
+                run_mdsync(&[&args[..], &[s.as_str(), d.as_str()]].concat())
+            }
+        };
+        let held = RunLock::acquire(&lock_dir, &dst, Duration::ZERO).unwrap();
+        let started = Instant::now();
+        let refused = backup(&["--lock-wait", "1"]);
+        assert_eq!(refused.code, Some(1), "{via:?}: {}", refused.describe());
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{via:?}: it waited"
+        );
+        let holder = format!("another mdsync run (pid {})", std::process::id());
+        for part in [dst.display().to_string(), holder] {
+            assert!(
+                refused.stderr.contains(&part),
+                "{via:?}: the error names {part}: {}",
+                refused.describe()
+            );
+        }
+        refused.assert_no_panic();
+        assert!(!dst.exists(), "{via:?}: nothing was written");
+        backup(&["--dry-run", "--lock-wait", "0"]).assert_ok();
+        drop(held);
+        backup(&["--lock-wait", "0"]).assert_ok();
+        assert_same_oracle(
+            &dc,
+            &src,
+            &dst,
+            &format!("{via:?}: once the other run ended"),
+        );
+    }
 }
 
 #[test]

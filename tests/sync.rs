@@ -2,7 +2,7 @@
 //! on disk, checked against what Dovecot sees on both sides (the oracle): first sync as a
 //! union, each merge rule, UID conflicts renumbered on both sides, mailbox renames and
 //! deletes, the three cases `doveadm sync` gets wrong, a second sync with nothing to do,
-//! and the same scenarios over ssh.
+//! the same scenarios over ssh, and a run kept out of a side that another mdsync run writes.
 
 mod support;
 
@@ -513,4 +513,41 @@ fn where_doveadm_sync_has_an_answer_mdsync_gives_the_same() {
     );
     assert_eq!(ours.len(), 6, "{ours:#?}");
     assert_eq!(ours, theirs);
+}
+
+/// Both sides of a sync are written, so a run that another mdsync run keeps out of A (here,
+/// or on the far side over ssh) stops before it reads or writes either side.
+#[test]
+fn a_side_another_run_writes_stops_the_sync_before_either_side_changes() {
+    use mdsync::runlock::RunLock;
+    use std::time::Duration;
+    let sshd = Sshd::start();
+    for (via, lock_dir) in [
+        (Via::Local, support::cache_home().join("mdsync")),
+        (
+            Via::SshA(&sshd),
+            support::cache_home().join("remote").join("mdsync"),
+        ),
+    ] {
+        let dovecot = Dovecot::new();
+        let (a, b) = synced_pair(&dovecot, &via);
+        dovecot.save(&a, "INBOX", &message("new", "on A", 1));
+        let before = (dovecot.oracle(&a), dovecot.oracle(&b));
+        let held = RunLock::acquire(&lock_dir, &a, Duration::ZERO).unwrap();
+        let refused = sync_run(&via, &a, &b, &["--lock-wait", "0"]);
+        assert_eq!(refused.code, Some(1), "{}", refused.describe());
+        assert!(
+            refused.stderr.contains("another mdsync run"),
+            "{}",
+            refused.describe()
+        );
+        assert_eq!(
+            (dovecot.oracle(&a), dovecot.oracle(&b)),
+            before,
+            "neither side changed"
+        );
+        drop(held);
+        sync_ok(&via, &a, &b);
+        assert_equal(&dovecot, &a, &b);
+    }
 }

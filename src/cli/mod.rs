@@ -18,6 +18,7 @@ use mdsync::replica::Replica;
 use mdsync::replica::local::{LocalReplica, check_overlap};
 use mdsync::replica::mdbox::MdboxReplica;
 use mdsync::replica::remote::{RemoteOptions, RemoteReplica};
+use mdsync::runlock::{LockError, RunLock};
 use mdsync::scan::ScanOptions;
 use mdsync::storage::maildir::layout::Layout;
 use mdsync::storage::maildir::writer::{FsyncPolicy, Ownership};
@@ -144,6 +145,9 @@ struct MirrorArgs {
     /// Assert that no Dovecot uses DST for the run (required to write mdbox).
     #[arg(long)]
     offline: bool,
+    /// Wait this long for another mdsync run that is writing the same tree, then stop.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    lock_wait: u64,
     #[command(flatten)]
     remote: RemoteArgs,
 }
@@ -249,8 +253,11 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         cache_dir: if a.no_cache {
             None
         } else {
-            a.cache_dir.or_else(mdsync::scan::cache::default_cache_dir)
+            a.cache_dir
+                .clone()
+                .or_else(mdsync::scan::cache::default_cache_dir)
         },
+        lock_dir: a.cache_dir.or_else(mdsync::scan::cache::default_cache_dir),
         ..Default::default()
     };
     // Errors went to the client as an Error frame; stderr reaches the user through ssh too.
@@ -276,40 +283,77 @@ pub(crate) enum Access {
 
 /// Opens one side of a run: a local directory, the same through an in-process server
 /// (`--via-pipe`, for tests), or a remote host through ssh.
+/// `claim`: the run will write this side, so it holds the tree's run lock (here, or on
+/// the far side for the session) for as long as the replica lives.
 fn open_replica(
     text: &str,
     side: &str,
     access: Access,
     a: &MirrorArgs,
-    verbose: bool,
+    (verbose, claim): (bool, bool),
 ) -> anyhow::Result<(Box<dyn Replica>, Option<PathBuf>)> {
-    if let Some((replica, path)) = open_remote(text, side, a, verbose)? {
+    if let Some((replica, path)) = open_remote(text, side, a, verbose, claim)? {
         if path.is_none() && side == "src" && !replica.is_dir()? {
             bail!("{}: source is not a directory", replica.location());
         }
         return Ok((Box::new(replica), path));
     }
     match parse_location(text).map_err(anyhow::Error::msg)? {
-        Location::Local(path) => Ok((open_local(&path, access, a.offline)?, Some(path))),
+        Location::Local(path) => {
+            let lock = match claim {
+                true => claim_local(&path, a)?,
+                false => None,
+            };
+            Ok((open_local(&path, access, a.offline, lock)?, Some(path)))
+        }
         Location::Remote(_) => unreachable!("remote sides are opened by open_remote"),
     }
 }
 
-/// A side on this host: an mdbox tree (read-only unless written with `--offline`, since
-/// mdsync takes none of Dovecot's index locks) or a Maildir tree.
-fn open_local(path: &Path, access: Access, offline: bool) -> anyhow::Result<Box<dyn Replica>> {
-    if !mdbox_layout::is_mdbox(path) {
-        return Ok(Box::new(LocalReplica::new(path)));
+/// The run lock of a local tree the run will write. A lock that cannot be taken at all (an
+/// unwritable cache directory) is warned about, and the run goes on without it.
+fn claim_local(path: &Path, a: &MirrorArgs) -> anyhow::Result<Option<RunLock>> {
+    let Some(lock_dir) = lock_dir(a) else {
+        return Ok(None);
+    };
+    match RunLock::acquire(&lock_dir, path, Duration::from_secs(a.lock_wait)) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(busy @ LockError::Busy { .. }) => Err(busy.into()),
+        Err(unavailable) => {
+            eprintln!("mdsync: warning: {unavailable}; going on without it");
+            Ok(None)
+        }
     }
-    match access {
+}
+
+/// A side on this host: an mdbox tree (read-only unless written with `--offline`, since
+/// mdsync takes none of Dovecot's index locks) or a Maildir tree, holding `lock` if given.
+fn open_local(
+    path: &Path,
+    access: Access,
+    offline: bool,
+    lock: Option<RunLock>,
+) -> anyhow::Result<Box<dyn Replica>> {
+    if !mdbox_layout::is_mdbox(path) {
+        let replica = LocalReplica::new(path);
+        return Ok(Box::new(match lock {
+            Some(lock) => replica.holding(lock),
+            None => replica,
+        }));
+    }
+    let replica = match access {
         Access::Write if !offline => bail!(
             "{}: writing into an mdbox tree needs --offline: mdsync takes none of \
              Dovecot's index locks, so no Dovecot may use it during the run",
             path.display()
         ),
-        Access::Write => Ok(Box::new(MdboxReplica::offline(path))),
-        Access::Read => Ok(Box::new(MdboxReplica::new(path))),
-    }
+        Access::Write => MdboxReplica::offline(path),
+        Access::Read => MdboxReplica::new(path),
+    };
+    Ok(Box::new(match lock {
+        Some(lock) => replica.holding(lock),
+        None => replica,
+    }))
 }
 
 /// Side `text` as a remote replica when it is one: a remote host through ssh, or a local
@@ -320,6 +364,7 @@ fn open_remote(
     side: &str,
     a: &MirrorArgs,
     verbose: bool,
+    claim: bool,
 ) -> anyhow::Result<Option<(RemoteReplica, Option<PathBuf>)>> {
     let location = parse_location(text).map_err(anyhow::Error::msg)?;
     let r = &a.remote;
@@ -334,12 +379,14 @@ fn open_remote(
         cache_dir: cache_dir(a),
         verbose,
         offline: a.offline,
+        lock_wait: claim.then(|| Duration::from_secs(a.lock_wait)),
     };
     match location {
         Location::Local(path) if r.via_pipe.as_deref() == Some(side) => {
             let channel = transport::spawn_in_process(mdsync::serve::ServeOptions {
                 root: None,
                 cache_dir: cache_dir(a),
+                lock_dir: lock_dir(a),
                 ..Default::default()
             })?;
             let path_text = path.to_str().context("a --via-pipe path must be UTF-8")?;
@@ -359,6 +406,14 @@ fn open_remote(
             Ok(Some((replica, None)))
         }
     }
+}
+
+/// Where run locks live: the cache directory, also with `--no-cache` (`None`: no
+/// `--cache-dir`, and neither `$XDG_CACHE_HOME` nor `$HOME` is set).
+fn lock_dir(a: &MirrorArgs) -> Option<PathBuf> {
+    a.cache_dir
+        .clone()
+        .or_else(mdsync::scan::cache::default_cache_dir)
 }
 
 /// Where scan caches, pair states and table baselines live; `None` with `--no-cache`.
@@ -429,8 +484,22 @@ fn run_pair<T>(
     work: impl FnOnce(&dyn Replica, &dyn Replica, &output::Renderer) -> mdsync::Result<T>,
 ) -> anyhow::Result<Option<T>> {
     check_sides(first, second)?;
-    let (x, x_path) = open_replica(first, "src", first_access, &o.mirror, o.verbose)?;
-    let (y, y_path) = open_replica(second, "dst", Access::Write, &o.mirror, o.verbose)?;
+    // A dry run writes nothing, so it waits for no other run.
+    let claim_first = first_access == Access::Write && !o.dry_run;
+    let (x, x_path) = open_replica(
+        first,
+        "src",
+        first_access,
+        &o.mirror,
+        (o.verbose, claim_first),
+    )?;
+    let (y, y_path) = open_replica(
+        second,
+        "dst",
+        Access::Write,
+        &o.mirror,
+        (o.verbose, !o.dry_run),
+    )?;
     check_paths(x_path.as_deref(), y_path.as_deref())?;
     let show_progress = !o.no_progress && !o.dry_run;
     let progress = output::Renderer::new(o.verbose && !o.dry_run, o.json, show_progress);
@@ -495,7 +564,7 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
         bail!("--dry-run is not supported with --to-format mdbox");
     }
     check_sides(&a.src, &a.dst)?;
-    let remote_dst = open_remote(&a.dst, "dst", &a.o.mirror, a.o.verbose)?;
+    let remote_dst = open_remote(&a.dst, "dst", &a.o.mirror, a.o.verbose, true)?;
     if let Some((dst, _)) = &remote_dst
         && dst.is_mdbox()?
     {
@@ -503,9 +572,20 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
         drop(remote_dst);
         return run_mirror(a);
     }
-    let (src, src_path) = open_replica(&a.src, "src", Access::Read, &a.o.mirror, a.o.verbose)?;
+    let (src, src_path) = open_replica(
+        &a.src,
+        "src",
+        Access::Read,
+        &a.o.mirror,
+        (a.o.verbose, false),
+    )?;
     let local_dst = match parse_location(&a.dst) {
         Ok(Location::Local(path)) => Some(path),
+        _ => None,
+    };
+    // A destination served through the in-process pipe takes its lock in the server.
+    let _dst_lock = match (&local_dst, &remote_dst) {
+        (Some(path), None) => claim_local(path, &a.o.mirror)?,
         _ => None,
     };
     if let (Some(src_path), Some(dst_path)) = (&src_path, &local_dst) {

@@ -25,7 +25,8 @@ use mdsync::watch::watcher::TreeWatcher;
 use mdsync::watch::{Monitor, Step, WatchEvent, WatchLoop, WatchOptions};
 
 use super::{
-    Access, MirrorArgs, backup_options, check_paths, check_sides, open_local, open_replica,
+    Access, MirrorArgs, backup_options, check_paths, check_sides, claim_local, open_local,
+    open_replica,
 };
 
 #[derive(Debug, clap::Args)]
@@ -117,19 +118,35 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
     } else {
         Access::Read
     };
-    let src = open_local(&src_path, src_access, a.mirror.offline)?;
+    // Two-way, A is written: it holds its run lock for the whole watch, as does a local
+    // B (a remote B's far side holds it for each session).
+    let src_lock = match a.two_way {
+        true => claim_local(&src_path, &a.mirror)?,
+        false => None,
+    };
+    let src = open_local(&src_path, src_access, a.mirror.offline, src_lock)?;
     if let Some(path) = dst_path.as_deref().filter(|p| is_mdbox(p)) {
         // Refused now rather than at every reconnect.
-        open_local(path, Access::Write, a.mirror.offline)?;
+        open_local(path, Access::Write, a.mirror.offline, None)?;
     }
+    let _dst_lock = match dst_path.as_deref() {
+        Some(path) => claim_local(path, &a.mirror)?,
+        None => None,
+    };
     let log = Log::open(a.log.clone())?;
     let watcher = tree_watcher(&src_path, TreeWatcher::new(&src_path))?;
     let excludes = backup.scan.exclude.clone();
     let excluded = move |name: &str| excludes.iter().any(|p| p.matches(name));
     let connect = || -> mdsync::Result<Box<dyn Replica>> {
-        open_replica(&a.dst, "dst", Access::Write, &a.mirror, a.verbose)
-            .map(|(replica, _)| replica)
-            .map_err(|e| mdsync::Error::Usage(format!("{e:#}")))
+        open_replica(
+            &a.dst,
+            "dst",
+            Access::Write,
+            &a.mirror,
+            (a.verbose, dst_path.is_none()),
+        )
+        .map(|(replica, _)| replica)
+        .map_err(|e| mdsync::Error::Usage(format!("{e:#}")))
     };
     // The layout is decided once, before the first run, so that the first watches cover
     // every folder; the first run still checks DST against it.

@@ -6,11 +6,13 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::Result;
 use crate::model::{MailboxStamps, Subdir};
 use crate::progress::Progress;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
+use crate::runlock::RunLock;
 use crate::scan::{self, ScanOptions, mailbox_path};
 use crate::storage::maildir::filename;
 use crate::storage::maildir::layout::Layout;
@@ -24,12 +26,25 @@ use crate::table::{MailTable, MailboxTable};
 #[derive(Debug, Clone)]
 pub struct LocalReplica {
     root: PathBuf,
+    /// Held while this replica (or a clone) lives, when a run will write it.
+    _run_lock: Option<Arc<RunLock>>,
 }
 
 impl LocalReplica {
     /// A replica rooted at `root` (which need not exist yet: a fresh destination).
     pub fn new(root: impl Into<PathBuf>) -> LocalReplica {
-        LocalReplica { root: root.into() }
+        LocalReplica {
+            root: root.into(),
+            _run_lock: None,
+        }
+    }
+
+    /// The same replica, holding `lock` (on its root) for as long as it lives.
+    pub fn holding(self, lock: RunLock) -> LocalReplica {
+        LocalReplica {
+            _run_lock: Some(Arc::new(lock)),
+            ..self
+        }
     }
 
     /// The root directory.

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::Subdir;
 use crate::progress::Progress;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Replica};
+use crate::runlock::RunLock;
 use crate::scan::{self, ScanOptions};
 use crate::storage::maildir::layout::Layout;
 use crate::storage::maildir::writer::BodyMeta;
@@ -33,6 +34,8 @@ pub struct MdboxReplica {
     layout: Mutex<Layout>,
     /// True when plans may be applied (no Dovecot uses the tree).
     offline: bool,
+    /// Held while this replica lives, when a run will write it.
+    _run_lock: Option<RunLock>,
 }
 
 impl MdboxReplica {
@@ -44,6 +47,15 @@ impl MdboxReplica {
             locations: Mutex::new(HashMap::new()),
             layout: Mutex::new(Layout::MaildirPlusPlus),
             offline: false,
+            _run_lock: None,
+        }
+    }
+
+    /// The same replica, holding `lock` (on its root) for as long as it lives.
+    pub fn holding(self, lock: RunLock) -> MdboxReplica {
+        MdboxReplica {
+            _run_lock: Some(lock),
+            ..self
         }
     }
 

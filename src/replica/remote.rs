@@ -54,6 +54,9 @@ pub struct RemoteOptions {
     /// The user asserts that no Dovecot uses the far side's tree during the run
     /// (`--offline`): the far side writes into an mdbox tree only then.
     pub offline: bool,
+    /// The run will write the far side: it holds its tree's run lock for the session,
+    /// waiting this long for another mdsync run that holds it. `None`: only reads.
+    pub lock_wait: Option<Duration>,
 }
 
 impl Default for RemoteOptions {
@@ -66,6 +69,7 @@ impl Default for RemoteOptions {
             cache_dir: None,
             verbose: false,
             offline: false,
+            lock_wait: None,
         }
     }
 }
@@ -233,6 +237,7 @@ impl RemoteReplica {
                     .timeout
                     .map_or(0, |t| (t.as_millis() as u64 / 4).max(100)),
                 offline: options.offline,
+                lock_wait_ms: options.lock_wait.map(|wait| wait.as_millis() as u64),
             },
         )?;
         drop(out);

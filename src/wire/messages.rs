@@ -32,6 +32,11 @@ pub enum Request {
         /// (`--offline`): only then may an mdbox tree be written.
         #[serde(default)]
         offline: bool,
+        /// The session will write the replica: hold its run lock until the session ends,
+        /// waiting this long (ms) for another mdsync run that holds it. `None`: a session
+        /// that only reads takes no lock.
+        #[serde(default)]
+        lock_wait_ms: Option<u64>,
     },
     /// Which folder layout the replica's folders show.
     DetectLayout,
