@@ -19,8 +19,9 @@ use nix::fcntl::{Flock, FlockArg};
 /// at once.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 
-/// The longest wait a peer may ask a server for.
-pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// The longest wait a peer may ask a server for: a server cannot tell a client that died
+/// during the wait, so this bounds how long it outlives one.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// How often a waiting run tries again.
 const RETRY: Duration = Duration::from_millis(50);
@@ -46,6 +47,12 @@ pub enum LockError {
         holder: String,
         /// Seconds waited.
         waited: u64,
+    },
+    /// The user interrupted the wait (SIGINT, SIGTERM).
+    #[error("{root}: interrupted while waiting for another mdsync run writing this tree")]
+    Interrupted {
+        /// The tree.
+        root: PathBuf,
     },
     /// The lock file cannot be made or locked (an unwritable cache directory): the run may
     /// go on without it.
@@ -96,6 +103,11 @@ impl RunLock {
                 {
                     file = back;
                     std::thread::sleep(RETRY.min(wait.saturating_sub(started.elapsed())));
+                }
+                Err(_) if crate::interrupt::requested() => {
+                    return Err(LockError::Interrupted {
+                        root: root.to_path_buf(),
+                    });
                 }
                 Err((mut back, Errno::EWOULDBLOCK | Errno::EINTR)) => {
                     return Err(LockError::Busy {

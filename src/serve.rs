@@ -85,7 +85,7 @@ pub fn serve(
         offline: false,
         row_deltas: false,
         keepalive_ms: Arc::new(AtomicU64::new(0)),
-        run_lock: None,
+        run_lock: Mutex::new(None),
         lock_warning: Mutex::new(None),
     };
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -153,7 +153,7 @@ struct Session<'a> {
     /// Tables go as row deltas (`CAP_ROW_DELTA` agreed), else as zstd deltas.
     row_deltas: bool,
     /// The run lock of the open tree, when the client will write it.
-    run_lock: Option<RunLock>,
+    run_lock: Mutex<Option<RunLock>>,
     /// Why the run lock could not be taken, told the client with the next scan.
     lock_warning: Mutex<Option<String>>,
 }
@@ -230,18 +230,9 @@ impl Session<'_> {
         let is_dir = std::fs::metadata(&resolved).is_ok_and(|m| m.is_dir());
         // Taken before anything is read: a run still writing the tree (the far side of an
         // interrupted one) finishes first. The lock of a tree opened before goes.
-        self.run_lock = None;
-        if let (Some(wait), Some(lock_dir)) = (how.lock_wait, self.options.lock_dir.as_deref()) {
-            match RunLock::acquire(lock_dir, &resolved, wait) {
-                Ok(lock) => self.run_lock = Some(lock),
-                Err(busy @ LockError::Busy { .. }) => {
-                    return Err(WireError::Failed(busy.to_string()));
-                }
-                Err(unavailable) => {
-                    *locked(&self.lock_warning) =
-                        Some(format!("{unavailable}; going on without it"))
-                }
-            }
+        *locked(&self.run_lock) = None;
+        if let Some(wait) = how.lock_wait {
+            self.hold_run_lock(&resolved, wait)?;
         }
         self.baselines = Baselines::new(
             self.options.cache_dir.as_deref().filter(|_| how.use_cache),
@@ -262,6 +253,31 @@ impl Session<'_> {
         out.set_bwlimit(how.bwlimit);
         out.json(Kind::Answer, &answer)?;
         Ok(())
+    }
+
+    /// Holds the run lock of `root` for the rest of the session, waiting up to `wait` for
+    /// another run. A lock file that cannot be made is no error: the client is told with
+    /// the next scan or new-mdbox write.
+    fn hold_run_lock(&self, root: &Path, wait: Duration) -> Result<(), WireError> {
+        let mut held = locked(&self.run_lock);
+        let Some(lock_dir) = self.options.lock_dir.as_deref().filter(|_| held.is_none()) else {
+            return Ok(());
+        };
+        match RunLock::acquire(lock_dir, root, wait) {
+            Ok(lock) => *held = Some(lock),
+            Err(unavailable @ LockError::Unavailable { .. }) => {
+                *locked(&self.lock_warning) = Some(format!("{unavailable}; going on without it"))
+            }
+            Err(refused) => return Err(WireError::Failed(refused.to_string())),
+        }
+        Ok(())
+    }
+
+    /// Tells the client, once, why the run lock could not be taken.
+    fn warn_about_the_lock(&self, progress: &dyn Progress) {
+        if let Some(message) = locked(&self.lock_warning).take() {
+            progress.event(Event::Warning { message });
+        }
     }
 
     fn replica(&self) -> Result<&Served, WireError> {
@@ -298,9 +314,7 @@ impl Session<'_> {
                 };
                 self.keep_scan(None);
                 locked(&self.touched).clear();
-                if let Some(message) = locked(&self.lock_warning).take() {
-                    progress.event(Event::Warning { message });
-                }
+                self.warn_about_the_lock(&progress);
                 let table = replica
                     .scan(&options, &progress)
                     .map_err(|e| self.fatal(e))?;
@@ -375,6 +389,9 @@ impl Session<'_> {
                 if let Some(why) = served.read_only() {
                     return Err(WireError::Failed(why));
                 }
+                // A client that did not ask for the run lock at `Open` (an older one) writes
+                // only while no other run holds it.
+                self.hold_run_lock(served.root(), Duration::ZERO)?;
                 for dir in dirs {
                     served.check_dir(None, dir)?;
                 }
@@ -430,6 +447,8 @@ impl Session<'_> {
                 self.baselines.persist();
             }
             Request::NewMdbox { mailboxes, root } => {
+                self.hold_run_lock(served.root(), Duration::ZERO)?;
+                self.warn_about_the_lock(&progress);
                 let table = self.receive_tables(mailboxes, root)?;
                 let report = self.new_mdbox(served, &table, &progress)?;
                 progress.flush();
@@ -929,5 +948,64 @@ mod tests {
         let maildir = Served::open(root.join("mailboxes"), false);
         assert_eq!(maildir.format(), StoreFormat::Maildir);
         assert_eq!(maildir.read_only(), None);
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::replica::remote::{RemoteOptions, RemoteReplica};
+    use crate::runlock::RunLock;
+
+    fn session(locks: &Path, tree: &Path, lock_wait: Option<Duration>) -> RemoteReplica {
+        let channel = crate::transport::spawn_in_process(ServeOptions {
+            lock_dir: Some(locks.to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap();
+        let options = RemoteOptions {
+            lock_wait,
+            ..RemoteOptions::default()
+        };
+        RemoteReplica::connect(channel, "pipe", tree.to_str().unwrap(), &options)
+    }
+
+    #[test]
+    fn a_writing_session_holds_the_lock_from_open_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (locks, tree) = (dir.path().join("locks"), dir.path().join("mail"));
+        let writer = session(&locks, &tree, Some(Duration::ZERO));
+        assert!(!writer.is_dir().unwrap(), "the session is open");
+        assert!(
+            RunLock::acquire(&locks, &tree, Duration::ZERO).is_err(),
+            "held while the session lasts"
+        );
+        writer.close().unwrap();
+        RunLock::acquire(&locks, &tree, Duration::ZERO).expect("released at its end");
+    }
+
+    #[test]
+    fn a_session_that_did_not_ask_writes_only_while_no_run_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (locks, tree) = (dir.path().join("locks"), dir.path().join("mail"));
+        let older = session(&locks, &tree, None);
+        assert!(!older.is_dir().unwrap());
+        let held = RunLock::acquire(&locks, &tree, Duration::ZERO).expect("not taken at Open");
+        let source = LocalReplica::new(dir.path().join("src"));
+        let options = crate::sync::twoway::test_options(dir.path()).apply;
+        let refused = older
+            .apply(&Plan::default(), &source, &options, &NoProgress)
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("another mdsync run"),
+            "{refused}"
+        );
+        assert!(!tree.exists(), "nothing written");
+        drop(held);
+        let older = session(&locks, &tree, None);
+        older
+            .apply(&Plan::default(), &source, &options, &NoProgress)
+            .unwrap();
     }
 }

@@ -522,18 +522,22 @@ fn a_side_another_run_writes_stops_the_sync_before_either_side_changes() {
     use mdsync::runlock::RunLock;
     use std::time::Duration;
     let sshd = Sshd::start();
-    for (via, lock_dir) in [
-        (Via::Local, support::cache_home().join("mdsync")),
-        (
-            Via::SshA(&sshd),
-            support::cache_home().join("remote").join("mdsync"),
-        ),
+    let (here, far) = (
+        support::cache_home().join("mdsync"),
+        support::cache_home().join("remote").join("mdsync"),
+    );
+    for (via, lock_dir, held_side) in [
+        (Via::Local, &here, "a"),
+        (Via::Local, &here, "b"),
+        (Via::SshA(&sshd), &far, "a"),
+        (Via::Ssh(&sshd), &far, "b"),
     ] {
         let dovecot = Dovecot::new();
         let (a, b) = synced_pair(&dovecot, &via);
         dovecot.save(&a, "INBOX", &message("new", "on A", 1));
         let before = (dovecot.oracle(&a), dovecot.oracle(&b));
-        let held = RunLock::acquire(&lock_dir, &a, Duration::ZERO).unwrap();
+        let side = if held_side == "a" { &a } else { &b };
+        let held = RunLock::acquire(lock_dir, side, Duration::ZERO).unwrap();
         let refused = sync_run(&via, &a, &b, &["--lock-wait", "0"]);
         assert_eq!(refused.code, Some(1), "{}", refused.describe());
         assert!(

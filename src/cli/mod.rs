@@ -318,11 +318,11 @@ fn claim_local(path: &Path, a: &MirrorArgs) -> anyhow::Result<Option<RunLock>> {
     };
     match RunLock::acquire(&lock_dir, path, Duration::from_secs(a.lock_wait)) {
         Ok(lock) => Ok(Some(lock)),
-        Err(busy @ LockError::Busy { .. }) => Err(busy.into()),
-        Err(unavailable) => {
+        Err(unavailable @ LockError::Unavailable { .. }) => {
             eprintln!("mdsync: warning: {unavailable}; going on without it");
             Ok(None)
         }
+        Err(refused) => Err(refused.into()),
     }
 }
 
@@ -484,23 +484,39 @@ fn run_pair<T>(
     work: impl FnOnce(&dyn Replica, &dyn Replica, &output::Renderer) -> mdsync::Result<T>,
 ) -> anyhow::Result<Option<T>> {
     check_sides(first, second)?;
+    // Before either side is opened (and its run lock taken): `sync X X` is an overlap, not
+    // a run that waits for itself.
+    let local = |text: &str| match parse_location(text) {
+        Ok(Location::Local(path)) => Some(path),
+        _ => None,
+    };
+    check_paths(local(first).as_deref(), local(second).as_deref())?;
     // A dry run writes nothing, so it waits for no other run.
     let claim_first = first_access == Access::Write && !o.dry_run;
-    let (x, x_path) = open_replica(
+    let opened = open_replica(
         first,
         "src",
         first_access,
         &o.mirror,
         (o.verbose, claim_first),
-    )?;
-    let (y, y_path) = open_replica(
-        second,
-        "dst",
-        Access::Write,
-        &o.mirror,
-        (o.verbose, !o.dry_run),
-    )?;
-    check_paths(x_path.as_deref(), y_path.as_deref())?;
+    )
+    .and_then(|x| {
+        let y = open_replica(
+            second,
+            "dst",
+            Access::Write,
+            &o.mirror,
+            (o.verbose, !o.dry_run),
+        )?;
+        Ok((x, y))
+    });
+    let ((x, _), (y, _)) = match opened {
+        Err(_) if mdsync::interrupt::requested() => {
+            eprintln!("mdsync: interrupted before anything was read or written");
+            return Ok(None);
+        }
+        opened => opened?,
+    };
     let show_progress = !o.no_progress && !o.dry_run;
     let progress = output::Renderer::new(o.verbose && !o.dry_run, o.json, show_progress);
     let outcome = work(x.as_ref(), y.as_ref(), &progress);
@@ -568,7 +584,9 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
     if let Some((dst, _)) = &remote_dst
         && dst.is_mdbox()?
     {
-        // An existing mdbox tree is updated, as a local one is.
+        // An existing mdbox tree is updated, as a local one is. The session ends first:
+        // its far side holds the tree's run lock until it exits.
+        dst.close()?;
         drop(remote_dst);
         return run_mirror(a);
     }

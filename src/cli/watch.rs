@@ -129,7 +129,10 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
         // Refused now rather than at every reconnect.
         open_local(path, Access::Write, a.mirror.offline, None)?;
     }
-    let _dst_lock = match dst_path.as_deref() {
+    // A DST on this host is locked here, one served (by ssh, or the in-process pipe of
+    // the tests) by its server in each session.
+    let dst_served = dst_path.is_none() || a.mirror.remote.via_pipe.as_deref() == Some("dst");
+    let _dst_lock = match dst_path.as_deref().filter(|_| !dst_served) {
         Some(path) => claim_local(path, &a.mirror)?,
         None => None,
     };
@@ -143,7 +146,7 @@ pub(super) fn run(a: WatchArgs) -> anyhow::Result<ExitCode> {
             "dst",
             Access::Write,
             &a.mirror,
-            (a.verbose, dst_path.is_none()),
+            (a.verbose, dst_served),
         )
         .map(|(replica, _)| replica)
         .map_err(|e| mdsync::Error::Usage(format!("{e:#}")))
