@@ -248,16 +248,12 @@ pub fn run() -> anyhow::Result<ExitCode> {
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Run locks live in the cache directory also with `--no-cache`.
+    let lock_dir = a.cache_dir.or_else(mdsync::scan::cache::default_cache_dir);
     let options = mdsync::serve::ServeOptions {
         root: a.root.or(a.path),
-        cache_dir: if a.no_cache {
-            None
-        } else {
-            a.cache_dir
-                .clone()
-                .or_else(mdsync::scan::cache::default_cache_dir)
-        },
-        lock_dir: a.cache_dir.or_else(mdsync::scan::cache::default_cache_dir),
+        cache_dir: lock_dir.clone().filter(|_| !a.no_cache),
+        lock_dir,
         ..Default::default()
     };
     // Errors went to the client as an Error frame; stderr reaches the user through ssh too.
@@ -335,11 +331,7 @@ fn open_local(
     lock: Option<RunLock>,
 ) -> anyhow::Result<Box<dyn Replica>> {
     if !mdbox_layout::is_mdbox(path) {
-        let replica = LocalReplica::new(path);
-        return Ok(Box::new(match lock {
-            Some(lock) => replica.holding(lock),
-            None => replica,
-        }));
+        return Ok(Box::new(LocalReplica::new(path).holding(lock)));
     }
     let replica = match access {
         Access::Write if !offline => bail!(
@@ -350,10 +342,7 @@ fn open_local(
         Access::Write => MdboxReplica::offline(path),
         Access::Read => MdboxReplica::new(path),
     };
-    Ok(Box::new(match lock {
-        Some(lock) => replica.holding(lock),
-        None => replica,
-    }))
+    Ok(Box::new(replica.holding(lock)))
 }
 
 /// Side `text` as a remote replica when it is one: a remote host through ssh, or a local
@@ -418,12 +407,16 @@ fn lock_dir(a: &MirrorArgs) -> Option<PathBuf> {
 
 /// Where scan caches, pair states and table baselines live; `None` with `--no-cache`.
 fn cache_dir(a: &MirrorArgs) -> Option<PathBuf> {
-    if a.no_cache {
-        return None;
+    lock_dir(a).filter(|_| !a.no_cache)
+}
+
+/// The path of a side on this host; `None` for a remote one (or an unparsable location,
+/// which opening it reports).
+fn local_path(text: &str) -> Option<PathBuf> {
+    match parse_location(text) {
+        Ok(Location::Local(path)) => Some(path),
+        _ => None,
     }
-    a.cache_dir
-        .clone()
-        .or_else(mdsync::scan::cache::default_cache_dir)
 }
 
 /// rsync-style sizes and rates for `flag`: K, M and G suffixes (powers of 1024); a plain
@@ -486,11 +479,7 @@ fn run_pair<T>(
     check_sides(first, second)?;
     // Before either side is opened (and its run lock taken): `sync X X` is an overlap, not
     // a run that waits for itself.
-    let local = |text: &str| match parse_location(text) {
-        Ok(Location::Local(path)) => Some(path),
-        _ => None,
-    };
-    check_paths(local(first).as_deref(), local(second).as_deref())?;
+    check_paths(local_path(first).as_deref(), local_path(second).as_deref())?;
     // A dry run writes nothing, so it waits for no other run.
     let claim_first = first_access == Access::Write && !o.dry_run;
     let opened = open_replica(
@@ -597,10 +586,7 @@ fn run_to_mdbox(a: BackupArgs) -> anyhow::Result<ExitCode> {
         &a.o.mirror,
         (a.o.verbose, false),
     )?;
-    let local_dst = match parse_location(&a.dst) {
-        Ok(Location::Local(path)) => Some(path),
-        _ => None,
-    };
+    let local_dst = local_path(&a.dst);
     // A destination served through the in-process pipe takes its lock in the server.
     let _dst_lock = match (&local_dst, &remote_dst) {
         (Some(path), None) => claim_local(path, &a.o.mirror)?,

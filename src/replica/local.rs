@@ -39,10 +39,10 @@ impl LocalReplica {
         }
     }
 
-    /// The same replica, holding `lock` (on its root) for as long as it lives.
-    pub fn holding(self, lock: RunLock) -> LocalReplica {
+    /// The same replica, holding `lock` (on its root), if any, for as long as it lives.
+    pub fn holding(self, lock: Option<RunLock>) -> LocalReplica {
         LocalReplica {
-            _run_lock: Some(Arc::new(lock)),
+            _run_lock: lock.map(Arc::new),
             ..self
         }
     }

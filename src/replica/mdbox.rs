@@ -51,10 +51,10 @@ impl MdboxReplica {
         }
     }
 
-    /// The same replica, holding `lock` (on its root) for as long as it lives.
-    pub fn holding(self, lock: RunLock) -> MdboxReplica {
+    /// The same replica, holding `lock` (on its root), if any, for as long as it lives.
+    pub fn holding(self, lock: Option<RunLock>) -> MdboxReplica {
         MdboxReplica {
-            _run_lock: Some(lock),
+            _run_lock: lock,
             ..self
         }
     }
