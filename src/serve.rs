@@ -177,6 +177,7 @@ impl Session<'_> {
                     keepalive_ms,
                     offline,
                     lock_wait_ms,
+                    compress_level,
                 } => {
                     self.keepalive_ms.store(
                         keepalive_ms.max(100 * u64::from(keepalive_ms > 0)),
@@ -189,6 +190,7 @@ impl Session<'_> {
                         offline,
                         lock_wait: lock_wait_ms
                             .map(|ms| Duration::from_millis(ms).min(runlock::MAX_WAIT)),
+                        compress_level: compress_level.map(|level| level.clamp(1, 19)),
                     };
                     self.open(&path, how)?
                 }
@@ -251,6 +253,10 @@ impl Session<'_> {
         self.offline = how.offline;
         let mut out = locked(&self.out);
         out.set_bwlimit(how.bwlimit);
+        if let Some(level) = how.compress_level {
+            // A second `Open` after bodies were sent keeps the level already streaming.
+            out.set_zstd_level(level);
+        }
         out.json(Kind::Answer, &answer)?;
         Ok(())
     }
@@ -411,8 +417,14 @@ impl Session<'_> {
                 // The scan's mailboxes the plan leaves alone go into the scan cache while
                 // the applier's closing sync waits for the disk.
                 let keep = || self.keep_scan(Some(&plan));
+                // Bodies that fit the read-ahead limit are received into a spool by a
+                // thread of their own while the applier stages, in parallel, those already
+                // in: the stream never waits on a disk write, nor the writes on the whole
+                // stream. Larger plans are staged as their bodies arrive.
+                let keys = crate::sync::apply::copy_keys(&plan);
+                let spool = Spool::reads_ahead(plan.counts().bytes, options.read_ahead)
+                    .then(|| Spool::expecting(&keys));
                 let apply = |sending: Option<ScopedJoinHandle<'_, Result<(), WireError>>>| {
-                    let spool = self.spool_bodies(&source, &plan, &options);
                     // All of the `Bodies` answer goes out before any of the apply's: its
                     // sender holds the writer until it is done.
                     if let Some(sending) = sending {
@@ -420,7 +432,6 @@ impl Session<'_> {
                             .join()
                             .map_err(|_| WireError::Failed("the body sender panicked".into()))??;
                     }
-                    let spool = spool?;
                     let bodies: &dyn BodySource = match &spool {
                         Some(spool) => spool,
                         None => &source,
@@ -431,10 +442,19 @@ impl Session<'_> {
                 };
                 // The next baselines are worked out while the plan is applied.
                 let (report, predicted) = std::thread::scope(|scope| {
+                    let filling = spool
+                        .as_ref()
+                        .map(|spool| scope.spawn(|| spool.fill_from(&source, &keys)));
                     let sending = (!to_send.is_empty())
                         .then(|| scope.spawn(|| self.send_bodies(replica, &to_send)));
                     let predicting = scope.spawn(|| self.baselines.predict(&plan));
-                    (apply(sending), predicting.join())
+                    let report = apply(sending);
+                    // Every body is read off the stream, also after a failed apply.
+                    let filled = filling.map_or(Ok(()), |f| f.join());
+                    let report = filled
+                        .map_err(|_| WireError::Failed("the body receiver panicked".into()))
+                        .and(report);
+                    (report, predicting.join())
                 });
                 let report = report?;
                 locked(&self.inbox).drain()?;
@@ -617,24 +637,6 @@ impl Session<'_> {
         }
     }
 
-    /// The bodies of `plan`'s copies, received whole when they fit the read-ahead limit
-    /// (then staged in parallel: the stream never waits on a disk write, nor the writes on
-    /// the stream); `None` when they are to be staged as they arrive.
-    fn spool_bodies(
-        &self,
-        source: &StreamSource<'_>,
-        plan: &Plan,
-        options: &ApplyOptions,
-    ) -> Result<Option<Spool>, WireError> {
-        if !Spool::reads_ahead(plan.counts().bytes, options.read_ahead) {
-            return Ok(None);
-        }
-        let keys = crate::sync::apply::copy_keys(plan);
-        let spool = Spool::fill(source, &keys)
-            .map_err(|e| WireError::Failed(format!("receiving bodies: {e}")))?;
-        Ok(Some(spool))
-    }
-
     fn send_bodies(&self, replica: &dyn Replica, keys: &[codec::Key]) -> Result<(), WireError> {
         let mut out = locked(&self.out);
         for key in keys {
@@ -654,6 +656,8 @@ struct OpenHow {
     offline: bool,
     /// The session will write: hold the tree's run lock, waiting this long for it.
     lock_wait: Option<Duration>,
+    /// The zstd level to send at, already clamped; `None`: the default, 3.
+    compress_level: Option<i32>,
 }
 
 /// The replica being served: a Maildir tree, or an mdbox tree (writable only when the client

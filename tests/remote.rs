@@ -404,6 +404,77 @@ fn bwlimit_bounds_the_sending_rate() {
     );
 }
 
+/// A far side that cannot write one mailbox still reads every body off the stream (the
+/// applier stages from a spool that fills meanwhile): the others land, the run ends with
+/// the path named, nothing is written through the link, and a re-run finishes the job.
+#[test]
+fn a_mailbox_the_far_side_cannot_write_fails_alone_and_a_rerun_finishes() {
+    let dc = Dovecot::new();
+    let remote = Remote::new(Via::Pipe);
+    let src = dc.sample("src");
+    let dst = dc.path().join("dst");
+    remote.backup(Direction::Push, &src, &dst, &[]).assert_ok();
+    for (mailbox, tag) in [("INBOX", "inbox"), ("Sent", "sent"), ("Archive", "archive")] {
+        dc.save(&src, mailbox, &message(tag, "while a tmp/ is a link", 2000));
+    }
+    // The Sent folder's tmp/ on the destination is a link out of the tree.
+    let outside = dc.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let tmp = dst.join(".Sent/tmp");
+    fs::rename(&tmp, dst.join(".Sent/tmp.aside")).unwrap();
+    std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+    let run = remote.backup(Direction::Push, &src, &dst, &[]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    assert!(
+        run.stderr.contains(".Sent"),
+        "names the mailbox: {}",
+        run.describe()
+    );
+    run.assert_no_panic();
+    assert_eq!(run.count("messages_copied"), 2, "{}", run.describe());
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written through the link"
+    );
+    for mailbox in ["INBOX", "Archive"] {
+        assert_eq!(
+            dc.fetch(&dst, mailbox, "guid").len(),
+            dc.fetch(&src, mailbox, "guid").len(),
+            "{mailbox} got its new message"
+        );
+    }
+    fs::remove_file(&tmp).unwrap();
+    fs::rename(dst.join(".Sent/tmp.aside"), &tmp).unwrap();
+    let rerun = remote.backup(Direction::Push, &src, &dst, &[]);
+    rerun.assert_ok();
+    assert_eq!(rerun.count("messages_copied"), 1, "{}", rerun.describe());
+    assert_same_oracle(&dc, &src, &dst, "after the re-run");
+}
+
+/// `--compress-level` sets what the far side sends too: a pull is compressed as asked.
+#[test]
+fn a_pull_is_compressed_at_the_level_asked() {
+    let dc = Dovecot::new();
+    let remote = Remote::new(Via::Pipe);
+    let src = dc.path().join("corpus");
+    support::corpus::write_corpus(&src, 120, 3);
+    let received_at = |level: &str| {
+        let dst = dc.path().join(format!("dst-{level}"));
+        // Without the cache, both runs receive whole tables: only the level differs.
+        let args = ["--no-cache", "--compress-level", level];
+        let run = remote.backup(Direction::Pull, &src, &dst, &args);
+        run.assert_ok();
+        wire_received(&run)
+    };
+    let (fast, tight) = (received_at("1"), received_at("19"));
+    // At one level for both, they differ by a few bytes of paths; 1 and 19 by over 10%.
+    assert!(
+        tight * 20 < fast * 19,
+        "level 19 should send at least 5% fewer bytes than level 1 ({tight} against {fast})"
+    );
+}
+
 #[test]
 fn table_deltas_keep_the_wire_quiet() {
     let dc = Dovecot::new();

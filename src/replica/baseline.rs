@@ -10,6 +10,9 @@ use std::sync::Mutex;
 
 use crate::wire::table::id_of;
 
+/// Baselines by identity: the mailbox directory each belongs to and its encoding.
+pub type Kept = HashMap<u128, (String, Vec<u8>)>;
+
 /// The baselines of one replica as seen from one side: those on disk, and those staged in
 /// this session, which [`Baselines::persist`] writes at its end.
 #[derive(Debug, Default)]
@@ -128,14 +131,14 @@ impl Baselines {
     }
 
     /// Every kept baseline by identity: its mailbox dir and encoding.
-    pub fn load_all(&self) -> HashMap<u128, (String, Vec<u8>)> {
+    pub fn load_all(&self) -> Kept {
         let Some(dir) = &self.dir else {
             return HashMap::new();
         };
         let Ok(entries) = fs::read_dir(dir) else {
             return HashMap::new();
         };
-        let all: HashMap<u128, (String, Vec<u8>)> = entries
+        let all: Kept = entries
             .flatten()
             .filter_map(|e| {
                 let bytes = fs::read(e.path()).ok()?;

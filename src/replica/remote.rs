@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::interrupt;
 use crate::model::Subdir;
 use crate::progress::Progress;
-use crate::replica::baseline::Baselines;
+use crate::replica::baseline::{Baselines, Kept};
 use crate::replica::spool::Spool;
 use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica, Spooled};
 use crate::scan::ScanOptions;
@@ -88,6 +88,8 @@ pub struct RemoteReplica {
     stop_watchdog: Arc<AtomicBool>,
     timeout: Option<Duration>,
     baselines: Baselines,
+    /// The baselines as on disk, read during the greeting for the first scan.
+    preloaded: Mutex<Option<Kept>>,
     /// The path as the user wrote it after `host:`.
     path: String,
     options: RemoteOptions,
@@ -138,6 +140,7 @@ impl RemoteReplica {
         let replica = RemoteReplica {
             label: label.to_string(),
             baselines: Baselines::new(cache_dir, &location),
+            preloaded: Mutex::new(None),
             location,
             path: path.to_string(),
             options: options.clone(),
@@ -202,6 +205,8 @@ impl RemoteReplica {
             out.frame(Kind::Hello, &ours.encode())?;
             out.flush()?;
         }
+        // While ssh logs in (a quarter of a second), not after.
+        *locked(&self.preloaded) = Some(self.baselines.load_all());
         let mut inbox = locked(&self.inbox);
         let payload = inbox.reader.expect(Kind::Hello).map_err(|e| match e {
             WireError::Frame(FrameError::Closed) => WireError::Failed(
@@ -238,6 +243,7 @@ impl RemoteReplica {
                     .map_or(0, |t| (t.as_millis() as u64 / 4).max(100)),
                 offline: options.offline,
                 lock_wait_ms: options.lock_wait.map(|wait| wait.as_millis() as u64),
+                compress_level: options.compress_level,
             },
         )?;
         drop(out);
@@ -354,7 +360,12 @@ impl RemoteReplica {
         progress: &dyn Progress,
     ) -> Result<MailTable, WireError> {
         let _x = locked(&self.exchange);
-        let kept = self.baselines.load_all();
+        // Opened first, so that a scan that is the session's first request still finds
+        // the baselines read during the greeting.
+        self.open()?;
+        let kept = locked(&self.preloaded)
+            .take()
+            .unwrap_or_else(|| self.baselines.load_all());
         let request = Request::Scan {
             layout: options.layout,
             exclude: options
@@ -414,7 +425,7 @@ impl RemoteReplica {
 
     fn rescan_remote(&self, layout: Layout, dir: &str) -> Result<MailboxTable, WireError> {
         let _x = locked(&self.exchange);
-        let kept: HashMap<u128, (String, Vec<u8>)> = self
+        let kept: Kept = self
             .baselines
             .get(dir)
             .map(|b| (id_of(&b), (dir.to_string(), b)))
@@ -450,7 +461,7 @@ impl RemoteReplica {
                 .collect();
         }
         let _x = locked(&self.exchange);
-        let kept: HashMap<u128, (String, Vec<u8>)> = dirs
+        let kept: Kept = dirs
             .iter()
             .filter_map(|dir| {
                 self.baselines
@@ -489,11 +500,7 @@ impl RemoteReplica {
 
     /// Decodes a mailbox object, resolving a delta against the baseline it names, and
     /// keeps the result as the new baseline.
-    fn receive(
-        &self,
-        bytes: &[u8],
-        kept: &HashMap<u128, (String, Vec<u8>)>,
-    ) -> Result<MailboxTable, WireError> {
+    fn receive(&self, bytes: &[u8], kept: &Kept) -> Result<MailboxTable, WireError> {
         let shipped = Shipped::from_bytes(bytes)?;
         let kind = match shipped {
             Shipped::Whole(_) => 0,

@@ -1,9 +1,11 @@
 //! Bodies read ahead from a streamed source into memory, so that one side's apply can read
-//! them while the connection that brought them carries the other side's apply. Holds a
-//! bounded number of bytes; never touches a disk.
+//! them while the connection that brought them carries the other side's apply, or stage
+//! them in parallel while the rest still arrive. Holds a bounded number of bytes; never
+//! touches a disk.
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::interrupt;
 use crate::model::Subdir;
@@ -25,7 +27,12 @@ enum Spooled {
 /// remote side fills it with what the local side needs before the remote side's apply
 /// takes the connection, so the two applies (and their `syncfs`) overlap.
 pub struct Spool {
-    bodies: HashMap<Key, Spooled>,
+    /// One slot per key expected, set once when its body has arrived.
+    bodies: HashMap<Key, OnceLock<Spooled>>,
+    /// True once the filling stopped: a slot still empty then never fills.
+    ended: Mutex<bool>,
+    /// Woken at every body that arrives, and at the end.
+    arrived: Condvar,
 }
 
 impl Spool {
@@ -60,7 +67,27 @@ impl Spool {
     /// [`Spool::fill`] from a source that was already told the keys (the request that
     /// asked for them carried them).
     pub fn fill_announced(source: &(impl BodySource + ?Sized), keys: &[Key]) -> Spool {
-        let mut bodies = HashMap::with_capacity(keys.len());
+        let spool = Spool::expecting(keys);
+        spool.fill_from(source, keys);
+        spool
+    }
+
+    /// An empty spool for the bodies `keys` names, to be filled by [`Spool::fill_from`] on
+    /// another thread while an applier already reads from it: a body asked for before it
+    /// arrived is waited for.
+    pub fn expecting(keys: &[Key]) -> Spool {
+        Spool {
+            bodies: keys.iter().map(|k| (k.clone(), OnceLock::new())).collect(),
+            ended: Mutex::new(false),
+            arrived: Condvar::new(),
+        }
+    }
+
+    /// Reads the bodies `keys` names from `source` (already told them), in order, into the
+    /// slots made by [`Spool::expecting`] with the same keys; then, or when it stops early
+    /// (an interrupt, a panic), marks the spool ended so that no reader waits forever.
+    pub fn fill_from(&self, source: &(impl BodySource + ?Sized), keys: &[Key]) {
+        let _end = EndOnDrop(self);
         let mut held = 0u64;
         for key in keys {
             if interrupt::requested() {
@@ -74,9 +101,46 @@ impl Spool {
             if let Spooled::Data { bytes, .. } = &spooled {
                 held += bytes.len() as u64;
             }
-            bodies.insert(key.clone(), spooled);
+            if let Some(slot) = self.bodies.get(key) {
+                // A key named twice is one body sent twice: the first copy stays.
+                let _ = slot.set(spooled);
+                let _ended = lock(&self.ended);
+                self.arrived.notify_all();
+            }
         }
-        Spool { bodies }
+    }
+
+    /// The body of `key` once it arrived; `None` when it never will (not expected, or the
+    /// filling ended without it).
+    fn wait_for(&self, key: &Key) -> Option<&Spooled> {
+        let slot = self.bodies.get(key)?;
+        let mut ended = lock(&self.ended);
+        loop {
+            if let Some(spooled) = slot.get() {
+                return Some(spooled);
+            }
+            if *ended {
+                return None;
+            }
+            ended = self
+                .arrived
+                .wait(ended)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Marks a spool's filling ended when dropped, however the filler leaves.
+struct EndOnDrop<'a>(&'a Spool);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.ended) = true;
+        self.0.arrived.notify_all();
     }
 }
 
@@ -113,7 +177,7 @@ impl BodySource for Spool {
             sub,
             name: name.to_string(),
         };
-        match self.bodies.get(&key) {
+        match self.wait_for(&key) {
             Some(Spooled::Data {
                 meta,
                 bytes,
@@ -194,8 +258,8 @@ mod tests {
         spool
             .bodies
             .values()
-            .map(|s| match s {
-                Spooled::Data { bytes, .. } => bytes.len(),
+            .map(|s| match s.get() {
+                Some(Spooled::Data { bytes, .. }) => bytes.len(),
                 _ => 0,
             })
             .sum()
@@ -225,6 +289,64 @@ mod tests {
         assert!(matches!(read(&spool, "m2"), Err(BodyError::Vanished(_))));
         assert!(matches!(read(&spool, "m4"), Err(BodyError::Failed(_))));
         assert!(!spool.sequential(), "the applier may stage in parallel");
+    }
+
+    /// A source that hands out each body only when the test lets it, in order.
+    struct Gated {
+        gate: Mutex<std::sync::mpsc::Receiver<&'static [u8]>>,
+    }
+
+    impl BodySource for Gated {
+        fn open_body(&self, _: &str, _: Subdir, name: &str) -> Result<Body<'_>, BodyError> {
+            let gate = self.gate.lock().unwrap();
+            let bytes = gate
+                .recv()
+                .map_err(|_| BodyError::Failed("closed".into()))?;
+            Ok(Body {
+                data: BodyData::Stream(Box::new(bytes)),
+                meta: meta(bytes.len()),
+                origin: format!("far:{name}"),
+            })
+        }
+    }
+
+    #[test]
+    fn a_reader_waits_for_a_body_still_on_its_way() {
+        let (let_through, gate) = std::sync::mpsc::channel();
+        let source = Gated {
+            gate: Mutex::new(gate),
+        };
+        let keys = [key("m1"), key("m2"), key("m3")];
+        let spool = Spool::expecting(&keys);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| read(&spool, "m2"));
+            let_through.send(&b"one"[..]).unwrap();
+            let_through.send(&b"two"[..]).unwrap();
+            // The third body fails on the sending side.
+            drop(let_through);
+            // The reader most likely asks before the filling starts, and waits.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            spool.fill_from(&source, &keys);
+            assert_eq!(reader.join().unwrap().unwrap(), b"two");
+        });
+        assert_eq!(read(&spool, "m1").unwrap(), b"one");
+        assert!(matches!(read(&spool, "m3"), Err(BodyError::Failed(_))));
+        assert!(matches!(read(&spool, "m4"), Err(BodyError::Failed(_))));
+    }
+
+    #[test]
+    fn a_filler_that_stops_early_leaves_no_reader_waiting() {
+        let keys = [key("m1")];
+        let spool = Spool::expecting(&keys);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| read(&spool, "m1"));
+            let filler = scope.spawn(|| {
+                let _end = EndOnDrop(&spool);
+                panic!("the stream broke");
+            });
+            assert!(filler.join().is_err());
+            assert!(matches!(reader.join().unwrap(), Err(BodyError::Failed(_))));
+        });
     }
 
     #[test]

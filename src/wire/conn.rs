@@ -576,6 +576,17 @@ impl FrameWriter {
         self.compressor = None;
     }
 
+    /// Sends at zstd `level` from now on, when compression is on and no body has been
+    /// sent yet: the bodies of one direction are one zstd stream, which a new encoder
+    /// would break. Returns whether the level took.
+    pub fn set_zstd_level(&mut self, level: i32) -> bool {
+        let unbegun = self.zstd_level.is_some() && self.compressor.is_none();
+        if unbegun {
+            self.zstd_level = Some(level);
+        }
+        unbegun
+    }
+
     /// Limits the sending rate (bytes per second; 0 = unlimited).
     pub fn set_bwlimit(&mut self, bytes_per_sec: u64) {
         self.limit = (bytes_per_sec > 0).then(|| RateLimit {
@@ -811,6 +822,47 @@ mod tests {
                 "a failed body leaves the stream usable"
             );
         }
+    }
+
+    #[test]
+    fn the_level_changes_only_before_the_body_stream_begins() {
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("line {} of a message {}\n", i % 977, i % 13).into_bytes())
+            .collect();
+        let meta = BodyMeta {
+            mtime: (0, 0),
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            len: text.len() as u64,
+        };
+        let sent_at = |level: i32| {
+            let (mut w, buf) = writer(true);
+            assert!(w.set_zstd_level(level), "no body sent yet");
+            w.body(("", Subdir::New, "a"), &meta, &mut &text[..])
+                .unwrap();
+            // Once the stream has begun, the level stays: the peer reads one stream.
+            assert!(!w.set_zstd_level(1));
+            w.body(("", Subdir::New, "b"), &meta, &mut &text[..])
+                .unwrap();
+            w.flush().unwrap();
+            let bytes = buf.lock().unwrap().clone();
+            let mut inbox = Inbox::new(pair(bytes.clone(), true));
+            inbox.expect_bodies(2);
+            for name in ["a", "b"] {
+                inbox.next_body(("", Subdir::New, name)).unwrap();
+                let mut out = Vec::new();
+                read_all(&mut inbox, &mut out).unwrap();
+                assert_eq!(out, text);
+            }
+            bytes.len()
+        };
+        assert!(
+            sent_at(19) < sent_at(1),
+            "level 19 packs tighter than level 1"
+        );
+        let (mut plain, _) = writer(false);
+        assert!(!plain.set_zstd_level(19), "no level without zstd");
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub enum Request {
         /// that only reads takes no lock.
         #[serde(default)]
         lock_wait_ms: Option<u64>,
+        /// The zstd level the server sends at (`--compress-level`), when zstd was agreed:
+        /// a pull is compressed as the user asked, not only a push. Clamped to 1..=19;
+        /// absent (an older client): 3.
+        #[serde(default)]
+        compress_level: Option<i32>,
     },
     /// Which folder layout the replica's folders show.
     DetectLayout,
