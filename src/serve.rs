@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -372,7 +372,7 @@ impl Session<'_> {
             }
             Request::Bodies => {
                 let keys = self.read_keys(served)?;
-                self.send_bodies(replica, &keys)?;
+                self.send_bodies(replica, &keys, None)?;
             }
             Request::Apply { options, also_send } => {
                 let plan_bytes = locked(&self.inbox).reader.object()?;
@@ -424,13 +424,13 @@ impl Session<'_> {
                 let keys = crate::sync::apply::copy_keys(&plan);
                 let spool = Spool::reads_ahead(plan.counts().bytes, options.read_ahead)
                     .then(|| Spool::expecting(&keys));
-                let apply = |sending: Option<ScopedJoinHandle<'_, Result<(), WireError>>>| {
+                let apply = |sender_holds_the_writer: Option<Receiver<()>>| {
                     // All of the `Bodies` answer goes out before any of the apply's: its
-                    // sender holds the writer until it is done.
-                    if let Some(sending) = sending {
-                        sending
-                            .join()
-                            .map_err(|_| WireError::Failed("the body sender panicked".into()))??;
+                    // sender holds the writer until it is done, so the apply may start
+                    // once it has it. Neither plan of a sync touches a file the other
+                    // copies, so the files sent are not those the apply writes.
+                    if let Some(held) = sender_holds_the_writer {
+                        let _ = held.recv();
                     }
                     let bodies: &dyn BodySource = match &spool {
                         Some(spool) => spool,
@@ -445,14 +445,25 @@ impl Session<'_> {
                     let filling = spool
                         .as_ref()
                         .map(|spool| scope.spawn(|| spool.fill_from(&source, &keys)));
-                    let sending = (!to_send.is_empty())
-                        .then(|| scope.spawn(|| self.send_bodies(replica, &to_send)));
+                    let (sending, held) = match to_send.is_empty() {
+                        true => (None, None),
+                        false => {
+                            let (holds, held) = std::sync::mpsc::channel();
+                            let send = move || self.send_bodies(replica, &to_send, Some(holds));
+                            (Some(scope.spawn(send)), Some(held))
+                        }
+                    };
                     let predicting = scope.spawn(|| self.baselines.predict(&plan));
-                    let report = apply(sending);
+                    let report = apply(held);
+                    let sent = sending.map_or(Ok(Ok(())), |s| s.join());
+                    let sent = sent
+                        .map_err(|_| WireError::Failed("the body sender panicked".into()))
+                        .and_then(|sent| sent);
                     // Every body is read off the stream, also after a failed apply.
                     let filled = filling.map_or(Ok(()), |f| f.join());
                     let report = filled
                         .map_err(|_| WireError::Failed("the body receiver panicked".into()))
+                        .and(sent)
                         .and(report);
                     (report, predicting.join())
                 });
@@ -637,8 +648,18 @@ impl Session<'_> {
         }
     }
 
-    fn send_bodies(&self, replica: &dyn Replica, keys: &[codec::Key]) -> Result<(), WireError> {
+    /// Sends the bodies of `keys` as one answer, holding the writer throughout; tells
+    /// `holds` once it has the writer.
+    fn send_bodies(
+        &self,
+        replica: &dyn Replica,
+        keys: &[codec::Key],
+        holds: Option<Sender<()>>,
+    ) -> Result<(), WireError> {
         let mut out = locked(&self.out);
+        if let Some(holds) = holds {
+            let _ = holds.send(());
+        }
         for key in keys {
             let opened = replica.open_body(&key.dir, key.sub, &key.name);
             send_body(&mut out, (&key.dir, key.sub, &key.name), opened)?;
