@@ -78,6 +78,14 @@ pub trait BodySource: Sync {
     fn announce(&self, _keys: &[Key]) -> Result<(), BodyError> {
         Ok(())
     }
+
+    /// Waits until every body this source will hand out is in, and says whether it was
+    /// delivered whole. The applier asks before it changes anything Dovecot sees, so a
+    /// far side whose answer broke off leaves this side as it was. Only a gated spool
+    /// (see [`spool::Spool::gated`]) ever waits or fails.
+    fn settled(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 pub use crate::wire::codec::Key;
@@ -100,10 +108,6 @@ pub(crate) fn with_meanwhile_once<T>(
     once();
     done
 }
-
-/// Where [`Replica::apply_reading_ahead`] hands the bodies it read ahead, or why it could
-/// not ask for them.
-pub type Spooled<'a> = dyn Fn(std::result::Result<spool::Spool, BodyError>) + Sync + 'a;
 
 /// One side of a sync.
 pub trait Replica: BodySource + Send {
@@ -140,12 +144,14 @@ pub trait Replica: BodySource + Send {
         report
     }
 
-    /// Applies a plan like [`Replica::apply_overlapping`] and reads from this replica,
-    /// into a spool, the bodies `wanted` that the other side's plan copies, handing it to
-    /// `spooled` once (before the apply's answer is awaited), so that the other side's
-    /// apply can start while this one goes on. The default reads them first, then
-    /// applies; a remote replica asks for them with the plan, and they come back while
-    /// the plan's own bodies go out.
+    /// Applies a plan like [`Replica::apply_overlapping`] and reads from this replica into
+    /// `into` (made by [`spool::Spool::gated`] for `wanted`) the bodies `wanted` that the
+    /// other side's plan copies, settling it once they are in (before the apply's answer
+    /// is awaited), so that the other side's apply runs beside this one. It settles `into`
+    /// before anything that may wait for the thread pool (`meanwhile` among it): the other
+    /// side's apply holds pool threads while it waits for bodies. The default reads
+    /// them first, then applies; a remote replica asks for them with the plan, and they
+    /// come back while the plan's own bodies go out.
     fn apply_reading_ahead(
         &self,
         plan: &Plan,
@@ -153,9 +159,9 @@ pub trait Replica: BodySource + Send {
         options: &ApplyOptions,
         progress: &dyn Progress,
         meanwhile: &(dyn Fn() + Sync),
-        (wanted, spooled): (&[Key], &Spooled<'_>),
+        (wanted, into): (&[Key], &spool::Spool),
     ) -> Result<ApplyReport> {
-        spooled(spool::Spool::fill(self, wanted));
+        into.fill_announcing(self, wanted, || Ok(()));
         self.apply_overlapping(plan, source, options, progress, meanwhile)
     }
 

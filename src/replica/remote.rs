@@ -16,7 +16,7 @@ use crate::model::Subdir;
 use crate::progress::Progress;
 use crate::replica::baseline::{Baselines, Kept};
 use crate::replica::spool::Spool;
-use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica, Spooled};
+use crate::replica::{Body, BodyData, BodyError, BodySource, Key, Replica};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{ApplyOptions, ApplyReport};
@@ -532,8 +532,8 @@ impl RemoteReplica {
     /// Has the far side apply `plan`, bodies from `source`. Once the bodies are sent, the
     /// next baselines are worked out and `meanwhile` runs, while the far side still works.
     /// With `read_ahead` (only when the far side agreed on `CAP_APPLY_SENDS`), the far
-    /// side also sends the bodies it names while it receives the plan's, and they are
-    /// handed over in a spool before the apply's answer is awaited.
+    /// side also sends the bodies it names while it receives the plan's; they go into the
+    /// spool, which is settled before the apply's answer is awaited.
     fn apply_remote(
         &self,
         plan: &Plan,
@@ -541,7 +541,7 @@ impl RemoteReplica {
         options: &ApplyOptions,
         progress: &dyn Progress,
         meanwhile: &(dyn Fn() + Sync),
-        read_ahead: Option<(&[Key], &Spooled<'_>)>,
+        read_ahead: Option<(&[Key], &Spool)>,
     ) -> Result<ApplyReport, WireError> {
         let _x = locked(&self.exchange);
         let plan_json = serde_json::to_vec(plan).map_err(|e| WireError::Failed(e.to_string()))?;
@@ -559,26 +559,26 @@ impl RemoteReplica {
         drop(inbox);
         // The far side answers for the bodies asked for first, then for the apply. A
         // refusal (an `Error` frame) or a break in that answer is the session's end: the
-        // spool is not handed over, so the local side applies nothing.
+        // spool is settled as broken off, so the local side commits nothing.
         let read_first = || -> Result<(), WireError> {
-            let Some((wanted, spooled)) = read_ahead else {
+            let Some((wanted, into)) = read_ahead else {
                 return Ok(());
             };
-            let spool = Spool::fill_announced(self, wanted);
+            into.fill_from(self, wanted);
             let mut inbox = locked(&self.inbox);
             // Left after an interrupt: read past them to the apply's answer.
             let drained = inbox.drain();
-            match inbox.broken().map(str::to_string) {
-                Some(why) => {
-                    spooled(Err(BodyError::Failed(why.clone())));
-                    Err(WireError::Failed(why))
-                }
-                None => {
-                    drained?;
-                    spooled(Ok(spool));
-                    Ok(())
-                }
-            }
+            let whole = match inbox.broken().map(str::to_string) {
+                Some(why) => Err(WireError::Failed(why)),
+                None => drained,
+            };
+            into.settle(
+                whole
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| BodyError::Failed(e.to_string())),
+            );
+            whole
         };
         let copies = plan.mailboxes.iter().flat_map(|m| {
             m.copies
@@ -697,6 +697,14 @@ impl RemoteReplica {
     fn kill_peer(&self) {
         if let Some(Peer::Child(child)) = locked(&self.peer).as_mut() {
             kill_if_running(child);
+        }
+    }
+
+    /// Whether the bodies read so far came whole: not when the stream broke off.
+    fn answer_whole(&self) -> Result<(), BodyError> {
+        match locked(&self.inbox).broken() {
+            Some(why) => Err(BodyError::Failed(why.to_string())),
+            None => Ok(()),
         }
     }
 
@@ -890,15 +898,17 @@ impl Replica for RemoteReplica {
         options: &ApplyOptions,
         progress: &dyn Progress,
         meanwhile: &(dyn Fn() + Sync),
-        (wanted, spooled): (&[Key], &Spooled<'_>),
+        (wanted, into): (&[Key], &Spool),
     ) -> Result<ApplyReport> {
         let together = self.open().is_ok_and(|o| o.caps & CAP_APPLY_SENDS != 0);
         if wanted.is_empty() || !together {
-            spooled(Spool::fill(self, wanted));
+            into.fill_announcing(self, wanted, || self.answer_whole());
             return self.apply_overlapping(plan, source, options, progress, meanwhile);
         }
         super::with_meanwhile_once(meanwhile, |once| {
-            let read_ahead = Some((wanted, spooled));
+            // Settled before `meanwhile` catches up after a failed request (see the trait).
+            let _settled = into.settle_on_drop();
+            let read_ahead = Some((wanted, into));
             self.apply_remote(plan, source, options, progress, once, read_ahead)
         })
         .map_err(|e| self.error(e))

@@ -24,15 +24,27 @@ enum Spooled {
 }
 
 /// Bodies fetched from a source up front, handed out again by key. A two-way sync with one
-/// remote side fills it with what the local side needs before the remote side's apply
+/// remote side fills it with what the local side needs while the remote side's apply
 /// takes the connection, so the two applies (and their `syncfs`) overlap.
 pub struct Spool {
     /// One slot per key expected, set once when its body has arrived.
     bodies: HashMap<Key, OnceLock<Spooled>>,
-    /// True once the filling stopped: a slot still empty then never fills.
-    ended: Mutex<bool>,
-    /// Woken at every body that arrives, and at the end.
+    /// How the filling stands.
+    state: Mutex<Filling>,
+    /// Woken at every body that arrives, at the end, and at the verdict.
     arrived: Condvar,
+    /// `Some(source)` for a gated spool: its reader commits nothing before the filler's
+    /// verdict (see [`Spool::settle`]); `source` names where the bodies come from.
+    gate: Option<String>,
+}
+
+/// How the filling of a spool stands.
+#[derive(Default)]
+struct Filling {
+    /// True once the filling stopped: a slot still empty then never fills.
+    ended: bool,
+    /// Whether the source delivered whole (`Err`: why not), once known.
+    verdict: Option<Result<(), String>>,
 }
 
 impl Spool {
@@ -51,41 +63,80 @@ impl Spool {
         bytes > 0 && bytes <= limit.min(Self::MAX_BYTES)
     }
 
-    /// Reads every body `keys` names from `source` (announced once, then read in order).
-    /// A body that vanished, failed on the sending side, broke off, or would not fit is
-    /// kept as a failure of that message alone, for the applier to skip or report, as it
-    /// would have met it streaming (a broken connection fails every later body, and the
-    /// session with it). After an interrupt the bodies not read yet are left out: the
-    /// applier stops before it opens one.
-    pub fn fill(source: &(impl BodySource + ?Sized), keys: &[Key]) -> Result<Spool, BodyError> {
-        if !keys.is_empty() {
-            source.announce(keys)?;
-        }
-        Ok(Spool::fill_announced(source, keys))
-    }
-
-    /// [`Spool::fill`] from a source that was already told the keys (the request that
-    /// asked for them carried them).
-    pub fn fill_announced(source: &(impl BodySource + ?Sized), keys: &[Key]) -> Spool {
-        let spool = Spool::expecting(keys);
-        spool.fill_from(source, keys);
-        spool
-    }
-
     /// An empty spool for the bodies `keys` names, to be filled by [`Spool::fill_from`] on
     /// another thread while an applier already reads from it: a body asked for before it
     /// arrived is waited for.
     pub fn expecting(keys: &[Key]) -> Spool {
         Spool {
             bodies: keys.iter().map(|k| (k.clone(), OnceLock::new())).collect(),
-            ended: Mutex::new(false),
+            state: Mutex::default(),
             arrived: Condvar::new(),
+            gate: None,
         }
+    }
+
+    /// [`Spool::expecting`], gated: an applier reading from it stages bodies as they
+    /// arrive but changes nothing Dovecot sees before [`Spool::settle`] said the source
+    /// (`source`, for messages) delivered whole, and fails with its reason otherwise. A
+    /// two-way sync's local side reads so from the far side, whose answer may break off.
+    pub fn gated(keys: &[Key], source: String) -> Spool {
+        Spool {
+            gate: Some(source),
+            ..Spool::expecting(keys)
+        }
+    }
+
+    /// Announces `keys` to `source`, fills the spool from it and settles it with `whole`
+    /// (asked once every body was read; some may have failed alone), or with the
+    /// announcement's error if it could not be made.
+    pub fn fill_announcing(
+        &self,
+        source: &(impl BodySource + ?Sized),
+        keys: &[Key],
+        whole: impl FnOnce() -> Result<(), BodyError>,
+    ) {
+        let announced = match keys.is_empty() {
+            true => Ok(()),
+            false => source.announce(keys),
+        };
+        if let Err(e) = announced {
+            self.settle(Err(e));
+            return;
+        }
+        self.fill_from(source, keys);
+        self.settle(whole());
+    }
+
+    /// Says whether the source delivered whole; the first word counts, and the filling
+    /// is over either way (readers of bodies still missing stop waiting).
+    pub fn settle(&self, verdict: Result<(), BodyError>) {
+        let mut state = lock(&self.state);
+        state.ended = true;
+        if state.verdict.is_none() {
+            state.verdict = Some(verdict.map_err(|e| e.to_string()));
+        }
+        self.arrived.notify_all();
+    }
+
+    /// Settles the spool as broken off when dropped, unless it was settled already: the
+    /// filler's side failed, or panicked, before it could say. No reader waits forever.
+    pub fn settle_on_drop(&self) -> SettleOnDrop<'_> {
+        SettleOnDrop(self)
+    }
+
+    /// True when the spool was settled as not delivered whole.
+    pub fn broke_off(&self) -> bool {
+        matches!(lock(&self.state).verdict, Some(Err(_)))
     }
 
     /// Reads the bodies `keys` names from `source` (already told them), in order, into the
     /// slots made by [`Spool::expecting`] with the same keys; then, or when it stops early
     /// (an interrupt, a panic), marks the spool ended so that no reader waits forever.
+    /// A body that vanished, failed on the sending side, broke off, or would not fit is
+    /// kept as a failure of that message alone, for the applier to skip or report, as it
+    /// would have met it streaming (a broken connection fails every later body, and the
+    /// session with it). After an interrupt the bodies not read yet are left out: the
+    /// applier stops before it opens one.
     pub fn fill_from(&self, source: &(impl BodySource + ?Sized), keys: &[Key]) {
         let _end = EndOnDrop(self);
         let mut held = 0u64;
@@ -104,7 +155,7 @@ impl Spool {
             if let Some(slot) = self.bodies.get(key) {
                 // A key named twice is one body sent twice: the first copy stays.
                 let _ = slot.set(spooled);
-                let _ended = lock(&self.ended);
+                let _state = lock(&self.state);
                 self.arrived.notify_all();
             }
         }
@@ -114,19 +165,44 @@ impl Spool {
     /// filling ended without it).
     fn wait_for(&self, key: &Key) -> Option<&Spooled> {
         let slot = self.bodies.get(key)?;
-        let mut ended = lock(&self.ended);
+        let mut state = lock(&self.state);
         loop {
             if let Some(spooled) = slot.get() {
                 return Some(spooled);
             }
-            if *ended {
+            if state.ended {
                 return None;
             }
-            ended = self
+            state = self
                 .arrived
-                .wait(ended)
+                .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
+    }
+
+    /// The filler's verdict, once given.
+    fn verdict(&self) -> Result<(), String> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(verdict) = &state.verdict {
+                return verdict.clone();
+            }
+            state = self
+                .arrived
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+/// See [`Spool::settle_on_drop`].
+pub struct SettleOnDrop<'a>(&'a Spool);
+
+impl Drop for SettleOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.settle(Err(BodyError::Failed(
+            "the far side's answer ended before the bodies it was to send".into(),
+        )));
     }
 }
 
@@ -139,7 +215,7 @@ struct EndOnDrop<'a>(&'a Spool);
 
 impl Drop for EndOnDrop<'_> {
     fn drop(&mut self) {
-        *lock(&self.0.ended) = true;
+        lock(&self.0.state).ended = true;
         self.0.arrived.notify_all();
     }
 }
@@ -194,6 +270,16 @@ impl BodySource for Spool {
                 sub.as_str()
             ))),
         }
+    }
+
+    fn settled(&self) -> crate::Result<()> {
+        let Some(source) = &self.gate else {
+            return Ok(());
+        };
+        self.verdict().map_err(|why| crate::Error::Remote {
+            location: source.clone(),
+            message: format!("cannot read bodies ahead: {why}"),
+        })
     }
 }
 
@@ -281,7 +367,8 @@ mod tests {
             next: Mutex::default(),
         };
         let keys = [key("m1"), key("m2"), key("m3")];
-        let spool = Spool::fill(&source, &keys).unwrap();
+        let spool = Spool::expecting(&keys);
+        spool.fill_announcing(&source, &keys, || Ok(()));
         assert_eq!(*source.announced.lock().unwrap(), keys);
         assert_eq!(held(&spool), 8);
         assert_eq!(read(&spool, "m3").unwrap(), b"three");
@@ -350,6 +437,31 @@ mod tests {
     }
 
     #[test]
+    fn a_gated_spool_is_settled_by_its_filler_and_the_first_word_counts() {
+        let keys = [key("m1")];
+        assert!(
+            Spool::expecting(&keys).settled().is_ok(),
+            "ungated: never waits"
+        );
+        let spool = Spool::gated(&keys, "far:b".into());
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| spool.settled());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            spool.settle(Ok(()));
+            assert!(waiting.join().unwrap().is_ok());
+        });
+        spool.settle(Err(BodyError::Failed("too late".into())));
+        assert!(spool.settled().is_ok() && !spool.broke_off());
+        // A filler that leaves without a word leaves the spool broken off, not waiting.
+        let spool = Spool::gated(&keys, "far:b".into());
+        drop(spool.settle_on_drop());
+        let why = spool.settled().unwrap_err().to_string();
+        assert!(why.starts_with("far:b: cannot read bodies ahead"), "{why}");
+        assert!(spool.broke_off());
+        assert!(matches!(read(&spool, "m1"), Err(BodyError::Failed(_))));
+    }
+
+    #[test]
     fn only_a_plan_with_bytes_under_both_limits_is_read_ahead() {
         assert!(Spool::reads_ahead(1, 1));
         assert!(!Spool::reads_ahead(0, Spool::MAX_BYTES));
@@ -364,7 +476,8 @@ mod tests {
             announced: Mutex::default(),
             next: Mutex::default(),
         };
-        let spool = Spool::fill(&source, &[]).unwrap();
+        let spool = Spool::expecting(&[]);
+        spool.fill_announcing(&source, &[], || Ok(()));
         assert!(source.announced.lock().unwrap().is_empty());
         assert_eq!(held(&spool), 0);
     }

@@ -118,6 +118,15 @@ fn apply_inner(
     progress: &dyn Progress,
     meanwhile: &(dyn Fn() + Sync),
 ) -> Result<ApplyReport> {
+    // A gated source (a spool still filling from a far side whose answer may break off)
+    // is staged from as it fills, but nothing Dovecot sees changes before it is settled:
+    // a plan that makes or renames folders waits for it first.
+    let makes_folders = !plan.create_parents.is_empty()
+        || !plan.rename_mailboxes.is_empty()
+        || plan.mailboxes.iter().any(|m| m.create.is_some());
+    if makes_folders {
+        source.settled()?;
+    }
     prepare_root(root, plan, options)?;
     rename_mailboxes(root, plan, progress)?;
     sweep(root, plan);
@@ -164,7 +173,7 @@ fn apply_inner(
             }
         }
     }
-    if let Err(e) = check_interrupt() {
+    if let Err(e) = check_interrupt().and_then(|()| source.settled()) {
         prepared.iter().flatten().for_each(|p| discard(&p.staged));
         return Err(e);
     }

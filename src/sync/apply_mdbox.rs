@@ -44,6 +44,8 @@ pub fn apply(
     source: &dyn BodySource,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
+    // Its first write is the intent record: a gated source is waited for whole before it.
+    source.settled()?;
     let storage = root.join("storage");
     let owner = (plan.root_meta.uid, plan.root_meta.gid);
     let now = now_secs();

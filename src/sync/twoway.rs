@@ -11,8 +11,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::progress::{Event, Progress};
+use crate::replica::Replica;
 use crate::replica::spool::Spool;
-use crate::replica::{BodyError, Replica, Spooled};
 use crate::scan::ScanOptions;
 use crate::storage::maildir::layout::Layout;
 use crate::sync::apply::{self, ApplyOptions, ApplyReport};
@@ -428,8 +428,9 @@ fn apply_both(
 
 /// Applies the local side's plan and the remote side's at once: the local side's bodies
 /// (which fit the spool) are read from the remote side into memory — with the remote
-/// side's apply, the other way over the same connection, when the far side can — and the
-/// local apply starts as soon as they are in. `keep` runs once the remote side has its
+/// side's apply, the other way over the same connection, when the far side can — while
+/// the local apply already stages those in; it commits once the far side's answer for
+/// them was whole, and nothing if it broke off. `keep` runs once the remote side has its
 /// bodies.
 fn apply_beside_remote(
     (local, local_plan, local_progress): (&dyn Replica, &Plan, &Sided<'_>),
@@ -438,19 +439,12 @@ fn apply_beside_remote(
     keep: &(dyn Fn() + Sync),
 ) -> Result<(Result<ApplyReport>, Result<ApplyReport>)> {
     let wanted = apply::copy_keys(local_plan);
-    let (hand_over, handed) = std::sync::mpsc::sync_channel(1);
-    // `None`: the remote apply ended without handing over a spool; its error says why.
-    let local_apply = || {
-        let spool: std::result::Result<Spool, BodyError> = handed.recv().ok()?;
-        let spool = spool.map_err(|e| read_ahead_failed(remote, e));
-        Some(spool.and_then(|spool| local.apply(local_plan, &spool, options, local_progress)))
-    };
-    let remote_apply = move || {
-        let hand_over = hand_over;
-        let spooled = |spool: std::result::Result<Spool, BodyError>| {
-            let _ = hand_over.send(spool);
-        };
-        let read_ahead = (wanted.as_slice(), &spooled as &Spooled<'_>);
+    let spool = Spool::gated(&wanted, remote.location());
+    let local_apply = || local.apply(local_plan, &spool, options, local_progress);
+    let remote_apply = || {
+        // Whatever becomes of the remote apply, the local one never waits forever.
+        let _settled = spool.settle_on_drop();
+        let read_ahead = (wanted.as_slice(), &spool);
         remote.apply_reading_ahead(
             remote_plan,
             local,
@@ -461,19 +455,9 @@ fn apply_beside_remote(
         )
     };
     match super::beside_remote(local_apply, remote_apply) {
-        (Some(local), remote) => Ok((local, remote)),
-        (None, Err(e)) => Err(e),
-        (None, Ok(_)) => Err(read_ahead_failed(
-            remote,
-            BodyError::Failed("no bodies were read ahead".into()),
-        )),
-    }
-}
-
-fn read_ahead_failed(from: &dyn Replica, e: BodyError) -> crate::error::Error {
-    crate::error::Error::Remote {
-        location: from.location(),
-        message: format!("cannot read bodies ahead: {e}"),
+        // The far side failed before its bodies were all in: its own error says why.
+        (Err(_), Err(e)) if spool.broke_off() => Err(e),
+        (local, remote) => Ok((local, remote)),
     }
 }
 
@@ -858,11 +842,11 @@ mod tests {
 
     /// A far side that refuses the bodies asked for with its plan (here: a folder turned
     /// into a symlink since the scan) ends the exchange with its own reason, and the
-    /// other side gets no spool, so it applies nothing.
+    /// spool is settled as broken off with it, so the other side commits nothing.
     #[test]
-    fn a_refused_read_ahead_reports_the_far_sides_reason_and_hands_over_no_spool() {
+    fn a_refused_read_ahead_reports_the_far_sides_reason_and_settles_the_spool_broken() {
         use crate::replica::remote::{RemoteOptions, RemoteReplica};
-        use crate::replica::{Key, Spooled};
+        use crate::replica::{BodySource, Key};
         let dir = tempfile::tempdir().unwrap();
         let (a, b, _) = sides(dir.path());
         maildir(&a);
@@ -881,24 +865,149 @@ mod tests {
             sub: crate::model::Subdir::Cur,
             name: "1700000000.M1P1.host,S=6:2,S".into(),
         }];
-        let handed = std::sync::Mutex::new(Vec::new());
-        let spooled = |spool: std::result::Result<Spool, BodyError>| {
-            handed
-                .lock()
-                .unwrap()
-                .push(spool.map(|_| ()).map_err(|e| e.to_string()));
-        };
+        let spool = Spool::gated(&wanted, "pipe".into());
         let ra = LocalReplica::new(&a);
         let options = test_options(&a).apply;
-        let read_ahead = (&wanted[..], &spooled as &Spooled<'_>);
+        let read_ahead = (&wanted[..], &spool);
         let plan = Plan::default();
         let applied = rb.apply_reading_ahead(&plan, &ra, &options, &NoProgress, &|| (), read_ahead);
         let why = applied.unwrap_err().to_string();
         assert!(why.contains("symlink"), "{why}");
-        let handed = handed.into_inner().unwrap();
-        assert!(
-            matches!(&handed[..], [Err(e)] if e.contains("symlink")),
-            "{handed:?}"
+        assert!(spool.broke_off());
+        let settled = spool.settled().unwrap_err().to_string();
+        assert!(settled.contains("symlink"), "{settled}");
+    }
+
+    /// A far side gone before the apply's request: the spool is settled (broken off)
+    /// before `meanwhile` catches up, since the local apply may hold every pool thread
+    /// waiting for bodies while `meanwhile` needs one.
+    #[test]
+    fn a_request_that_fails_settles_the_spool_before_meanwhile_runs() {
+        use crate::replica::remote::{RemoteOptions, RemoteReplica};
+        use crate::replica::{BodySource, Key};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, _) = sides(dir.path());
+        maildir(&a);
+        maildir(&b);
+        let channel = crate::transport::spawn_in_process(Default::default()).unwrap();
+        let options = RemoteOptions {
+            cache_dir: None,
+            use_cache: false,
+            ..RemoteOptions::default()
+        };
+        let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+        assert!(rb.is_dir().unwrap());
+        rb.close().unwrap();
+        let wanted = [Key {
+            dir: String::new(),
+            sub: crate::model::Subdir::Cur,
+            name: "1700000000.M1P1.host,S=6:2,S".into(),
+        }];
+        let spool = Spool::gated(&wanted, "pipe".into());
+        let settled_first = AtomicBool::new(false);
+        let meanwhile = || settled_first.store(spool.broke_off(), Ordering::SeqCst);
+        let ra = LocalReplica::new(&a);
+        let apply = test_options(&a).apply;
+        let read_ahead = (&wanted[..], &spool);
+        let plan = Plan::default();
+        let applied =
+            rb.apply_reading_ahead(&plan, &ra, &apply, &NoProgress, &meanwhile, read_ahead);
+        assert!(applied.is_err());
+        assert!(settled_first.load(Ordering::SeqCst));
+        assert!(spool.settled().is_err());
+    }
+
+    /// A "remote" side whose answer breaks off once the bodies the local side needs are
+    /// in (a dropped connection, as the far side would report it).
+    struct BreaksOff(LocalReplica);
+
+    impl BodySource for BreaksOff {
+        fn open_body(
+            &self,
+            dir: &str,
+            sub: crate::model::Subdir,
+            name: &str,
+        ) -> Result<Body<'_>, BodyError> {
+            self.0.open_body(dir, sub, name)
+        }
+    }
+
+    impl Replica for BreaksOff {
+        fn location(&self) -> String {
+            "far:b".into()
+        }
+        fn detect_layout(&self) -> Result<Option<Layout>> {
+            self.0.detect_layout()
+        }
+        fn scan(&self, options: &ScanOptions, progress: &dyn Progress) -> Result<MailTable> {
+            self.0.scan(options, progress)
+        }
+        fn rescan_mailbox(&self, layout: Layout, dir: &str) -> MailboxTable {
+            self.0.rescan_mailbox(layout, dir)
+        }
+        fn content_hash(
+            &self,
+            dir: &str,
+            sub: crate::model::Subdir,
+            name: &str,
+        ) -> Result<u128, BodyError> {
+            self.0.content_hash(dir, sub, name)
+        }
+        fn apply(
+            &self,
+            plan: &Plan,
+            source: &dyn BodySource,
+            options: &ApplyOptions,
+            progress: &dyn Progress,
+        ) -> Result<ApplyReport> {
+            self.0.apply(plan, source, options, progress)
+        }
+        fn wire_bytes(&self) -> Option<(u64, u64)> {
+            Some((0, 0))
+        }
+        fn apply_reading_ahead(
+            &self,
+            _plan: &Plan,
+            _source: &dyn BodySource,
+            _options: &ApplyOptions,
+            _progress: &dyn Progress,
+            meanwhile: &(dyn Fn() + Sync),
+            (wanted, into): (&[crate::replica::Key], &Spool),
+        ) -> Result<ApplyReport> {
+            into.fill_from(self, wanted);
+            // Give the local side time to stage what came in before the break shows.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            into.settle(Err(BodyError::Failed("the connection dropped".into())));
+            meanwhile();
+            Err(crate::Error::Remote {
+                location: self.location(),
+                message: "the connection dropped".into(),
+            })
+        }
+    }
+
+    /// The local side stages the bodies it reads ahead as they arrive, but a far side
+    /// whose answer then breaks off leaves it exactly as it was: no message, no uidlist
+    /// change, no staged file left in `tmp/`. The run fails with the far side's reason.
+    #[test]
+    fn a_read_ahead_that_breaks_off_leaves_the_local_side_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, state) = sides(dir.path());
+        maildir(&a);
+        maildir(&b);
+        fs::write(b.join("new/1700000200.M9P2.host,S=8"), b"from b!\n").unwrap();
+        let uidlist = fs::read(a.join("dovecot-uidlist")).unwrap();
+        let (ra, rb) = (LocalReplica::new(&a), BreaksOff(LocalReplica::new(&b)));
+        let failed = sync(&ra, &rb, &test_options(&state), &NoProgress).unwrap_err();
+        // The far side's own reason, not the local side's "cannot read bodies ahead".
+        assert_eq!(failed.to_string(), "far:b: the connection dropped");
+        assert_eq!(bodies(&a).len(), 3, "nothing copied into A");
+        assert_eq!(fs::read(a.join("dovecot-uidlist")).unwrap(), uidlist);
+        assert_eq!(
+            fs::read_dir(a.join("tmp")).unwrap().count(),
+            0,
+            "staged files left"
         );
     }
 
