@@ -474,7 +474,7 @@ if mbytes:
             run, new, human(int(raw)), human(num(frames)), human(num(chunks)), human(num(stream)),
             changed, human(ideal), human(own), over, lo))
 print()
-print("Commands (W = %s, the scratch directory; SRC = $W/src):\n" % W)
+print("Commands (W = the scratch directory, $BENCH_DIR/mdsync-bench-remote.XXXXXX; SRC = $W/src):\n")
 for tool, cmd in commands:
     print("- %s:\n\n      %s\n" % (NAME[tool], cmd.replace(W, "$W")))
 failures = rd("failures.md")
