@@ -421,9 +421,11 @@ impl Session<'_> {
                 // thread of their own while the applier stages, in parallel, those already
                 // in: the stream never waits on a disk write, nor the writes on the whole
                 // stream. Larger plans are staged as their bodies arrive.
-                let keys = crate::sync::apply::copy_keys(&plan);
-                let spool = Spool::reads_ahead(plan.counts().bytes, options.read_ahead)
-                    .then(|| Spool::expecting(&keys));
+                let spool =
+                    Spool::reads_ahead(plan.counts().bytes, options.read_ahead).then(|| {
+                        let keys = crate::sync::apply::copy_keys(&plan);
+                        (Spool::expecting(&keys), keys)
+                    });
                 let apply = |sender_holds_the_writer: Option<Receiver<()>>| {
                     // All of the `Bodies` answer goes out before any of the apply's: its
                     // sender holds the writer until it is done, so the apply may start
@@ -433,7 +435,7 @@ impl Session<'_> {
                         let _ = held.recv();
                     }
                     let bodies: &dyn BodySource = match &spool {
-                        Some(spool) => spool,
+                        Some((spool, _)) => spool,
                         None => &source,
                     };
                     replica
@@ -444,7 +446,7 @@ impl Session<'_> {
                 let (report, predicted) = std::thread::scope(|scope| {
                     let filling = spool
                         .as_ref()
-                        .map(|spool| scope.spawn(|| spool.fill_from(&source, &keys)));
+                        .map(|(spool, keys)| scope.spawn(|| spool.fill_from(&source, keys)));
                     let (sending, held) = match to_send.is_empty() {
                         true => (None, None),
                         false => {

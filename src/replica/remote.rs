@@ -565,13 +565,12 @@ impl RemoteReplica {
                 return Ok(());
             };
             into.fill_from(self, wanted);
-            let mut inbox = locked(&self.inbox);
             // Left after an interrupt: read past them to the apply's answer.
-            let drained = inbox.drain();
-            let whole = match inbox.broken().map(str::to_string) {
-                Some(why) => Err(WireError::Failed(why)),
-                None => drained,
-            };
+            let drained = locked(&self.inbox).drain();
+            let whole = self
+                .answer_whole()
+                .map_err(|e| WireError::Failed(e.to_string()))
+                .and(drained);
             into.settle(
                 whole
                     .as_ref()

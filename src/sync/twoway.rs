@@ -784,13 +784,28 @@ mod tests {
         all
     }
 
+    /// Side `b` served over the in-process pipe by a server with `serve`'s options, neither
+    /// end keeping scan caches or baselines.
+    fn uncached_pipe(
+        b: &Path,
+        serve: crate::serve::ServeOptions,
+    ) -> crate::replica::remote::RemoteReplica {
+        use crate::replica::remote::{RemoteOptions, RemoteReplica};
+        let channel = crate::transport::spawn_in_process(serve).unwrap();
+        let options = RemoteOptions {
+            cache_dir: None,
+            use_cache: false,
+            ..RemoteOptions::default()
+        };
+        RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options)
+    }
+
     /// Over the real codec: mail new on each side reaches the other whether the far side
     /// sends the local side's bodies while it receives its own (`CAP_APPLY_SENDS`: one
     /// request fewer) or, as an older server without it, before; and when the far side's
     /// plan is too big to spool, so that it sends them all before it reads its own.
     #[test]
     fn bodies_cross_both_ways_with_or_without_the_far_side_sending_during_its_apply() {
-        use crate::replica::remote::{RemoteOptions, RemoteReplica};
         use crate::wire::hello::CAP_APPLY_SENDS;
         let mut requests = Vec::new();
         for (withheld, read_ahead) in [(0, 1 << 20), (CAP_APPLY_SENDS, 1 << 20), (0, 16)] {
@@ -802,17 +817,13 @@ mod tests {
             let name = format!("1700000100.M9P1.host,S={}", big.len());
             fs::write(a.join("new").join(name), &big).unwrap();
             fs::write(b.join("new/1700000200.M9P2.host,S=8"), b"from b!\n").unwrap();
-            let channel = crate::transport::spawn_in_process(crate::serve::ServeOptions {
-                withheld_caps: withheld,
-                ..Default::default()
-            })
-            .unwrap();
-            let options = RemoteOptions {
-                cache_dir: None,
-                use_cache: false,
-                ..RemoteOptions::default()
-            };
-            let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+            let rb = uncached_pipe(
+                &b,
+                crate::serve::ServeOptions {
+                    withheld_caps: withheld,
+                    ..Default::default()
+                },
+            );
             let ra = LocalReplica::new(&a);
             let mut sync_options = test_options(&state);
             sync_options.apply.read_ahead = read_ahead;
@@ -845,7 +856,6 @@ mod tests {
     /// spool is settled as broken off with it, so the other side commits nothing.
     #[test]
     fn a_refused_read_ahead_reports_the_far_sides_reason_and_settles_the_spool_broken() {
-        use crate::replica::remote::{RemoteOptions, RemoteReplica};
         use crate::replica::{BodySource, Key};
         let dir = tempfile::tempdir().unwrap();
         let (a, b, _) = sides(dir.path());
@@ -853,13 +863,7 @@ mod tests {
         maildir(&b);
         maildir(&dir.path().join("elsewhere"));
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), b.join(".F")).unwrap();
-        let channel = crate::transport::spawn_in_process(Default::default()).unwrap();
-        let options = RemoteOptions {
-            cache_dir: None,
-            use_cache: false,
-            ..RemoteOptions::default()
-        };
-        let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+        let rb = uncached_pipe(&b, Default::default());
         let wanted = [Key {
             dir: ".F".into(),
             sub: crate::model::Subdir::Cur,
@@ -883,20 +887,13 @@ mod tests {
     /// waiting for bodies while `meanwhile` needs one.
     #[test]
     fn a_request_that_fails_settles_the_spool_before_meanwhile_runs() {
-        use crate::replica::remote::{RemoteOptions, RemoteReplica};
         use crate::replica::{BodySource, Key};
         use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let (a, b, _) = sides(dir.path());
         maildir(&a);
         maildir(&b);
-        let channel = crate::transport::spawn_in_process(Default::default()).unwrap();
-        let options = RemoteOptions {
-            cache_dir: None,
-            use_cache: false,
-            ..RemoteOptions::default()
-        };
-        let rb = RemoteReplica::connect(channel, "pipe", b.to_str().unwrap(), &options);
+        let rb = uncached_pipe(&b, Default::default());
         assert!(rb.is_dir().unwrap());
         rb.close().unwrap();
         let wanted = [Key {
